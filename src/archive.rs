@@ -1,0 +1,182 @@
+//! Idempotent writes to the archive. Every archive document is keyed on its order's `_id` and
+//! inserted only if absent, so replaying an event or re-running a date range never makes a second
+//! document. Orders the archive refuses go to a dead-letter collection, never silently away.
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::{Error, ErrorKind};
+use mongodb::options::UpdateOptions;
+use mongodb::Collection;
+
+use crate::config::Config;
+use crate::db::{error_code, is_transient, Databases};
+use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
+
+/// Server code of a duplicate key: the order is already archived.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// What one archive write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Archive documents created.
+    pub inserted: u64,
+    /// Orders that were already in the archive (left as they were).
+    pub already_archived: u64,
+    /// Documents written with a non-empty `anomalies`.
+    pub anomalies: u64,
+    /// Orders recorded in the dead-letter collection instead.
+    pub dead_lettered: u64,
+}
+
+impl std::ops::AddAssign for WriteOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.inserted += other.inserted;
+        self.already_archived += other.already_archived;
+        self.anomalies += other.anomalies;
+        self.dead_lettered += other.dead_lettered;
+    }
+}
+
+/// Enriches orders and writes them to the archive.
+#[derive(Debug, Clone)]
+pub struct Archiver {
+    orders: Collection<Document>,
+    archive: Collection<Document>,
+    dead_letters: Collection<Document>,
+    stages: Vec<Document>,
+    source: ArchiveSource,
+    delivered_status: String,
+}
+
+impl Archiver {
+    /// An archiver for `source` documents.
+    pub fn new(config: &Config, dbs: &Databases, source: ArchiveSource) -> Self {
+        Archiver {
+            orders: dbs.source.collection(&config.orders.collection),
+            archive: dbs.archive.collection(&config.archive.collection),
+            dead_letters: dbs.archive.collection(&config.archive.errors_collection),
+            stages: enrichment_stages(config, source),
+            source,
+            delivered_status: config.orders.delivered_status.clone(),
+        }
+    }
+
+    /// The enrichment stages, for callers that build their own pipelines around them.
+    pub fn stages(&self) -> &[Document] {
+        &self.stages
+    }
+
+    /// Archives the orders with these ids. A transient error is returned for the caller to
+    /// retry the whole call (harmless: writes are idempotent); a permanent error is narrowed down
+    /// to the orders that cause it, which are dead-lettered while the rest are archived.
+    pub async fn archive_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
+        match self.enrich_and_write(ids).await {
+            Err(e) if !is_transient(&e) && ids.len() > 1 => {
+                let (left, right) = ids.split_at(ids.len() / 2);
+                let mut outcome = Box::pin(self.archive_ids(left)).await?;
+                outcome += Box::pin(self.archive_ids(right)).await?;
+                Ok(outcome)
+            }
+            Err(e) if !is_transient(&e) && ids.len() == 1 => {
+                self.dead_letter(&ids[0], &e).await?;
+                Ok(WriteOutcome { dead_lettered: 1, ..Default::default() })
+            }
+            other => other,
+        }
+    }
+
+    async fn enrich_and_write(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
+        if ids.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let mut pipeline = Vec::with_capacity(self.stages.len() + 1);
+        pipeline.push(doc! { "$match": { "_id": { "$in": ids } } });
+        pipeline.extend(self.stages.iter().cloned());
+        let mut docs: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
+        if docs.len() < ids.len() {
+            // Deleted between delivery and enrichment: archive what is known, flagged.
+            let found: std::collections::HashSet<String> =
+                docs.iter().filter_map(|d| d.get("_id")).map(|id| format!("{id:?}")).collect();
+            let vanished: Vec<Document> = ids
+                .iter()
+                .filter(|id| !found.contains(&format!("{id:?}")))
+                .map(|id| vanished_order_document(id.clone(), &self.delivered_status, self.source))
+                .collect();
+            for d in &vanished {
+                tracing::warn!(order_id = %d.get("_id").map(|b| b.to_string()).unwrap_or_default(),
+                    "delivered order no longer exists; archiving its id with anomaly commande_introuvable");
+            }
+            docs.extend(vanished);
+        }
+        self.write(docs).await
+    }
+
+    /// Inserts already-enriched documents, keeping any that are already archived.
+    pub async fn write(&self, docs: Vec<Document>) -> Result<WriteOutcome, Error> {
+        if docs.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let total = docs.len() as u64;
+        let anomalies = docs
+            .iter()
+            .filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty()))
+            .count() as u64;
+        let ids: Vec<Bson> = docs.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
+        match self.archive.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(WriteOutcome { inserted: total, anomalies, ..Default::default() }),
+            Err(e) => {
+                let ErrorKind::InsertMany(failure) = e.kind.as_ref() else {
+                    return Err(e);
+                };
+                if failure.write_concern_error.is_some() {
+                    return Err(e);
+                }
+                let write_errors = failure.write_errors.clone().unwrap_or_default();
+                let mut outcome = WriteOutcome { anomalies, ..Default::default() };
+                for w in &write_errors {
+                    if w.code == DUPLICATE_KEY {
+                        outcome.already_archived += 1;
+                    } else {
+                        let id = ids.get(w.index).cloned().unwrap_or(Bson::Null);
+                        self.record_dead_letter(&id, &w.message, Some(w.code)).await?;
+                        tracing::error!(order_id = %id, code = w.code, error = %w.message,
+                            "the archive refused an order; recorded in the dead-letter collection");
+                        outcome.dead_lettered += 1;
+                    }
+                }
+                outcome.inserted = total - write_errors.len() as u64;
+                Ok(outcome)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, id: &Bson, error: &Error) -> Result<(), Error> {
+        let message = crate::redact::scrub(&error.to_string());
+        tracing::error!(order_id = %id, code = ?error_code(error), error = %message,
+            "cannot archive an order; recorded in the dead-letter collection");
+        self.record_dead_letter(id, &message, error_code(error)).await
+    }
+
+    /// Records (or updates) the dead letter of one order.
+    async fn record_dead_letter(&self, id: &Bson, reason: &str, code: Option<i32>) -> Result<(), Error> {
+        let now = mongodb::bson::DateTime::now();
+        self.dead_letters
+            .update_one(
+                doc! { "_id": id },
+                doc! {
+                    "$set": {
+                        "order_id": id,
+                        "reason": reason,
+                        "error_code": code.map(Bson::Int32).unwrap_or(Bson::Null),
+                        "source": self.source.as_str(),
+                        "last_attempt_at": now,
+                    },
+                    "$setOnInsert": { "first_attempt_at": now, "event_time": now },
+                    "$inc": { "attempts": 1 },
+                },
+            )
+            .with_options(UpdateOptions::builder().upsert(true).build())
+            .await
+            .map(|_| ())
+    }
+}

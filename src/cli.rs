@@ -1,0 +1,154 @@
+//! Command-line definitions (clap) and their translation into configuration overrides.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{LogFormat, Overrides, WritePath};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (watch: stopped by SIGINT/SIGTERM after saving its position)
+  1  failure (database unreachable after retries, unexpected error)
+  2  usage or configuration error (nothing was done)
+  3  resume token file corrupt, unreadable or unwritable (the file is left untouched)
+  4  watch: the orders collection was dropped or renamed (change stream invalidated)
+  5  watch: another instance holds the resume token file";
+
+/// Archives delivered orders out of MongoDB, in real time or by date range, enriched with their
+/// customer, courier, restaurant and menu items, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "archiver", version, after_long_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every command.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Configuration file [default: config/archiver.toml when present].
+    #[arg(long, env = "ARCHIVER_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Source MongoDB connection string [default: mongodb://localhost:27017].
+    #[arg(long, env = "MONGODB_URI", global = true, hide_env_values = true, value_name = "URI")]
+    pub uri: Option<String>,
+    /// Source database [default: livraison].
+    #[arg(long = "db", env = "MONGODB_DB", global = true, value_name = "NAME")]
+    pub database: Option<String>,
+    /// Orders collection [default: Commandes].
+    #[arg(long, env = "ORDERS_COLLECTION", global = true, value_name = "NAME")]
+    pub orders_collection: Option<String>,
+    /// Status value of a delivered order [default: livrée].
+    #[arg(long, env = "DELIVERED_STATUS", global = true, value_name = "VALUE")]
+    pub delivered_status: Option<String>,
+    /// Archive deployment, when not the source one.
+    #[arg(long, env = "ARCHIVE_URI", global = true, hide_env_values = true, value_name = "URI")]
+    pub archive_uri: Option<String>,
+    /// Archive database [default: the source database].
+    #[arg(long, env = "ARCHIVE_DB", global = true, value_name = "NAME")]
+    pub archive_db: Option<String>,
+    /// Archive collection [default: Commandes_archive].
+    #[arg(long, env = "ARCHIVE_COLLECTION", global = true, value_name = "NAME")]
+    pub archive_collection: Option<String>,
+    /// Dead-letter collection for orders the archive refuses [default: Commandes_archive_errors].
+    #[arg(long, env = "ARCHIVE_ERRORS_COLLECTION", global = true, value_name = "NAME")]
+    pub archive_errors_collection: Option<String>,
+    /// Customer collection [default: Client].
+    #[arg(long, env = "CLIENT_COLLECTION", global = true, value_name = "NAME")]
+    pub client_collection: Option<String>,
+    /// Courier collection [default: Livreur].
+    #[arg(long, env = "LIVREUR_COLLECTION", global = true, value_name = "NAME")]
+    pub livreur_collection: Option<String>,
+    /// Restaurant collection [default: Restaurants].
+    #[arg(long, env = "RESTAURANTS_COLLECTION", global = true, value_name = "NAME")]
+    pub restaurants_collection: Option<String>,
+    /// Menu collection [default: Menu].
+    #[arg(long, env = "MENU_COLLECTION", global = true, value_name = "NAME")]
+    pub menu_collection: Option<String>,
+    /// Retries of a transient database error before giving up [default: 10].
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", global = true, value_name = "N")]
+    pub retry_max_attempts: Option<usize>,
+    /// Longest delay between two retries, in milliseconds [default: 30000].
+    #[arg(long, env = "RETRY_MAX_DELAY_MS", global = true, value_name = "MS")]
+    pub retry_max_delay_ms: Option<u64>,
+    /// Directory of the daily log files; empty disables them [default: logs].
+    #[arg(long, env = "LOG_DIR", global = true, value_name = "DIR")]
+    pub log_dir: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log level or filter, used when RUST_LOG is unset [default: info].
+    #[arg(long, env = "LOG_LEVEL", global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive delivered orders in real time from a change stream (a long-running service).
+    Watch(WatchArgs),
+}
+
+/// `archiver watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Most events enriched and written together [default: 500].
+    #[arg(long, env = "BATCH_SIZE", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Longest time, in milliseconds, a batch waits to fill up [default: 100].
+    #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "MS")]
+    pub batch_max_wait_ms: Option<u64>,
+    /// The resume token file [default: .resume_token.json].
+    #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
+    pub resume_token_file: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The flags and named environment variables as the top configuration layer.
+    pub fn overrides(&self) -> Overrides {
+        let g = &self.global;
+        let mut o = Overrides::default();
+        o.set("mongodb.uri", g.uri.clone());
+        o.set("mongodb.database", g.database.clone());
+        o.set("orders.collection", g.orders_collection.clone());
+        o.set("orders.delivered_status", g.delivered_status.clone());
+        o.set("archive.uri", g.archive_uri.clone());
+        o.set("archive.database", g.archive_db.clone());
+        o.set("archive.collection", g.archive_collection.clone());
+        o.set("archive.errors_collection", g.archive_errors_collection.clone());
+        o.set("lookups.client.collection", g.client_collection.clone());
+        o.set("lookups.livreur.collection", g.livreur_collection.clone());
+        o.set("lookups.restaurant.collection", g.restaurants_collection.clone());
+        o.set("lookups.menu.collection", g.menu_collection.clone());
+        o.set("retry.max_attempts", g.retry_max_attempts);
+        o.set("retry.max_delay_ms", g.retry_max_delay_ms);
+        o.set("log.dir", g.log_dir.clone());
+        o.set("log.format", g.log_format);
+        o.set("log.level", g.log_level.clone());
+        match &self.command {
+            Command::Watch(w) => {
+                o.set("watch.batch_size", w.batch_size);
+                o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
+                o.set("watch.resume_token_file", w.resume_token_file.clone());
+            }
+        }
+        let _ = WritePath::Client;
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

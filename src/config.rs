@@ -1,0 +1,547 @@
+//! One typed configuration, layered: built-in defaults → `config/archiver.toml` → generic
+//! `ARCHIVER_SECTION__KEY` environment variables → the named environment variables and flags
+//! (`MONGODB_URI`, `--batch-size`, …). A `.env` file is read into the environment first.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::redact::redact_uri;
+
+/// The file read when no `--config` / `ARCHIVER_CONFIG` is given (skipped if absent).
+pub const DEFAULT_CONFIG_FILE: &str = "config/archiver.toml";
+
+/// Everything `archiver` needs to know, after all layers are merged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The source deployment.
+    pub mongodb: MongoSettings,
+    /// Where archive documents go.
+    pub archive: ArchiveSettings,
+    /// The orders collection and its field names.
+    pub orders: OrderSettings,
+    /// The reference collections joined into each archive document.
+    pub lookups: Lookups,
+    /// `archiver watch` settings.
+    pub watch: WatchSettings,
+    /// `archiver batch` settings.
+    pub batch: BatchSettings,
+    /// Retries of transient database errors.
+    pub retry: RetrySettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The source deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MongoSettings {
+    /// Connection string (`MONGODB_URI`). Never displayed unredacted.
+    pub uri: String,
+    /// Database holding the orders and reference collections (`MONGODB_DB`).
+    pub database: String,
+}
+
+/// Where archive documents go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveSettings {
+    /// Another deployment for the archive (`ARCHIVE_URI`); the source one when unset.
+    pub uri: Option<String>,
+    /// Archive database (`ARCHIVE_DB`); the source database when unset.
+    pub database: Option<String>,
+    /// Archive collection (`ARCHIVE_COLLECTION`).
+    pub collection: String,
+    /// Dead-letter collection for orders the archive refuses (`ARCHIVE_ERRORS_COLLECTION`).
+    pub errors_collection: String,
+}
+
+/// The orders collection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderSettings {
+    /// Collection name (`ORDERS_COLLECTION`).
+    pub collection: String,
+    /// The `status` value that makes an order delivered (`DELIVERED_STATUS`).
+    pub delivered_status: String,
+    /// Source field names.
+    pub fields: OrderFields,
+}
+
+/// Names of the order fields in the source; the archive always uses the names of schema.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderFields {
+    /// Order status.
+    pub status: String,
+    /// Human order number.
+    pub numero_commande: String,
+    /// When the order was placed: what `batch` selects on.
+    pub date_commande: String,
+    /// When it was delivered.
+    pub date_livraison: String,
+    /// Order total.
+    pub montant_total: String,
+    /// The array of ordered items.
+    pub items: String,
+    /// In each item, the reference to the menu entry.
+    pub item_menu_id: String,
+    /// In each item, the quantity.
+    pub item_quantite: String,
+}
+
+/// One `$lookup` of a referenced document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LookupDef {
+    /// The referenced collection.
+    pub collection: String,
+    /// The order field holding the reference (matched against the referenced `_id`).
+    pub local_field: String,
+    /// Fields copied from the referenced document into the archive.
+    pub fields: Vec<String>,
+}
+
+/// The menu lookup, joined per item.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MenuLookup {
+    /// The menu collection.
+    pub collection: String,
+    /// Field of the dish name.
+    pub nom_field: String,
+    /// Field of the unit price.
+    pub prix_field: String,
+}
+
+/// The reference collections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lookups {
+    /// Customer.
+    pub client: LookupDef,
+    /// Courier.
+    pub livreur: LookupDef,
+    /// Restaurant.
+    pub restaurant: LookupDef,
+    /// Menu entries of the items.
+    pub menu: MenuLookup,
+}
+
+/// `archiver watch` settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchSettings {
+    /// Most events enriched and written together (`BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Longest time the first event of a batch waits for others (`BATCH_MAX_WAIT_MS`).
+    pub batch_max_wait_ms: u64,
+    /// The checkpoint file (`RESUME_TOKEN_FILE`).
+    pub resume_token_file: PathBuf,
+}
+
+/// How `batch` writes the archive.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum WritePath {
+    /// Stream the enriched documents to `archiver` and bulk-write them (works across clusters).
+    Client,
+    /// Let the server write them with `$merge` (same cluster only).
+    Server,
+}
+
+/// `archiver batch` settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Orders per chunk.
+    pub chunk_size: usize,
+    /// Chunks in flight at once.
+    pub concurrency: usize,
+    /// Default write path.
+    pub write_path: WritePath,
+    /// Whether to create the indexes `archiver` relies on.
+    pub create_indexes: bool,
+}
+
+/// Retries of transient errors: exponential backoff with jitter, bounded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts after the first failure before giving up (`RETRY_MAX_ATTEMPTS`).
+    pub max_attempts: usize,
+    /// First delay.
+    pub initial_delay_ms: u64,
+    /// Longest delay between two attempts (`RETRY_MAX_DELAY_MS`).
+    pub max_delay_ms: u64,
+}
+
+/// Console and file logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// Directory of the daily log files (`LOG_DIR`); empty disables file logging.
+    pub dir: String,
+    /// `text` or `json` (`LOG_FORMAT`).
+    pub format: LogFormat,
+    /// Level or filter when `RUST_LOG` is unset (`LOG_LEVEL`).
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mongodb: MongoSettings::default(),
+            archive: ArchiveSettings::default(),
+            orders: OrderSettings::default(),
+            lookups: Lookups::default(),
+            watch: WatchSettings::default(),
+            batch: BatchSettings::default(),
+            retry: RetrySettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        MongoSettings {
+            uri: "mongodb://localhost:27017".to_owned(),
+            database: "livraison".to_owned(),
+        }
+    }
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        ArchiveSettings {
+            uri: None,
+            database: None,
+            collection: "Commandes_archive".to_owned(),
+            errors_collection: "Commandes_archive_errors".to_owned(),
+        }
+    }
+}
+
+impl Default for OrderSettings {
+    fn default() -> Self {
+        OrderSettings {
+            collection: "Commandes".to_owned(),
+            delivered_status: "livrée".to_owned(),
+            fields: OrderFields::default(),
+        }
+    }
+}
+
+impl Default for OrderFields {
+    fn default() -> Self {
+        OrderFields {
+            status: "status".to_owned(),
+            numero_commande: "numero_commande".to_owned(),
+            date_commande: "date_commande".to_owned(),
+            date_livraison: "date_livraison".to_owned(),
+            montant_total: "montant_total".to_owned(),
+            items: "items".to_owned(),
+            item_menu_id: "menu_id".to_owned(),
+            item_quantite: "quantite".to_owned(),
+        }
+    }
+}
+
+fn lookup(collection: &str, local_field: &str, fields: &[&str]) -> LookupDef {
+    LookupDef {
+        collection: collection.to_owned(),
+        local_field: local_field.to_owned(),
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+    }
+}
+
+impl Default for Lookups {
+    fn default() -> Self {
+        Lookups {
+            client: lookup(
+                "Client",
+                "client_id",
+                &["nom", "prenom", "email", "telephone", "adresse"],
+            ),
+            livreur: lookup("Livreur", "livreur_id", &["nom", "prenom", "telephone", "vehicule"]),
+            restaurant: lookup("Restaurants", "restaurant_id", &["nom", "cuisine", "adresse"]),
+            menu: MenuLookup::default(),
+        }
+    }
+}
+
+impl Default for MenuLookup {
+    fn default() -> Self {
+        MenuLookup {
+            collection: "Menu".to_owned(),
+            nom_field: "nom".to_owned(),
+            prix_field: "prix".to_owned(),
+        }
+    }
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            batch_size: 500,
+            batch_max_wait_ms: 100,
+            resume_token_file: PathBuf::from(".resume_token.json"),
+        }
+    }
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            chunk_size: 1000,
+            concurrency: 4,
+            write_path: WritePath::Client,
+            create_indexes: true,
+        }
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 10,
+            initial_delay_ms: 250,
+            max_delay_ms: 30_000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            dir: "logs".to_owned(),
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// A configuration that cannot be used; exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// Values given on the command line or by the named environment variables, the top layer.
+/// `None` leaves the lower layers' value.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides(pub serde_json::Map<String, serde_json::Value>);
+
+impl Overrides {
+    /// Sets `path` (dotted, e.g. `watch.batch_size`) when `value` is given.
+    pub fn set<T: Serialize>(&mut self, path: &str, value: Option<T>) {
+        let Some(value) = value else { return };
+        let value = serde_json::to_value(value).expect("override values serialize");
+        let mut map = &mut self.0;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                map.insert(part.to_owned(), value);
+                return;
+            }
+            map = map
+                .entry(part.to_owned())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()))
+                .as_object_mut()
+                .expect("override paths do not collide");
+        }
+    }
+}
+
+impl Config {
+    /// Merges the layers. `file` is the explicit `--config`; without it the default file is
+    /// read when present.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError(format!(
+                    "the configuration file {} does not exist",
+                    path.display()
+                )))
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        figment = figment
+            .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
+            .merge(Serialized::defaults(overrides.0));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        if !self.mongodb.uri.starts_with("mongodb://") && !self.mongodb.uri.starts_with("mongodb+srv://")
+        {
+            return fail(format!(
+                "MONGODB_URI must start with mongodb:// or mongodb+srv:// (got {:?})",
+                redact_uri(&self.mongodb.uri)
+            ));
+        }
+        if let Some(uri) = &self.archive.uri {
+            if !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
+                return fail(format!(
+                    "ARCHIVE_URI must start with mongodb:// or mongodb+srv:// (got {:?})",
+                    redact_uri(uri)
+                ));
+            }
+        }
+        let names = [
+            ("mongodb.database", &self.mongodb.database),
+            ("archive.collection", &self.archive.collection),
+            ("archive.errors_collection", &self.archive.errors_collection),
+            ("orders.collection", &self.orders.collection),
+            ("orders.delivered_status", &self.orders.delivered_status),
+            ("lookups.client.collection", &self.lookups.client.collection),
+            ("lookups.livreur.collection", &self.lookups.livreur.collection),
+            ("lookups.restaurant.collection", &self.lookups.restaurant.collection),
+            ("lookups.menu.collection", &self.lookups.menu.collection),
+        ];
+        for (key, value) in names {
+            if value.trim().is_empty() {
+                return fail(format!("{key} must not be empty"));
+            }
+        }
+        let fields = &self.orders.fields;
+        for (key, value) in [
+            ("orders.fields.status", &fields.status),
+            ("orders.fields.items", &fields.items),
+            ("orders.fields.item_menu_id", &fields.item_menu_id),
+            ("orders.fields.item_quantite", &fields.item_quantite),
+            ("orders.fields.date_commande", &fields.date_commande),
+        ] {
+            if value.is_empty() || value.starts_with('$') {
+                return fail(format!("{key} must be a field name, got {value:?}"));
+            }
+        }
+        if self.watch.batch_size == 0 || self.watch.batch_size > 100_000 {
+            return fail(format!(
+                "watch.batch_size (BATCH_SIZE) must be between 1 and 100000, got {}",
+                self.watch.batch_size
+            ));
+        }
+        if self.batch.chunk_size == 0 || self.batch.concurrency == 0 {
+            return fail("batch.chunk_size and batch.concurrency must be at least 1".to_owned());
+        }
+        if self.watch.resume_token_file.as_os_str().is_empty() {
+            return fail("RESUME_TOKEN_FILE must not be empty".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Whether the archive lives on the source deployment.
+    pub fn archive_on_source_cluster(&self) -> bool {
+        self.archive.uri.as_ref().is_none_or(|uri| uri == &self.mongodb.uri)
+    }
+
+    /// The archive database name.
+    pub fn archive_database(&self) -> &str {
+        self.archive.database.as_deref().unwrap_or(&self.mongodb.database)
+    }
+
+    /// `database.collection` of the orders, as recorded in checkpoints.
+    pub fn orders_namespace(&self) -> String {
+        format!("{}.{}", self.mongodb.database, self.orders.collection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_data_model() {
+        let config = Config::default();
+        assert_eq!(config.mongodb.database, "livraison");
+        assert_eq!(config.orders.collection, "Commandes");
+        assert_eq!(config.orders.delivered_status, "livr\u{e9}e");
+        assert_eq!(config.archive.collection, "Commandes_archive");
+        assert_eq!(config.archive_database(), "livraison");
+        assert!(config.archive_on_source_cluster());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn shipped_config_file_parses_to_the_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(Some(&file), Overrides::default()).unwrap();
+            assert_eq!(config, Config::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "custom.toml",
+                r#"
+                [orders]
+                collection = "Orders"
+                [orders.fields]
+                status = "etat"
+                [watch]
+                batch_size = 50
+                "#,
+            )?;
+            jail.set_env("ARCHIVER_WATCH__BATCH_SIZE", "60");
+            jail.set_env("ARCHIVER_ORDERS__FIELDS__ITEMS", "lignes");
+            let mut overrides = Overrides::default();
+            overrides.set("watch.batch_size", Some(70));
+            overrides.set::<String>("mongodb.database", None);
+            let config = Config::load(Some(Path::new("custom.toml")), overrides).unwrap();
+            assert_eq!(config.orders.collection, "Orders");
+            assert_eq!(config.orders.fields.status, "etat");
+            assert_eq!(config.orders.fields.items, "lignes");
+            assert_eq!(config.watch.batch_size, 70);
+            assert_eq!(config.mongodb.database, "livraison");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[watch]\nbatch_size = 0\n")?;
+            let err = Config::load(Some(Path::new("bad.toml")), Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("BATCH_SIZE"), "{err}");
+            jail.create_file("typo.toml", "[watch]\nbatch_sise = 3\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")), Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("batch_sise"), "{err}");
+            let err = Config::load(Some(Path::new("missing.toml")), Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            let mut overrides = Overrides::default();
+            overrides.set("mongodb.uri", Some("postgres://u:pw@h"));
+            let err = Config::load(None, overrides).unwrap_err();
+            assert!(!err.to_string().contains("pw"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,67 @@
+//! Logging: human-readable (or JSON) lines on stderr, and the same events in daily rolling files
+//! under `LOG_DIR`. `RUST_LOG` wins over `LOG_LEVEL` when set.
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Keeps the file writer flushing; drop it last, at exit.
+pub type LogGuard = Option<WorkerGuard>;
+
+fn layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Text => fmt::layer().with_writer(writer).with_ansi(ansi).with_target(false).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(writer)
+            .boxed(),
+    }
+}
+
+/// Installs the global subscriber. Returns the file writer's guard and, when the log directory
+/// cannot be used, a warning to log once logging works.
+pub fn init(settings: &LogSettings, file_prefix: &str) -> (LogGuard, Option<String>) {
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(&settings.level))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let console = layer(settings.format, std::io::stderr, std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter());
+    let mut warning = None;
+    let (file_layer, guard) = if settings.dir.trim().is_empty() {
+        (None, None)
+    } else {
+        match std::fs::create_dir_all(&settings.dir).map(|_| {
+            tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix(file_prefix)
+                .filename_suffix("log")
+                .build(&settings.dir)
+        }) {
+            Ok(Ok(appender)) => {
+                let (writer, guard) = tracing_appender::non_blocking(appender);
+                (Some(layer(settings.format, writer, false).with_filter(filter())), Some(guard))
+            }
+            Ok(Err(e)) => {
+                warning = Some(format!("log files disabled: cannot write in {}: {e}", settings.dir));
+                (None, None)
+            }
+            Err(e) => {
+                warning = Some(format!("log files disabled: cannot create {}: {e}", settings.dir));
+                (None, None)
+            }
+        }
+    };
+    let _ = tracing_subscriber::registry().with(console).with(file_layer).try_init();
+    (guard, warning)
+}

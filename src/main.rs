@@ -1,0 +1,88 @@
+//! The `archiver` binary: parse, configure, log, run, and turn the outcome into an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use archiver::cli::{Cli, Command};
+use archiver::config::Config;
+use archiver::redact::scrub;
+use archiver::watch::{self, StartPosition, WatchOptions};
+use archiver::{exit, logging};
+
+fn main() -> ExitCode {
+    // A missing .env is normal; a broken one is worth a word but not a failure.
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("warning: ignoring .env: {e}");
+        }
+    }
+    let cli = Cli::parse();
+    let config = match Config::load(cli.global.config.as_deref(), cli.overrides()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let (_log_guard, log_warning) = logging::init(&config.log, "archiver");
+    if let Some(warning) = log_warning {
+        tracing::warn!("{warning}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    runtime.block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, config: Config) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(handle_signals(shutdown.clone()));
+    match cli.command {
+        Command::Watch(_) => {
+            let options = WatchOptions { reset_token: false, start: StartPosition::Now };
+            match watch::run(&config, options, shutdown).await {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => {
+                    let message = scrub(&e.to_string());
+                    tracing::error!(error = %message, "watch stopped");
+                    eprintln!("error: {message}");
+                    exit::for_watch_error(&e)
+                }
+            }
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: finish the batch in flight, save, exit 0. Second: exit at once.
+async fn handle_signals(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("shutdown requested; finishing the batch in flight (signal again to exit at once)");
+    shutdown.cancel();
+    wait_for_signal().await;
+    eprintln!("second signal: exiting at once; the last batch will be replayed on restart");
+    std::process::exit(i32::from(exit::INTERRUPTED));
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

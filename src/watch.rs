@@ -1,0 +1,536 @@
+//! `archiver watch`: change stream → batches → enrich → archive → checkpoint.
+//!
+//! A reader task pulls events and cuts them into batches (by size or by the first event's age);
+//! the writer archives each batch and only then saves the batch's resume token. The bounded
+//! channel between them lets the next batch be read while the current one is written. On a
+//! transient error both are torn down and the stream reopens after the last saved token: events
+//! after it are replayed, and the idempotent archive absorbs the replay.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::change_stream::ChangeStream;
+use mongodb::error::Error;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::{Archiver, WriteOutcome};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
+use crate::config::Config;
+use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases};
+use crate::enrich::ArchiveSource;
+use crate::redact::scrub;
+
+/// Operation types after which a change stream cannot continue.
+const INVALIDATING_OPERATIONS: &[&str] = &["drop", "rename", "dropDatabase", "invalidate"];
+
+/// Shortest `maxAwaitTimeMS`, so a zero batch wait does not turn into a busy loop.
+const MIN_AWAIT: Duration = Duration::from_millis(50);
+
+/// How often an idle stream's advancing position is saved.
+const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Why `watch` stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Connecting failed (bad URI, or unreachable after retries).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// Another process holds the token file.
+    #[error(
+        "another archiver watch is already running on the resume token file {0} \
+         (its lock file {0}.lock is held); refusing to start"
+    )]
+    Locked(PathBuf),
+    /// The orders collection was dropped or renamed.
+    #[error(
+        "the change stream on {namespace} was invalidated by a {operation:?} event (the collection \
+         was dropped or renamed); everything before it is archived and the token file is kept. \
+         Restart with --reset-token once the collection exists again"
+    )]
+    Invalidated {
+        /// The watched namespace.
+        namespace: String,
+        /// The event type.
+        operation: String,
+    },
+    /// The saved token is older than the oplog.
+    #[error(
+        "cannot resume the change stream: the saved position is no longer in the oplog \
+         (history lost): {0}"
+    )]
+    HistoryLost(String),
+    /// Transient errors did not stop within the retry bound.
+    #[error("giving up after {attempts} failed attempts: {message}")]
+    RetriesExhausted {
+        /// Attempts made.
+        attempts: usize,
+        /// The last error.
+        message: String,
+    },
+    /// A database error that retrying cannot fix.
+    #[error("{context}: {message}")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        message: String,
+    },
+}
+
+/// The fields of a change event that `watch` uses; the server projects away the rest.
+#[derive(Debug, Deserialize)]
+struct StreamEvent {
+    #[serde(rename = "_id")]
+    token: ResumeToken,
+    #[serde(rename = "operationType")]
+    operation: String,
+    #[serde(rename = "documentKey", default)]
+    document_key: Option<Document>,
+    #[serde(rename = "clusterTime", default)]
+    cluster_time: Option<Timestamp>,
+    #[serde(rename = "wallTime", default)]
+    wall_time: Option<mongodb::bson::DateTime>,
+}
+
+/// What the reader hands the writer.
+#[derive(Debug)]
+struct StreamBatch {
+    events: Vec<StreamEvent>,
+    /// Resume after this once the events are archived.
+    token: Option<ResumeToken>,
+    /// Set when the stream ended on a drop/rename/invalidate event.
+    invalidated: Option<String>,
+}
+
+/// The change stream pipeline: only changes that leave an order delivered, plus the events that
+/// end the stream, with only the fields `watch` reads.
+pub fn delivered_filter(config: &Config) -> Vec<Document> {
+    let status = &config.orders.fields.status;
+    let delivered = &config.orders.delivered_status;
+    vec![
+        doc! { "$match": { "$or": [
+            {
+                "operationType": { "$in": ["insert", "replace"] },
+                format!("fullDocument.{status}"): delivered,
+            },
+            {
+                "operationType": "update",
+                format!("updateDescription.updatedFields.{status}"): delivered,
+            },
+            { "operationType": { "$in": INVALIDATING_OPERATIONS } },
+        ] } },
+        doc! { "$project": { "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1 } },
+    ]
+}
+
+/// Where a stream without a saved token starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StartPosition {
+    /// Changes from the moment the stream opens.
+    Now,
+    /// Changes from this cluster time.
+    At(Timestamp),
+}
+
+/// Options of one `watch` run.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Delete the token file before starting (explicit reset).
+    pub reset_token: bool,
+    /// Where to start when there is no token.
+    pub start: StartPosition,
+}
+
+/// Holds the token file's lock for as long as it lives.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// Takes the exclusive lock that keeps two `watch` processes off one token file.
+pub fn lock_token_file(token_file: &std::path::Path) -> Result<InstanceLock, WatchError> {
+    let mut lock_path = token_file.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Unwritable {
+            path: token_file.to_path_buf(),
+            source,
+        })?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| CheckpointError::Unwritable { path: lock_path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(InstanceLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(WatchError::Locked(token_file.to_path_buf())),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(CheckpointError::Unwritable { path: lock_path, source }.into())
+        }
+    }
+}
+
+/// Running totals, for the log.
+#[derive(Debug, Default)]
+struct Totals {
+    events: u64,
+    batches: u64,
+    written: WriteOutcome,
+}
+
+/// Runs `watch` until `shutdown` is cancelled (`Ok`) or a fatal error.
+pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationToken) -> Result<(), WatchError> {
+    let token_path = config.watch.resume_token_file.clone();
+    let _lock = lock_token_file(&token_path)?;
+    let mut checkpoints = CheckpointFile::new(&token_path);
+    if options.reset_token {
+        checkpoints.remove()?;
+        tracing::warn!(file = %token_path.display(), "resume token reset on request (--reset-token)");
+    }
+    let namespace = config.orders_namespace();
+    let saved = checkpoints.load(&namespace)?;
+    match &saved {
+        Some(cp) => tracing::info!(file = %token_path.display(), saved_at = %cp.saved_at,
+            "resuming after the saved token"),
+        None => tracing::info!(file = %token_path.display(), "no resume token file; starting from now"),
+    }
+    let dbs = tokio::select! {
+        dbs = db::connect(config) => dbs?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let archiver = Archiver::new(config, &dbs, ArchiveSource::Watch);
+    let mut state = StreamState {
+        checkpoint: saved,
+        checkpoints,
+        namespace,
+        start: options.start,
+        totals: Totals::default(),
+    };
+    let mut delays = db::backoff(&config.retry);
+    let mut attempts = 0usize;
+    loop {
+        let (result, progressed) = run_stream(config, &dbs, &archiver, &mut state, &shutdown).await;
+        let error = match result {
+            Ok(()) => {
+                tracing::info!(events = state.totals.events, batches = state.totals.batches,
+                    archived = state.totals.written.inserted,
+                    already_archived = state.totals.written.already_archived,
+                    "watch stopped; position saved");
+                return Ok(());
+            }
+            Err(StreamFailure::Fatal(e)) => return Err(e),
+            Err(StreamFailure::Mongo(e, context)) => (e, context),
+        };
+        let (error, context) = error;
+        if progressed {
+            delays = db::backoff(&config.retry);
+            attempts = 0;
+        }
+        let message = scrub(&error.to_string());
+        if is_history_lost(&error) {
+            return Err(WatchError::HistoryLost(message));
+        }
+        if !is_transient(&error) {
+            return Err(WatchError::Database { context, message });
+        }
+        attempts += 1;
+        let Some(delay) = delays.next() else {
+            return Err(WatchError::RetriesExhausted { attempts, message });
+        };
+        tracing::warn!(attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %message,
+            context, "transient database error; reopening the stream after the saved token");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// What survives a stream restart.
+struct StreamState {
+    checkpoint: Option<Checkpoint>,
+    checkpoints: CheckpointFile,
+    namespace: String,
+    start: StartPosition,
+    totals: Totals,
+}
+
+enum StreamFailure {
+    Fatal(WatchError),
+    Mongo(Error, &'static str),
+}
+
+impl From<CheckpointError> for StreamFailure {
+    fn from(e: CheckpointError) -> Self {
+        StreamFailure::Fatal(e.into())
+    }
+}
+
+/// One life of the change stream. Returns whether any batch was archived, so that the caller
+/// can reset its backoff.
+async fn run_stream(
+    config: &Config,
+    dbs: &Databases,
+    archiver: &Archiver,
+    state: &mut StreamState,
+    shutdown: &CancellationToken,
+) -> (Result<(), StreamFailure>, bool) {
+    let mut progressed = false;
+    let result = async {
+        let stream = open_stream(config, dbs, state)
+            .await
+            .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
+        tracing::info!(namespace = %state.namespace, "change stream open");
+        // Record the starting point at once, so a crash before the first batch still resumes
+        // from here rather than from a later "now".
+        if let Some(token) = stream.resume_token() {
+            save(state, token, None, None)?;
+        }
+        let (tx, mut rx) = mpsc::channel::<Result<StreamBatch, Error>>(2);
+        let reader_stop = shutdown.child_token();
+        let reader = tokio::spawn(read_batches(
+            stream,
+            tx,
+            config.watch.batch_size,
+            Duration::from_millis(config.watch.batch_max_wait_ms),
+            reader_stop.clone(),
+        ));
+        let _stop_reader = reader_stop.clone().drop_guard();
+        let outcome = loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                message = rx.recv() => message,
+            };
+            let Some(message) = message else { break Ok(()) };
+            let batch = match message {
+                Ok(batch) => batch,
+                Err(e) => break Err(StreamFailure::Mongo(e, "reading the change stream")),
+            };
+            if let Err(e) = write_batch(archiver, state, batch, &mut progressed).await {
+                break Err(e);
+            }
+        };
+        reader_stop.cancel();
+        let _ = reader.await;
+        outcome
+    }
+    .await;
+    (result, progressed)
+}
+
+async fn open_stream(
+    config: &Config,
+    dbs: &Databases,
+    state: &StreamState,
+) -> Result<ChangeStream<StreamEvent>, Error> {
+    let orders = dbs.source.collection::<Document>(&config.orders.collection);
+    let max_await = Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT);
+    let mut watch = orders
+        .watch()
+        .pipeline(delivered_filter(config))
+        .max_await_time(max_await)
+        .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
+    watch = match (&state.checkpoint, state.start) {
+        (Some(cp), _) => watch.resume_after(cp.resume_token.clone()),
+        (None, StartPosition::At(ts)) => watch.start_at_operation_time(ts),
+        (None, StartPosition::Now) => watch,
+    };
+    Ok(watch.await?.with_type::<StreamEvent>())
+}
+
+/// Pulls events and cuts them into batches until stopped or the stream fails.
+async fn read_batches(
+    mut stream: ChangeStream<StreamEvent>,
+    tx: mpsc::Sender<Result<StreamBatch, Error>>,
+    batch_size: usize,
+    max_wait: Duration,
+    stop: CancellationToken,
+) {
+    let mut last_token = stream.resume_token();
+    let mut last_idle_save = Instant::now();
+    loop {
+        let mut events: Vec<StreamEvent> = Vec::new();
+        let mut first_event_at: Option<Instant> = None;
+        let mut invalidated = None;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                next = stream.next_if_any() => next,
+            };
+            match next {
+                Err(e) => {
+                    // Hand over what was read first: it is valid, only unsaved.
+                    if !events.is_empty() {
+                        let token = events.last().map(|e| e.token.clone());
+                        let _ = tx.send(Ok(StreamBatch { events, token, invalidated: None })).await;
+                    }
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Ok(Some(event)) if INVALIDATING_OPERATIONS.contains(&event.operation.as_str()) => {
+                    invalidated = Some(event.operation);
+                    break;
+                }
+                Ok(Some(event)) => {
+                    events.push(event);
+                    first_event_at.get_or_insert_with(Instant::now);
+                    if events.len() >= batch_size {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+            }
+            if first_event_at.is_some_and(|t| t.elapsed() >= max_wait) {
+                break;
+            }
+        }
+        let token = if invalidated.is_some() {
+            // Never save the invalidating event's own token: it cannot be resumed after.
+            events.last().map(|e| e.token.clone()).or_else(|| last_token.clone())
+        } else {
+            stream.resume_token()
+        };
+        if events.is_empty() && invalidated.is_none() {
+            // Idle: pass the advancing position on now and then, so a quiet collection's token
+            // stays inside the oplog window.
+            if token == last_token || last_idle_save.elapsed() < IDLE_CHECKPOINT_EVERY {
+                continue;
+            }
+            last_idle_save = Instant::now();
+        }
+        last_token = token.clone();
+        let done = invalidated.is_some();
+        if tx.send(Ok(StreamBatch { events, token, invalidated })).await.is_err() || done {
+            return;
+        }
+    }
+}
+
+/// Archives one batch, then saves its token.
+async fn write_batch(
+    archiver: &Archiver,
+    state: &mut StreamState,
+    batch: StreamBatch,
+    progressed: &mut bool,
+) -> Result<(), StreamFailure> {
+    if !batch.events.is_empty() {
+        let started = Instant::now();
+        let mut seen = HashSet::with_capacity(batch.events.len());
+        let ids: Vec<Bson> = batch
+            .events
+            .iter()
+            .filter_map(|e| e.document_key.as_ref().and_then(|k| k.get("_id")).cloned())
+            .filter(|id| seen.insert(format!("{id:?}")))
+            .collect();
+        let outcome = archiver
+            .archive_ids(&ids)
+            .await
+            .map_err(|e| StreamFailure::Mongo(e, "archiving a batch"))?;
+        let last = batch.events.last().expect("non-empty");
+        let wall_time: Option<DateTime<Utc>> = last
+            .wall_time
+            .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
+            .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
+        let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
+        state.totals.events += batch.events.len() as u64;
+        state.totals.batches += 1;
+        state.totals.written += outcome;
+        *progressed = true;
+        tracing::info!(
+            batch_len = batch.events.len(),
+            orders = ids.len(),
+            inserted = outcome.inserted,
+            already_archived = outcome.already_archived,
+            anomalies = outcome.anomalies,
+            dead_lettered = outcome.dead_lettered,
+            lag_ms,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "batch archived"
+        );
+        if let Some(token) = batch.token.clone() {
+            save(state, token, last.cluster_time, wall_time)?;
+        }
+    } else if let Some(token) = batch.token.clone() {
+        let (ct, wt) = state
+            .checkpoint
+            .as_ref()
+            .map(|c| (c.last_event_cluster_time, c.last_event_wall_time))
+            .unwrap_or((None, None));
+        if save(state, token, ct, wt)? {
+            tracing::debug!("idle stream: resume token advanced");
+        }
+    }
+    if let Some(operation) = batch.invalidated {
+        return Err(StreamFailure::Fatal(WatchError::Invalidated {
+            namespace: state.namespace.clone(),
+            operation,
+        }));
+    }
+    Ok(())
+}
+
+fn save(
+    state: &mut StreamState,
+    token: ResumeToken,
+    cluster_time: Option<Timestamp>,
+    wall_time: Option<DateTime<Utc>>,
+) -> Result<bool, CheckpointError> {
+    let checkpoint = Checkpoint {
+        resume_token: token,
+        namespace: state.namespace.clone(),
+        last_event_cluster_time: cluster_time,
+        last_event_wall_time: wall_time,
+        saved_at: Utc::now(),
+    };
+    let written = state.checkpoints.save(&checkpoint)?;
+    state.checkpoint = Some(checkpoint);
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_matches_delivered_transitions_only() {
+        let mut config = Config::default();
+        config.orders.fields.status = "etat".into();
+        config.orders.delivered_status = "done".into();
+        let pipeline = delivered_filter(&config);
+        let or = pipeline[0].get_document("$match").unwrap().get_array("$or").unwrap();
+        let insert = or[0].as_document().unwrap();
+        assert_eq!(insert.get_str("fullDocument.etat").unwrap(), "done");
+        let update = or[1].as_document().unwrap();
+        assert_eq!(update.get_str("operationType").unwrap(), "update");
+        assert_eq!(update.get_str("updateDescription.updatedFields.etat").unwrap(), "done");
+        let ends = or[2].as_document().unwrap().get_document("operationType").unwrap();
+        assert_eq!(ends.get_array("$in").unwrap().len(), INVALIDATING_OPERATIONS.len());
+        let project = pipeline[1].get_document("$project").unwrap();
+        assert!(!project.contains_key("fullDocument"), "full documents are not shipped");
+    }
+
+    #[test]
+    fn second_instance_cannot_lock_the_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("t.json");
+        let first = lock_token_file(&token).unwrap();
+        assert!(matches!(lock_token_file(&token), Err(WatchError::Locked(_))));
+        drop(first);
+        lock_token_file(&token).unwrap();
+    }
+}
