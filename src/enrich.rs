@@ -58,6 +58,7 @@ const TMP_CLIENT: &str = "__archiver_client";
 const TMP_LIVREUR: &str = "__archiver_livreur";
 const TMP_RESTAURANT: &str = "__archiver_restaurant";
 const TMP_MENU: &str = "__archiver_menu";
+const TMP_MENU_IDS: &str = "__archiver_menu_ids";
 const TMP_LIVREUR_REF: &str = "__archiver_livreur_ref";
 const TMP_MENU_MISSING: &str = "__archiver_menu_missing";
 const TMP_QTY_INVALID: &str = "__archiver_qty_invalid";
@@ -108,6 +109,7 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
     let qty = format!("$$it.{}", f.item_quantite);
     let price = format!("$$menu.{}", l.menu.prix_field);
     let items_array = doc! { "$cond": [{ "$isArray": &items }, &items, []] };
+    let items_array_for_ids = items_array.clone();
 
     let item_shape = doc! {
         "$let": {
@@ -151,7 +153,9 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
             TMP_MENU_MISSING: { "$anyElementTrue": [{ "$map": {
                 "input": items_array.clone(),
                 "as": "it",
-                "in": { "$not": [{ "$in": [&menu_ref, { "$ifNull": [format!("${TMP_MENU}._id"), []] }] }] },
+                "in": { "$not": [{ "$in": [&menu_ref, { "$map": {
+                    "input": field(TMP_MENU), "as": "m", "in": "$$m._id",
+                } }] }] },
             } }] },
             TMP_QTY_INVALID: { "$anyElementTrue": [{ "$map": {
                 "input": items_array,
@@ -190,15 +194,18 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
         TMP_LIVREUR_REF: 0, TMP_MENU_MISSING: 0, TMP_QTY_INVALID: 0, "__archiver_items_ok": 0,
     } };
 
+    // The menu ids are gathered with `$map` rather than the path `items.menu_id`: the path form
+    // is not resolved through arrays by every MongoDB-compatible server.
+    let menu_ids = doc! { "$addFields": { TMP_MENU_IDS: { "$map": {
+        "input": items_array_for_ids, "as": "it", "in": &menu_ref,
+    } } } };
+
     vec![
         lookup_stage(&l.client.collection, &l.client.local_field, TMP_CLIENT),
         lookup_stage(&l.livreur.collection, &l.livreur.local_field, TMP_LIVREUR),
         lookup_stage(&l.restaurant.collection, &l.restaurant.local_field, TMP_RESTAURANT),
-        lookup_stage(
-            &l.menu.collection,
-            &format!("{}.{}", f.items, f.item_menu_id),
-            TMP_MENU,
-        ),
+        menu_ids,
+        lookup_stage(&l.menu.collection, TMP_MENU_IDS, TMP_MENU),
         shape,
         anomalies,
         cleanup,
@@ -238,7 +245,6 @@ mod tests {
         let stages = enrichment_stages(&config, ArchiveSource::Batch);
         let text = format!("{stages:?}");
         assert!(text.contains("\"Customers\""));
-        assert!(text.contains("\"lignes.plat\""));
         assert!(text.contains("\"$$it.plat\""));
         assert!(text.contains("\"batch\""));
         assert!(!text.contains("\"items.menu_id\""));
@@ -247,7 +253,7 @@ mod tests {
     #[test]
     fn archive_fields_are_those_of_the_data_model() {
         let stages = enrichment_stages(&Config::default(), ArchiveSource::Watch);
-        let shape = stages[4].get_document("$project").unwrap();
+        let shape = stages[5].get_document("$project").unwrap();
         let public: Vec<&str> =
             shape.keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
         assert_eq!(

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite on a fresh machine: installs SecantusDB if missing,
+# starts a throwaway server, runs the tests against it, stops it.
+#
+# With MONGODB_TEST_URI already set (a real MongoDB replica set), no server is started and the
+# same tests run against that deployment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ -z "${MONGODB_TEST_URI:-}" ]; then
+  scripts/secantusd.sh install
+  export SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
+  trap 'scripts/secantusd.sh stop "$SECANTUS_TEST_DIR"/main; rm -rf "$SECANTUS_TEST_DIR"' EXIT
+  MONGODB_TEST_URI="$(scripts/secantusd.sh start "$SECANTUS_TEST_DIR/main")"
+  export MONGODB_TEST_URI
+fi
+echo "testing against $MONGODB_TEST_URI" | sed -E 's#(://[^:/@]*):[^@]*@#\1:***@#'
+cargo test --locked "$@"

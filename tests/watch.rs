@@ -1,0 +1,248 @@
+//! `archiver watch` against a real server: what gets archived, how, and what survives restarts,
+//! kills and bad token files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{order, TestEnv};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivered_update_replace_and_insert_are_archived_enriched() {
+    let t = TestEnv::new("kinds").await;
+    let refs = t.seed_references().await;
+    let updated = order(&refs, 1, "en_livraison");
+    let replaced = order(&refs, 2, "en_preparation");
+    t.orders().insert_many([updated.clone(), replaced.clone()]).await.unwrap();
+    let mut watch = t.start_watch(&[]).await;
+
+    let id_updated = updated.get_object_id("_id").unwrap();
+    t.orders()
+        .update_one(doc! { "_id": id_updated }, doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } })
+        .await
+        .unwrap();
+    let mut replacement = replaced.clone();
+    replacement.insert("status", "livrée");
+    t.orders().replace_one(doc! { "_id": replaced.get_object_id("_id").unwrap() }, replacement).await.unwrap();
+    let inserted = order(&refs, 3, "livrée");
+    t.orders().insert_one(inserted.clone()).await.unwrap();
+    t.wait_archived(3).await;
+
+    let archived = t.archive().find_one(doc! { "_id": id_updated }).await.unwrap().unwrap();
+    assert_eq!(archived.get_str("numero_commande").unwrap(), "CMD-000001");
+    assert_eq!(archived.get_str("status").unwrap(), "livrée");
+    assert_eq!(archived.get_str("archive_source").unwrap(), "watch");
+    assert!(archived.get_datetime("archived_at").is_ok());
+    assert!(archived.get_datetime("date_livraison").is_ok());
+    assert_eq!(archived.get_f64("montant_total").unwrap(), 31.0);
+    let client = archived.get_document("client").unwrap();
+    assert_eq!(client.get_str("nom").unwrap(), "Martin");
+    assert_eq!(client.get_str("email").unwrap(), "claire@example.fr");
+    assert_eq!(client.get_document("adresse").unwrap().get_str("ville").unwrap(), "Lyon");
+    assert!(!client.contains_key("_id"));
+    assert_eq!(archived.get_document("livreur").unwrap().get_str("vehicule").unwrap(), "vélo");
+    assert_eq!(archived.get_document("restaurant").unwrap().get_str("cuisine").unwrap(), "italienne");
+    let items = archived.get_array("items").unwrap();
+    assert_eq!(items.len(), 2);
+    let first = items[0].as_document().unwrap();
+    assert_eq!(first.get_object_id("menu_id").unwrap(), refs.menu[0]);
+    assert_eq!(first.get_str("nom").unwrap(), "Pizza");
+    assert_eq!(first.get_f64("prix").unwrap(), 12.5);
+    assert_eq!(first.get_i32("quantite").unwrap(), 2);
+    assert_eq!(first.get_f64("sous_total").unwrap(), 25.0);
+    assert_eq!(items[1].as_document().unwrap().get_str("nom").unwrap(), "Tiramisu");
+    assert!(archived.get_array("anomalies").unwrap().is_empty());
+    let keys: Vec<&str> = archived.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["_id", "numero_commande", "status", "date_commande", "date_livraison", "montant_total",
+         "client", "livreur", "restaurant", "items", "archived_at", "archive_source", "anomalies"]
+    );
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_delivered_changes_and_later_edits_are_not_archived() {
+    let t = TestEnv::new("filter").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    let pending = order(&refs, 1, "en_attente");
+    let id = pending.get_object_id("_id").unwrap();
+    t.orders().insert_one(pending).await.unwrap();
+    for status in ["en_preparation", "en_livraison"] {
+        t.orders().update_one(doc! { "_id": id }, doc! { "$set": { "status": status } }).await.unwrap();
+    }
+    t.orders().insert_one(order(&refs, 2, "annulée")).await.unwrap();
+    t.orders().update_one(doc! { "_id": id }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
+    t.wait_archived(1).await;
+    // Edits after delivery must not create a second document.
+    t.orders().update_one(doc! { "_id": id }, doc! { "$set": { "montant_total": 40.0 } }).await.unwrap();
+    let mut replacement = t.orders().find_one(doc! { "_id": id }).await.unwrap().unwrap();
+    replacement.insert("note", "replaced after delivery");
+    t.orders().replace_one(doc! { "_id": id }, replacement).await.unwrap();
+    // A marker delivery proves the stream has moved past the edits.
+    t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
+    t.wait_archived(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.wait_archived(2).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_resumes_after_saved_token_without_gap_or_duplicate() {
+    let t = TestEnv::new("restart").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    let batch1: Vec<Document> = (0..20).map(|n| order(&refs, n, "livrée")).collect();
+    t.orders().insert_many(batch1).await.unwrap();
+    t.wait_archived(20).await;
+    let status = watch.stop().await;
+    assert!(status.success(), "SIGTERM must exit 0, got {status}: {}", watch.stderr());
+    assert!(watch.log_contains("watch stopped"), "{}", watch.stderr());
+
+    // While it is down: deliveries it must not miss.
+    let batch2: Vec<Document> = (20..50).map(|n| order(&refs, n, "livrée")).collect();
+    t.orders().insert_many(batch2).await.unwrap();
+    let pending = order(&refs, 99, "en_livraison");
+    let pending_id = pending.get_object_id("_id").unwrap();
+    t.orders().insert_one(pending).await.unwrap();
+    t.orders().update_one(doc! { "_id": pending_id }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
+
+    let mut watch = t.start_watch(&[]).await;
+    assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
+    t.wait_archived(51).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_a_burst_loses_nothing() {
+    let t = TestEnv::new("sigkill").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[("BATCH_SIZE", "50")]).await;
+    let writer = {
+        let orders = t.orders();
+        tokio::spawn(async move {
+            for chunk in 0..20u32 {
+                let docs: Vec<Document> = (0..50).map(|n| order(&refs, chunk * 50 + n, "livrée")).collect();
+                orders.insert_many(docs).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Kill it while the burst is being archived.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.archive().count_documents(doc! {}).await.unwrap() < 100 {
+        assert!(std::time::Instant::now() < deadline, "nothing archived: {}", watch.stderr());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    watch.signal("KILL");
+    watch.wait(Duration::from_secs(10)).await;
+    writer.await.unwrap();
+    let mut watch = t.start_watch(&[]).await;
+    t.wait_archived(1000).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_token_file_fails_clearly_and_is_left_untouched() {
+    let t = TestEnv::new("corrupt").await;
+    let path = t.token_file();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, "{\"version\": 1, \"resume_token\": ").unwrap();
+    let out = t.run(&["watch"]);
+    assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
+    assert!(out.stderr.contains(&path.display().to_string()), "{}", out.stderr);
+    assert!(out.stderr.contains("corrupt"), "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"version\": 1, \"resume_token\": ");
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_stream_still_advances_the_saved_token() {
+    let t = TestEnv::new("idle").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    let before = std::fs::read_to_string(t.token_file()).unwrap();
+    // Changes the filter drops: the stream stays idle for `watch`, but the oplog moves on.
+    let pending = order(&refs, 1, "en_attente");
+    let id = pending.get_object_id("_id").unwrap();
+    t.orders().insert_one(pending).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        t.orders().update_one(doc! { "_id": id }, doc! { "$set": { "montant_total": f64::from(n) } }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = std::fs::read_to_string(t.token_file()).unwrap();
+        let token = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["resume_token"].clone();
+        if token(&now) != token(&before) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "token never advanced: {now}");
+    }
+    assert_eq!(t.archive().count_documents(doc! {}).await.unwrap(), 0);
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_references_are_flagged_not_dropped() {
+    let t = TestEnv::new("anomalies").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    let mut broken = order(&refs, 1, "livrée");
+    broken.insert("client_id", ObjectId::new());
+    broken.insert("livreur_id", ObjectId::new());
+    broken.insert("items", vec![Bson::Document(doc! { "menu_id": ObjectId::new(), "quantite": 1 })]);
+    let mut malformed = order(&refs, 2, "livrée");
+    malformed.remove("numero_commande");
+    malformed.insert("items", "not an array");
+    malformed.insert("restaurant_id", "abc");
+    t.orders().insert_many([broken.clone(), malformed.clone()]).await.unwrap();
+    t.wait_archived(2).await;
+
+    let doc1 = t.archive().find_one(doc! { "_id": broken.get_object_id("_id").unwrap() }).await.unwrap().unwrap();
+    let anomalies: Vec<&str> = doc1.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect();
+    assert_eq!(anomalies, ["client_introuvable", "livreur_introuvable", "menu_introuvable"]);
+    assert_eq!(doc1.get("client"), Some(&Bson::Null));
+    let item = doc1.get_array("items").unwrap()[0].as_document().unwrap().clone();
+    assert_eq!(item.get("nom"), Some(&Bson::Null));
+    assert_eq!(item.get("sous_total"), Some(&Bson::Null));
+    assert_eq!(doc1.get_document("restaurant").unwrap().get_str("nom").unwrap(), "Chez Mario");
+
+    let doc2 = t.archive().find_one(doc! { "_id": malformed.get_object_id("_id").unwrap() }).await.unwrap().unwrap();
+    let anomalies: Vec<&str> = doc2.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect();
+    assert_eq!(anomalies, ["numero_commande_invalide", "restaurant_introuvable", "items_invalides"]);
+    assert!(doc2.get_array("items").unwrap().is_empty());
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_server_fails_without_leaking_the_password() {
+    let t = TestEnv::new("unreachable").await;
+    let out = t
+        .archiver(&["watch"])
+        .env("MONGODB_URI", "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200")
+        .env("RETRY_MAX_ATTEMPTS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach MongoDB"), "{stderr}");
+    assert!(stderr.contains("archivist:***@127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("Sup3rS3cret"), "{stderr}");
+    let logs = std::fs::read_dir(t.dir.path().join("logs")).unwrap().next().unwrap().unwrap().path();
+    let file = common::read(&logs);
+    assert!(file.contains("archivist:***@"), "log file: {file}");
+    assert!(!file.contains("Sup3rS3cret"));
+}
