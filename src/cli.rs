@@ -92,7 +92,26 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Archive delivered orders in real time from a change stream (a long-running service).
     Watch(WatchArgs),
+    /// Archive the delivered orders of a date range (for cron); safe to run twice.
+    #[command(after_long_help = BATCH_HELP)]
+    Batch(BatchArgs),
+    /// Seed realistic fake data, or keep delivering orders live, for development and demos.
+    Simulate(SimulateArgs),
 }
+
+const BATCH_HELP: &str = "\
+Dates (--date-from, --date-to; UTC):
+  YYYY-MM-DD             midnight at the start of that day
+  RFC 3339 date-time     e.g. 2026-11-20T08:00:00Z or 2026-11-20T09:00:00+01:00
+  today, yesterday       midnight at the start of that day
+  7d, 24h, 30m           that long before now
+
+Examples:
+  archiver batch --date-from yesterday --date-to today     # every night from cron
+  archiver batch --date-from 2020-01-01                    # the whole history, once
+  archiver batch --date-from 7d --dry-run                  # what would be archived
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error (nothing written).";
 
 /// `archiver watch`.
 #[derive(Debug, Args)]
@@ -106,6 +125,68 @@ pub struct WatchArgs {
     /// The resume token file [default: .resume_token.json].
     #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
     pub resume_token_file: Option<PathBuf>,
+}
+
+/// `archiver batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// First order date to archive (inclusive), on the orders' `date_commande`.
+    #[arg(long, value_name = "DATE")]
+    pub date_from: String,
+    /// End of the range (exclusive) [default: no end].
+    #[arg(long, value_name = "DATE")]
+    pub date_to: Option<String>,
+    /// How the archive is written: `client` (bulk writes; also to another cluster) or `server`
+    /// (`$merge`, same cluster only) [default: from config, client].
+    #[arg(long, value_enum, env = "BATCH_WRITE_PATH")]
+    pub write_path: Option<WritePath>,
+    /// Orders per chunk [default: 1000].
+    #[arg(long, env = "BATCH_CHUNK_SIZE", value_name = "N")]
+    pub chunk_size: Option<usize>,
+    /// Chunks processed at once [default: 4].
+    #[arg(long, env = "BATCH_CONCURRENCY", value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Count what would be archived and show a few enriched samples; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write enriched samples as canonical extended JSON to FILE (nothing else is written).
+    #[arg(long, value_name = "FILE")]
+    pub export_samples: Option<PathBuf>,
+    /// How many samples to show or export.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub sample_size: usize,
+    /// Do not create the indexes archiver relies on (for users without createIndex rights).
+    #[arg(long, env = "SKIP_INDEXES")]
+    pub skip_indexes: bool,
+}
+
+/// `archiver simulate`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Orders to create when seeding.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub count: u64,
+    /// Random seed: the same seed gives the same data [default: random].
+    #[arg(long, value_name = "SEED")]
+    pub seed: Option<u64>,
+    /// Fraction of seeded orders already delivered (0 to 1).
+    #[arg(long, value_name = "P", default_value_t = 0.4)]
+    pub p_delivered: f64,
+    /// Order dates are spread over this many days, ending now.
+    #[arg(long, value_name = "DAYS", default_value_t = 30)]
+    pub days: u32,
+    /// Drop the simulated collections first (never done unless asked).
+    #[arg(long)]
+    pub drop: bool,
+    /// After seeding, keep moving orders through their statuses, creating new ones as it goes.
+    #[arg(long)]
+    pub live: bool,
+    /// Live mode: status changes per second, about.
+    #[arg(long, value_name = "N", default_value_t = 10.0)]
+    pub rate: f64,
+    /// Live mode: stop after this many seconds [default: until Ctrl-C].
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<u64>,
 }
 
 impl Cli {
@@ -136,8 +217,14 @@ impl Cli {
                 o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
                 o.set("watch.resume_token_file", w.resume_token_file.clone());
             }
+            Command::Batch(b) => {
+                o.set("batch.write_path", b.write_path);
+                o.set("batch.chunk_size", b.chunk_size);
+                o.set("batch.concurrency", b.concurrency);
+                o.set("batch.create_indexes", b.skip_indexes.then_some(false));
+            }
+            Command::Simulate(_) => {}
         }
-        let _ = WritePath::Client;
         o
     }
 }

@@ -36,3 +36,22 @@ pub fn for_watch_error(err: &WatchError) -> ExitCode {
 pub fn is_corrupt(err: &CheckpointError) -> bool {
     matches!(err, CheckpointError::Corrupt { .. } | CheckpointError::WrongNamespace { .. })
 }
+
+/// A usage error detected after parsing (a bad date, an impossible option combination): exit 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error of `batch` or `simulate`: 2 for usage and configuration errors
+/// anywhere in the chain, 1 otherwise.
+pub fn for_error(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<UsageError>()
+            || cause.is::<crate::config::ConfigError>()
+            || matches!(cause.downcast_ref::<ConnectError>(), Some(ConnectError::InvalidUri { .. }))
+        {
+            return USAGE;
+        }
+    }
+    FAILURE
+}

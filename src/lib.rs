@@ -6,6 +6,7 @@
 //! [`checkpoint`] (the resume token file).
 
 pub mod archive;
+pub mod batch;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -14,4 +15,5 @@ pub mod enrich;
 pub mod exit;
 pub mod logging;
 pub mod redact;
+pub mod simulate;
 pub mod watch;

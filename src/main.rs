@@ -56,7 +56,23 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                 }
             }
         }
+        Command::Batch(args) => match archiver::batch::run(&config, &args, shutdown).await {
+            Ok(_) => ExitCode::from(exit::OK),
+            Err(e) => report_failure("batch", &e),
+        },
+        Command::Simulate(args) => match archiver::simulate::run(&config, &args, shutdown).await {
+            Ok(_) => ExitCode::from(exit::OK),
+            Err(e) => report_failure("simulate", &e),
+        },
     }
+}
+
+/// Prints a failure (scrubbed of credentials) and picks its exit code.
+fn report_failure(command: &str, error: &anyhow::Error) -> ExitCode {
+    let message = scrub(&format!("{error:#}"));
+    tracing::error!(command, error = %message, "failed");
+    eprintln!("error: {message}");
+    ExitCode::from(exit::for_error(error))
 }
 
 /// First SIGINT/SIGTERM: finish the batch in flight, save, exit 0. Second: exit at once.
