@@ -149,7 +149,8 @@ pub struct BatchArgs {
     /// Count what would be archived and show a few enriched samples; write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Write enriched samples as canonical extended JSON to FILE (nothing else is written).
+    /// Also write --sample-size enriched documents to FILE, as a JSON array in canonical extended
+    /// JSON, for inspection (with --dry-run, the archive is left untouched).
     #[arg(long, value_name = "FILE")]
     pub export_samples: Option<PathBuf>,
     /// How many samples to show or export.

@@ -1,0 +1,180 @@
+//! `archiver batch` against a real server: date ranges, idempotence, both write paths, dry runs.
+
+mod common;
+
+use common::{order, TestEnv};
+use mongodb::bson::{doc, Bson, DateTime, Document};
+
+fn at(iso: &str) -> DateTime {
+    DateTime::parse_rfc3339_str(iso).unwrap()
+}
+
+/// Delivered and other orders around the range [2026-03-01, 2026-03-03).
+async fn seed_range(t: &TestEnv) -> Vec<Document> {
+    let refs = t.seed_references().await;
+    let dated = |n: u32, status: &str, iso: &str| {
+        let mut o = order(&refs, n, status);
+        o.insert("date_commande", at(iso));
+        o
+    };
+    let docs = vec![
+        dated(1, "livrée", "2026-02-28T23:59:59.999Z"), // before
+        dated(2, "livrée", "2026-03-01T00:00:00Z"),     // first instant: in
+        dated(3, "livrée", "2026-03-02T12:00:00Z"),     // in
+        dated(4, "en_livraison", "2026-03-02T12:00:00Z"), // not delivered
+        dated(5, "annulée", "2026-03-02T13:00:00Z"),    // not delivered
+        dated(6, "livrée", "2026-03-02T23:59:59.999Z"), // last instant: in
+        dated(7, "livrée", "2026-03-03T00:00:00Z"),     // end is exclusive
+    ];
+    t.orders().insert_many(docs.clone()).await.unwrap();
+    docs
+}
+
+async fn archived_numbers(t: &TestEnv) -> Vec<String> {
+    let mut numbers: Vec<String> = t
+        .archive()
+        .distinct("numero_commande", doc! {})
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|b| b.as_str().map(str::to_owned))
+        .collect();
+    numbers.sort();
+    numbers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn archives_exactly_the_delivered_orders_of_the_range_and_is_idempotent() {
+    let t = TestEnv::new("range").await;
+    seed_range(&t).await;
+    let out = t.run(&["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(archived_numbers(&t).await, ["CMD-000002", "CMD-000003", "CMD-000006"]);
+    assert!(out.stdout.contains("3 matched, 3 newly archived, 0 already archived"), "{}", out.stdout);
+    let doc = t.archive().find_one(doc! { "numero_commande": "CMD-000003" }).await.unwrap().unwrap();
+    assert_eq!(doc.get_str("archive_source").unwrap(), "batch");
+    assert_eq!(doc.get_document("client").unwrap().get_str("nom").unwrap(), "Martin");
+    let first_run: Vec<Document> = collect(&t).await;
+
+    let again = t.run(&["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"]);
+    assert!(again.status.success(), "{}", again.stderr);
+    assert!(again.stdout.contains("3 matched, 0 newly archived, 3 already archived"), "{}", again.stdout);
+    assert_eq!(collect(&t).await, first_run, "a second run must leave the archive unchanged");
+    t.cleanup().await;
+}
+
+async fn collect(t: &TestEnv) -> Vec<Document> {
+    use futures_util::TryStreamExt;
+    t.archive().find(doc! {}).sort(doc! { "_id": 1 }).await.unwrap().try_collect().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_archived_by_watch_is_not_duplicated() {
+    let t = TestEnv::new("overlap").await;
+    let docs = seed_range(&t).await;
+    let id = docs[1].get_object_id("_id").unwrap();
+    t.archive().insert_one(doc! { "_id": id, "numero_commande": "CMD-000002", "archive_source": "watch" }).await.unwrap();
+    let out = t.run(&["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("2 newly archived, 1 already archived"), "{}", out.stdout);
+    assert_eq!(t.archive().count_documents(doc! {}).await.unwrap(), 3);
+    let kept = t.archive().find_one(doc! { "_id": id }).await.unwrap().unwrap();
+    assert_eq!(kept.get_str("archive_source").unwrap(), "watch");
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_write_paths_produce_identical_documents() {
+    let client_side = TestEnv::new("path_client").await;
+    let server_side = TestEnv::new("path_server").await;
+    // The same orders (same ids) in two databases.
+    let docs = seed_range(&client_side).await;
+    for name in ["Client", "Livreur", "Restaurants", "Menu"] {
+        let all: Vec<Document> = {
+            use futures_util::TryStreamExt;
+            client_side.db.collection::<Document>(name).find(doc! {}).await.unwrap().try_collect().await.unwrap()
+        };
+        server_side.db.collection::<Document>(name).insert_many(all).await.unwrap();
+    }
+    // One order with broken references, to compare anomalies too.
+    let mut broken = docs[2].clone();
+    broken.insert("_id", mongodb::bson::oid::ObjectId::new());
+    broken.insert("numero_commande", "CMD-000099");
+    broken.insert("client_id", mongodb::bson::oid::ObjectId::new());
+    broken.insert("items", vec![Bson::Document(doc! { "menu_id": 42, "quantite": "two" })]);
+    client_side.orders().insert_one(broken.clone()).await.unwrap();
+    server_side.orders().insert_many(docs).await.unwrap();
+    server_side.orders().insert_one(broken).await.unwrap();
+
+    let range = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    let a = client_side.run(&[&range[..], &["--write-path", "client"]].concat());
+    let b = server_side.run(&[&range[..], &["--write-path", "server"]].concat());
+    assert!(a.status.success() && b.status.success(), "{}\n{}", a.stderr, b.stderr);
+    assert!(b.stdout.contains("4 newly archived"), "{}", b.stdout);
+    let strip = |mut docs: Vec<Document>| {
+        for d in &mut docs {
+            assert!(d.remove("archived_at").is_some());
+        }
+        docs
+    };
+    let from_client = strip(collect(&client_side).await);
+    let from_server = strip(collect(&server_side).await);
+    assert_eq!(from_client.len(), 4);
+    assert_eq!(from_client, from_server);
+    let flagged = from_client.iter().find(|d| d.get_str("numero_commande").unwrap() == "CMD-000099").unwrap();
+    let anomalies: Vec<&str> = flagged.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect();
+    assert_eq!(anomalies, ["client_introuvable", "menu_introuvable", "quantite_invalide"]);
+    client_side.cleanup().await;
+    server_side.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_and_bad_dates_write_nothing() {
+    let t = TestEnv::new("dry").await;
+    seed_range(&t).await;
+    let samples = t.dir.path().join("samples.json");
+    let out = t.run(&[
+        "batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03", "--dry-run",
+        "--export-samples", samples.to_str().unwrap(), "--sample-size", "2",
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("3 delivered orders in the range would be archived"), "{}", out.stdout);
+    assert!(out.stdout.contains("\"client\""), "samples are shown: {}", out.stdout);
+    let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&samples).unwrap()).unwrap();
+    let exported = exported.as_array().unwrap();
+    assert_eq!(exported.len(), 2);
+    assert!(exported[0]["_id"]["$oid"].is_string(), "canonical extended JSON: {}", exported[0]);
+    assert!(exported[0]["montant_total"]["$numberDouble"].is_string(), "{}", exported[0]);
+    assert_eq!(exported[0]["archive_source"], "batch");
+
+    for bad in ["last tuesday", "2026-02-30", "3 days"] {
+        let out = t.run(&["batch", "--date-from", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", out.stderr);
+        assert!(out.stderr.contains("YYYY-MM-DD"), "{}", out.stderr);
+    }
+    let reversed = t.run(&["batch", "--date-from", "2026-03-03", "--date-to", "2026-03-01"]);
+    assert_eq!(reversed.status.code(), Some(2), "{}", reversed.stderr);
+    let names = t.db.list_collection_names().await.unwrap();
+    assert!(!names.contains(&"Commandes_archive".to_owned()), "{names:?}");
+    let indexes = t.orders().list_index_names().await.unwrap();
+    assert_eq!(indexes, ["_id_"], "a dry run creates no index");
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_its_indexes_unless_told_not_to() {
+    let t = TestEnv::new("indexes").await;
+    seed_range(&t).await;
+    let out = t.run(&["batch", "--date-from", "2026-03-01", "--skip-indexes"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(t.orders().list_index_names().await.unwrap(), ["_id_"]);
+    let out = t.run(&["batch", "--date-from", "2026-03-01", "--chunk-size", "1", "--concurrency", "3"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let indexes = t.orders().list_index_names().await.unwrap();
+    assert!(indexes.iter().any(|n| n.starts_with("numero_commande")), "{indexes:?}");
+    assert!(indexes.iter().any(|n| n.starts_with("status_1_date_commande")), "{indexes:?}");
+    assert!(out.stderr.contains("index present"), "{}", out.stderr);
+    // 2026-03-01 onwards, open-ended: orders 2, 3, 6 and 7.
+    assert_eq!(archived_numbers(&t).await, ["CMD-000002", "CMD-000003", "CMD-000006", "CMD-000007"]);
+    t.cleanup().await;
+}
