@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# The fault tests (server restarts, pruned oplog) start SecantusDB servers of their own, so it
+# is installed in every case.
+scripts/secantusd.sh install
 if [ -z "${MONGODB_TEST_URI:-}" ]; then
-  scripts/secantusd.sh install
   export SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
   trap 'scripts/secantusd.sh stop "$SECANTUS_TEST_DIR"/main; rm -rf "$SECANTUS_TEST_DIR"' EXIT
   MONGODB_TEST_URI="$(scripts/secantusd.sh start "$SECANTUS_TEST_DIR/main")"

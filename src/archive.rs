@@ -85,6 +85,27 @@ impl Archiver {
         }
     }
 
+    /// Like [`Archiver::archive_ids`], but first leaves out the orders already archived, so
+    /// that nothing is enriched in vain.
+    pub async fn archive_missing_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
+        let archived: std::collections::HashSet<String> = self
+            .archive
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .iter()
+            .filter_map(|d| d.get("_id"))
+            .map(|id| format!("{id:?}"))
+            .collect();
+        let missing: Vec<Bson> =
+            ids.iter().filter(|id| !archived.contains(&format!("{id:?}"))).cloned().collect();
+        let mut outcome = self.archive_ids(&missing).await?;
+        outcome.already_archived += (ids.len() - missing.len()) as u64;
+        Ok(outcome)
+    }
+
     async fn enrich_and_write(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
         if ids.is_empty() {
             return Ok(WriteOutcome::default());

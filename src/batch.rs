@@ -152,7 +152,7 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
         tracing::info!("index creation skipped (--skip-indexes)");
     }
 
-    let written = archive_range(config, &dbs, &archiver, &orders, &filter, matched, write_path, &shutdown).await?;
+    let (_, written) = archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown).await?;
     let summary = BatchSummary { matched, written, duration: started.elapsed() };
     let secs = summary.duration.as_secs_f64().max(1e-9);
     let processed = written.inserted + written.already_archived + written.dead_lettered;
@@ -227,35 +227,40 @@ pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
     }
 }
 
-/// Streams the range's ids in chunks and archives up to `concurrency` chunks at once.
-#[allow(clippy::too_many_arguments)]
-async fn archive_range(
+/// Archives every order matching `filter`: streams their ids in chunks and archives up to
+/// `concurrency` chunks at once. With `only_missing`, orders already in the archive are skipped
+/// before enrichment (cheap re-runs, gap-fills and repairs). Returns the number matched too.
+pub async fn archive_matching(
     config: &Config,
     dbs: &Databases,
     archiver: &Archiver,
-    orders: &Collection<Document>,
     filter: &Document,
-    matched: u64,
     write_path: WritePath,
+    only_missing: bool,
     shutdown: &CancellationToken,
-) -> anyhow::Result<WriteOutcome> {
+) -> anyhow::Result<(u64, WriteOutcome)> {
+    let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
+    let matched = orders.count_documents(filter.clone()).await.context("counting the orders to archive")?;
     let chunk_size = config.batch.chunk_size;
     let ids = orders
         .find(filter.clone())
         .projection(doc! { "_id": 1 })
         .batch_size(chunk_size.min(100_000) as u32)
         .await
-        .context("reading the range")?
+        .context("reading the orders to archive")?
         .map_ok(|d: Document| d.get("_id").cloned().unwrap_or(Bson::Null));
     let progress = Progress::new(matched);
     let chunks = ids
         .try_chunks(chunk_size)
         .take_until(shutdown.cancelled())
         .map(|chunk| async {
-            let chunk = chunk.map_err(|e| e.1).context("reading the range")?;
-            let outcome = match write_path {
-                WritePath::Client => with_retry(config, || archiver.archive_ids(&chunk)).await,
-                WritePath::Server => with_retry(config, || merge_chunk(config, dbs, archiver, &chunk)).await,
+            let chunk = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
+            let outcome = match (write_path, only_missing) {
+                (_, true) => with_retry(config, || archiver.archive_missing_ids(&chunk)).await,
+                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&chunk)).await,
+                (WritePath::Server, false) => {
+                    with_retry(config, || merge_chunk(config, dbs, archiver, &chunk)).await
+                }
             }
             .context("archiving a chunk")?;
             progress.add(chunk.len() as u64);
@@ -268,7 +273,7 @@ async fn archive_range(
         total += outcome?;
     }
     progress.finish();
-    Ok(total)
+    Ok((matched, total))
 }
 
 /// Retries `op` on transient errors with the configured backoff.

@@ -125,6 +125,16 @@ pub struct WatchArgs {
     /// The resume token file [default: .resume_token.json].
     #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
     pub resume_token_file: Option<PathBuf>,
+    /// Where to start when there is no resume token: `now` or an RFC 3339 time (within the
+    /// oplog window). Refused when a token exists, unless --reset-token is given too.
+    #[arg(long, value_name = "now|TIME")]
+    pub start_at: Option<String>,
+    /// Before streaming, archive every delivered order not yet in the archive.
+    #[arg(long)]
+    pub catch_up: bool,
+    /// Delete the resume token file before starting. Never done otherwise.
+    #[arg(long)]
+    pub reset_token: bool,
 }
 
 /// `archiver batch`.
@@ -164,19 +174,24 @@ pub struct BatchArgs {
 /// `archiver simulate`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Orders to create when seeding.
+    /// Orders to create when seeding (0: only the reference collections, when missing).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub count: u64,
-    /// Random seed: the same seed gives the same data [default: random].
+    /// Random seed: the same seed (with the same --end-date) gives the same data, ids included
+    /// [default: random, logged].
     #[arg(long, value_name = "SEED")]
     pub seed: Option<u64>,
     /// Fraction of seeded orders already delivered (0 to 1).
     #[arg(long, value_name = "P", default_value_t = 0.4)]
     pub p_delivered: f64,
-    /// Order dates are spread over this many days, ending now.
+    /// Order dates are spread over this many days, ending at --end-date.
     #[arg(long, value_name = "DAYS", default_value_t = 30)]
     pub days: u32,
-    /// Drop the simulated collections first (never done unless asked).
+    /// End of the order dates (exclusive, midnight UTC) [default: the start of tomorrow, UTC].
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    pub end_date: Option<chrono::NaiveDate>,
+    /// Drop the simulated collections first: the orders, the four reference collections, the
+    /// archive and its dead-letter collection (never done unless asked).
     #[arg(long)]
     pub drop: bool,
     /// After seeding, keep moving orders through their statuses, creating new ones as it goes.
@@ -186,7 +201,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "N", default_value_t = 10.0)]
     pub rate: f64,
     /// Live mode: stop after this many seconds [default: until Ctrl-C].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", requires = "live")]
     pub duration: Option<u64>,
 }
 

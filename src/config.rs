@@ -141,6 +141,9 @@ pub struct WatchSettings {
     pub batch_max_wait_ms: u64,
     /// The checkpoint file (`RESUME_TOKEN_FILE`).
     pub resume_token_file: PathBuf,
+    /// When history is lost, the gap-fill re-examines orders delivered this long before the
+    /// last checkpoint too, to absorb clock skew between the servers and `archiver`.
+    pub gap_fill_margin_secs: u64,
 }
 
 /// How `batch` writes the archive.
@@ -300,6 +303,7 @@ impl Default for WatchSettings {
             batch_size: 500,
             batch_max_wait_ms: 100,
             resume_token_file: PathBuf::from(".resume_token.json"),
+            gap_fill_margin_secs: 3600,
         }
     }
 }

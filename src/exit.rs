@@ -27,6 +27,7 @@ pub fn for_watch_error(err: &WatchError) -> ExitCode {
         WatchError::Checkpoint(_) => CHECKPOINT,
         WatchError::Connect(ConnectError::InvalidUri { .. }) => USAGE,
         WatchError::Locked(_) => LOCKED,
+        WatchError::Usage(_) => USAGE,
         WatchError::Invalidated { .. } => INVALIDATED,
         _ => FAILURE,
     })

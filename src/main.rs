@@ -44,8 +44,15 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
     match cli.command {
-        Command::Watch(_) => {
-            let options = WatchOptions { reset_token: false, start: StartPosition::Now };
+        Command::Watch(args) => {
+            let start = match args.start_at.as_deref().map(StartPosition::parse).transpose() {
+                Ok(start) => start,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(exit::USAGE);
+                }
+            };
+            let options = WatchOptions { reset_token: args.reset_token, start, catch_up: args.catch_up };
             match watch::run(&config, options, shutdown).await {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {

@@ -77,6 +77,12 @@ pub enum WatchError {
         /// The last error.
         message: String,
     },
+    /// Options that contradict each other or the saved state.
+    #[error("{0}")]
+    Usage(String),
+    /// The gap-fill or catch-up failed.
+    #[error("filling the archive from the orders collection failed: {0}")]
+    Fill(String),
     /// A database error that retrying cannot fix.
     #[error("{context}: {message}")]
     Database {
@@ -142,13 +148,30 @@ pub enum StartPosition {
     At(Timestamp),
 }
 
+impl StartPosition {
+    /// Parses `--start-at`: `now` or an RFC 3339 time.
+    pub fn parse(value: &str) -> Result<Self, WatchError> {
+        if value.eq_ignore_ascii_case("now") {
+            return Ok(StartPosition::Now);
+        }
+        let time = DateTime::parse_from_rfc3339(value).map_err(|e| {
+            WatchError::Usage(format!("--start-at {value:?}: expected `now` or an RFC 3339 time ({e})"))
+        })?;
+        let secs = u32::try_from(time.timestamp())
+            .map_err(|_| WatchError::Usage(format!("--start-at {value:?} is out of range")))?;
+        Ok(StartPosition::At(Timestamp { time: secs, increment: 0 }))
+    }
+}
+
 /// Options of one `watch` run.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     /// Delete the token file before starting (explicit reset).
     pub reset_token: bool,
-    /// Where to start when there is no token.
-    pub start: StartPosition,
+    /// Where to start when there is no token; `None` means now, and leaves a saved token alone.
+    pub start: Option<StartPosition>,
+    /// Archive every delivered order missing from the archive before streaming.
+    pub catch_up: bool,
 }
 
 /// Holds the token file's lock for as long as it lives.
@@ -186,6 +209,7 @@ pub fn lock_token_file(token_file: &std::path::Path) -> Result<InstanceLock, Wat
 /// Running totals, for the log.
 #[derive(Debug, Default)]
 struct Totals {
+    history_lost: u64,
     events: u64,
     batches: u64,
     written: WriteOutcome,
@@ -202,6 +226,13 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
     }
     let namespace = config.orders_namespace();
     let saved = checkpoints.load(&namespace)?;
+    if saved.is_some() && options.start.is_some() {
+        return Err(WatchError::Usage(format!(
+            "--start-at was given but the resume token file {} exists; add --reset-token to \
+             discard it, or drop --start-at to resume from it",
+            token_path.display()
+        )));
+    }
     match &saved {
         Some(cp) => tracing::info!(file = %token_path.display(), saved_at = %cp.saved_at,
             "resuming after the saved token"),
@@ -216,9 +247,14 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
         checkpoint: saved,
         checkpoints,
         namespace,
-        start: options.start,
+        start: options.start.unwrap_or(StartPosition::Now),
         totals: Totals::default(),
+        retry: config.retry.clone(),
     };
+    if options.catch_up {
+        let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
+        fill(config, &dbs, &mut state, delivered, "catch-up", &shutdown).await?;
+    }
     let mut delays = db::backoff(&config.retry);
     let mut attempts = 0usize;
     loop {
@@ -241,7 +277,17 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
         }
         let message = scrub(&error.to_string());
         if is_history_lost(&error) {
-            return Err(WatchError::HistoryLost(message));
+            state.totals.history_lost += 1;
+            tracing::error!(error = %message, checkpoint = ?state.checkpoint.as_ref().map(|c| c.saved_at),
+                "HISTORY LOST: the saved resume token is no longer in the oplog; filling the gap \
+                 from the orders collection, then streaming from before the fill");
+            let Some(checkpoint) = state.checkpoint.clone() else {
+                return Err(WatchError::HistoryLost(message));
+            };
+            let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
+                - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
+            fill(config, &dbs, &mut state, gap_filter(config, since), "gap-fill", &shutdown).await?;
+            continue;
         }
         if !is_transient(&error) {
             return Err(WatchError::Database { context, message });
@@ -259,6 +305,68 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
     }
 }
 
+/// The delivered orders a stream that lost its history since `since` may have missed: those
+/// delivered since then by their own delivery date, and those whose delivery date is unknown.
+pub fn gap_filter(config: &Config, since: DateTime<Utc>) -> Document {
+    let f = &config.orders.fields;
+    let since = mongodb::bson::DateTime::from_millis(since.timestamp_millis());
+    doc! {
+        f.status.clone(): &config.orders.delivered_status,
+        "$or": [
+            { f.date_livraison.clone(): { "$gte": since } },
+            { f.date_livraison.clone(): { "$not": { "$type": "date" } } },
+        ],
+    }
+}
+
+/// Archives, through the batch path, every order matching `filter` that is not archived yet,
+/// then moves the stream to a point taken *before* the fill started, so that nothing delivered
+/// during the fill falls between the two. Saved only once the fill is complete: a crash during
+/// it resumes from the old position and fills again (idempotently).
+async fn fill(
+    config: &Config,
+    dbs: &Databases,
+    state: &mut StreamState,
+    filter: Document,
+    what: &'static str,
+    shutdown: &CancellationToken,
+) -> Result<(), WatchError> {
+    let keep_position = what == "catch-up" && state.checkpoint.is_some();
+    let start_token = if keep_position {
+        None
+    } else {
+        let stream = open_stream(config, dbs, None, StartPosition::Now)
+            .await
+            .map_err(|e| WatchError::Fill(scrub(&e.to_string())))?;
+        stream.resume_token()
+    };
+    let started = Instant::now();
+    let archiver = Archiver::new(config, dbs, ArchiveSource::Batch);
+    let (matched, outcome) = crate::batch::archive_matching(
+        config,
+        dbs,
+        &archiver,
+        &filter,
+        crate::config::WritePath::Client,
+        true,
+        shutdown,
+    )
+    .await
+    .map_err(|e| WatchError::Fill(scrub(&format!("{e:#}"))))?;
+    tracing::warn!(fill = what, matched, newly_archived = outcome.inserted,
+        already_archived = outcome.already_archived, anomalies = outcome.anomalies,
+        dead_lettered = outcome.dead_lettered, duration_ms = started.elapsed().as_millis() as u64,
+        "archive filled from the orders collection");
+    if shutdown.is_cancelled() {
+        // Interrupted: keep the old position so the next start fills again.
+        return Ok(());
+    }
+    if let Some(token) = start_token {
+        persist(state, token, None, Some(Utc::now()), shutdown).await?;
+    }
+    Ok(())
+}
+
 /// What survives a stream restart.
 struct StreamState {
     checkpoint: Option<Checkpoint>,
@@ -266,7 +374,10 @@ struct StreamState {
     namespace: String,
     start: StartPosition,
     totals: Totals,
+    retry: crate::config::RetrySettings,
 }
+
+
 
 enum StreamFailure {
     Fatal(WatchError),
@@ -290,14 +401,17 @@ async fn run_stream(
 ) -> (Result<(), StreamFailure>, bool) {
     let mut progressed = false;
     let result = async {
-        let stream = open_stream(config, dbs, state)
+        let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
+        let stream = open_stream(config, dbs, resume, state.start)
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
         tracing::info!(namespace = %state.namespace, "change stream open");
         // Record the starting point at once, so a crash before the first batch still resumes
         // from here rather than from a later "now".
-        if let Some(token) = stream.resume_token() {
-            save(state, token, None, None)?;
+        if state.checkpoint.is_none() {
+            if let Some(token) = stream.resume_token() {
+                persist(state, token, None, None, shutdown).await?;
+            }
         }
         let (tx, mut rx) = mpsc::channel::<Result<StreamBatch, Error>>(2);
         let reader_stop = shutdown.child_token();
@@ -320,7 +434,7 @@ async fn run_stream(
                 Ok(batch) => batch,
                 Err(e) => break Err(StreamFailure::Mongo(e, "reading the change stream")),
             };
-            if let Err(e) = write_batch(archiver, state, batch, &mut progressed).await {
+            if let Err(e) = write_batch(archiver, state, batch, &mut progressed, shutdown).await {
                 break Err(e);
             }
         };
@@ -332,10 +446,12 @@ async fn run_stream(
     (result, progressed)
 }
 
+/// Opens the filtered stream after `resume`, or else at `start`.
 async fn open_stream(
     config: &Config,
     dbs: &Databases,
-    state: &StreamState,
+    resume: Option<&ResumeToken>,
+    start: StartPosition,
 ) -> Result<ChangeStream<StreamEvent>, Error> {
     let orders = dbs.source.collection::<Document>(&config.orders.collection);
     let max_await = Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT);
@@ -344,8 +460,8 @@ async fn open_stream(
         .pipeline(delivered_filter(config))
         .max_await_time(max_await)
         .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
-    watch = match (&state.checkpoint, state.start) {
-        (Some(cp), _) => watch.resume_after(cp.resume_token.clone()),
+    watch = match (resume, start) {
+        (Some(token), _) => watch.resume_after(token.clone()),
         (None, StartPosition::At(ts)) => watch.start_at_operation_time(ts),
         (None, StartPosition::Now) => watch,
     };
@@ -427,6 +543,7 @@ async fn write_batch(
     state: &mut StreamState,
     batch: StreamBatch,
     progressed: &mut bool,
+    shutdown: &CancellationToken,
 ) -> Result<(), StreamFailure> {
     if !batch.events.is_empty() {
         let started = Instant::now();
@@ -463,7 +580,7 @@ async fn write_batch(
             "batch archived"
         );
         if let Some(token) = batch.token.clone() {
-            save(state, token, last.cluster_time, wall_time)?;
+            persist(state, token, last.cluster_time, wall_time, shutdown).await?;
         }
     } else if let Some(token) = batch.token.clone() {
         let (ct, wt) = state
@@ -471,7 +588,7 @@ async fn write_batch(
             .as_ref()
             .map(|c| (c.last_event_cluster_time, c.last_event_wall_time))
             .unwrap_or((None, None));
-        if save(state, token, ct, wt)? {
+        if persist(state, token, ct, wt, shutdown).await? {
             tracing::debug!("idle stream: resume token advanced");
         }
     }
@@ -484,11 +601,15 @@ async fn write_batch(
     Ok(())
 }
 
-fn save(
+/// Saves the position, retrying with backoff while the disk refuses (full, read-only). Until it
+/// succeeds no further batch is taken, so the token never runs ahead of the archive; after the
+/// retry bound the error is fatal.
+async fn persist(
     state: &mut StreamState,
     token: ResumeToken,
     cluster_time: Option<Timestamp>,
     wall_time: Option<DateTime<Utc>>,
+    shutdown: &CancellationToken,
 ) -> Result<bool, CheckpointError> {
     let checkpoint = Checkpoint {
         resume_token: token,
@@ -497,9 +618,24 @@ fn save(
         last_event_wall_time: wall_time,
         saved_at: Utc::now(),
     };
-    let written = state.checkpoints.save(&checkpoint)?;
-    state.checkpoint = Some(checkpoint);
-    Ok(written)
+    let mut delays = db::backoff(&state.retry);
+    let mut attempt = 0;
+    loop {
+        match state.checkpoints.save(&checkpoint) {
+            Ok(written) => {
+                state.checkpoint = Some(checkpoint);
+                return Ok(written);
+            }
+            Err(e) => {
+                attempt += 1;
+                let delay = delays.next().filter(|_| !shutdown.is_cancelled());
+                let Some(delay) = delay else { return Err(e) };
+                tracing::error!(attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
+                    "cannot save the resume token; holding new batches until it can be saved");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

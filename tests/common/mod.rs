@@ -87,8 +87,17 @@ impl TestEnv {
 
     /// Starts `archiver watch` and waits until its stream is open (the token file exists).
     pub async fn start_watch(&self, extra_env: &[(&str, &str)]) -> Watcher {
+        self.start_watch_with(&[], extra_env).await
+    }
+
+    /// `start_watch` with extra arguments.
+    pub async fn start_watch_args(&self, args: &[&str]) -> Watcher {
+        self.start_watch_with(args, &[]).await
+    }
+
+    async fn start_watch_with(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Watcher {
         let log = self.dir.path().join(format!("watch-{}.stderr", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        let mut cmd = self.archiver(&["watch"]);
+        let mut cmd = self.archiver(&[&["watch"][..], args].concat());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -263,4 +272,66 @@ impl Drop for Watcher {
 /// Reads a file or returns an empty string.
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A SecantusDB server owned by one test, for faults no shared deployment can take (restarts,
+/// a pruned oplog). Started through the project's own script.
+pub struct OwnServer {
+    pub dir: tempfile::TempDir,
+    pub uri: String,
+    pub port: u16,
+    extra_args: String,
+}
+
+impl OwnServer {
+    pub fn start(extra_args: &str) -> OwnServer {
+        let dir = tempfile::tempdir().unwrap();
+        let (uri, port) = Self::launch(dir.path(), 0, extra_args);
+        OwnServer { dir, uri, port, extra_args: extra_args.to_owned() }
+    }
+
+    fn launch(dir: &Path, port: u16, extra_args: &str) -> (String, u16) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/secantusd.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["start", dir.to_str().unwrap(), &port.to_string()])
+            .env("SECANTUS_EXTRA_ARGS", extra_args)
+            .output()
+            .expect("run scripts/secantusd.sh");
+        assert!(out.status.success(), "server did not start: {}", String::from_utf8_lossy(&out.stderr));
+        let uri = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = uri.rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap();
+        (uri, port)
+    }
+
+    pub fn stop(&self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/secantusd.sh");
+        let ok = Command::new("bash").arg(script).args(["stop", self.dir.path().to_str().unwrap()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Starts again on the same data and port.
+    pub fn restart(&self) {
+        let (uri, _) = Self::launch(self.dir.path(), self.port, &self.extra_args);
+        assert_eq!(uri, self.uri);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `check` until it holds, for up to `secs` seconds.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,0 +1,232 @@
+//! Never lose, never duplicate: lost history, server restarts, kills, unwritable tokens, two
+//! instances, invalidation, explicit start positions, dead letters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, order, OwnServer, TestEnv};
+use mongodb::bson::{doc, Document};
+
+/// Archive count.
+async fn archived(t: &TestEnv) -> u64 {
+    t.archive().count_documents(doc! {}).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_history_is_filled_automatically() {
+    let server = OwnServer::start("--oplog-max-entries 50");
+    let t = TestEnv::with_uri("lost", server.uri.clone()).await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_many((0..5).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    t.wait_archived(5).await;
+    assert!(watch.stop().await.success());
+
+    // While it is down, far more changes than the oplog keeps, some of them deliveries.
+    let pending: Vec<Document> = (100..160).map(|n| order(&refs, n, "en_livraison")).collect();
+    t.orders().insert_many(pending.clone()).await.unwrap();
+    for o in pending.iter().take(30) {
+        t.orders()
+            .update_one(doc! { "_id": o.get_object_id("_id").unwrap() },
+                doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } })
+            .await
+            .unwrap();
+    }
+    for n in 0..100 {
+        t.db.collection::<Document>("noise").insert_one(doc! { "n": n }).await.unwrap();
+    }
+    t.client.database("admin").run_command(doc! { "secantusAdmin.pruneOplog": 1 }).await.unwrap();
+
+    let mut watch = t.start_watch(&[]).await;
+    t.wait_archived(35).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.log_contains("HISTORY LOST"), "{}", watch.stderr());
+    assert!(watch.log_contains("archive filled"), "{}", watch.stderr());
+    // And it streams again afterwards, from a position it can resume.
+    t.orders().insert_one(order(&refs, 500, "livrée")).await.unwrap();
+    t.wait_archived(36).await;
+    assert!(watch.stop().await.success());
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_one(order(&refs, 501, "livrée")).await.unwrap();
+    t.wait_archived(37).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_restart_mid_stream_loses_nothing() {
+    let server = OwnServer::start("");
+    let t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[("RETRY_MAX_ATTEMPTS", "30"), ("RETRY_MAX_DELAY_MS", "1000")]).await;
+    t.orders().insert_many((0..10).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    t.wait_archived(10).await;
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart();
+    let t2 = TestEnv { client: mongodb::Client::with_uri_str(&server.uri).await.unwrap(), ..t };
+    let t = TestEnv { db: t2.client.database(&t2.db_name), ..t2 };
+    t.orders().insert_many((10..30).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    t.wait_archived(30).await;
+    t.assert_archive_matches_delivered().await;
+    // The driver's own resume or our backoff may absorb the outage; either way watch stays up.
+    assert!(watch.child.try_wait().unwrap().is_none(), "watch must survive the restart: {}", watch.stderr());
+    assert!(watch.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_sigkills_during_steady_deliveries_lose_and_duplicate_nothing() {
+    let t = TestEnv::new("kills").await;
+    let refs = t.seed_references().await;
+    // The first start records the position; every delivery after it must be archived.
+    let mut first = t.start_watch(&[]).await;
+    assert!(first.stop().await.success());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let orders = t.orders();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                let o = order(&refs, n, "en_livraison");
+                let id = o.get_object_id("_id").unwrap();
+                orders.insert_one(o).await.unwrap();
+                orders.update_one(doc! { "_id": id }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    for round in 0..20u64 {
+        let mut watch = t.start_watch(&[("BATCH_SIZE", "20")]).await;
+        tokio::time::sleep(Duration::from_millis(100 + (round * 37) % 300)).await;
+        watch.signal("KILL");
+        watch.wait(Duration::from_secs(10)).await;
+    }
+    stop.cancel();
+    let delivered = writer.await.unwrap();
+    assert!(delivered > 100, "only {delivered} deliveries during the test");
+    let mut watch = t.start_watch(&[]).await;
+    t.wait_archived(u64::from(delivered)).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unwritable_token_never_runs_ahead_of_the_archive() {
+    let t = TestEnv::new("unwritable").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_one(order(&refs, 1, "livrée")).await.unwrap();
+    t.wait_archived(1).await;
+    let saved = std::fs::read_to_string(t.token_file()).unwrap();
+    // The temp file's name taken by a directory: every save fails, as on a full or read-only
+    // disk, whoever runs the test (root ignores permissions).
+    let blocker = t.token_file().with_file_name("resume_token.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    t.orders().insert_one(order(&refs, 2, "livrée")).await.unwrap();
+    let status = watch.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(3), "{}", watch.stderr());
+    assert!(watch.log_contains("cannot write the resume token file"), "{}", watch.stderr());
+    assert!(watch.log_contains("holding new batches"), "retries first: {}", watch.stderr());
+    assert_eq!(std::fs::read_to_string(t.token_file()).unwrap(), saved, "token must not advance");
+    assert_eq!(archived(&t).await, 2, "the batch itself was archived before the save");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
+    t.wait_archived(3).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_instance_on_the_same_token_file_refuses_to_start() {
+    let t = TestEnv::new("twice").await;
+    let mut first = t.start_watch(&[]).await;
+    let second = t.run(&["watch"]);
+    assert_eq!(second.status.code(), Some(5), "{}", second.stderr);
+    assert!(second.stderr.contains("already running"), "{}", second.stderr);
+    assert!(first.child.try_wait().unwrap().is_none());
+    assert!(first.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_collection_stops_with_exit_code_4() {
+    let t = TestEnv::new("invalidate").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_one(order(&refs, 1, "livrée")).await.unwrap();
+    t.wait_archived(1).await;
+    t.orders().drop().await.unwrap();
+    let status = watch.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(4), "{}", watch.stderr());
+    assert!(watch.log_contains("invalidated"), "{}", watch.stderr());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_positions_are_explicit() {
+    let t = TestEnv::new("start").await;
+    let refs = t.seed_references().await;
+    let before = order(&refs, 1, "livrée");
+    t.orders().insert_one(before).await.unwrap();
+    // A token exists: --start-at is refused rather than silently ignored.
+    let mut watch = t.start_watch(&[]).await;
+    assert!(watch.stop().await.success());
+    let out = t.run(&["watch", "--start-at", "now"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--reset-token"), "{}", out.stderr);
+    let out = t.run(&["watch", "--reset-token", "--start-at", "last week"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+
+    // Delivered while stopped, then an explicit reset: those are skipped, as asked...
+    t.orders().insert_one(order(&refs, 2, "livrée")).await.unwrap();
+    let mut watch = t.start_watch_args(&["--reset-token"]).await;
+    assert!(watch.log_contains("resume token reset"), "{}", watch.stderr());
+    t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
+    t.wait_archived(1).await;
+    assert!(watch.stop().await.success());
+    // ...and --catch-up archives every delivered order still missing.
+    let mut watch = t.start_watch_args(&["--catch-up"]).await;
+    t.wait_archived(3).await;
+    t.assert_archive_matches_delivered().await;
+    assert!(watch.log_contains("catch-up"), "{}", watch.stderr());
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() {
+    let t = TestEnv::new("deadletter").await;
+    let refs = t.seed_references().await;
+    // An archive-side rule the malformed order breaks.
+    t.db.run_command(doc! {
+        "create": "Commandes_archive",
+        "validator": { "numero_commande": { "$type": "string" } },
+    }).await.unwrap();
+    let mut watch = t.start_watch(&[]).await;
+    let mut refused = order(&refs, 1, "livrée");
+    refused.remove("numero_commande");
+    let refused_id = refused.get_object_id("_id").unwrap();
+    t.orders().insert_many([order(&refs, 2, "livrée"), refused, order(&refs, 3, "livrée")]).await.unwrap();
+    t.wait_archived(2).await;
+    let errors = t.db.collection::<Document>("Commandes_archive_errors");
+    eventually(20, "dead letter recorded", || async {
+        errors.count_documents(doc! {}).await.unwrap() == 1
+    }).await;
+    let letter = errors.find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(letter.get_object_id("order_id").unwrap(), refused_id);
+    assert_eq!(letter.get_i32("error_code").unwrap(), 121, "{letter}");
+    assert!(letter.get_str("reason").is_ok());
+    assert!(letter.get_i32("attempts").unwrap() >= 1);
+    t.orders().insert_one(order(&refs, 4, "livrée")).await.unwrap();
+    t.wait_archived(3).await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
