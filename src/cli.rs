@@ -97,6 +97,26 @@ pub enum Command {
     Batch(BatchArgs),
     /// Seed realistic fake data, or keep delivering orders live, for development and demos.
     Simulate(SimulateArgs),
+    /// Compare the delivered orders of a date range with the archive; --repair archives what is
+    /// missing. Exit codes: 0 consistent, 1 different (or failed), 2 usage error.
+    Verify(VerifyArgs),
+}
+
+/// `archiver verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// First order date to check (inclusive); same forms as `batch`.
+    #[arg(long, value_name = "DATE")]
+    pub date_from: String,
+    /// End of the range (exclusive) [default: no end].
+    #[arg(long, value_name = "DATE")]
+    pub date_to: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Archive the delivered orders found missing.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 const BATCH_HELP: &str = "\
@@ -239,7 +259,7 @@ impl Cli {
                 o.set("batch.concurrency", b.concurrency);
                 o.set("batch.create_indexes", b.skip_indexes.then_some(false));
             }
-            Command::Simulate(_) => {}
+            Command::Simulate(_) | Command::Verify(_) => {}
         }
         o
     }

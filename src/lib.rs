@@ -16,4 +16,5 @@ pub mod exit;
 pub mod logging;
 pub mod redact;
 pub mod simulate;
+pub mod verify;
 pub mod watch;

@@ -67,6 +67,26 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             Ok(_) => ExitCode::from(exit::OK),
             Err(e) => report_failure("batch", &e),
         },
+        Command::Verify(args) => {
+            let range = match archiver::batch::DateRange::parse(&args.date_from, args.date_to.as_deref(), chrono::Utc::now()) {
+                Ok(range) => range,
+                Err(e) => return report_failure("verify", &e.into()),
+            };
+            match archiver::verify::run(&config, range, args.repair, shutdown).await {
+                Ok(report) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else {
+                        print!("{}", archiver::verify::render(&report));
+                    }
+                    tracing::info!(consistent = report.consistent, delivered = report.source_delivered,
+                        archived = report.archived, missing = report.missing.len(),
+                        orphaned = report.orphaned.len(), repaired = report.repaired, "verify finished");
+                    ExitCode::from(if report.consistent { exit::OK } else { exit::FAILURE })
+                }
+                Err(e) => report_failure("verify", &e),
+            }
+        }
         Command::Simulate(args) => match archiver::simulate::run(&config, &args, shutdown).await {
             Ok(_) => ExitCode::from(exit::OK),
             Err(e) => report_failure("simulate", &e),

@@ -1,0 +1,67 @@
+//! `archiver verify`: reconciliation report, exit codes, and repair.
+
+mod common;
+
+use common::{order, TestEnv};
+use mongodb::bson::{doc, oid::ObjectId, DateTime};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
+    let t = TestEnv::new("verify").await;
+    let refs = t.seed_references().await;
+    let dated = |n: u32, iso: &str| {
+        let mut o = order(&refs, n, "livrée");
+        o.insert("date_commande", DateTime::parse_rfc3339_str(iso).unwrap());
+        o
+    };
+    let orders = vec![
+        dated(1, "2026-05-01T10:00:00Z"),
+        dated(2, "2026-05-01T11:00:00Z"),
+        dated(3, "2026-05-02T09:00:00Z"),
+    ];
+    t.orders().insert_many(orders.clone()).await.unwrap();
+    let range = ["--date-from", "2026-05-01", "--date-to", "2026-05-03"];
+    assert!(t.run(&[&["batch"][..], &range].concat()).status.success());
+
+    let ok = t.run(&[&["verify"][..], &range].concat());
+    assert_eq!(ok.status.code(), Some(0), "{}{}", ok.stdout, ok.stderr);
+    assert!(ok.stdout.contains("consistent"), "{}", ok.stdout);
+
+    // One archived order lost, one stray archive document, one order no longer delivered.
+    let lost = orders[0].get_object_id("_id").unwrap();
+    t.archive().delete_one(doc! { "_id": lost }).await.unwrap();
+    let stray = ObjectId::new();
+    t.archive().insert_one(doc! { "_id": stray, "date_commande": DateTime::parse_rfc3339_str("2026-05-02T12:00:00Z").unwrap() }).await.unwrap();
+    let undelivered = orders[2].get_object_id("_id").unwrap();
+    t.orders().update_one(doc! { "_id": undelivered }, doc! { "$set": { "status": "annulée" } }).await.unwrap();
+
+    let out = t.run(&[&["verify", "--json"][..], &range].concat());
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["consistent"], false);
+    assert_eq!(report["missing"], serde_json::json!([lost.to_hex()]));
+    let mut orphans: Vec<String> = report["orphaned"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    orphans.sort();
+    let mut expected = vec![stray.to_hex(), undelivered.to_hex()];
+    expected.sort();
+    assert_eq!(orphans, expected);
+    assert_eq!(report["days"][0], serde_json::json!({"day": "2026-05-01", "source": 2, "archive": 1, "missing": 1, "orphaned": 0}));
+    assert_eq!(report["days"][1], serde_json::json!({"day": "2026-05-02", "source": 0, "archive": 2, "missing": 0, "orphaned": 2}));
+
+    let human = t.run(&[&["verify"][..], &range].concat());
+    assert!(human.stdout.contains("DIFFERENT") && human.stdout.contains(&lost.to_hex()), "{}", human.stdout);
+
+    let repaired = t.run(&[&["verify", "--repair", "--json"][..], &range].concat());
+    let report: serde_json::Value = serde_json::from_str(&repaired.stdout).unwrap();
+    assert_eq!(report["repaired"], 1);
+    assert_eq!(report["missing"], serde_json::json!([]));
+    assert_eq!(repaired.status.code(), Some(1), "orphans remain: the archive is never pruned");
+    assert!(t.archive().find_one(doc! { "_id": lost }).await.unwrap().is_some());
+
+    t.archive().delete_many(doc! { "_id": { "$in": [stray, undelivered] } }).await.unwrap();
+    let clean = t.run(&[&["verify"][..], &range].concat());
+    assert_eq!(clean.status.code(), Some(0), "{}", clean.stdout);
+    let bad = t.run(&["verify", "--date-from", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+    t.cleanup().await;
+}
