@@ -100,6 +100,17 @@ pub enum Command {
     /// Compare the delivered orders of a date range with the archive; --repair archives what is
     /// missing. Exit codes: 0 consistent, 1 different (or failed), 2 usage error.
     Verify(VerifyArgs),
+    /// Check the source, the archive and the token file once; print a JSON report. Exit codes:
+    /// 0 healthy, 1 not.
+    Health(HealthArgs),
+}
+
+/// `archiver health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The resume token file to inspect [default: .resume_token.json].
+    #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
+    pub resume_token_file: Option<PathBuf>,
 }
 
 /// `archiver verify`.
@@ -145,6 +156,10 @@ pub struct WatchArgs {
     /// The resume token file [default: .resume_token.json].
     #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
     pub resume_token_file: Option<PathBuf>,
+    /// Address of /health/live, /health/ready, /health/startup and /metrics; `off` disables
+    /// them [default: 127.0.0.1:9464].
+    #[arg(long, env = "HTTP_ADDR", value_name = "HOST:PORT|off")]
+    pub http_addr: Option<String>,
     /// Where to start when there is no resume token: `now` or an RFC 3339 time (within the
     /// oplog window). Refused when a token exists, unless --reset-token is given too.
     #[arg(long, value_name = "now|TIME")]
@@ -252,6 +267,7 @@ impl Cli {
                 o.set("watch.batch_size", w.batch_size);
                 o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
                 o.set("watch.resume_token_file", w.resume_token_file.clone());
+                o.set("watch.http_addr", w.http_addr.clone());
             }
             Command::Batch(b) => {
                 o.set("batch.write_path", b.write_path);
@@ -259,6 +275,7 @@ impl Cli {
                 o.set("batch.concurrency", b.concurrency);
                 o.set("batch.create_indexes", b.skip_indexes.then_some(false));
             }
+            Command::Health(h) => o.set("watch.resume_token_file", h.resume_token_file.clone()),
             Command::Simulate(_) | Command::Verify(_) => {}
         }
         o

@@ -144,6 +144,8 @@ pub struct WatchSettings {
     /// When history is lost, the gap-fill re-examines orders delivered this long before the
     /// last checkpoint too, to absorb clock skew between the servers and `archiver`.
     pub gap_fill_margin_secs: u64,
+    /// Address of the health and metrics endpoints (`HTTP_ADDR`); `off` disables them.
+    pub http_addr: String,
 }
 
 /// How `batch` writes the archive.
@@ -304,6 +306,7 @@ impl Default for WatchSettings {
             batch_max_wait_ms: 100,
             resume_token_file: PathBuf::from(".resume_token.json"),
             gap_fill_margin_secs: 3600,
+            http_addr: "127.0.0.1:9464".to_owned(),
         }
     }
 }
@@ -453,10 +456,24 @@ impl Config {
         if self.batch.chunk_size == 0 || self.batch.concurrency == 0 {
             return fail("batch.chunk_size and batch.concurrency must be at least 1".to_owned());
         }
+        if self.http_addr().is_err() {
+            return fail(format!(
+                "HTTP_ADDR must be HOST:PORT (e.g. 127.0.0.1:9464) or `off`, got {:?}",
+                self.watch.http_addr
+            ));
+        }
         if self.watch.resume_token_file.as_os_str().is_empty() {
             return fail("RESUME_TOKEN_FILE must not be empty".to_owned());
         }
         Ok(())
+    }
+
+    /// The health endpoint address, `None` when disabled.
+    pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, std::net::AddrParseError> {
+        match self.watch.http_addr.trim() {
+            "" | "off" | "none" | "disabled" => Ok(None),
+            addr => addr.parse().map(Some),
+        }
     }
 
     /// Whether the archive lives on the source deployment.

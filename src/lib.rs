@@ -13,6 +13,7 @@ pub mod config;
 pub mod db;
 pub mod enrich;
 pub mod exit;
+pub mod health;
 pub mod logging;
 pub mod redact;
 pub mod simulate;

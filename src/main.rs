@@ -53,7 +53,15 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                 }
             };
             let options = WatchOptions { reset_token: args.reset_token, start, catch_up: args.catch_up };
-            match watch::run(&config, options, shutdown).await {
+            let telemetry = std::sync::Arc::new(archiver::health::Telemetry::new());
+            if let Ok(Some(addr)) = config.http_addr() {
+                if let Err(e) = archiver::health::serve(addr, telemetry.clone(), shutdown.clone()).await {
+                    eprintln!("error: cannot serve health and metrics on {addr}: {e} (set HTTP_ADDR, or `off`)");
+                    return ExitCode::from(exit::FAILURE);
+                }
+            }
+            archiver::health::spawn_watchdog(shutdown.clone());
+            match watch::run(&config, options, telemetry, shutdown).await {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {
                     let message = scrub(&e.to_string());
@@ -86,6 +94,11 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                 }
                 Err(e) => report_failure("verify", &e),
             }
+        }
+        Command::Health(_) => {
+            let (report, healthy) = archiver::health::check::run(&config).await;
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            ExitCode::from(if healthy { exit::OK } else { exit::FAILURE })
         }
         Command::Simulate(args) => match archiver::simulate::run(&config, &args, shutdown).await {
             Ok(_) => ExitCode::from(exit::OK),

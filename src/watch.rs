@@ -25,7 +25,9 @@ use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
 use crate::config::Config;
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases};
 use crate::enrich::ArchiveSource;
+use crate::health::Telemetry;
 use crate::redact::scrub;
+use std::sync::Arc;
 
 /// Operation types after which a change stream cannot continue.
 const INVALIDATING_OPERATIONS: &[&str] = &["drop", "rename", "dropDatabase", "invalidate"];
@@ -216,7 +218,20 @@ struct Totals {
 }
 
 /// Runs `watch` until `shutdown` is cancelled (`Ok`) or a fatal error.
-pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationToken) -> Result<(), WatchError> {
+pub async fn run(
+    config: &Config,
+    options: WatchOptions,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) -> Result<(), WatchError> {
+    {
+        let telemetry = telemetry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            telemetry.stopping();
+        });
+    }
     let token_path = config.watch.resume_token_file.clone();
     let _lock = lock_token_file(&token_path)?;
     let mut checkpoints = CheckpointFile::new(&token_path);
@@ -250,6 +265,7 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
         start: options.start.unwrap_or(StartPosition::Now),
         totals: Totals::default(),
         retry: config.retry.clone(),
+        telemetry: telemetry.clone(),
     };
     if options.catch_up {
         let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
@@ -278,6 +294,8 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
         let message = scrub(&error.to_string());
         if is_history_lost(&error) {
             state.totals.history_lost += 1;
+            telemetry.metrics.history_lost.inc();
+            telemetry.stream_lost("filling the gap after lost history");
             tracing::error!(error = %message, checkpoint = ?state.checkpoint.as_ref().map(|c| c.saved_at),
                 "HISTORY LOST: the saved resume token is no longer in the oplog; filling the gap \
                  from the orders collection, then streaming from before the fill");
@@ -293,6 +311,9 @@ pub async fn run(config: &Config, options: WatchOptions, shutdown: CancellationT
             return Err(WatchError::Database { context, message });
         }
         attempts += 1;
+        telemetry.stream_lost("reconnecting");
+        telemetry.metrics.reconnects.inc();
+        telemetry.metrics.retries.inc();
         let Some(delay) = delays.next() else {
             return Err(WatchError::RetriesExhausted { attempts, message });
         };
@@ -375,6 +396,7 @@ struct StreamState {
     start: StartPosition,
     totals: Totals,
     retry: crate::config::RetrySettings,
+    telemetry: Arc<Telemetry>,
 }
 
 
@@ -406,6 +428,7 @@ async fn run_stream(
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
         tracing::info!(namespace = %state.namespace, "change stream open");
+        state.telemetry.stream_opened();
         // Record the starting point at once, so a crash before the first batch still resumes
         // from here rather than from a later "now".
         if state.checkpoint.is_none() {
@@ -554,16 +577,31 @@ async fn write_batch(
             .filter_map(|e| e.document_key.as_ref().and_then(|k| k.get("_id")).cloned())
             .filter(|id| seen.insert(format!("{id:?}")))
             .collect();
-        let outcome = archiver
-            .archive_ids(&ids)
-            .await
-            .map_err(|e| StreamFailure::Mongo(e, "archiving a batch"))?;
+        let metrics = &state.telemetry.metrics;
+        metrics.events_received.inc_by(batch.events.len() as u64);
+        let outcome = match archiver.archive_ids(&ids).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                state.telemetry.write_result(false);
+                return Err(StreamFailure::Mongo(e, "archiving a batch"));
+            }
+        };
+        state.telemetry.write_result(true);
+        metrics.orders_archived.inc_by(outcome.inserted);
+        metrics.orders_already_archived.inc_by(outcome.already_archived);
+        metrics.anomalies.inc_by(outcome.anomalies);
+        metrics.dead_letters.inc_by(outcome.dead_lettered);
+        metrics.batches.inc();
+        metrics.batch_duration.observe(started.elapsed().as_secs_f64());
         let last = batch.events.last().expect("non-empty");
         let wall_time: Option<DateTime<Utc>> = last
             .wall_time
             .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
             .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
         let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
+        if let Some(lag) = lag_ms {
+            metrics.lag.observe(lag as f64 / 1000.0);
+        }
         state.totals.events += batch.events.len() as u64;
         state.totals.batches += 1;
         state.totals.written += outcome;
@@ -623,6 +661,8 @@ async fn persist(
     loop {
         match state.checkpoints.save(&checkpoint) {
             Ok(written) => {
+                let position = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at);
+                state.telemetry.checkpoint_saved(Some(position.timestamp_millis()));
                 state.checkpoint = Some(checkpoint);
                 return Ok(written);
             }

@@ -71,7 +71,8 @@ impl TestEnv {
             .env("BATCH_MAX_WAIT_MS", "50")
             .env("RETRY_MAX_ATTEMPTS", "3")
             .env("RETRY_MAX_DELAY_MS", "500")
-            .env("LOG_LEVEL", "info");
+            .env("LOG_LEVEL", "info")
+            .env("HTTP_ADDR", "127.0.0.1:0");
         cmd
     }
 
@@ -334,4 +335,25 @@ where
         assert!(Instant::now() < deadline, "timed out after {secs} s waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The address `watch` logged for its health endpoints.
+pub fn health_addr(watcher: &Watcher) -> String {
+    let log = watcher.stderr();
+    let line = log.lines().find(|l| l.contains("health and metrics served")).expect("health endpoint logged");
+    let addr = line.split("addr=").nth(1).unwrap();
+    addr.split_whitespace().next().unwrap().to_owned()
+}
+
+/// A minimal HTTP GET: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to health endpoint");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
 }

@@ -1,0 +1,138 @@
+//! Operating `watch` as a service: probes, metrics, the `health` command, systemd notify.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, health_addr, http_get, order, OwnServer, TestEnv};
+use mongodb::bson::doc;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_metrics_report_the_stream() {
+    let t = TestEnv::new("probes").await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[]).await;
+    let addr = health_addr(&watch);
+    assert_eq!(http_get(&addr, "/health/live").0, 200);
+    assert_eq!(http_get(&addr, "/health/startup").0, 200);
+    let (code, body) = http_get(&addr, "/health/ready");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("ready"));
+    let mut broken = order(&refs, 2, "livrée");
+    broken.insert("client_id", mongodb::bson::oid::ObjectId::new());
+    t.orders().insert_many([order(&refs, 1, "livrée"), broken]).await.unwrap();
+    t.wait_archived(2).await;
+    let (code, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    for expected in [
+        "archiver_orders_archived_total 2",
+        "archiver_events_received_total 2",
+        "archiver_anomalies_total 1",
+        "archiver_batches_total",
+        "archiver_batch_duration_seconds_count",
+        "archiver_lag_seconds_count",
+        "archiver_seconds_since_last_checkpoint",
+        "archiver_resume_token_age_seconds",
+        "archiver_reconnects_total 0",
+        "archiver_build_info{version=\"",
+    ] {
+        assert!(metrics.contains(expected), "{expected} not in:\n{metrics}");
+    }
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_goes_503_while_the_database_is_down_and_back() {
+    let server = OwnServer::start("");
+    let uri = format!("{}&serverSelectionTimeoutMS=1000", server.uri);
+    let t = TestEnv::with_uri("ready", uri).await;
+    let refs = t.seed_references().await;
+    let mut watch = t.start_watch(&[("RETRY_MAX_ATTEMPTS", "60"), ("RETRY_MAX_DELAY_MS", "500")]).await;
+    let addr = health_addr(&watch);
+    assert_eq!(http_get(&addr, "/health/ready").0, 200);
+    server.stop();
+    eventually(30, "ready to turn 503", || async { http_get(&addr, "/health/ready").0 == 503 }).await;
+    assert_eq!(http_get(&addr, "/health/live").0, 200, "alive while reconnecting");
+    server.restart();
+    eventually(30, "ready to come back", || async { http_get(&addr, "/health/ready").0 == 200 }).await;
+    let client = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
+    let orders = client.database(&t.db_name).collection::<mongodb::bson::Document>("Commandes");
+    orders.insert_one(order(&refs, 1, "livrée")).await.unwrap();
+    let archive = client.database(&t.db_name).collection::<mongodb::bson::Document>("Commandes_archive");
+    eventually(20, "delivery archived after the outage", || async {
+        archive.count_documents(doc! {}).await.unwrap() == 1
+    }).await;
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(!metrics.contains("archiver_reconnects_total 0"), "{metrics}");
+    assert!(watch.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_command_reports_components_as_json() {
+    let t = TestEnv::new("health").await;
+    let refs = t.seed_references().await;
+    t.orders().insert_one(order(&refs, 1, "en_attente")).await.unwrap();
+    let out = t.run(&["health"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["status"], "healthy");
+    assert_eq!(report["source"]["status"], "ok");
+    assert!(report["source"]["replica_set"].is_string(), "{report}");
+    assert!(report["source"]["server_version"].is_string(), "{report}");
+    assert_eq!(report["source"]["collections"]["Commandes"], true);
+    assert_eq!(report["archive"]["present"], false);
+    assert_eq!(report["resume_token"]["status"], "missing");
+
+    let mut watch = t.start_watch(&[]).await;
+    assert!(watch.stop().await.success());
+    let out = t.run(&["health"]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["resume_token"]["status"], "ok");
+    assert!(report["resume_token"]["age_seconds"].as_f64().unwrap() >= 0.0);
+
+    std::fs::write(t.token_file(), "garbage").unwrap();
+    let out = t.run(&["health"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["status"], "unhealthy");
+    assert_eq!(report["resume_token"]["status"], "error");
+
+    let out = t
+        .archiver(&["health"])
+        .env("MONGODB_URI", "mongodb://ops:T0pS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=300")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("unhealthy") && stdout.contains("ops:***@"), "{stdout}");
+    assert!(!stdout.contains("T0pS3cret") && !String::from_utf8_lossy(&out.stderr).contains("T0pS3cret"));
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_notifications_ready_watchdog_stopping() {
+    let t = TestEnv::new("notify").await;
+    let socket_path = t.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let socket_str = socket_path.to_str().unwrap().to_owned();
+    let mut watch = t
+        .start_watch(&[("NOTIFY_SOCKET", socket_str.as_str()), ("WATCHDOG_USEC", "400000")])
+        .await;
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
+        let n = socket.recv(&mut buf).expect("notification before timeout");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    watch.signal("TERM");
+    while !seen.contains("STOPPING=1") {
+        let n = socket.recv(&mut buf).expect("STOPPING before timeout");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(watch.wait(Duration::from_secs(20)).await.success());
+    t.cleanup().await;
+}
