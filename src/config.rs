@@ -14,7 +14,7 @@ use crate::redact::redact_uri;
 pub const DEFAULT_CONFIG_FILE: &str = "config/archiver.toml";
 
 /// Everything `archiver` needs to know, after all layers are merged.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The source deployment.
@@ -204,21 +204,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            mongodb: MongoSettings::default(),
-            archive: ArchiveSettings::default(),
-            orders: OrderSettings::default(),
-            lookups: Lookups::default(),
-            watch: WatchSettings::default(),
-            batch: BatchSettings::default(),
-            retry: RetrySettings::default(),
-            log: LogSettings::default(),
-        }
-    }
 }
 
 impl Default for MongoSettings {
@@ -493,6 +478,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment's own error type
 mod tests {
     use super::*;
 
