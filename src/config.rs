@@ -33,7 +33,60 @@ pub struct Config {
     pub retry: RetrySettings,
     /// Logging.
     pub log: LogSettings,
+    /// Connection settings applied over the URI's options.
+    pub connection: ConnectionSettings,
 }
+
+/// Driver settings that may also be given outside the URI (`MONGODB_*` variables); when set
+/// they override the URI's own options, for both the source and the archive.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Name shown in the server's logs and `currentOp` (`MONGODB_APP_NAME`).
+    pub app_name: Option<String>,
+    /// Largest connection pool per server (`MONGODB_MAX_POOL_SIZE`).
+    pub max_pool_size: Option<u32>,
+    /// Smallest connection pool per server (`MONGODB_MIN_POOL_SIZE`).
+    pub min_pool_size: Option<u32>,
+    /// TCP connect timeout (`MONGODB_CONNECT_TIMEOUT_MS`).
+    pub connect_timeout_ms: Option<u64>,
+    /// How long one attempt waits for a suitable server (`MONGODB_SERVER_SELECTION_TIMEOUT_MS`).
+    pub server_selection_timeout_ms: Option<u64>,
+    /// Use TLS (`MONGODB_TLS`).
+    pub tls: Option<bool>,
+    /// CA bundle to verify the server with (`MONGODB_TLS_CA_FILE`).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key, PEM (`MONGODB_TLS_CERT_KEY_FILE`).
+    pub tls_cert_key_file: Option<PathBuf>,
+    /// Wire compression, in order of preference: `zstd`, `zlib`, `snappy`
+    /// (`MONGODB_COMPRESSORS=zstd,snappy`).
+    pub compressors: Option<String>,
+}
+
+impl ConnectionSettings {
+    /// The compressor names, in order of preference.
+    pub fn compressor_names(&self) -> Vec<String> {
+        self.compressors
+            .iter()
+            .flat_map(|list| list.split(','))
+            .map(|name| name.trim().to_ascii_lowercase())
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+}
+
+/// The named connection variables and their configuration keys.
+pub const CONNECTION_ENV: &[(&str, &str)] = &[
+    ("MONGODB_APP_NAME", "connection.app_name"),
+    ("MONGODB_MAX_POOL_SIZE", "connection.max_pool_size"),
+    ("MONGODB_MIN_POOL_SIZE", "connection.min_pool_size"),
+    ("MONGODB_CONNECT_TIMEOUT_MS", "connection.connect_timeout_ms"),
+    ("MONGODB_SERVER_SELECTION_TIMEOUT_MS", "connection.server_selection_timeout_ms"),
+    ("MONGODB_TLS", "connection.tls"),
+    ("MONGODB_TLS_CA_FILE", "connection.tls_ca_file"),
+    ("MONGODB_TLS_CERT_KEY_FILE", "connection.tls_cert_key_file"),
+    ("MONGODB_COMPRESSORS", "connection.compressors"),
+];
 
 /// The source deployment.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -378,6 +431,17 @@ impl Config {
         }
         figment = figment
             .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
+            .merge(
+                Env::raw()
+                    .only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>())
+                    .map(|var| {
+                        let key = CONNECTION_ENV
+                            .iter()
+                            .find(|(v, _)| var.as_str().eq_ignore_ascii_case(v))
+                            .map_or("", |(_, key)| key);
+                        key.into()
+                    }),
+            )
             .merge(Serialized::defaults(overrides.0));
         let config: Config = figment
             .extract()
@@ -440,6 +504,29 @@ impl Config {
         }
         if self.batch.chunk_size == 0 || self.batch.concurrency == 0 {
             return fail("batch.chunk_size and batch.concurrency must be at least 1".to_owned());
+        }
+        let c = &self.connection;
+        if let (Some(min), Some(max)) = (c.min_pool_size, c.max_pool_size) {
+            if min > max {
+                return fail(format!(
+                    "MONGODB_MIN_POOL_SIZE ({min}) must not exceed MONGODB_MAX_POOL_SIZE ({max})"
+                ));
+            }
+        }
+        if c.max_pool_size == Some(0) {
+            return fail("MONGODB_MAX_POOL_SIZE must be at least 1".to_owned());
+        }
+        for compressor in c.compressor_names() {
+            if !["zstd", "zlib", "snappy"].contains(&compressor.as_str()) {
+                return fail(format!(
+                    "MONGODB_COMPRESSORS: unknown compressor {compressor:?} (use zstd, zlib or snappy)"
+                ));
+            }
+        }
+        for (var, file) in [("MONGODB_TLS_CA_FILE", &c.tls_ca_file), ("MONGODB_TLS_CERT_KEY_FILE", &c.tls_cert_key_file)] {
+            if let Some(file) = file.as_ref().filter(|f| !f.is_file()) {
+                return fail(format!("{var}: {} is not a readable file", file.display()));
+            }
         }
         if self.http_addr().is_err() {
             return fail(format!(
@@ -529,6 +616,32 @@ mod tests {
             assert_eq!(config.orders.fields.items, "lignes");
             assert_eq!(config.watch.batch_size, 70);
             assert_eq!(config.mongodb.database, "livraison");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn connection_settings_come_from_named_variables_and_are_validated() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MONGODB_MAX_POOL_SIZE", "20");
+            jail.set_env("MONGODB_APP_NAME", "archiver-eu");
+            jail.set_env("MONGODB_COMPRESSORS", "zstd, snappy");
+            let config = Config::load(None, Overrides::default()).unwrap();
+            assert_eq!(config.connection.max_pool_size, Some(20));
+            assert_eq!(config.connection.app_name.as_deref(), Some("archiver-eu"));
+            assert_eq!(config.connection.compressor_names(), ["zstd", "snappy"]);
+            jail.set_env("MONGODB_MIN_POOL_SIZE", "30");
+            let err = Config::load(None, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("MONGODB_MIN_POOL_SIZE"), "{err}");
+            jail.set_env("MONGODB_MIN_POOL_SIZE", "1");
+            jail.set_env("MONGODB_COMPRESSORS", "lz4");
+            let err = Config::load(None, Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains("lz4"), "{err}");
+            jail.set_env("MONGODB_COMPRESSORS", "zlib");
+            jail.set_env("MONGODB_MAX_POOL_SIZE", "lots");
+            let err = Config::load(None, Overrides::default()).unwrap_err();
+            assert!(err.to_string().to_lowercase().contains("max_pool_size"), "{err}");
+            assert!(err.to_string().contains("lots"), "{err}");
             Ok(())
         });
     }

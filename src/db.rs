@@ -6,10 +6,10 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use mongodb::bson::doc;
 use mongodb::error::{Error, ErrorKind, WriteFailure};
-use mongodb::options::ClientOptions;
+use mongodb::options::{ClientOptions, Compressor, Tls, TlsOptions};
 use mongodb::{Client, Database};
 
-use crate::config::{Config, RetrySettings};
+use crate::config::{Config, ConnectionSettings, RetrySettings};
 use crate::redact::{redact_uri, register_uri, scrub};
 
 /// Server error codes that mean "try again": network trouble, elections, shutdowns, killed
@@ -136,13 +136,14 @@ pub enum ConnectError {
     },
 }
 
-async fn client_for(uri: &str) -> Result<Client, ConnectError> {
+async fn client_for(uri: &str, settings: &ConnectionSettings) -> Result<Client, ConnectError> {
     register_uri(uri);
     let invalid = |e: Error| ConnectError::InvalidUri {
         uri: redact_uri(uri),
         message: scrub(&e.to_string()),
     };
     let mut options = ClientOptions::parse(uri).await.map_err(invalid)?;
+    apply_settings(&mut options, settings).map_err(invalid)?;
     if options.app_name.is_none() {
         options.app_name = Some(format!("archiver/{}", env!("CARGO_PKG_VERSION")));
     }
@@ -151,6 +152,47 @@ async fn client_for(uri: &str) -> Result<Client, ConnectError> {
         options.server_selection_timeout = Some(Duration::from_secs(10));
     }
     Client::with_options(options).map_err(invalid)
+}
+
+/// Applies the settings given outside the URI over the URI's own options.
+fn apply_settings(options: &mut ClientOptions, s: &ConnectionSettings) -> Result<(), Error> {
+    if let Some(name) = &s.app_name {
+        options.app_name = Some(name.clone());
+    }
+    if s.max_pool_size.is_some() {
+        options.max_pool_size = s.max_pool_size;
+    }
+    if s.min_pool_size.is_some() {
+        options.min_pool_size = s.min_pool_size;
+    }
+    if let Some(ms) = s.connect_timeout_ms {
+        options.connect_timeout = Some(Duration::from_millis(ms));
+    }
+    if let Some(ms) = s.server_selection_timeout_ms {
+        options.server_selection_timeout = Some(Duration::from_millis(ms));
+    }
+    if s.compressors.is_some() {
+        let compressors =
+            s.compressor_names().iter().map(|n| n.parse()).collect::<Result<Vec<Compressor>, _>>()?;
+        options.compressors = Some(compressors);
+    }
+    let wants_tls = s.tls.unwrap_or(false) || s.tls_ca_file.is_some() || s.tls_cert_key_file.is_some();
+    if s.tls == Some(false) {
+        options.tls = Some(Tls::Disabled);
+    } else if wants_tls {
+        let mut tls = match options.tls.take() {
+            Some(Tls::Enabled(tls)) => tls,
+            _ => TlsOptions::default(),
+        };
+        if let Some(ca) = &s.tls_ca_file {
+            tls.ca_file_path = Some(ca.clone());
+        }
+        if let Some(cert) = &s.tls_cert_key_file {
+            tls.cert_key_file_path = Some(cert.clone());
+        }
+        options.tls = Some(Tls::Enabled(tls));
+    }
+    Ok(())
 }
 
 /// Pings `client` until it answers, retrying transient failures with backoff.
@@ -194,11 +236,11 @@ pub async fn ping_with_retry(
 
 /// Connects to the source and archive deployments and checks that both answer.
 pub async fn connect(config: &Config) -> Result<Databases, ConnectError> {
-    let source_client = client_for(&config.mongodb.uri).await?;
+    let source_client = client_for(&config.mongodb.uri, &config.connection).await?;
     ping_with_retry(&source_client, &config.mongodb.uri, &config.retry).await?;
     let archive_client = match &config.archive.uri {
         Some(uri) if !config.archive_on_source_cluster() => {
-            let client = client_for(uri).await?;
+            let client = client_for(uri, &config.connection).await?;
             ping_with_retry(&client, uri, &config.retry).await?;
             client
         }

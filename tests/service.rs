@@ -136,3 +136,32 @@ async fn systemd_notifications_ready_watchdog_stopping() {
     assert!(watch.wait(Duration::from_secs(20)).await.success());
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_settings_are_applied_and_validated_at_start() {
+    let t = TestEnv::new("connsettings").await;
+    let ok = t
+        .archiver(&["health"])
+        .env("MONGODB_APP_NAME", "archiver-test")
+        .env("MONGODB_MAX_POOL_SIZE", "4")
+        .env("MONGODB_COMPRESSORS", "zstd,snappy")
+        .env("MONGODB_CONNECT_TIMEOUT_MS", "2000")
+        .output()
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stdout));
+    for (var, value, expected) in [
+        ("MONGODB_MAX_POOL_SIZE", "lots", "lots"),
+        ("MONGODB_COMPRESSORS", "lz4", "lz4"),
+        ("MONGODB_TLS_CA_FILE", "/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+    ] {
+        let out = t.archiver(&["watch"]).env(var, value).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+    }
+    let bad_uri = t.archiver(&["watch"]).env("MONGODB_URI", "mongodb://u:pw@h/?maxPoolSize=x").output().unwrap();
+    let stderr = String::from_utf8_lossy(&bad_uri.stderr);
+    assert_eq!(bad_uri.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid connection string") && !stderr.contains(":pw@"), "{stderr}");
+    t.cleanup().await;
+}
