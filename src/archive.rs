@@ -12,6 +12,10 @@ use crate::config::Config;
 use crate::db::{error_code, is_transient, Databases};
 use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
 
+/// When each order's delivery event happened, keyed by `format!("{id:?}")`; recorded with dead
+/// letters. Empty for the batch path, which has no events.
+pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
+
 /// Server code of a duplicate key: the order is already archived.
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -69,16 +73,16 @@ impl Archiver {
     /// Archives the orders with these ids. A transient error is returned for the caller to
     /// retry the whole call (harmless: writes are idempotent); a permanent error is narrowed down
     /// to the orders that cause it, which are dead-lettered while the rest are archived.
-    pub async fn archive_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
-        match self.enrich_and_write(ids).await {
+    pub async fn archive_ids(&self, ids: &[Bson], times: &EventTimes) -> Result<WriteOutcome, Error> {
+        match self.enrich_and_write(ids, times).await {
             Err(e) if !is_transient(&e) && ids.len() > 1 => {
                 let (left, right) = ids.split_at(ids.len() / 2);
-                let mut outcome = Box::pin(self.archive_ids(left)).await?;
-                outcome += Box::pin(self.archive_ids(right)).await?;
+                let mut outcome = Box::pin(self.archive_ids(left, times)).await?;
+                outcome += Box::pin(self.archive_ids(right, times)).await?;
                 Ok(outcome)
             }
             Err(e) if !is_transient(&e) && ids.len() == 1 => {
-                self.dead_letter(&ids[0], &e).await?;
+                self.dead_letter(&ids[0], &e, times).await?;
                 Ok(WriteOutcome { dead_lettered: 1, ..Default::default() })
             }
             other => other,
@@ -101,12 +105,12 @@ impl Archiver {
             .collect();
         let missing: Vec<Bson> =
             ids.iter().filter(|id| !archived.contains(&format!("{id:?}"))).cloned().collect();
-        let mut outcome = self.archive_ids(&missing).await?;
+        let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;
         Ok(outcome)
     }
 
-    async fn enrich_and_write(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
+    async fn enrich_and_write(&self, ids: &[Bson], times: &EventTimes) -> Result<WriteOutcome, Error> {
         if ids.is_empty() {
             return Ok(WriteOutcome::default());
         }
@@ -129,11 +133,11 @@ impl Archiver {
             }
             docs.extend(vanished);
         }
-        self.write(docs).await
+        self.write(docs, times).await
     }
 
     /// Inserts already-enriched documents, keeping any that are already archived.
-    pub async fn write(&self, docs: Vec<Document>) -> Result<WriteOutcome, Error> {
+    pub async fn write(&self, docs: Vec<Document>, times: &EventTimes) -> Result<WriteOutcome, Error> {
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
@@ -159,7 +163,7 @@ impl Archiver {
                         outcome.already_archived += 1;
                     } else {
                         let id = ids.get(w.index).cloned().unwrap_or(Bson::Null);
-                        self.record_dead_letter(&id, &w.message, Some(w.code)).await?;
+                        self.record_dead_letter(&id, &w.message, Some(w.code), times).await?;
                         tracing::error!(order_id = %id, code = w.code, error = %w.message,
                             "the archive refused an order; recorded in the dead-letter collection");
                         outcome.dead_lettered += 1;
@@ -171,16 +175,23 @@ impl Archiver {
         }
     }
 
-    async fn dead_letter(&self, id: &Bson, error: &Error) -> Result<(), Error> {
+    async fn dead_letter(&self, id: &Bson, error: &Error, times: &EventTimes) -> Result<(), Error> {
         let message = crate::redact::scrub(&error.to_string());
         tracing::error!(order_id = %id, code = ?error_code(error), error = %message,
             "cannot archive an order; recorded in the dead-letter collection");
-        self.record_dead_letter(id, &message, error_code(error)).await
+        self.record_dead_letter(id, &message, error_code(error), times).await
     }
 
     /// Records (or updates) the dead letter of one order.
-    async fn record_dead_letter(&self, id: &Bson, reason: &str, code: Option<i32>) -> Result<(), Error> {
+    async fn record_dead_letter(
+        &self,
+        id: &Bson,
+        reason: &str,
+        code: Option<i32>,
+        times: &EventTimes,
+    ) -> Result<(), Error> {
         let now = mongodb::bson::DateTime::now();
+        let event_time = times.get(&format!("{id:?}")).map_or(Bson::Null, |t| Bson::DateTime(*t));
         self.dead_letters
             .update_one(
                 doc! { "_id": id },
@@ -192,7 +203,7 @@ impl Archiver {
                         "source": self.source.as_str(),
                         "last_attempt_at": now,
                     },
-                    "$setOnInsert": { "first_attempt_at": now, "event_time": now },
+                    "$setOnInsert": { "first_attempt_at": now, "event_time": event_time },
                     "$inc": { "attempts": 1 },
                 },
             )

@@ -18,7 +18,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{Archiver, WriteOutcome};
+use crate::archive::{Archiver, EventTimes, WriteOutcome};
 use crate::cli::BatchArgs;
 use crate::config::{Config, WritePath};
 use crate::db::{self, is_transient, Databases};
@@ -250,6 +250,7 @@ pub async fn archive_matching(
         .context("reading the orders to archive")?
         .map_ok(|d: Document| d.get("_id").cloned().unwrap_or(Bson::Null));
     let progress = Progress::new(matched);
+    let no_events = EventTimes::new();
     let chunks = ids
         .try_chunks(chunk_size)
         .take_until(shutdown.cancelled())
@@ -257,7 +258,7 @@ pub async fn archive_matching(
             let chunk = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
             let outcome = match (write_path, only_missing) {
                 (_, true) => with_retry(config, || archiver.archive_missing_ids(&chunk)).await,
-                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&chunk)).await,
+                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&chunk, &no_events)).await,
                 (WritePath::Server, false) => {
                     with_retry(config, || merge_chunk(config, dbs, archiver, &chunk)).await
                 }

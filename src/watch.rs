@@ -6,7 +6,6 @@
 //! transient error both are torn down and the stream reopens after the last saved token: events
 //! after it are replayed, and the idempotent archive absorbs the replay.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{Archiver, WriteOutcome};
+use crate::archive::{Archiver, EventTimes, WriteOutcome};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
 use crate::config::Config;
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases};
@@ -570,16 +569,22 @@ async fn write_batch(
 ) -> Result<(), StreamFailure> {
     if !batch.events.is_empty() {
         let started = Instant::now();
-        let mut seen = HashSet::with_capacity(batch.events.len());
-        let ids: Vec<Bson> = batch
-            .events
-            .iter()
-            .filter_map(|e| e.document_key.as_ref().and_then(|k| k.get("_id")).cloned())
-            .filter(|id| seen.insert(format!("{id:?}")))
-            .collect();
+        let mut times = EventTimes::with_capacity(batch.events.len());
+        let mut ids: Vec<Bson> = Vec::with_capacity(batch.events.len());
+        for event in &batch.events {
+            let Some(id) = event.document_key.as_ref().and_then(|k| k.get("_id")) else { continue };
+            let time = event.wall_time.or_else(|| {
+                event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
+            });
+            // A repeated id (delivered twice in one batch) is archived once.
+            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(format!("{id:?}")) {
+                slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
+                ids.push(id.clone());
+            }
+        }
         let metrics = &state.telemetry.metrics;
         metrics.events_received.inc_by(batch.events.len() as u64);
-        let outcome = match archiver.archive_ids(&ids).await {
+        let outcome = match archiver.archive_ids(&ids, &times).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 state.telemetry.write_result(false);

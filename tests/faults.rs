@@ -225,8 +225,45 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     assert_eq!(letter.get_i32("error_code").unwrap(), 121, "{letter}");
     assert!(letter.get_str("reason").is_ok());
     assert!(letter.get_i32("attempts").unwrap() >= 1);
+    assert!(letter.get_datetime("event_time").is_ok(), "the delivery event's time: {letter}");
     t.orders().insert_one(order(&refs, 4, "livrée")).await.unwrap();
     t.wait_archived(3).await;
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_orders_are_archived_or_dead_lettered_never_dropped() {
+    use mongodb::bson::{oid::ObjectId, Bson};
+    let t = TestEnv::new("huge").await;
+    let refs = t.seed_references().await;
+    // A dish whose long description makes each enriched item ~400 bytes.
+    let long_dish = ObjectId::new();
+    t.db.collection::<Document>("Menu")
+        .insert_one(doc! { "_id": long_dish, "nom": "x".repeat(350), "prix": 1.0 })
+        .await
+        .unwrap();
+    let mut watch = t.start_watch(&[]).await;
+    // 5,000 items: large but fine.
+    let mut big = order(&refs, 1, "livrée");
+    big.insert("items", (0..5000).map(|_| Bson::Document(doc! { "menu_id": refs.menu[0], "quantite": 1 })).collect::<Vec<_>>());
+    // 60,000 items: about 3 MB as an order, over 16 MB once enriched.
+    let mut too_big = order(&refs, 2, "livrée");
+    too_big.insert("items", (0..60_000).map(|_| Bson::Document(doc! { "menu_id": long_dish, "quantite": 2 })).collect::<Vec<_>>());
+    let too_big_id = too_big.get_object_id("_id").unwrap();
+    t.orders().insert_many([big.clone(), too_big, order(&refs, 3, "livrée")]).await.unwrap();
+    t.wait_archived(2).await;
+    let errors = t.db.collection::<Document>("Commandes_archive_errors");
+    eventually(60, "oversized order dead-lettered", || async {
+        errors.count_documents(doc! { "order_id": too_big_id }).await.unwrap() == 1
+    }).await;
+    let archived = t.archive().find_one(doc! { "_id": big.get_object_id("_id").unwrap() }).await.unwrap().unwrap();
+    assert_eq!(archived.get_array("items").unwrap().len(), 5000);
+    assert!(archived.get_array("anomalies").unwrap().is_empty());
+    // The stream goes on past it.
+    t.orders().insert_one(order(&refs, 4, "livrée")).await.unwrap();
+    t.wait_archived(3).await;
+    assert!(watch.log_contains("dead-letter"), "{}", watch.stderr());
     assert!(watch.stop().await.success());
     t.cleanup().await;
 }
