@@ -245,4 +245,21 @@ async fn unreachable_server_fails_without_leaking_the_password() {
     let file = common::read(&logs);
     assert!(file.contains("archivist:***@"), "log file: {file}");
     assert!(!file.contains("Sup3rS3cret"));
+
+    // JSON logs for shippers: one object per line, with structured fields.
+    let out = t
+        .archiver(&["watch"])
+        .env("MONGODB_URI", "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200")
+        .env("RETRY_MAX_ATTEMPTS", "1")
+        .env("LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> =
+        stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let retry = events.iter().find(|e| e["attempt"] == 1).unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(retry["level"], "WARN");
+    assert_eq!(retry["uri"], "mongodb://archivist:***@127.0.0.1:1/?serverSelectionTimeoutMS=200");
+    assert!(events.iter().any(|e| e["level"] == "ERROR"), "{stderr}");
+    assert!(!stderr.contains("Sup3rS3cret"));
 }
