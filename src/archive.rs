@@ -65,6 +65,11 @@ impl Archiver {
         }
     }
 
+    /// A session on the archive's deployment, for transactions.
+    pub async fn start_session(&self) -> Result<mongodb::ClientSession, Error> {
+        self.archive.client().start_session().await
+    }
+
     /// The enrichment stages, for callers that build their own pipelines around them.
     pub fn stages(&self) -> &[Document] {
         &self.stages
@@ -111,8 +116,51 @@ impl Archiver {
     }
 
     async fn enrich_and_write(&self, ids: &[Bson], times: &EventTimes) -> Result<WriteOutcome, Error> {
+        let docs = self.enrich(ids).await?;
+        self.write(docs, times).await
+    }
+
+    /// Inserts the documents not yet archived, inside `session`'s transaction, so that the
+    /// caller can commit them together with a checkpoint. Any write error aborts the whole.
+    pub async fn insert_missing_in(
+        &self,
+        docs: Vec<Document>,
+        session: &mut mongodb::ClientSession,
+    ) -> Result<WriteOutcome, Error> {
+        let ids: Vec<&Bson> = docs.iter().filter_map(|d| d.get("_id")).collect();
+        let archived: std::collections::HashSet<String> = self
+            .archive
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_id": 1 })
+            .session(&mut *session)
+            .await?
+            .stream(&mut *session)
+            .try_collect::<Vec<Document>>()
+            .await?
+            .iter()
+            .filter_map(|d| d.get("_id"))
+            .map(|id| format!("{id:?}"))
+            .collect();
+        let total = docs.len() as u64;
+        let missing: Vec<Document> = docs
+            .into_iter()
+            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&format!("{id:?}"))))
+            .collect();
+        let anomalies = missing
+            .iter()
+            .filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty()))
+            .count() as u64;
+        let inserted = missing.len() as u64;
+        if !missing.is_empty() {
+            self.archive.insert_many(missing).session(&mut *session).await?;
+        }
+        Ok(WriteOutcome { inserted, already_archived: total - inserted, anomalies, dead_lettered: 0 })
+    }
+
+    /// The archive documents of these orders (one per id, flagged if the order vanished).
+    pub async fn enrich(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
         if ids.is_empty() {
-            return Ok(WriteOutcome::default());
+            return Ok(Vec::new());
         }
         let mut pipeline = Vec::with_capacity(self.stages.len() + 1);
         pipeline.push(doc! { "$match": { "_id": { "$in": ids } } });
@@ -133,7 +181,7 @@ impl Archiver {
             }
             docs.extend(vanished);
         }
-        self.write(docs, times).await
+        Ok(docs)
     }
 
     /// Inserts already-enriched documents, keeping any that are already archived.

@@ -91,7 +91,8 @@ pub fn delivered_in_range(config: &Config, range: DateRange) -> Document {
     if let Some(to) = range.to {
         dates.insert("$lt", mongodb::bson::DateTime::from_millis(to.timestamp_millis()));
     }
-    doc! { f.status.clone(): &config.orders.delivered_status, f.date_commande.clone(): dates }
+    let filter = doc! { f.status.clone(): &config.orders.delivered_status, f.date_commande.clone(): dates };
+    crate::coordination::restrict_to_partition(config, filter, "$_id")
 }
 
 /// What a run did.

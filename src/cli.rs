@@ -82,6 +82,12 @@ pub struct GlobalArgs {
     /// Log format [default: text].
     #[arg(long, env = "LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Split the orders into N partitions by id; this worker handles --partition (watch, batch).
+    #[arg(long, env = "PARTITIONS", global = true, value_name = "N")]
+    pub partitions: Option<u32>,
+    /// This worker's partition, from 0 to N-1.
+    #[arg(long, env = "PARTITION", global = true, value_name = "I")]
+    pub partition: Option<u32>,
     /// Log level or filter, used when RUST_LOG is unset [default: info].
     #[arg(long, env = "LOG_LEVEL", global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -160,6 +166,23 @@ pub struct WatchArgs {
     /// them [default: 127.0.0.1:9464].
     #[arg(long, env = "HTTP_ADDR", value_name = "HOST:PORT|off")]
     pub http_addr: Option<String>,
+    /// Where checkpoints live: `file` (RESUME_TOKEN_FILE, one process) or `mongodb` (shared by
+    /// several processes, one of which leads through a lease) [default: file].
+    #[arg(long, env = "CHECKPOINT_STORE", value_enum)]
+    pub checkpoint_store: Option<crate::config::CheckpointStoreKind>,
+    /// Name of the stream in the shared store [default: db.collection, plus #IofN].
+    #[arg(long, env = "STREAM_NAME", value_name = "NAME")]
+    pub stream_name: Option<String>,
+    /// This process's name in the lease [default: host:pid].
+    #[arg(long, env = "INSTANCE_ID", value_name = "NAME")]
+    pub instance_id: Option<String>,
+    /// Lease time to live, in milliseconds: a standby takes over about this long after the
+    /// leader dies [default: 5000].
+    #[arg(long, env = "LEASE_TTL_MS", value_name = "MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// Lease renewal interval, in milliseconds [default: 1000].
+    #[arg(long, env = "LEASE_RENEW_MS", value_name = "MS")]
+    pub lease_renew_ms: Option<u64>,
     /// Where to start when there is no resume token: `now` or an RFC 3339 time (within the
     /// oplog window). Refused when a token exists, unless --reset-token is given too.
     #[arg(long, value_name = "now|TIME")]
@@ -262,12 +285,19 @@ impl Cli {
         o.set("log.dir", g.log_dir.clone());
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());
+        o.set("coordination.partitions", g.partitions);
+        o.set("coordination.partition", g.partition);
         match &self.command {
             Command::Watch(w) => {
                 o.set("watch.batch_size", w.batch_size);
                 o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
                 o.set("watch.resume_token_file", w.resume_token_file.clone());
                 o.set("watch.http_addr", w.http_addr.clone());
+                o.set("coordination.checkpoint_store", w.checkpoint_store);
+                o.set("coordination.stream_name", w.stream_name.clone());
+                o.set("coordination.instance_id", w.instance_id.clone());
+                o.set("coordination.lease_ttl_ms", w.lease_ttl_ms);
+                o.set("coordination.lease_renew_ms", w.lease_renew_ms);
             }
             Command::Batch(b) => {
                 o.set("batch.write_path", b.write_path);

@@ -35,6 +35,62 @@ pub struct Config {
     pub log: LogSettings,
     /// Connection settings applied over the URI's options.
     pub connection: ConnectionSettings,
+    /// Several processes: shared checkpoints, leadership lease, partitions.
+    pub coordination: CoordinationSettings,
+}
+
+/// Where `watch` keeps its checkpoint.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointStoreKind {
+    /// The local resume token file (one process).
+    #[default]
+    File,
+    /// A collection in the archive database, shared by several processes that elect one
+    /// writer through a lease.
+    Mongodb,
+}
+
+/// Coordination of several `archiver` processes through MongoDB.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinationSettings {
+    /// `file` or `mongodb` (`CHECKPOINT_STORE`).
+    pub checkpoint_store: CheckpointStoreKind,
+    /// Shared checkpoints, in the archive database.
+    pub checkpoint_collection: String,
+    /// Leadership leases, in the archive database.
+    pub lease_collection: String,
+    /// What checkpoints and leases are keyed by (`STREAM_NAME`); default: the orders namespace,
+    /// plus `#IofN` when partitioned.
+    pub stream_name: String,
+    /// This process's name in the lease (`INSTANCE_ID`); default: host name and pid.
+    pub instance_id: String,
+    /// How long a lease lasts without renewal (`LEASE_TTL_MS`): a standby takes over about this
+    /// long after the leader dies.
+    pub lease_ttl_ms: u64,
+    /// Renewal (and standby polling) interval (`LEASE_RENEW_MS`).
+    pub lease_renew_ms: u64,
+    /// Number of partitions of the order ids (`PARTITIONS`).
+    pub partitions: u32,
+    /// This worker's partition, from 0 (`PARTITION`).
+    pub partition: u32,
+}
+
+impl Default for CoordinationSettings {
+    fn default() -> Self {
+        CoordinationSettings {
+            checkpoint_store: CheckpointStoreKind::File,
+            checkpoint_collection: "archiver_checkpoints".to_owned(),
+            lease_collection: "archiver_leases".to_owned(),
+            stream_name: String::new(),
+            instance_id: String::new(),
+            lease_ttl_ms: 5000,
+            lease_renew_ms: 1000,
+            partitions: 1,
+            partition: 0,
+        }
+    }
 }
 
 /// Driver settings that may also be given outside the URI (`MONGODB_*` variables); when set
@@ -527,6 +583,26 @@ impl Config {
             if let Some(file) = file.as_ref().filter(|f| !f.is_file()) {
                 return fail(format!("{var}: {} is not a readable file", file.display()));
             }
+        }
+        let co = &self.coordination;
+        if co.partitions == 0 || co.partitions > crate::coordination::MAX_PARTITIONS {
+            return fail(format!(
+                "--partitions must be between 1 and {}, got {}",
+                crate::coordination::MAX_PARTITIONS,
+                co.partitions
+            ));
+        }
+        if co.partition >= co.partitions {
+            return fail(format!(
+                "--partition must be below --partitions ({}), got {}",
+                co.partitions, co.partition
+            ));
+        }
+        if co.lease_renew_ms == 0 || co.lease_renew_ms * 2 > co.lease_ttl_ms {
+            return fail(format!(
+                "LEASE_RENEW_MS ({}) must be at least 1 and at most half of LEASE_TTL_MS ({})",
+                co.lease_renew_ms, co.lease_ttl_ms
+            ));
         }
         if self.http_addr().is_err() {
             return fail(format!(

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub history_lost: Counter,
     /// Batches archived.
     pub batches: Counter,
+    /// Leaderships taken over from another instance.
+    pub takeovers: Counter,
+    leader: Gauge,
     /// Time to enrich and write a batch.
     pub batch_duration: Histogram,
     /// Event time (cluster wall time) to archive write.
@@ -66,6 +69,28 @@ pub struct Telemetry {
     /// Unix millis of the position the saved token stands for, 0 if unknown.
     token_time_ms: AtomicI64,
     reason: Mutex<&'static str>,
+    role: Mutex<Role>,
+}
+
+/// Whether this process writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The only writer, without a lease (file checkpoints).
+    Single,
+    /// Holds the lease and writes.
+    Leader,
+    /// Waits for the lease.
+    Standby,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+        }
+    }
 }
 
 impl Default for Telemetry {
@@ -89,11 +114,14 @@ impl Telemetry {
             reconnects: Counter::default(),
             history_lost: Counter::default(),
             batches: Counter::default(),
+            takeovers: Counter::default(),
+            leader: Gauge::default(),
             batch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             lag: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             seconds_since_checkpoint: Gauge::default(),
             token_age: Gauge::default(),
         };
+        metrics.leader.set(1);
         let m = &metrics;
         registry.register("events_received", "Change events received", m.events_received.clone());
         registry.register("orders_archived", "Archive documents created", m.orders_archived.clone());
@@ -105,6 +133,8 @@ impl Telemetry {
         registry.register("reconnects", "Change stream reopenings", m.reconnects.clone());
         registry.register("history_lost", "Saved positions found outside the oplog (gap-filled)", m.history_lost.clone());
         registry.register("batches", "Batches archived", m.batches.clone());
+        registry.register("takeovers", "Leaderships taken over from another instance", m.takeovers.clone());
+        registry.register("leader", "1 when this process writes (leader or single), 0 as a standby", m.leader.clone());
         registry.register("batch_duration_seconds", "Time to enrich and write a batch", m.batch_duration.clone());
         registry.register("lag_seconds", "Event time to archive write", m.lag.clone());
         registry.register("seconds_since_last_checkpoint", "Seconds since the resume token was last saved", m.seconds_since_checkpoint.clone());
@@ -122,7 +152,22 @@ impl Telemetry {
             last_checkpoint_ms: AtomicI64::new(0),
             token_time_ms: AtomicI64::new(0),
             reason: Mutex::new("starting"),
+            role: Mutex::new(Role::Single),
         }
+    }
+
+    /// Sets the role shown by the probes and the `archiver_leader` gauge.
+    pub fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+        self.metrics.leader.set(i64::from(role != Role::Standby));
+        if role == Role::Standby {
+            self.started.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set_reason(&self, reason: &'static str) {
@@ -221,8 +266,16 @@ async fn live() -> Response {
 }
 
 async fn ready(State(t): State<Arc<Telemetry>>) -> Response {
-    let (ok, reason) = t.is_ready();
-    status(ok, if ok { "ready" } else { reason })
+    let role = t.role();
+    // A standby is healthy and ready to take over; it reports so, with its role.
+    let (ok, reason) = if role == Role::Standby && !t.stopping.load(Ordering::SeqCst) {
+        (true, "ready")
+    } else {
+        t.is_ready()
+    };
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({ "status": if ok { "ready" } else { reason }, "role": role.as_str() });
+    (code, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n")).into_response()
 }
 
 async fn startup(State(t): State<Arc<Telemetry>>) -> Response {

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod db;
 pub mod enrich;
 pub mod exit;

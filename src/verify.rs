@@ -135,6 +135,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
         dates.insert("$lt", mongodb::bson::DateTime::from_millis(to.timestamp_millis()));
     }
     archive_range.insert("date_commande", dates);
+    let archive_range = crate::coordination::restrict_to_partition(config, archive_range, "$_id");
     let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
     let mut orphaned = Vec::new();
     let mut archived_total = 0u64;

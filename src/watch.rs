@@ -24,7 +24,9 @@ use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
 use crate::config::Config;
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases};
 use crate::enrich::ArchiveSource;
-use crate::health::Telemetry;
+use crate::config::CheckpointStoreKind;
+use crate::coordination::{self, Lease, MongoCheckpoints, StoreError};
+use crate::health::{Role, Telemetry};
 use crate::redact::scrub;
 use std::sync::Arc;
 
@@ -84,6 +86,9 @@ pub enum WatchError {
     /// The gap-fill or catch-up failed.
     #[error("filling the archive from the orders collection failed: {0}")]
     Fill(String),
+    /// A newer leader owns the shared checkpoint; this process stopped writing.
+    #[error("the checkpoint of stream {0} was taken over by a newer leader")]
+    Fenced(String),
     /// A database error that retrying cannot fix.
     #[error("{context}: {message}")]
     Database {
@@ -124,16 +129,21 @@ struct StreamBatch {
 pub fn delivered_filter(config: &Config) -> Vec<Document> {
     let status = &config.orders.fields.status;
     let delivered = &config.orders.delivered_status;
+    let deliveries = doc! { "$or": [
+        {
+            "operationType": { "$in": ["insert", "replace"] },
+            format!("fullDocument.{status}"): delivered,
+        },
+        {
+            "operationType": "update",
+            format!("updateDescription.updatedFields.{status}"): delivered,
+        },
+    ] };
+    // A partitioned worker only receives its share, filtered by the server.
+    let deliveries = coordination::restrict_to_partition(config, deliveries, "$documentKey._id");
     vec![
         doc! { "$match": { "$or": [
-            {
-                "operationType": { "$in": ["insert", "replace"] },
-                format!("fullDocument.{status}"): delivered,
-            },
-            {
-                "operationType": "update",
-                format!("updateDescription.updatedFields.{status}"): delivered,
-            },
+            deliveries,
             { "operationType": { "$in": INVALIDATING_OPERATIONS } },
         ] } },
         doc! { "$project": { "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1 } },
@@ -231,49 +241,187 @@ pub async fn run(
             telemetry.stopping();
         });
     }
-    let token_path = config.watch.resume_token_file.clone();
-    let _lock = lock_token_file(&token_path)?;
-    let mut checkpoints = CheckpointFile::new(&token_path);
-    if options.reset_token {
-        checkpoints.remove()?;
-        tracing::warn!(file = %token_path.display(), "resume token reset on request (--reset-token)");
+    match config.coordination.checkpoint_store {
+        CheckpointStoreKind::File => {
+            let token_path = config.watch.resume_token_file.clone();
+            let _lock = lock_token_file(&token_path)?;
+            let dbs = tokio::select! {
+                dbs = db::connect(config) => dbs?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let store = Store::File(CheckpointFile::new(&token_path));
+            lead(config, &dbs, store, &options, &telemetry, &shutdown).await
+        }
+        CheckpointStoreKind::Mongodb => {
+            let dbs = tokio::select! {
+                dbs = db::connect(config) => dbs?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            follow_lease(config, &dbs, options, &telemetry, &shutdown).await
+        }
     }
-    let namespace = config.orders_namespace();
-    let saved = checkpoints.load(&namespace)?;
+}
+
+/// With the shared store: wait as a standby until the lease is ours, lead while it stays ours,
+/// and go back to standby if it is lost.
+async fn follow_lease(
+    config: &Config,
+    dbs: &Databases,
+    mut options: WatchOptions,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<(), WatchError> {
+    let c = &config.coordination;
+    let leases = Lease::collection(&dbs.archive, config);
+    let stream = coordination::stream_name(config);
+    let holder = coordination::instance_id(config);
+    let ttl = Duration::from_millis(c.lease_ttl_ms);
+    let heartbeat = Duration::from_millis(c.lease_renew_ms);
+    loop {
+        let mut announced = false;
+        let lease = loop {
+            match Lease::try_acquire(&leases, &stream, &holder, ttl).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {
+                    telemetry.set_role(Role::Standby);
+                    if !announced {
+                        let current = Lease::current(&leases, &stream).await.ok().flatten();
+                        tracing::info!(stream = %stream, instance = %holder,
+                            leader = ?current.as_ref().map(|l| l.holder.clone()),
+                            lease_expires_at = ?current.map(|l| l.expires_at),
+                            "standby: another instance holds the lease");
+                        announced = true;
+                    }
+                }
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!(error = %scrub(&e.to_string()), "cannot reach the lease; retrying")
+                }
+                Err(e) => {
+                    return Err(WatchError::Database { context: "taking the lease", message: scrub(&e.to_string()) })
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(heartbeat) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        };
+        if lease.previous_holder().is_some() {
+            telemetry.metrics.takeovers.inc();
+        }
+        telemetry.set_role(Role::Leader);
+        tracing::info!(stream = %stream, instance = %holder, epoch = lease.epoch(),
+            previous_leader = ?lease.previous_holder(), "leadership acquired");
+        let store = MongoCheckpoints::new(&dbs.archive, config, &stream, lease.epoch());
+        if let Err(e) = store.fence().await {
+            tracing::warn!(error = %scrub(&e.to_string()), "could not fence the checkpoint; standing by");
+            tokio::time::sleep(heartbeat).await;
+            continue;
+        }
+        let leadership = shutdown.child_token();
+        let keeper = tokio::spawn(keep_lease(lease, heartbeat, leadership.clone()));
+        let result = lead(config, dbs, Store::Mongo(store), &options, telemetry, &leadership).await;
+        leadership.cancel();
+        let (lease, lost) = keeper.await.map_err(|e| WatchError::Database {
+            context: "keeping the lease",
+            message: e.to_string(),
+        })?;
+        // Reset and catch-up are for the first leadership only.
+        options.reset_token = false;
+        options.catch_up = false;
+        if shutdown.is_cancelled() {
+            lease.release().await;
+            return result;
+        }
+        match result {
+            Ok(()) | Err(WatchError::Fenced(_)) if lost || matches!(result, Err(WatchError::Fenced(_))) => {
+                telemetry.set_role(Role::Standby);
+                telemetry.stream_lost("standby");
+                tracing::warn!(stream = %stream, "leadership lost; stopped writing, back to standby");
+            }
+            other => {
+                lease.release().await;
+                return other;
+            }
+        }
+    }
+}
+
+/// Renews the lease every `heartbeat`; cancels `leadership` as soon as the lease is lost or
+/// cannot be renewed for most of its time to live, so this process stops writing before another
+/// one may take over. Returns the lease and whether it was lost.
+async fn keep_lease(mut lease: Lease, heartbeat: Duration, leadership: CancellationToken) -> (Lease, bool) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => {}
+            _ = leadership.cancelled() => return (lease, false),
+        }
+        match lease.renew().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(epoch = lease.epoch(), "the lease was taken over");
+                leadership.cancel();
+                return (lease, true);
+            }
+            Err(e) if lease.is_fresh(0.6) => {
+                tracing::warn!(error = %scrub(&e.to_string()), "could not renew the lease; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %scrub(&e.to_string()),
+                    "could not renew the lease in time; stepping down before it expires");
+                leadership.cancel();
+                return (lease, true);
+            }
+        }
+    }
+}
+
+/// Streams as the writer of `store` until `stop` is cancelled or a fatal error.
+async fn lead(
+    config: &Config,
+    dbs: &Databases,
+    mut store: Store,
+    options: &WatchOptions,
+    telemetry: &Arc<Telemetry>,
+    stop: &CancellationToken,
+) -> Result<(), WatchError> {
+    let stream_name = coordination::stream_name(config);
+    if options.reset_token {
+        store.remove().await?;
+        tracing::warn!(store = %store.describe(), "resume token reset on request (--reset-token)");
+    }
+    let saved = store.load(&stream_name).await?;
     if saved.is_some() && options.start.is_some() {
         return Err(WatchError::Usage(format!(
-            "--start-at was given but the resume token file {} exists; add --reset-token to \
+            "--start-at was given but a resume token exists in {}; add --reset-token to \
              discard it, or drop --start-at to resume from it",
-            token_path.display()
+            store.describe()
         )));
     }
     match &saved {
-        Some(cp) => tracing::info!(file = %token_path.display(), saved_at = %cp.saved_at,
+        Some(cp) => tracing::info!(store = %store.describe(), saved_at = %cp.saved_at,
             "resuming after the saved token"),
-        None => tracing::info!(file = %token_path.display(), "no resume token file; starting from now"),
+        None => tracing::info!(store = %store.describe(), "no resume token file; starting from now"),
     }
-    let dbs = tokio::select! {
-        dbs = db::connect(config) => dbs?,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    let archiver = Archiver::new(config, &dbs, ArchiveSource::Watch);
+    let archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
     let mut state = StreamState {
         checkpoint: saved,
-        checkpoints,
-        namespace,
+        store,
+        namespace: stream_name,
         start: options.start.unwrap_or(StartPosition::Now),
         totals: Totals::default(),
         retry: config.retry.clone(),
         telemetry: telemetry.clone(),
+        transactions: true,
     };
     if options.catch_up {
         let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
-        fill(config, &dbs, &mut state, delivered, "catch-up", &shutdown).await?;
+        let delivered = coordination::restrict_to_partition(config, delivered, "$_id");
+        fill(config, dbs, &mut state, delivered, "catch-up", stop).await?;
     }
     let mut delays = db::backoff(&config.retry);
     let mut attempts = 0usize;
     loop {
-        let (result, progressed) = run_stream(config, &dbs, &archiver, &mut state, &shutdown).await;
+        let (result, progressed) = run_stream(config, dbs, &archiver, &mut state, stop).await;
         let error = match result {
             Ok(()) => {
                 tracing::info!(events = state.totals.events, batches = state.totals.batches,
@@ -303,7 +451,7 @@ pub async fn run(
             };
             let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
                 - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
-            fill(config, &dbs, &mut state, gap_filter(config, since), "gap-fill", &shutdown).await?;
+            fill(config, dbs, &mut state, gap_filter(config, since), "gap-fill", stop).await?;
             continue;
         }
         if !is_transient(&error) {
@@ -320,8 +468,63 @@ pub async fn run(
             context, "transient database error; reopening the stream after the saved token");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// Where checkpoints are kept.
+enum Store {
+    /// The local token file.
+    File(CheckpointFile),
+    /// The shared collection, fenced by the lease epoch.
+    Mongo(MongoCheckpoints),
+}
+
+/// Why a checkpoint could not be saved.
+enum SaveFailure {
+    Disk(CheckpointError),
+    Fenced(String),
+    Database(Error),
+}
+
+impl Store {
+    fn describe(&self) -> String {
+        match self {
+            Store::File(f) => f.path().display().to_string(),
+            Store::Mongo(_) => "the shared checkpoint collection".to_owned(),
+        }
+    }
+
+    async fn load(&mut self, stream: &str) -> Result<Option<Checkpoint>, WatchError> {
+        Ok(match self {
+            Store::File(f) => f.load(stream)?,
+            Store::Mongo(m) => m.load().await?,
+        })
+    }
+
+    async fn remove(&mut self) -> Result<(), WatchError> {
+        match self {
+            Store::File(f) => Ok(f.remove()?),
+            Store::Mongo(m) => m.remove().await.map_err(store_error),
+        }
+    }
+
+    async fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, SaveFailure> {
+        match self {
+            Store::File(f) => f.save(checkpoint).map_err(SaveFailure::Disk),
+            Store::Mongo(m) => m.save(checkpoint, None).await.map_err(|e| match e {
+                StoreError::Fenced(s) => SaveFailure::Fenced(s),
+                StoreError::Database(e) => SaveFailure::Database(e),
+            }),
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> WatchError {
+    match e {
+        StoreError::Fenced(stream) => WatchError::Fenced(stream),
+        StoreError::Database(e) => WatchError::Database { context: "the checkpoint store", message: scrub(&e.to_string()) },
     }
 }
 
@@ -330,13 +533,14 @@ pub async fn run(
 pub fn gap_filter(config: &Config, since: DateTime<Utc>) -> Document {
     let f = &config.orders.fields;
     let since = mongodb::bson::DateTime::from_millis(since.timestamp_millis());
-    doc! {
+    let filter = doc! {
         f.status.clone(): &config.orders.delivered_status,
         "$or": [
             { f.date_livraison.clone(): { "$gte": since } },
             { f.date_livraison.clone(): { "$not": { "$type": "date" } } },
         ],
-    }
+    };
+    coordination::restrict_to_partition(config, filter, "$_id")
 }
 
 /// Archives, through the batch path, every order matching `filter` that is not archived yet,
@@ -382,7 +586,7 @@ async fn fill(
         return Ok(());
     }
     if let Some(token) = start_token {
-        persist(state, token, None, Some(Utc::now()), shutdown).await?;
+        persist(state, token, None, Some(Utc::now()), shutdown).await.map_err(WatchError::from)?;
     }
     Ok(())
 }
@@ -390,12 +594,15 @@ async fn fill(
 /// What survives a stream restart.
 struct StreamState {
     checkpoint: Option<Checkpoint>,
-    checkpoints: CheckpointFile,
+    store: Store,
     namespace: String,
     start: StartPosition,
     totals: Totals,
     retry: crate::config::RetrySettings,
     telemetry: Arc<Telemetry>,
+    /// Whether archive writes and checkpoints go in one transaction (shared store, while the
+    /// server accepts transactions).
+    transactions: bool,
 }
 
 
@@ -408,6 +615,15 @@ enum StreamFailure {
 impl From<CheckpointError> for StreamFailure {
     fn from(e: CheckpointError) -> Self {
         StreamFailure::Fatal(e.into())
+    }
+}
+
+impl From<StreamFailure> for WatchError {
+    fn from(failure: StreamFailure) -> Self {
+        match failure {
+            StreamFailure::Fatal(e) => e,
+            StreamFailure::Mongo(e, context) => WatchError::Database { context, message: scrub(&e.to_string()) },
+        }
     }
 }
 
@@ -584,7 +800,48 @@ async fn write_batch(
         }
         let metrics = &state.telemetry.metrics;
         metrics.events_received.inc_by(batch.events.len() as u64);
-        let outcome = match archiver.archive_ids(&ids, &times).await {
+        let last = batch.events.last().expect("non-empty");
+        let wall_time: Option<DateTime<Utc>> = last
+            .wall_time
+            .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
+            .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
+        let cluster_time = last.cluster_time;
+        let mut committed = None;
+        let transactional = state.transactions && matches!(state.store, Store::Mongo(_));
+        let outcome = match (transactional, batch.token.clone(), &mut state.store) {
+            (true, Some(token), Store::Mongo(store)) => {
+                let checkpoint = Checkpoint {
+                    resume_token: token,
+                    namespace: state.namespace.clone(),
+                    last_event_cluster_time: cluster_time,
+                    last_event_wall_time: wall_time,
+                    saved_at: Utc::now(),
+                };
+                match archive_in_transaction(archiver, store, &ids, &checkpoint).await {
+                    Ok(outcome) => {
+                        committed = Some(checkpoint);
+                        Ok(outcome)
+                    }
+                    Err(TxnFailure::Fenced(stream)) => {
+                        return Err(StreamFailure::Fatal(WatchError::Fenced(stream)))
+                    }
+                    Err(TxnFailure::Failed(e)) if is_transient(&e) => Err(e),
+                    Err(TxnFailure::Unsupported(e)) => {
+                        tracing::warn!(error = %scrub(&e.to_string()),
+                            "the server refuses transactions; archive writes and checkpoints go separately");
+                        state.transactions = false;
+                        archiver.archive_ids(&ids, &times).await
+                    }
+                    Err(TxnFailure::Failed(e)) => {
+                        tracing::warn!(error = %scrub(&e.to_string()),
+                            "the batch failed inside a transaction; archiving it order by order");
+                        archiver.archive_ids(&ids, &times).await
+                    }
+                }
+            }
+            _ => archiver.archive_ids(&ids, &times).await,
+        };
+        let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
                 state.telemetry.write_result(false);
@@ -598,11 +855,6 @@ async fn write_batch(
         metrics.dead_letters.inc_by(outcome.dead_lettered);
         metrics.batches.inc();
         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        let last = batch.events.last().expect("non-empty");
-        let wall_time: Option<DateTime<Utc>> = last
-            .wall_time
-            .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
-            .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
         let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
         if let Some(lag) = lag_ms {
             metrics.lag.observe(lag as f64 / 1000.0);
@@ -622,8 +874,12 @@ async fn write_batch(
             duration_ms = started.elapsed().as_millis() as u64,
             "batch archived"
         );
-        if let Some(token) = batch.token.clone() {
-            persist(state, token, last.cluster_time, wall_time, shutdown).await?;
+        match (committed, batch.token.clone()) {
+            (Some(checkpoint), _) => saved(state, checkpoint),
+            (None, Some(token)) => {
+                persist(state, token, cluster_time, wall_time, shutdown).await?;
+            }
+            (None, None) => {}
         }
     } else if let Some(token) = batch.token.clone() {
         let (ct, wt) = state
@@ -644,16 +900,16 @@ async fn write_batch(
     Ok(())
 }
 
-/// Saves the position, retrying with backoff while the disk refuses (full, read-only). Until it
-/// succeeds no further batch is taken, so the token never runs ahead of the archive; after the
-/// retry bound the error is fatal.
+/// Saves the position, retrying with backoff while the disk (or the shared store) refuses.
+/// Until it succeeds no further batch is taken, so the token never runs ahead of the archive;
+/// after the retry bound the error is fatal. A fenced save (a newer leader) fails at once.
 async fn persist(
     state: &mut StreamState,
     token: ResumeToken,
     cluster_time: Option<Timestamp>,
     wall_time: Option<DateTime<Utc>>,
     shutdown: &CancellationToken,
-) -> Result<bool, CheckpointError> {
+) -> Result<bool, StreamFailure> {
     let checkpoint = Checkpoint {
         resume_token: token,
         namespace: state.namespace.clone(),
@@ -664,23 +920,86 @@ async fn persist(
     let mut delays = db::backoff(&state.retry);
     let mut attempt = 0;
     loop {
-        match state.checkpoints.save(&checkpoint) {
+        let failure = match state.store.save(&checkpoint).await {
             Ok(written) => {
-                let position = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at);
-                state.telemetry.checkpoint_saved(Some(position.timestamp_millis()));
-                state.checkpoint = Some(checkpoint);
+                saved(state, checkpoint);
                 return Ok(written);
             }
-            Err(e) => {
-                attempt += 1;
-                let delay = delays.next().filter(|_| !shutdown.is_cancelled());
-                let Some(delay) = delay else { return Err(e) };
-                tracing::error!(attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
-                    "cannot save the resume token; holding new batches until it can be saved");
-                tokio::time::sleep(delay).await;
+            Err(SaveFailure::Fenced(stream)) => return Err(StreamFailure::Fatal(WatchError::Fenced(stream))),
+            Err(SaveFailure::Database(e)) if !is_transient(&e) => {
+                return Err(StreamFailure::Mongo(e, "saving the checkpoint"))
             }
-        }
+            Err(SaveFailure::Database(e)) => StreamFailure::Mongo(e, "saving the checkpoint"),
+            Err(SaveFailure::Disk(e)) => StreamFailure::Fatal(e.into()),
+        };
+        attempt += 1;
+        let delay = delays.next().filter(|_| !shutdown.is_cancelled());
+        let Some(delay) = delay else { return Err(failure) };
+        let error = match &failure {
+            StreamFailure::Fatal(e) => e.to_string(),
+            StreamFailure::Mongo(e, _) => scrub(&e.to_string()),
+        };
+        tracing::error!(attempt, retry_in_ms = delay.as_millis() as u64, error = %error,
+            "cannot save the resume token; holding new batches until it can be saved");
+        tokio::time::sleep(delay).await;
     }
+}
+
+/// Why the transactional write did not commit.
+enum TxnFailure {
+    /// A newer leader owns the checkpoint: nothing was written.
+    Fenced(String),
+    /// The deployment does not do transactions (standalone server).
+    Unsupported(Error),
+    /// Anything else; nothing was written.
+    Failed(Error),
+}
+
+/// Archives a batch and saves its checkpoint in one transaction, so that the shared checkpoint
+/// can never disagree with the archive, and a fenced (stale) leader writes neither.
+async fn archive_in_transaction(
+    archiver: &Archiver,
+    store: &mut MongoCheckpoints,
+    ids: &[Bson],
+    checkpoint: &Checkpoint,
+) -> Result<WriteOutcome, TxnFailure> {
+    let classify = |e: Error| {
+        let illegal = crate::db::error_code(&e) == Some(20)
+            || e.to_string().contains("Transaction numbers are only allowed");
+        if illegal { TxnFailure::Unsupported(e) } else { TxnFailure::Failed(e) }
+    };
+    // Enrichment reads stay outside the transaction: only the writes need to be atomic.
+    let docs = archiver.enrich(ids).await.map_err(TxnFailure::Failed)?;
+    let mut session = archiver.start_session().await.map_err(classify)?;
+    session.start_transaction().await.map_err(classify)?;
+    let written = archiver.insert_missing_in(docs, &mut session).await;
+    let outcome = match written {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let _ = session.abort_transaction().await;
+            return Err(classify(e));
+        }
+    };
+    if let Err(e) = store.save(checkpoint, Some(&mut session)).await {
+        let _ = session.abort_transaction().await;
+        return Err(match e {
+            StoreError::Fenced(stream) => TxnFailure::Fenced(stream),
+            StoreError::Database(e) => classify(e),
+        });
+    }
+    let mut commit = session.commit_transaction().await;
+    if commit.as_ref().is_err_and(|e| e.contains_label("UnknownTransactionCommitResult")) {
+        commit = session.commit_transaction().await;
+    }
+    commit.map_err(classify)?;
+    Ok(outcome)
+}
+
+/// Records a durable checkpoint in memory and in the metrics.
+fn saved(state: &mut StreamState, checkpoint: Checkpoint) {
+    let position = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at);
+    state.telemetry.checkpoint_saved(Some(position.timestamp_millis()));
+    state.checkpoint = Some(checkpoint);
 }
 
 #[cfg(test)]
@@ -694,12 +1013,13 @@ mod tests {
         config.orders.delivered_status = "done".into();
         let pipeline = delivered_filter(&config);
         let or = pipeline[0].get_document("$match").unwrap().get_array("$or").unwrap();
-        let insert = or[0].as_document().unwrap();
+        let deliveries = or[0].as_document().unwrap().get_array("$or").unwrap();
+        let insert = deliveries[0].as_document().unwrap();
         assert_eq!(insert.get_str("fullDocument.etat").unwrap(), "done");
-        let update = or[1].as_document().unwrap();
+        let update = deliveries[1].as_document().unwrap();
         assert_eq!(update.get_str("operationType").unwrap(), "update");
         assert_eq!(update.get_str("updateDescription.updatedFields.etat").unwrap(), "done");
-        let ends = or[2].as_document().unwrap().get_document("operationType").unwrap();
+        let ends = or[1].as_document().unwrap().get_document("operationType").unwrap();
         assert_eq!(ends.get_array("$in").unwrap().len(), INVALIDATING_OPERATIONS.len());
         let project = pipeline[1].get_document("$project").unwrap();
         assert!(!project.contains_key("fullDocument"), "full documents are not shipped");
