@@ -245,7 +245,7 @@ pub struct SimulateArgs {
     /// Order dates are spread over this many days, ending at --end-date.
     #[arg(long, value_name = "DAYS", default_value_t = 30)]
     pub days: u32,
-    /// End of the order dates (exclusive, midnight UTC) [default: the start of tomorrow, UTC].
+    /// End of the order dates (exclusive, midnight UTC) [default: the start of today, UTC].
     #[arg(long, value_name = "YYYY-MM-DD")]
     pub end_date: Option<chrono::NaiveDate>,
     /// Drop the simulated collections first: the orders, the four reference collections, the

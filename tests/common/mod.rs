@@ -97,6 +97,18 @@ impl TestEnv {
     }
 
     async fn start_watch_with(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Watcher {
+        let watcher = self.spawn_watch(args, extra_env, "change stream open").await;
+        let token = self.token_file();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !token.exists() {
+            assert!(Instant::now() < deadline, "no token file: {}", watcher.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        watcher
+    }
+
+    /// Starts `archiver watch` and waits until its log says `marker`.
+    pub async fn spawn_watch(&self, args: &[&str], extra_env: &[(&str, &str)], marker: &str) -> Watcher {
         let log = self.dir.path().join(format!("watch-{}.stderr", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let mut cmd = self.archiver(&[&["watch"][..], args].concat());
         for (k, v) in extra_env {
@@ -108,13 +120,12 @@ impl TestEnv {
             .spawn()
             .expect("spawn archiver watch");
         let mut watcher = Watcher { child, log };
-        let token = self.token_file();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !watcher.log_contains("change stream open") || !token.exists() {
+        while !watcher.log_contains(marker) {
             if let Some(status) = watcher.child.try_wait().unwrap() {
                 panic!("watch exited early with {status}: {}", watcher.stderr());
             }
-            assert!(Instant::now() < deadline, "watch did not open its stream: {}", watcher.stderr());
+            assert!(Instant::now() < deadline, "watch never logged {marker:?}: {}", watcher.stderr());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         watcher
