@@ -12,9 +12,20 @@ use crate::config::Config;
 use crate::db::{error_code, is_transient, Databases};
 use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
 
-/// When each order's delivery event happened, keyed by `format!("{id:?}")`; recorded with dead
+/// When each order's delivery event happened, keyed by [`id_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
+
+/// A hashable key for an id (`Bson` has no `Hash`): its debug form, which keeps the type, so
+/// `Int32(1)` and `Int64(1)` stay distinct as they are in MongoDB.
+pub fn id_key(id: &Bson) -> String {
+    format!("{id:?}")
+}
+
+/// The keys of the `_id`s of `docs`.
+fn id_keys(docs: &[Document]) -> std::collections::HashSet<String> {
+    docs.iter().filter_map(|d| d.get("_id")).map(id_key).collect()
+}
 
 /// Server code of a duplicate key: the order is already archived.
 const DUPLICATE_KEY: i32 = 11000;
@@ -97,19 +108,15 @@ impl Archiver {
     /// Like [`Archiver::archive_ids`], but first leaves out the orders already archived, so
     /// that nothing is enriched in vain.
     pub async fn archive_missing_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
-        let archived: std::collections::HashSet<String> = self
+        let found: Vec<Document> = self
             .archive
             .find(doc! { "_id": { "$in": ids } })
             .projection(doc! { "_id": 1 })
             .await?
-            .try_collect::<Vec<Document>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get("_id"))
-            .map(|id| format!("{id:?}"))
-            .collect();
-        let missing: Vec<Bson> =
-            ids.iter().filter(|id| !archived.contains(&format!("{id:?}"))).cloned().collect();
+            .try_collect()
+            .await?;
+        let archived = id_keys(&found);
+        let missing: Vec<Bson> = ids.iter().filter(|id| !archived.contains(&id_key(id))).cloned().collect();
         let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;
         Ok(outcome)
@@ -128,23 +135,20 @@ impl Archiver {
         session: &mut mongodb::ClientSession,
     ) -> Result<WriteOutcome, Error> {
         let ids: Vec<&Bson> = docs.iter().filter_map(|d| d.get("_id")).collect();
-        let archived: std::collections::HashSet<String> = self
+        let found: Vec<Document> = self
             .archive
             .find(doc! { "_id": { "$in": ids } })
             .projection(doc! { "_id": 1 })
             .session(&mut *session)
             .await?
             .stream(&mut *session)
-            .try_collect::<Vec<Document>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get("_id"))
-            .map(|id| format!("{id:?}"))
-            .collect();
+            .try_collect()
+            .await?;
+        let archived = id_keys(&found);
         let total = docs.len() as u64;
         let missing: Vec<Document> = docs
             .into_iter()
-            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&format!("{id:?}"))))
+            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&id_key(id))))
             .collect();
         let anomalies = missing
             .iter()
@@ -168,11 +172,10 @@ impl Archiver {
         let mut docs: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
         if docs.len() < ids.len() {
             // Deleted between delivery and enrichment: archive what is known, flagged.
-            let found: std::collections::HashSet<String> =
-                docs.iter().filter_map(|d| d.get("_id")).map(|id| format!("{id:?}")).collect();
+            let found = id_keys(&docs);
             let vanished: Vec<Document> = ids
                 .iter()
-                .filter(|id| !found.contains(&format!("{id:?}")))
+                .filter(|id| !found.contains(&id_key(id)))
                 .map(|id| vanished_order_document(id.clone(), &self.delivered_status, self.source))
                 .collect();
             for d in &vanished {
@@ -239,7 +242,7 @@ impl Archiver {
         times: &EventTimes,
     ) -> Result<(), Error> {
         let now = mongodb::bson::DateTime::now();
-        let event_time = times.get(&format!("{id:?}")).map_or(Bson::Null, |t| Bson::DateTime(*t));
+        let event_time = times.get(&id_key(id)).map_or(Bson::Null, |t| Bson::DateTime(*t));
         self.dead_letters
             .update_one(
                 doc! { "_id": id },

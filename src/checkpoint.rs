@@ -99,6 +99,22 @@ struct ClusterTimeV1 {
 }
 
 impl Checkpoint {
+    /// A checkpoint saved now, for the position `resume_token`.
+    pub fn now(
+        resume_token: ResumeToken,
+        namespace: &str,
+        last_event_cluster_time: Option<Timestamp>,
+        last_event_wall_time: Option<DateTime<Utc>>,
+    ) -> Self {
+        Checkpoint {
+            resume_token,
+            namespace: namespace.to_owned(),
+            last_event_cluster_time,
+            last_event_wall_time,
+            saved_at: Utc::now(),
+        }
+    }
+
     /// Serializes to the file format (pretty JSON with a trailing newline).
     pub fn to_json(&self) -> String {
         let token = bson::to_bson(&self.resume_token)

@@ -15,7 +15,7 @@ use mongodb::Collection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::Archiver;
+use crate::archive::{id_key, Archiver};
 use crate::batch::{delivered_in_range, DateRange};
 use crate::config::Config;
 use crate::db;
@@ -82,7 +82,7 @@ async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Docume
     let mut filter = extra.clone();
     filter.insert("_id", doc! { "$in": ids });
     let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
-    Ok(found.iter().filter_map(|d| d.get("_id")).map(|id| format!("{id:?}")).collect())
+    Ok(found.iter().filter_map(|d| d.get("_id")).map(id_key).collect())
 }
 
 /// Runs the reconciliation.
@@ -117,7 +117,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 source_delivered += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.source += 1;
-                if !archived.contains(&format!("{id:?}")) {
+                if !archived.contains(&id_key(&id)) {
                     entry.missing += 1;
                     missing_ids.push(id);
                 }
@@ -156,7 +156,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 archived_total += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.archive += 1;
-                if !in_source.contains(&format!("{id:?}")) {
+                if !in_source.contains(&id_key(&id)) {
                     entry.orphaned += 1;
                     orphaned.push(id_text(&id));
                 }
@@ -176,7 +176,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
         }
         tracing::info!(repaired, "missing orders archived (--repair)");
         let still: HashSet<String> = present(&archive, &missing_ids, &doc! {}).await?;
-        missing_ids.retain(|id| !still.contains(&format!("{id:?}")));
+        missing_ids.retain(|id| !still.contains(&id_key(id)));
     }
     let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
     Ok(VerifyReport {

@@ -793,7 +793,7 @@ async fn write_batch(
                 event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
             });
             // A repeated id (delivered twice in one batch) is archived once.
-            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(format!("{id:?}")) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(crate::archive::id_key(id)) {
                 slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
                 ids.push(id.clone());
             }
@@ -810,13 +810,7 @@ async fn write_batch(
         let transactional = state.transactions && matches!(state.store, Store::Mongo(_));
         let outcome = match (transactional, batch.token.clone(), &mut state.store) {
             (true, Some(token), Store::Mongo(store)) => {
-                let checkpoint = Checkpoint {
-                    resume_token: token,
-                    namespace: state.namespace.clone(),
-                    last_event_cluster_time: cluster_time,
-                    last_event_wall_time: wall_time,
-                    saved_at: Utc::now(),
-                };
+                let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
                 match archive_in_transaction(archiver, store, &ids, &checkpoint).await {
                     Ok(outcome) => {
                         committed = Some(checkpoint);
@@ -910,13 +904,7 @@ async fn persist(
     wall_time: Option<DateTime<Utc>>,
     shutdown: &CancellationToken,
 ) -> Result<bool, StreamFailure> {
-    let checkpoint = Checkpoint {
-        resume_token: token,
-        namespace: state.namespace.clone(),
-        last_event_cluster_time: cluster_time,
-        last_event_wall_time: wall_time,
-        saved_at: Utc::now(),
-    };
+    let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
     let mut delays = db::backoff(&state.retry);
     let mut attempt = 0;
     loop {
