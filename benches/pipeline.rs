@@ -1,0 +1,768 @@
+//! The `archiver` performance benchmark (issue "Performance"): one reproducible run that
+//! measures every archiving path against references measured in the same run, on the same
+//! server and data, and prints figures — never a test with timed assertions.
+//!
+//! Run it with `scripts/bench.sh`: it builds, starts a throwaway SecantusDB server, sets
+//! `BENCH_URI` and runs `cargo bench --bench pipeline`. The cases:
+//!
+//! 1. **batch**: `archiver batch` over every delivered order, client and server write paths,
+//!    against L1 (the bare aggregation ending in `$merge`) and L0 (a raw copy of the same orders
+//!    with no enrichment, as fast as the driver goes).
+//! 2. **sweep**: the client path over chunk sizes × concurrency.
+//! 3. **watch throughput**: `archiver watch` while orders are delivered as fast as the server
+//!    allows, against a bare change-stream reader with the same server-side filter; also the
+//!    rate of the updater alone. Optional `BATCH_SIZE` variants.
+//! 4. **watch latency**: deliveries paced at a steady rate, then `archived_at − date_livraison`.
+//! 5. **memory and CPU** of `watch` during case 3, from `/proc`.
+//! 6. **naive**: one aggregation per order, inserts by 100, sequential.
+//! 7. **stages**: the cost of each enrichment stage (L1 cut after each stage), to show where
+//!    the enrichment spends its time.
+//!
+//! Each throughput also shows the CPU it cost per order, on the client side (the bench and the
+//! `archiver` processes) and on the server: on a 2-core machine this tells what saturates.
+//!
+//! Settings (environment; defaults in brackets): `BENCH_URI` (required), `BENCH_ORDERS`
+//! [100000] delivered orders, `BENCH_RUNS` [3] runs per case, `BENCH_SWEEP_CHUNK_SIZES`
+//! [500,1000,2000,5000], `BENCH_SWEEP_CONCURRENCY` [1,2,4,8], `BENCH_SWEEP_RUNS` [1],
+//! `BENCH_WATCH_ORDERS` [BENCH_ORDERS / 2], `BENCH_WATCH_BATCH_SIZES` [none] extra `watch`
+//! batch sizes, one run each, `BENCH_LATENCY_RATE` [1000] orders/s, `BENCH_LATENCY_SECS` [15],
+//! `BENCH_LATENCY_WAITS_MS` [none] extra `BATCH_MAX_WAIT_MS` values for the latency case,
+//! `BENCH_NAIVE_ORDERS` [BENCH_ORDERS / 10], `BENCH_STAGE_ORDERS` [20000] orders of the
+//! enrichment-stage profile, `BENCH_CASES` [batch,stages,sweep,naive,watch,latency], `BENCH_DB`
+//! [bench], `BENCH_ARCHIVER` [target/release/archiver], `BENCH_OUT` [target/bench/results.json],
+//! `BENCH_SERVER_PID` [none]: the server's pid, to report its CPU time per order.
+
+mod support;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
+use mongodb::{Collection, IndexModel};
+use serde::Serialize;
+
+use archiver::batch::{delivered_in_range, DateRange};
+use archiver::config::Config;
+use archiver::enrich::{enrichment_stages, ArchiveSource};
+use archiver::watch::delivered_filter;
+
+use support::load::{self, delivery, undelivery, Updater};
+use support::process::{Archiver, CpuMeter, CpuTimes, Resources};
+use support::report::{Goal, Report};
+use support::stats::{percentile, rate, summarize, timed, Run, Summary, Throughput};
+
+/// Every delivered order is on or after this date: `batch` archives the whole history.
+const BATCH_FROM: &str = "2000-01-01";
+/// Where L0 copies the orders to: a plain collection with no secondary index.
+const L0_COLLECTION: &str = "Commandes_l0_copy";
+/// Where the enrichment profile writes.
+const STAGE_PROBE_COLLECTION: &str = "Commandes_stage_probe";
+/// L0's insert batch and cursor batch, and inserts in flight: the fastest of those tried (see
+/// the report of the "Performance" issue); larger batches did not help.
+const L0_BATCH: usize = 5000;
+const L0_IN_FLIGHT: usize = 4;
+/// How the throughput cases deliver: ids per `update_many`, updates in flight.
+const UPDATER: Updater = Updater { chunk: 500, in_flight: 4 };
+/// The naive baseline writes by this many documents.
+const NAIVE_INSERT_BATCH: usize = 100;
+/// Paced deliveries: orders per update, and updates outstanding at most.
+const LATENCY_GROUP: usize = 10;
+const LATENCY_IN_FLIGHT: usize = 8;
+
+/// The bench's settings, from the environment.
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    #[serde(skip)]
+    uri: String,
+    database: String,
+    orders: u64,
+    runs: usize,
+    sweep_chunk_sizes: Vec<usize>,
+    sweep_concurrency: Vec<usize>,
+    sweep_runs: usize,
+    watch_orders: u64,
+    watch_batch_sizes: Vec<usize>,
+    latency_rate: f64,
+    latency_secs: f64,
+    latency_waits_ms: Vec<u64>,
+    naive_orders: u64,
+    stage_orders: u64,
+    cases: Vec<String>,
+    server_pid: Option<u32>,
+    archiver: PathBuf,
+    out: PathBuf,
+}
+
+/// A variable's value, or `default` when unset or empty.
+fn env_or<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// A comma-separated list, or `default` when unset. Set but empty means an empty list.
+fn env_list<T: FromStr>(name: &str, default: &[T]) -> anyhow::Result<Vec<T>>
+where
+    T: Clone,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(|e| anyhow::anyhow!("{name}: {s:?}: {e}")))
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+impl Settings {
+    fn from_env(uri: String) -> anyhow::Result<Settings> {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let orders: u64 = env_or("BENCH_ORDERS", 100_000)?;
+        let settings = Settings {
+            uri,
+            database: env_or("BENCH_DB", "bench".to_owned())?,
+            orders,
+            runs: env_or("BENCH_RUNS", 3)?,
+            sweep_chunk_sizes: env_list("BENCH_SWEEP_CHUNK_SIZES", &[500, 1000, 2000, 5000])?,
+            sweep_concurrency: env_list("BENCH_SWEEP_CONCURRENCY", &[1, 2, 4, 8])?,
+            sweep_runs: env_or("BENCH_SWEEP_RUNS", 1)?,
+            watch_orders: env_or("BENCH_WATCH_ORDERS", orders / 2)?,
+            watch_batch_sizes: env_list("BENCH_WATCH_BATCH_SIZES", &[])?,
+            latency_rate: env_or("BENCH_LATENCY_RATE", 1000.0)?,
+            latency_secs: env_or("BENCH_LATENCY_SECS", 15.0)?,
+            latency_waits_ms: env_list("BENCH_LATENCY_WAITS_MS", &[])?,
+            naive_orders: env_or("BENCH_NAIVE_ORDERS", (orders / 10).max(1))?,
+            stage_orders: env_or("BENCH_STAGE_ORDERS", orders.min(20_000))?,
+            cases: env_list("BENCH_CASES", &["batch", "stages", "sweep", "naive", "watch", "latency"].map(String::from))?,
+            server_pid: env_or("BENCH_SERVER_PID", 0).map(|pid| Some(pid).filter(|&p| p != 0))?,
+            archiver: env_or("BENCH_ARCHIVER", target.join("release/archiver"))?,
+            out: env_or("BENCH_OUT", target.join("bench/results.json"))?,
+        };
+        if settings.orders == 0 || settings.runs == 0 || settings.latency_rate <= 0.0 {
+            bail!("BENCH_ORDERS, BENCH_RUNS and BENCH_LATENCY_RATE must be positive");
+        }
+        Ok(settings)
+    }
+
+    fn wants(&self, case: &str) -> bool {
+        self.cases.iter().any(|c| c == case)
+    }
+
+    /// Orders the latency case delivers.
+    fn latency_orders(&self) -> u64 {
+        (self.latency_rate * self.latency_secs).round() as u64
+    }
+}
+
+/// The data and connections every case shares.
+struct Bench {
+    settings: Settings,
+    config: Config,
+    archiver: Archiver,
+    orders: Collection<Document>,
+    archive: Collection<Document>,
+    /// What `batch` selects: every delivered order.
+    delivered_filter: Document,
+    /// Delivered orders, all archived by each batch run.
+    delivered: u64,
+    /// Undelivered orders, delivered by the watch throughput runs (and reset between them).
+    watch_ids: Vec<Bson>,
+    /// Undelivered orders, delivered by each latency run.
+    latency_ids: Vec<Bson>,
+}
+
+impl Bench {
+    /// Seeds the data with the real `simulate`: `BENCH_ORDERS` delivered orders, then the
+    /// undelivered ones the watch cases deliver, in the same database with the same references.
+    async fn setup(settings: Settings) -> anyhow::Result<Bench> {
+        let scratch = settings.out.parent().context("BENCH_OUT has no directory")?.join("work");
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let archiver = Archiver::new(settings.archiver.clone(), &settings.uri, &settings.database, &scratch)?;
+
+        let undelivered = settings.watch_orders + settings.latency_orders() * (1 + settings.latency_waits_ms.len() as u64);
+        let seeds = [
+            ("seed-delivered", settings.orders, "1", "1.0", true),
+            ("seed-undelivered", undelivered, "2", "0", false),
+        ];
+        for (label, count, seed, p_delivered, drop) in seeds {
+            let count = count.to_string();
+            let mut args = vec!["simulate", "--count", &count, "--seed", seed, "--p-delivered", p_delivered];
+            if drop {
+                args.push("--drop");
+            }
+            let elapsed = archiver.run(label, &args, &[]).await?;
+            eprintln!("{label}: {count} orders in {:.1} s", elapsed.as_secs_f64());
+        }
+
+        let mut config = Config::default();
+        config.mongodb.uri = settings.uri.clone();
+        config.mongodb.database = settings.database.clone();
+        let dbs = archiver::db::connect(&config).await?;
+        // Built once, untimed, with batch's own definitions: otherwise the first timed run
+        // would pay for indexing the orders.
+        archiver::batch::ensure_indexes(&config, &dbs).await;
+        let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
+        let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
+        let delivered_filter = delivered_in_range(&config, DateRange::parse(BATCH_FROM, None, Utc::now())?);
+        let delivered = orders.count_documents(delivered_filter.clone()).await?;
+        if delivered != settings.orders {
+            bail!("simulate seeded {delivered} delivered orders, expected {}", settings.orders);
+        }
+        let f = &config.orders.fields;
+        let mut pending = ids(&orders, doc! { f.status.clone(): { "$ne": &config.orders.delivered_status } }, undelivered).await?;
+        if (pending.len() as u64) < undelivered {
+            bail!("simulate seeded {} undelivered orders, expected {undelivered}", pending.len());
+        }
+        let latency_ids = pending.split_off(settings.watch_orders as usize);
+        let bench = Bench {
+            settings,
+            config,
+            archiver,
+            orders,
+            archive,
+            delivered_filter,
+            delivered,
+            watch_ids: pending,
+            latency_ids,
+        };
+        // Every run starts from the same state: en route, not delivered.
+        bench.reset(&bench.watch_ids).await?;
+        bench.reset(&bench.latency_ids).await?;
+        Ok(bench)
+    }
+
+    /// Puts these orders back to undelivered.
+    async fn reset(&self, ids: &[Bson]) -> anyhow::Result<()> {
+        UPDATER.update_ids(&self.orders, ids, || undelivery(&self.config)).await.map(|_| ())
+    }
+
+    async fn drop_archive(&self) -> anyhow::Result<()> {
+        self.archive.drop().await.context("dropping the archive")
+    }
+
+    /// Fails unless the archive holds exactly `n` documents: a fast wrong run is no figure.
+    async fn expect_archived(&self, n: u64) -> anyhow::Result<()> {
+        let count = self.archive.count_documents(doc! {}).await?;
+        if count != n {
+            bail!("the archive holds {count} documents, expected {n}");
+        }
+        Ok(())
+    }
+
+    /// Times `work` on `orders` orders, with the CPU it costs here and on the server.
+    async fn measure(&self, orders: u64, work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<Run> {
+        Run::measure(orders, self.settings.server_pid, work).await
+    }
+
+    /// `archiver batch` over every delivered order into an empty archive, timed by wall clock.
+    async fn run_batch(&self, label: &str, args: &[&str]) -> anyhow::Result<Run> {
+        self.drop_archive().await?;
+        let mut command = vec!["batch", "--date-from", BATCH_FROM];
+        command.extend_from_slice(args);
+        let run = self.measure(self.delivered, async { self.archiver.run(label, &command, &[]).await.map(drop) }).await?;
+        self.expect_archived(self.delivered).await?;
+        Ok(run)
+    }
+
+    /// L1: the enrichment as one bare aggregation ending in the same `$merge` as batch's server
+    /// path, into an archive with the same index batch creates.
+    async fn run_l1(&self) -> anyhow::Result<Run> {
+        self.drop_archive().await?;
+        self.archive.create_index(IndexModel::builder().keys(doc! { "date_commande": 1 }).build()).await?;
+        let stages = enrichment_stages(&self.config, ArchiveSource::Batch);
+        let pipeline = self.merge_pipeline(vec![], &stages, &self.config.archive.collection);
+        let run = self.measure(self.delivered, async {
+            self.orders.aggregate(pipeline).await.map(drop).context("running L1")
+        })
+        .await?;
+        self.expect_archived(self.delivered).await?;
+        Ok(run)
+    }
+
+    /// The delivered orders, then `limit` stages, then `stages`, then batch's `$merge` into
+    /// `into` (in the archive database).
+    fn merge_pipeline(&self, limit: Vec<Document>, stages: &[Document], into: &str) -> Vec<Document> {
+        let mut pipeline = vec![doc! { "$match": self.delivered_filter.clone() }];
+        pipeline.extend(limit);
+        pipeline.extend_from_slice(stages);
+        pipeline.push(doc! { "$merge": {
+            "into": { "db": self.config.archive_database(), "coll": into },
+            "on": "_id",
+            "whenMatched": "keepExisting",
+            "whenNotMatched": "insert",
+        } });
+        pipeline
+    }
+
+    /// L1 cut after `stages`, on the first `n` delivered orders, into a scratch collection.
+    async fn run_stage_prefix(&self, stages: &[Document], n: u64) -> anyhow::Result<Run> {
+        let probe = self.orders.client().database(self.config.archive_database()).collection::<Document>(STAGE_PROBE_COLLECTION);
+        probe.drop().await?;
+        let pipeline = self.merge_pipeline(vec![doc! { "$limit": n as i64 }], stages, STAGE_PROBE_COLLECTION);
+        let run = self.measure(n, async { self.orders.aggregate(pipeline).await.map(drop).context("running a stage prefix") }).await?;
+        let count = probe.count_documents(doc! {}).await?;
+        probe.drop().await?;
+        if count != n {
+            bail!("the stage probe wrote {count} documents, expected {n}");
+        }
+        Ok(run)
+    }
+
+    /// L0: the same orders copied unchanged, raw, into a collection with no secondary index.
+    async fn run_l0(&self) -> anyhow::Result<Run> {
+        let target = self.orders.client().database(&self.settings.database).collection::<RawDocumentBuf>(L0_COLLECTION);
+        target.drop().await?;
+        let source = self.orders.clone_with_type::<RawDocumentBuf>();
+        let run = self
+            .measure(self.delivered, async {
+                let copied = load::copy_raw(&source, self.delivered_filter.clone(), &target, L0_BATCH, L0_IN_FLIGHT).await?;
+                if copied != self.delivered {
+                    bail!("L0 copied {copied} orders, expected {}", self.delivered);
+                }
+                Ok(())
+            })
+            .await?;
+        target.drop().await?;
+        Ok(run)
+    }
+
+    /// The naive baseline: per order, one aggregation; inserts by `NAIVE_INSERT_BATCH`.
+    async fn run_naive(&self, ids: &[Bson]) -> anyhow::Result<Run> {
+        self.drop_archive().await?;
+        let stages = enrichment_stages(&self.config, ArchiveSource::Batch);
+        let run = self
+            .measure(ids.len() as u64, async {
+                let mut pending: Vec<Document> = Vec::with_capacity(NAIVE_INSERT_BATCH);
+                for (i, id) in ids.iter().enumerate() {
+                    let mut pipeline = vec![doc! { "$match": { "_id": id } }];
+                    pipeline.extend(stages.iter().cloned());
+                    pending.extend(self.orders.aggregate(pipeline).await?.try_collect::<Vec<_>>().await?);
+                    if pending.len() >= NAIVE_INSERT_BATCH || i + 1 == ids.len() {
+                        self.archive.insert_many(std::mem::take(&mut pending)).ordered(false).await?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        self.expect_archived(ids.len() as u64).await?;
+        Ok(run)
+    }
+
+    /// How long the archive may take to catch up with `n` deliveries before a run is failed.
+    fn catch_up_timeout(n: u64) -> Duration {
+        Duration::from_secs(120 + n / 100)
+    }
+
+    /// One watch throughput run: `archiver watch` (with `env`) is started, the watch orders are
+    /// delivered as fast as the updater goes, and the run lasts until the archive holds them all.
+    async fn run_watch(&self, label: &str, env: &[(&str, String)]) -> anyhow::Result<WatchRun> {
+        let ids = &self.watch_ids;
+        self.reset(ids).await?;
+        self.drop_archive().await?;
+        let mut watch = self.archiver.start_watch(label, env).await?;
+        let meter = CpuMeter::start(self.settings.server_pid);
+        let started = Instant::now();
+        let deliver = UPDATER.update_ids(&self.orders, ids, || delivery(&self.config));
+        let archived = load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || watch.check_alive());
+        let (delivery_time, done) = tokio::try_join!(deliver, archived)?;
+        let mut cpu = meter.stop();
+        let resources = watch.resources()?;
+        // The watch process is not waited for yet, so the meter did not count it.
+        cpu.client_secs += resources.cpu_secs;
+        watch.stop().await?;
+        self.expect_archived(ids.len() as u64).await?;
+        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources, cpu })
+    }
+
+    /// The limit of case 3: the same deliveries, read by a bare change-stream reader with
+    /// watch's filter and cursor settings, counting events.
+    async fn run_bare_reader(&self) -> anyhow::Result<WatchRun> {
+        let ids = &self.watch_ids;
+        self.reset(ids).await?;
+        let w = &self.config.watch;
+        let reader = load::count_stream_events(
+            &self.orders,
+            delivered_filter(&self.config),
+            ids.len() as u64,
+            w.batch_size as u32,
+            Duration::from_millis(w.batch_max_wait_ms),
+        )
+        .await?;
+        let meter = CpuMeter::start(self.settings.server_pid);
+        let started = Instant::now();
+        let delivery_time = UPDATER.update_ids(&self.orders, ids, || delivery(&self.config)).await?;
+        let done = tokio::time::timeout(Self::catch_up_timeout(ids.len() as u64), reader)
+            .await
+            .context("the bare reader did not see every delivery in time")???;
+        let cpu = meter.stop();
+        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources: Resources::default(), cpu })
+    }
+
+    /// The updater with nobody reading: the delivery rate itself.
+    async fn run_updater_alone(&self) -> anyhow::Result<Run> {
+        let ids = &self.watch_ids;
+        self.reset(ids).await?;
+        self.measure(ids.len() as u64, async { UPDATER.update_ids(&self.orders, ids, || delivery(&self.config)).await.map(drop) })
+            .await
+    }
+
+    /// One latency run: `watch` (with `env`) running, `ids` delivered at the paced rate, then
+    /// each archived order's `archived_at − date_livraison`, sorted, in milliseconds.
+    async fn run_latency(&self, label: &str, ids: &[Bson], env: &[(&str, String)]) -> anyhow::Result<LatencyRun> {
+        self.reset(ids).await?;
+        self.drop_archive().await?;
+        let mut watch = self.archiver.start_watch(label, env).await?;
+        let s = &self.settings;
+        let delivering = load::deliver_paced(&self.orders, &self.config, ids, s.latency_rate, LATENCY_GROUP, LATENCY_IN_FLIGHT).await?;
+        load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || watch.check_alive()).await?;
+        watch.stop().await?;
+        let mut latencies_ms: Vec<f64> = self
+            .archive
+            .find(doc! {})
+            .projection(doc! { "archived_at": 1, "date_livraison": 1 })
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .iter()
+            .map(|d| {
+                let at = |field| d.get_datetime(field).map(|t| t.timestamp_millis());
+                Ok((at("archived_at")? - at("date_livraison")?) as f64)
+            })
+            .collect::<Result<_, mongodb::bson::document::ValueAccessError>>()
+            .context("an archive document without archived_at or date_livraison")?;
+        latencies_ms.sort_by(f64::total_cmp);
+        self.reset(ids).await?;
+        Ok(LatencyRun { delivery_rate: rate(ids.len() as u64, delivering), latencies_ms })
+    }
+}
+
+/// The ids of up to `limit` orders matching `filter`, in `_id` order (so, reproducibly).
+async fn ids(orders: &Collection<Document>, filter: Document, limit: u64) -> anyhow::Result<Vec<Bson>> {
+    let docs: Vec<Document> =
+        orders.find(filter).sort(doc! { "_id": 1 }).limit(limit as i64).projection(doc! { "_id": 1 }).await?.try_collect().await?;
+    Ok(docs.into_iter().filter_map(|mut d| d.remove("_id")).collect())
+}
+
+/// What a watch throughput run (or its bare-reader counterpart) measured.
+struct WatchRun {
+    orders: u64,
+    /// From the first delivery to the last order archived (or event read).
+    elapsed: Duration,
+    /// How long the deliveries themselves took.
+    delivery_time: Duration,
+    /// The `watch` process's, read just before SIGTERM (zero for the bare reader).
+    resources: Resources,
+    /// From the first delivery to the end, plus the whole `watch` process's.
+    cpu: CpuTimes,
+}
+
+impl Throughput for WatchRun {
+    fn orders(&self) -> u64 {
+        self.orders
+    }
+    fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+    fn cpu(&self) -> CpuTimes {
+        self.cpu
+    }
+}
+
+impl WatchRun {
+    fn delivery_rate(&self) -> f64 {
+        rate(self.orders, self.delivery_time)
+    }
+    fn peak_rss_mb(&self) -> f64 {
+        self.resources.peak_rss_bytes as f64 / 1e6
+    }
+    fn cpu_secs_per_10k(&self) -> f64 {
+        self.resources.cpu_secs * 10_000.0 / self.orders as f64
+    }
+}
+
+/// What a latency run measured.
+struct LatencyRun {
+    /// Deliveries per second actually reached by the paced updater.
+    delivery_rate: f64,
+    /// Sorted.
+    latencies_ms: Vec<f64>,
+}
+
+/// The medians the targets are checked against; `None` when the case was not run.
+#[derive(Default)]
+struct Figures {
+    batch: Option<f64>,
+    l1: Option<f64>,
+    l0: Option<f64>,
+    naive: Option<f64>,
+    watch: Option<f64>,
+    bare_reader: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    watch_peak_rss_mb: Option<f64>,
+}
+
+/// Case 1: both batch write paths against L1 and L0.
+async fn case_batch(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
+    let runs = b.settings.runs;
+    let client = timed("batch client", runs, |_| b.run_batch("batch-client", &["--write-path", "client"])).await?;
+    let server = timed("batch server", runs, |_| b.run_batch("batch-server", &["--write-path", "server"])).await?;
+    let l1 = timed("L1 aggregation + $merge", runs, |_| b.run_l1()).await?;
+    let l0 = timed("L0 raw copy", runs, |_| b.run_l0()).await?;
+
+    let section = format!("1. batch: {} delivered orders, full enrichment, wall clock", b.delivered);
+    let client = report.throughput(&section, "archiver batch --write-path client (default)", &client);
+    let server = report.throughput(&section, "archiver batch --write-path server", &server);
+    let l1 = report.throughput(&section, "L1 bare aggregation + $merge (driver)", &l1);
+    let l0 = report.throughput(&section, "L0 raw copy, no enrichment (driver)", &l0);
+    report.ratio("batch client / L1", client, l1);
+    report.ratio("batch client / L0", client, l0);
+    report.ratio("batch server / L1", server, l1);
+    report.ratio("batch server / L0", server, l0);
+    *figures = Figures { batch: Some(client), l1: Some(l1), l0: Some(l0), ..std::mem::take(figures) };
+    Ok(())
+}
+
+/// Case 7: what each enrichment stage adds, by cutting L1 after each one (on
+/// `BENCH_STAGE_ORDERS` orders, one run each: a profile, not a target).
+async fn case_stages(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let n = b.settings.stage_orders.min(b.delivered);
+    let section = format!("7. enrichment profile: L1 ($match, $limit {n}, stages…, $merge) cut after each stage, 1 run each");
+    let stages = enrichment_stages(&b.config, ArchiveSource::Batch);
+    for k in 0..=stages.len() {
+        let name = match k {
+            0 => "no enrichment ($match + $merge only)".to_owned(),
+            k => format!("+ {}", stage_label(k, &stages[k - 1])),
+        };
+        let runs = timed(&name, 1, |_| b.run_stage_prefix(&stages[..k], n)).await?;
+        report.throughput(&section, &name, &runs);
+    }
+    Ok(())
+}
+
+/// `N. $operator [from]`, e.g. `2. $lookup Livreur`.
+fn stage_label(number: usize, stage: &Document) -> String {
+    let Some((operator, body)) = stage.iter().next() else { return format!("{number}. (empty)") };
+    match body.as_document().and_then(|b| b.get_str("from").ok()) {
+        Some(from) => format!("{number}. {operator} {from}"),
+        None => format!("{number}. {operator}"),
+    }
+}
+
+/// Case 2: the client path over chunk sizes × concurrency.
+async fn case_sweep(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let s = &b.settings;
+    let section = format!("2. batch client path sweep: {} orders, {} run(s) each", b.delivered, s.sweep_runs);
+    let mut best: Option<(f64, String)> = None;
+    for chunk in &s.sweep_chunk_sizes {
+        for concurrency in &s.sweep_concurrency {
+            let (chunk_arg, concurrency_arg) = (chunk.to_string(), concurrency.to_string());
+            let args = ["--write-path", "client", "--chunk-size", &chunk_arg, "--concurrency", &concurrency_arg];
+            let name = format!("--chunk-size {chunk} --concurrency {concurrency}");
+            let runs = timed(&name, s.sweep_runs, |_| b.run_batch("sweep", &args)).await?;
+            let median = report.throughput(&section, &name, &runs);
+            if best.as_ref().is_none_or(|(rate, _)| median > *rate) {
+                best = Some((median, name));
+            }
+        }
+    }
+    if let Some((rate, name)) = best {
+        report.note(format!("best batch client setting in the sweep: {name} ({} orders/s)", support::report::number(rate)));
+    }
+    Ok(())
+}
+
+/// Case 6: the naive per-order baseline.
+async fn case_naive(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
+    let ids = ids(&b.orders, b.delivered_filter.clone(), b.settings.naive_orders).await?;
+    let runs = timed("naive", b.settings.runs, |_| b.run_naive(&ids)).await?;
+    let section = format!("6. naive baseline: one aggregation per order, inserts by {NAIVE_INSERT_BATCH}, sequential, {} orders", ids.len());
+    let naive = report.throughput(&section, "naive per-order archiving (driver)", &runs);
+    if let Some(batch) = figures.batch {
+        report.ratio("batch client / naive", batch, naive);
+    }
+    figures.naive = Some(naive);
+    Ok(())
+}
+
+/// Cases 3 and 5: watch throughput against the bare reader and the updater, with the watch
+/// process's memory and CPU; then the optional batch-size variants.
+async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
+    let runs = b.settings.runs;
+    let m = b.watch_ids.len();
+    let watch = timed("watch", runs, |i| async move { b.run_watch(&format!("watch-{i}"), &[]).await }).await?;
+    let bare = timed("bare change-stream reader", runs, |_| b.run_bare_reader()).await?;
+    let alone = timed("updater alone", runs, |_| b.run_updater_alone()).await?;
+
+    let section = format!("3. watch throughput: {m} orders delivered by update_many of {} ids, {} in flight", UPDATER.chunk, UPDATER.in_flight);
+    let watch_rate = report.throughput(&section, "archiver watch (defaults), archived", &watch);
+    let bare_rate = report.throughput(&section, "bare change-stream reader, events", &bare);
+    report.throughput(&section, "updater alone (nobody reading)", &alone);
+    report.row(&section, "updater during the watch runs", "orders/s", summarize(&watch, WatchRun::delivery_rate));
+    report.row(&section, "updater during the bare-reader runs", "orders/s", summarize(&bare, WatchRun::delivery_rate));
+    report.ratio("watch / bare reader", watch_rate, bare_rate);
+
+    let section = "5. watch memory and CPU (during case 3)";
+    let rss = report.row(section, "peak RSS (VmHWM before SIGTERM)", "MB", summarize(&watch, WatchRun::peak_rss_mb));
+    report.row(section, "CPU (user+system) per 10,000 orders", "s", summarize(&watch, WatchRun::cpu_secs_per_10k));
+
+    figures.watch = Some(watch_rate);
+    figures.bare_reader = Some(bare_rate);
+    figures.watch_peak_rss_mb = Some(rss);
+
+    if !b.settings.watch_batch_sizes.is_empty() {
+        let section = "3b. watch throughput by BATCH_SIZE (profiling, 1 run each)";
+        for size in &b.settings.watch_batch_sizes {
+            let name = format!("BATCH_SIZE={size}");
+            let run = b.run_watch(&format!("watch-batch-{size}"), &[("BATCH_SIZE", size.to_string())]).await?;
+            eprintln!("  watch {name}: {:.0} orders/s", run.orders_per_sec());
+            report.throughput(section, &format!("archiver watch {name}"), std::slice::from_ref(&run));
+            report.row(section, &format!("  peak RSS with {name}"), "MB", Summary::single(run.peak_rss_mb()));
+        }
+    }
+    b.reset(&b.watch_ids).await
+}
+
+/// Case 4: end-to-end latency at a steady delivery rate; then the optional batch-wait variants,
+/// each on its own orders.
+async fn case_latency(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
+    let s = &b.settings;
+    let n = s.latency_orders() as usize;
+    let section = format!(
+        "4. watch latency: {} orders/s paced for {} s ({} orders), archived_at − date_livraison",
+        s.latency_rate, s.latency_secs, n
+    );
+    let mut variants: Vec<(String, Vec<(&str, String)>)> = vec![("defaults".to_owned(), vec![])];
+    for wait in &s.latency_waits_ms {
+        variants.push((format!("BATCH_MAX_WAIT_MS={wait}"), vec![("BATCH_MAX_WAIT_MS", wait.to_string())]));
+    }
+    for (i, (name, env)) in variants.iter().enumerate() {
+        let ids = &b.latency_ids[i * n..(i + 1) * n];
+        let run = b.run_latency(&format!("watch-latency-{i}"), ids, env).await?;
+        let p = |q| percentile(&run.latencies_ms, q);
+        eprintln!("  latency {name}: p50 {:.0} ms, p99 {:.0} ms at {:.0} deliveries/s", p(50.0), p(99.0), run.delivery_rate);
+        report.row(&section, &format!("deliveries reached ({name})"), "orders/s", Summary::single(run.delivery_rate));
+        for q in [50.0, 95.0, 99.0, 100.0] {
+            let label = if q == 100.0 { "max".to_owned() } else { format!("p{q}") };
+            report.row(&section, &format!("latency {label} ({name})"), "ms", Summary::single(p(q)));
+        }
+        if i == 0 {
+            figures.latency_p99_ms = Some(p(99.0));
+        }
+    }
+    report.note(
+        "latency is archived_at − date_livraison on one machine clock; archived_at is set by the server \
+         when the enrichment aggregation runs, so it slightly under-counts the final insert",
+    );
+    Ok(())
+}
+
+/// The targets of the issue, from this run's figures.
+fn targets(report: &mut Report, f: &Figures) {
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(f64::NAN, |(a, b)| a / b);
+    report.target("batch (client) / L1", ratio(f.batch, f.l1), Goal::AtLeast, 1.2, "×");
+    report.target("batch (client) / L0", ratio(f.batch, f.l0), Goal::AtLeast, 0.3, "×");
+    report.target("watch / bare reader", ratio(f.watch, f.bare_reader), Goal::AtLeast, 0.7, "×");
+    report.target("watch latency p99 at the paced rate", f.latency_p99_ms.unwrap_or(f64::NAN), Goal::AtMost, 250.0, "ms");
+    report.target("watch peak RSS", f.watch_peak_rss_mb.unwrap_or(f64::NAN), Goal::AtMost, 40.0, "MB");
+    report.target("batch (client) / naive", ratio(f.batch, f.naive), Goal::AtLeast, 5.0, "×");
+}
+
+/// Facts about the machine that explain noisy figures.
+fn describe_machine(report: &mut Report, when: &str) {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    report.context(&format!("loadavg_{when}"), loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let mut report = Report::default();
+    report.context("settings", &settings);
+    report.context("cpus", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    report.context("started_at", Utc::now().to_rfc3339());
+    describe_machine(&mut report, "start");
+    let out = settings.out.clone();
+    let started = Instant::now();
+
+    let bench = Bench::setup(settings).await?;
+    let server = bench.orders.client().database("admin").run_command(doc! { "buildInfo": 1 }).await?;
+    report.context("server_version", server.get_str("version").unwrap_or("unknown"));
+
+    let mut figures = Figures::default();
+    let s = &bench.settings;
+    if s.wants("batch") {
+        case_batch(&bench, &mut report, &mut figures).await?;
+    }
+    if s.wants("stages") {
+        case_stages(&bench, &mut report).await?;
+    }
+    if s.wants("sweep") {
+        case_sweep(&bench, &mut report).await?;
+    }
+    if s.wants("naive") {
+        case_naive(&bench, &mut report, &mut figures).await?;
+    }
+    if s.wants("watch") {
+        case_watch(&bench, &mut report, &mut figures).await?;
+    }
+    if s.wants("latency") {
+        case_latency(&bench, &mut report, &mut figures).await?;
+    }
+    targets(&mut report, &figures);
+    describe_machine(&mut report, "end");
+    report.context("duration_secs", started.elapsed().as_secs_f64());
+    let fact = |key: &str| report.context.get(key).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default();
+    let load = format!(
+        "load average {} at start, {} at end ({} CPUs): figures are only comparable within one run",
+        fact("loadavg_start"),
+        fact("loadavg_end"),
+        fact("cpus")
+    );
+    report.note(load);
+
+    print!("{}", report.render());
+    report.write_json(&out)?;
+    println!("\nJSON: {}", out.display());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let uri = match std::env::var("BENCH_URI") {
+        Ok(uri) if !uri.is_empty() => uri,
+        // `cargo test --all-targets` runs this harness-less bench too: nothing to do there.
+        _ if !std::env::args().any(|a| a == "--bench") => {
+            eprintln!("pipeline bench: BENCH_URI is not set; nothing to do (run scripts/bench.sh)");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("pipeline bench: BENCH_URI is not set; run scripts/bench.sh, which starts a server and sets it");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match Settings::from_env(uri) {
+        Ok(settings) => run(settings).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pipeline bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
