@@ -8,7 +8,8 @@ use mongodb::error::{Error, ErrorKind};
 use mongodb::options::UpdateOptions;
 use mongodb::Collection;
 
-use crate::config::Config;
+use crate::config::{Config, EnrichMode};
+use crate::join::Joiner;
 use crate::db::{error_code, is_transient, Databases};
 use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
 
@@ -59,6 +60,8 @@ pub struct Archiver {
     archive: Collection<Document>,
     dead_letters: Collection<Document>,
     stages: Vec<Document>,
+    /// The client-side join, when configured and possible for this configuration.
+    joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
 }
@@ -71,6 +74,10 @@ impl Archiver {
             archive: dbs.archive.collection(&config.archive.collection),
             dead_letters: dbs.archive.collection(&config.archive.errors_collection),
             stages: enrichment_stages(config, source),
+            joiner: match config.enrich.mode {
+                EnrichMode::Join => Joiner::new(config, &dbs.source, source),
+                EnrichMode::Lookup => None,
+            },
             source,
             delivered_status: config.orders.delivered_status.clone(),
         }
@@ -166,10 +173,7 @@ impl Archiver {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = Vec::with_capacity(self.stages.len() + 1);
-        pipeline.push(doc! { "$match": { "_id": { "$in": ids } } });
-        pipeline.extend(self.stages.iter().cloned());
-        let mut docs: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
+        let mut docs = self.enrich_found(ids).await?;
         if docs.len() < ids.len() {
             // Deleted between delivery and enrichment: archive what is known, flagged.
             let found = id_keys(&docs);
@@ -185,6 +189,23 @@ impl Archiver {
             docs.extend(vanished);
         }
         Ok(docs)
+    }
+
+    /// The archive documents of the orders that still exist: joined on the client when
+    /// configured (and possible for these orders), else by the `$lookup` pipeline.
+    async fn enrich_found(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
+        if let Some(joiner) = &self.joiner {
+            let orders: Vec<Document> =
+                self.orders.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+            if let Some(docs) = joiner.enrich(&orders).await? {
+                return Ok(docs);
+            }
+            tracing::debug!(orders = orders.len(), "batch needs the $lookup pipeline (arrays or decimals)");
+        }
+        let mut pipeline = Vec::with_capacity(self.stages.len() + 1);
+        pipeline.push(doc! { "$match": { "_id": { "$in": ids } } });
+        pipeline.extend(self.stages.iter().cloned());
+        self.orders.aggregate(pipeline).await?.try_collect().await
     }
 
     /// Inserts already-enriched documents, keeping any that are already archived.

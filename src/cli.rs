@@ -82,6 +82,10 @@ pub struct GlobalArgs {
     /// Log format [default: text].
     #[arg(long, env = "LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// How orders are joined with their references: `join` (batched reads, joined by archiver)
+    /// or `lookup` (the server's $lookup pipeline) [default: join].
+    #[arg(long, env = "ENRICH_MODE", global = true, value_enum)]
+    pub enrich_mode: Option<crate::config::EnrichMode>,
     /// Split the orders into N partitions by id; this worker handles --partition (watch, batch).
     #[arg(long, env = "PARTITIONS", global = true, value_name = "N")]
     pub partitions: Option<u32>,
@@ -285,6 +289,7 @@ impl Cli {
         o.set("log.dir", g.log_dir.clone());
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());
+        o.set("enrich.mode", g.enrich_mode);
         o.set("coordination.partitions", g.partitions);
         o.set("coordination.partition", g.partition);
         match &self.command {

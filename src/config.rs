@@ -37,6 +37,28 @@ pub struct Config {
     pub connection: ConnectionSettings,
     /// Several processes: shared checkpoints, leadership lease, partitions.
     pub coordination: CoordinationSettings,
+    /// How orders are enriched.
+    pub enrich: EnrichSettings,
+}
+
+/// How orders are joined with their references.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrichMode {
+    /// Batched `_id $in` reads of the references, joined by `archiver` (same documents).
+    #[default]
+    Join,
+    /// The `$lookup` aggregation pipeline, evaluated by the server.
+    Lookup,
+}
+
+/// Enrichment settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichSettings {
+    /// `join` or `lookup` (`ENRICH_MODE`). The server path of `batch` ($merge) always uses the
+    /// pipeline.
+    pub mode: EnrichMode,
 }
 
 /// Where `watch` keeps its checkpoint.

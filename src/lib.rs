@@ -15,6 +15,7 @@ pub mod db;
 pub mod enrich;
 pub mod exit;
 pub mod health;
+pub mod join;
 pub mod logging;
 pub mod redact;
 pub mod simulate;

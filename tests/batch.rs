@@ -96,21 +96,43 @@ async fn both_write_paths_produce_identical_documents() {
         };
         server_side.db.collection::<Document>(name).insert_many(all).await.unwrap();
     }
-    // One order with broken references, to compare anomalies too.
+    // Orders with broken references and odd values, to compare every rule of both paths.
     let mut broken = docs[2].clone();
     broken.insert("_id", mongodb::bson::oid::ObjectId::new());
     broken.insert("numero_commande", "CMD-000099");
     broken.insert("client_id", mongodb::bson::oid::ObjectId::new());
     broken.insert("items", vec![Bson::Document(doc! { "menu_id": 42, "quantite": "two" })]);
-    client_side.orders().insert_one(broken.clone()).await.unwrap();
+    let variant = |n: i32, changes: Document| {
+        let mut o = docs[2].clone();
+        o.insert("_id", mongodb::bson::oid::ObjectId::new());
+        o.insert("numero_commande", format!("CMD-1000{n:02}"));
+        for (k, v) in changes {
+            o.insert(k, v);
+        }
+        o
+    };
+    let menu0 = docs[2].get_array("items").unwrap()[0].as_document().unwrap().get("menu_id").unwrap().clone();
+    let odd = vec![
+        broken,
+        variant(1, doc! { "items": [5, { "quantite": 1 }, { "menu_id": Bson::Null, "quantite": 2 }] }),
+        variant(2, doc! { "items": [{ "menu_id": menu0.clone(), "quantite": 3_i64 }, { "menu_id": menu0.clone(), "quantite": 1.5 }] }),
+        variant(3, doc! { "livreur_id": Bson::Null, "montant_total": "31" }),
+        variant(4, doc! { "client_id": 77_i64, "restaurant_id": Bson::Null }),
+        variant(5, doc! { "numero_commande": 12 }),
+    ];
+    // A numeric customer id, matched across integer types as MongoDB compares numbers by value.
+    for t in [&client_side, &server_side] {
+        t.db.collection::<Document>("Client").insert_one(doc! { "_id": 77_i32, "nom": "Numerique" }).await.unwrap();
+    }
+    client_side.orders().insert_many(odd.clone()).await.unwrap();
     server_side.orders().insert_many(docs).await.unwrap();
-    server_side.orders().insert_one(broken).await.unwrap();
+    server_side.orders().insert_many(odd).await.unwrap();
 
     let range = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
     let a = client_side.run(&[&range[..], &["--write-path", "client"]].concat());
     let b = server_side.run(&[&range[..], &["--write-path", "server"]].concat());
     assert!(a.status.success() && b.status.success(), "{}\n{}", a.stderr, b.stderr);
-    assert!(b.stdout.contains("4 newly archived"), "{}", b.stdout);
+    assert!(b.stdout.contains("9 newly archived"), "{}", b.stdout);
     let strip = |mut docs: Vec<Document>| {
         for d in &mut docs {
             assert!(d.remove("archived_at").is_some());
@@ -119,7 +141,7 @@ async fn both_write_paths_produce_identical_documents() {
     };
     let from_client = strip(collect(&client_side).await);
     let from_server = strip(collect(&server_side).await);
-    assert_eq!(from_client.len(), 4);
+    assert_eq!(from_client.len(), 9, "3 orders of the range and 6 odd ones");
     assert_eq!(from_client, from_server);
     let flagged = from_client.iter().find(|d| d.get_str("numero_commande").unwrap() == "CMD-000099").unwrap();
     let anomalies: Vec<&str> = flagged.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect();
