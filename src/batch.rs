@@ -243,29 +243,34 @@ pub async fn archive_matching(
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
     let matched = orders.count_documents(filter.clone()).await.context("counting the orders to archive")?;
     let chunk_size = config.batch.chunk_size;
-    let ids = orders
+    // With the client-side join, whole orders are streamed once and joined chunk by chunk;
+    // otherwise only ids are streamed and each chunk is enriched by the pipeline.
+    let whole_orders = archiver.joins() && write_path == WritePath::Client && !only_missing;
+    let projection = (!whole_orders).then(|| doc! { "_id": 1 });
+    let orders_read = orders
         .find(filter.clone())
-        .projection(doc! { "_id": 1 })
+        .with_options(mongodb::options::FindOptions::builder().projection(projection).build())
         .batch_size(chunk_size.min(100_000) as u32)
         .await
-        .context("reading the orders to archive")?
-        .map_ok(|d: Document| d.get("_id").cloned().unwrap_or(Bson::Null));
+        .context("reading the orders to archive")?;
     let progress = Progress::new(matched);
     let no_events = EventTimes::new();
-    let chunks = ids
+    let chunks = orders_read
         .try_chunks(chunk_size)
         .take_until(shutdown.cancelled())
         .map(|chunk| async {
-            let chunk = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
+            let chunk: Vec<Document> = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
+            let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
             let outcome = match (write_path, only_missing) {
-                (_, true) => with_retry(config, || archiver.archive_missing_ids(&chunk)).await,
-                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&chunk, &no_events)).await,
+                _ if whole_orders => with_retry(config, || archiver.archive_orders(chunk.clone())).await,
+                (_, true) => with_retry(config, || archiver.archive_missing_ids(&ids)).await,
+                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&ids, &no_events)).await,
                 (WritePath::Server, false) => {
-                    with_retry(config, || merge_chunk(config, dbs, archiver, &chunk)).await
+                    with_retry(config, || merge_chunk(config, dbs, archiver, &ids)).await
                 }
             }
             .context("archiving a chunk")?;
-            progress.add(chunk.len() as u64);
+            progress.add(ids.len() as u64);
             anyhow::Ok(outcome)
         })
         .buffer_unordered(config.batch.concurrency);
