@@ -5,29 +5,31 @@
 //! Run it with `scripts/bench.sh`: it builds, starts a throwaway SecantusDB server, sets
 //! `BENCH_URI` and runs `cargo bench --bench pipeline`. The cases:
 //!
-//! 1. **batch**: `archiver batch` over every delivered order, client and server write paths,
-//!    against L1 (the bare aggregation ending in `$merge`) and L0 (a raw copy of the same orders
-//!    with no enrichment, as fast as the driver goes).
+//! 1. **batch**: `archiver batch` over every delivered order, client path (with the default
+//!    client-side join, and with `ENRICH_MODE=lookup`) and server path, against L1 (the bare
+//!    `$lookup` aggregation ending in `$merge`) and L0 (a raw copy of the same orders with no
+//!    enrichment, as fast as the driver goes).
 //! 2. **sweep**: the client path over chunk sizes × concurrency.
 //! 3. **watch throughput**: `archiver watch` while orders are delivered as fast as the server
 //!    allows, against a bare change-stream reader with the same server-side filter; also the
-//!    rate of the updater alone. Optional `BATCH_SIZE` variants.
+//!    rate of the updater alone. Then one run with `ENRICH_MODE=lookup`, and optional
+//!    `BATCH_SIZE` variants.
 //! 4. **watch latency**: deliveries paced at a steady rate, then `archived_at − date_livraison`.
 //! 5. **memory and CPU** of `watch` during case 3, from `/proc`.
 //! 6. **naive**: one aggregation per order, inserts by 100, sequential.
-//! 7. **stages**: the cost of each enrichment stage (L1 cut after each stage), to show where
-//!    the enrichment spends its time.
+//! 7. **stages**: the cost of each stage of the `$lookup` pipeline (L1 cut after each stage), to
+//!    show where the server spends its time.
 //!
 //! Each throughput also shows the CPU it cost per order, on the client side (the bench and the
 //! `archiver` processes) and on the server: on a 2-core machine this tells what saturates.
 //!
 //! Settings (environment; defaults in brackets): `BENCH_URI` (required), `BENCH_ORDERS`
 //! [100000] delivered orders, `BENCH_RUNS` [3] runs per case, `BENCH_SWEEP_CHUNK_SIZES`
-//! [500,1000,2000,5000], `BENCH_SWEEP_CONCURRENCY` [1,2,4,8], `BENCH_SWEEP_RUNS` [1],
+//! [500,1000,5000], `BENCH_SWEEP_CONCURRENCY` [1,2,4,8], `BENCH_SWEEP_RUNS` [1],
 //! `BENCH_WATCH_ORDERS` [BENCH_ORDERS / 2], `BENCH_WATCH_BATCH_SIZES` [none] extra `watch`
 //! batch sizes, one run each, `BENCH_LATENCY_RATE` [1000] orders/s, `BENCH_LATENCY_SECS` [15],
 //! `BENCH_LATENCY_WAITS_MS` [none] extra `BATCH_MAX_WAIT_MS` values for the latency case,
-//! `BENCH_NAIVE_ORDERS` [BENCH_ORDERS / 10], `BENCH_STAGE_ORDERS` [20000] orders of the
+//! `BENCH_NAIVE_ORDERS` [BENCH_ORDERS / 10], `BENCH_STAGE_ORDERS` [10000] orders of the
 //! enrichment-stage profile, `BENCH_CASES` [batch,stages,sweep,naive,watch,latency], `BENCH_DB`
 //! [bench], `BENCH_ARCHIVER` [target/release/archiver], `BENCH_OUT` [target/bench/results.json],
 //! `BENCH_SERVER_PID` [none]: the server's pid, to report its CPU time per order.
@@ -44,7 +46,7 @@ use anyhow::{bail, Context};
 use chrono::Utc;
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
-use mongodb::{Collection, IndexModel};
+use mongodb::{Collection, Database, IndexModel};
 use serde::Serialize;
 
 use archiver::batch::{delivered_in_range, DateRange};
@@ -63,10 +65,9 @@ const BATCH_FROM: &str = "2000-01-01";
 const L0_COLLECTION: &str = "Commandes_l0_copy";
 /// Where the enrichment profile writes.
 const STAGE_PROBE_COLLECTION: &str = "Commandes_stage_probe";
-/// L0's insert batch and cursor batch, and inserts in flight: the fastest of those tried (see
-/// the report of the "Performance" issue); larger batches did not help.
-const L0_BATCH: usize = 5000;
-const L0_IN_FLIGHT: usize = 4;
+/// L0's settings, (cursor and insert batch, inserts in flight): each L0 run tries them all and
+/// keeps the fastest, so that the bound is the driver's best rather than one guess.
+const L0_SETTINGS: &[(usize, usize)] = &[(1000, 4), (5000, 4), (20_000, 2)];
 /// How the throughput cases deliver: ids per `update_many`, updates in flight.
 const UPDATER: Updater = Updater { chunk: 500, in_flight: 4 };
 /// The naive baseline writes by this many documents.
@@ -111,9 +112,9 @@ where
 }
 
 /// A comma-separated list, or `default` when unset. Set but empty means an empty list.
-fn env_list<T: FromStr>(name: &str, default: &[T]) -> anyhow::Result<Vec<T>>
+fn env_list<T>(name: &str, default: &[T]) -> anyhow::Result<Vec<T>>
 where
-    T: Clone,
+    T: FromStr + Clone,
     T::Err: std::fmt::Display,
 {
     match std::env::var(name) {
@@ -138,7 +139,7 @@ impl Settings {
             database: env_or("BENCH_DB", "bench".to_owned())?,
             orders,
             runs: env_or("BENCH_RUNS", 3)?,
-            sweep_chunk_sizes: env_list("BENCH_SWEEP_CHUNK_SIZES", &[500, 1000, 2000, 5000])?,
+            sweep_chunk_sizes: env_list("BENCH_SWEEP_CHUNK_SIZES", &[500, 1000, 5000])?,
             sweep_concurrency: env_list("BENCH_SWEEP_CONCURRENCY", &[1, 2, 4, 8])?,
             sweep_runs: env_or("BENCH_SWEEP_RUNS", 1)?,
             watch_orders: env_or("BENCH_WATCH_ORDERS", orders / 2)?,
@@ -147,7 +148,7 @@ impl Settings {
             latency_secs: env_or("BENCH_LATENCY_SECS", 15.0)?,
             latency_waits_ms: env_list("BENCH_LATENCY_WAITS_MS", &[])?,
             naive_orders: env_or("BENCH_NAIVE_ORDERS", (orders / 10).max(1))?,
-            stage_orders: env_or("BENCH_STAGE_ORDERS", orders.min(20_000))?,
+            stage_orders: env_or("BENCH_STAGE_ORDERS", orders.min(10_000))?,
             cases: env_list("BENCH_CASES", &["batch", "stages", "sweep", "naive", "watch", "latency"].map(String::from))?,
             server_pid: env_or("BENCH_SERVER_PID", 0).map(|pid| Some(pid).filter(|&p| p != 0))?,
             archiver: env_or("BENCH_ARCHIVER", target.join("release/archiver"))?,
@@ -174,6 +175,8 @@ struct Bench {
     settings: Settings,
     config: Config,
     archiver: Archiver,
+    /// The bench database: orders, references and archive.
+    database: Database,
     orders: Collection<Document>,
     archive: Collection<Document>,
     /// What `batch` selects: every delivered order.
@@ -234,6 +237,7 @@ impl Bench {
             settings,
             config,
             archiver,
+            database: dbs.source.clone(),
             orders,
             archive,
             delivered_filter,
@@ -270,21 +274,29 @@ impl Bench {
         Run::measure(orders, self.settings.server_pid, work).await
     }
 
-    /// `archiver batch` over every delivered order into an empty archive, timed by wall clock.
-    async fn run_batch(&self, label: &str, args: &[&str]) -> anyhow::Result<Run> {
+    /// `archiver batch ARGS` (with `env`) over every delivered order into an empty archive,
+    /// timed by wall clock.
+    async fn run_batch(&self, label: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Run> {
         self.drop_archive().await?;
         let mut command = vec!["batch", "--date-from", BATCH_FROM];
         command.extend_from_slice(args);
-        let run = self.measure(self.delivered, async { self.archiver.run(label, &command, &[]).await.map(drop) }).await?;
+        let run = self.measure(self.delivered, async { self.archiver.run(label, &command, env).await.map(drop) }).await?;
         self.expect_archived(self.delivered).await?;
         Ok(run)
+    }
+
+    /// An empty archive with the index batch creates on it, for the driver-side references:
+    /// they then maintain the same index as batch does.
+    async fn empty_archive_with_index(&self) -> anyhow::Result<()> {
+        self.drop_archive().await?;
+        self.archive.create_index(IndexModel::builder().keys(doc! { "date_commande": 1 }).build()).await?;
+        Ok(())
     }
 
     /// L1: the enrichment as one bare aggregation ending in the same `$merge` as batch's server
     /// path, into an archive with the same index batch creates.
     async fn run_l1(&self) -> anyhow::Result<Run> {
-        self.drop_archive().await?;
-        self.archive.create_index(IndexModel::builder().keys(doc! { "date_commande": 1 }).build()).await?;
+        self.empty_archive_with_index().await?;
         let stages = enrichment_stages(&self.config, ArchiveSource::Batch);
         let pipeline = self.merge_pipeline(vec![], &stages, &self.config.archive.collection);
         let run = self.measure(self.delivered, async {
@@ -312,7 +324,7 @@ impl Bench {
 
     /// L1 cut after `stages`, on the first `n` delivered orders, into a scratch collection.
     async fn run_stage_prefix(&self, stages: &[Document], n: u64) -> anyhow::Result<Run> {
-        let probe = self.orders.client().database(self.config.archive_database()).collection::<Document>(STAGE_PROBE_COLLECTION);
+        let probe = self.database.collection::<Document>(STAGE_PROBE_COLLECTION);
         probe.drop().await?;
         let pipeline = self.merge_pipeline(vec![doc! { "$limit": n as i64 }], stages, STAGE_PROBE_COLLECTION);
         let run = self.measure(n, async { self.orders.aggregate(pipeline).await.map(drop).context("running a stage prefix") }).await?;
@@ -324,22 +336,30 @@ impl Bench {
         Ok(run)
     }
 
-    /// L0: the same orders copied unchanged, raw, into a collection with no secondary index.
+    /// L0: the same orders copied unchanged, raw, into a collection with no secondary index,
+    /// with each of `L0_SETTINGS`; the fastest copy is the run's figure.
     async fn run_l0(&self) -> anyhow::Result<Run> {
-        let target = self.orders.client().database(&self.settings.database).collection::<RawDocumentBuf>(L0_COLLECTION);
-        target.drop().await?;
+        let target = self.database.collection::<RawDocumentBuf>(L0_COLLECTION);
         let source = self.orders.clone_with_type::<RawDocumentBuf>();
-        let run = self
-            .measure(self.delivered, async {
-                let copied = load::copy_raw(&source, self.delivered_filter.clone(), &target, L0_BATCH, L0_IN_FLIGHT).await?;
-                if copied != self.delivered {
-                    bail!("L0 copied {copied} orders, expected {}", self.delivered);
-                }
-                Ok(())
-            })
-            .await?;
+        let mut fastest: Option<Run> = None;
+        for &(batch, in_flight) in L0_SETTINGS {
+            target.drop().await?;
+            let run = self
+                .measure(self.delivered, async {
+                    let copied = load::copy_raw(&source, self.delivered_filter.clone(), &target, batch, in_flight).await?;
+                    if copied != self.delivered {
+                        bail!("L0 copied {copied} orders, expected {}", self.delivered);
+                    }
+                    Ok(())
+                })
+                .await?;
+            eprintln!("    L0 with batches of {batch}, {in_flight} in flight: {:.0} orders/s", run.orders_per_sec());
+            if fastest.as_ref().is_none_or(|f| run.orders_per_sec() > f.orders_per_sec()) {
+                fastest = Some(run);
+            }
+        }
         target.drop().await?;
-        Ok(run)
+        fastest.context("no L0 settings")
     }
 
     /// The naive baseline: per order, one aggregation; inserts by `NAIVE_INSERT_BATCH`.
@@ -517,19 +537,25 @@ struct Figures {
     watch_peak_rss_mb: Option<f64>,
 }
 
-/// Case 1: both batch write paths against L1 and L0.
+/// Case 1: both batch write paths, and both enrichment modes of the client path, against L1
+/// and L0.
 async fn case_batch(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
     let runs = b.settings.runs;
-    let client = timed("batch client", runs, |_| b.run_batch("batch-client", &["--write-path", "client"])).await?;
-    let server = timed("batch server", runs, |_| b.run_batch("batch-server", &["--write-path", "server"])).await?;
+    let client_path = ["--write-path", "client"];
+    let lookup = [("ENRICH_MODE", "lookup".to_owned())];
+    let client = timed("batch client", runs, |_| b.run_batch("batch-client", &client_path, &[])).await?;
+    let client_lookup = timed("batch client, lookup", runs, |_| b.run_batch("batch-client-lookup", &client_path, &lookup)).await?;
+    let server = timed("batch server", runs, |_| b.run_batch("batch-server", &["--write-path", "server"], &[])).await?;
     let l1 = timed("L1 aggregation + $merge", runs, |_| b.run_l1()).await?;
     let l0 = timed("L0 raw copy", runs, |_| b.run_l0()).await?;
 
     let section = format!("1. batch: {} delivered orders, full enrichment, wall clock", b.delivered);
-    let client = report.throughput(&section, "archiver batch --write-path client (default)", &client);
+    let client = report.throughput(&section, "archiver batch (defaults: client path, join)", &client);
+    let client_lookup = report.throughput(&section, "archiver batch, client path, ENRICH_MODE=lookup", &client_lookup);
     let server = report.throughput(&section, "archiver batch --write-path server", &server);
     let l1 = report.throughput(&section, "L1 bare aggregation + $merge (driver)", &l1);
     let l0 = report.throughput(&section, "L0 raw copy, no enrichment (driver)", &l0);
+    report.ratio("batch client (join) / batch client (lookup)", client, client_lookup);
     report.ratio("batch client / L1", client, l1);
     report.ratio("batch client / L0", client, l0);
     report.ratio("batch server / L1", server, l1);
@@ -542,7 +568,7 @@ async fn case_batch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
 /// `BENCH_STAGE_ORDERS` orders, one run each: a profile, not a target).
 async fn case_stages(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let n = b.settings.stage_orders.min(b.delivered);
-    let section = format!("7. enrichment profile: L1 ($match, $limit {n}, stages…, $merge) cut after each stage, 1 run each");
+    let section = format!("7. $lookup pipeline profile: L1 ($match, $limit {n}, stages…, $merge) cut after each stage, 1 run each");
     let stages = enrichment_stages(&b.config, ArchiveSource::Batch);
     for k in 0..=stages.len() {
         let name = match k {
@@ -574,7 +600,7 @@ async fn case_sweep(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
             let (chunk_arg, concurrency_arg) = (chunk.to_string(), concurrency.to_string());
             let args = ["--write-path", "client", "--chunk-size", &chunk_arg, "--concurrency", &concurrency_arg];
             let name = format!("--chunk-size {chunk} --concurrency {concurrency}");
-            let runs = timed(&name, s.sweep_runs, |_| b.run_batch("sweep", &args)).await?;
+            let runs = timed(&name, s.sweep_runs, |_| b.run_batch("sweep", &args, &[])).await?;
             let median = report.throughput(&section, &name, &runs);
             if best.as_ref().is_none_or(|(rate, _)| median > *rate) {
                 best = Some((median, name));
@@ -625,15 +651,15 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     figures.bare_reader = Some(bare_rate);
     figures.watch_peak_rss_mb = Some(rss);
 
-    if !b.settings.watch_batch_sizes.is_empty() {
-        let section = "3b. watch throughput by BATCH_SIZE (profiling, 1 run each)";
-        for size in &b.settings.watch_batch_sizes {
-            let name = format!("BATCH_SIZE={size}");
-            let run = b.run_watch(&format!("watch-batch-{size}"), &[("BATCH_SIZE", size.to_string())]).await?;
-            eprintln!("  watch {name}: {:.0} orders/s", run.orders_per_sec());
-            report.throughput(section, &format!("archiver watch {name}"), std::slice::from_ref(&run));
-            report.row(section, &format!("  peak RSS with {name}"), "MB", Summary::single(run.peak_rss_mb()));
-        }
+    let section = "3b. watch variants (profiling, 1 run each)";
+    let mut variants = vec![("ENRICH_MODE", "lookup".to_owned())];
+    variants.extend(b.settings.watch_batch_sizes.iter().map(|size| ("BATCH_SIZE", size.to_string())));
+    for (i, (key, value)) in variants.into_iter().enumerate() {
+        let name = format!("{key}={value}");
+        let run = b.run_watch(&format!("watch-variant-{i}"), &[(key, value)]).await?;
+        eprintln!("  watch {name}: {:.0} orders/s", run.orders_per_sec());
+        report.throughput(section, &format!("archiver watch {name}"), std::slice::from_ref(&run));
+        report.row(section, &format!("  peak RSS with {name}"), "MB", Summary::single(run.peak_rss_mb()));
     }
     b.reset(&b.watch_ids).await
 }
