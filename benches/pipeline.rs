@@ -692,8 +692,9 @@ async fn case_latency(b: &Bench, report: &mut Report, figures: &mut Figures) -> 
         }
     }
     report.note(
-        "latency is archived_at − date_livraison on one machine clock; archived_at is set by the server \
-         when the enrichment aggregation runs, so it slightly under-counts the final insert",
+        "latency is archived_at − date_livraison on one machine clock; archived_at is stamped when a batch \
+         is enriched (by archiver with ENRICH_MODE=join, by the server's $$NOW with lookup), before the \
+         insert, so it slightly under-counts the final write",
     );
     Ok(())
 }

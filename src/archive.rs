@@ -119,11 +119,11 @@ impl Archiver {
 
     /// Archives orders already read (by `batch`, which streams them): joined on the client, with
     /// the same fallbacks as [`Archiver::archive_ids`] when the join or the write cannot do them.
-    pub async fn archive_orders(&self, orders: Vec<Document>) -> Result<WriteOutcome, Error> {
+    pub async fn archive_orders(&self, orders: &[Document]) -> Result<WriteOutcome, Error> {
         let ids: Vec<Bson> = orders.iter().filter_map(|o| o.get("_id").cloned()).collect();
         let no_events = EventTimes::new();
         let Some(joiner) = &self.joiner else { return self.archive_ids(&ids, &no_events).await };
-        match joiner.enrich(&orders).await? {
+        match joiner.enrich(orders).await? {
             Some(docs) => match self.write(docs, &no_events).await {
                 Err(e) if !is_transient(&e) => self.archive_ids(&ids, &no_events).await,
                 other => other,

@@ -262,7 +262,7 @@ pub async fn archive_matching(
             let chunk: Vec<Document> = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
             let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
             let outcome = match (write_path, only_missing) {
-                _ if whole_orders => with_retry(config, || archiver.archive_orders(chunk.clone())).await,
+                _ if whole_orders => with_retry(config, || archiver.archive_orders(&chunk)).await,
                 (_, true) => with_retry(config, || archiver.archive_missing_ids(&ids)).await,
                 (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&ids, &no_events)).await,
                 (WritePath::Server, false) => {

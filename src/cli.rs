@@ -215,7 +215,7 @@ pub struct BatchArgs {
     /// Orders per chunk [default: 1000].
     #[arg(long, env = "BATCH_CHUNK_SIZE", value_name = "N")]
     pub chunk_size: Option<usize>,
-    /// Chunks processed at once [default: 2].
+    /// Chunks processed at once [default: 4].
     #[arg(long, env = "BATCH_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
     /// Count what would be archived and show a few enriched samples; write nothing.

@@ -431,7 +431,7 @@ impl Default for BatchSettings {
     fn default() -> Self {
         BatchSettings {
             chunk_size: 1000,
-            concurrency: 2,
+            concurrency: 4,
             write_path: WritePath::Client,
             create_indexes: true,
         }
