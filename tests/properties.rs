@@ -189,7 +189,12 @@ proptest! {
         tls in "\\PC{0,6}",
         http_addr in "\\PC{0,24}",
         partitions in "\\PC{0,6}",
-        (uri, secrets) in uri_with_secrets(),
+        (uri, secrets) in prop_oneof![
+            uri_with_secrets(),
+            // Without its scheme, or with the wrong one: rejected by validation.
+            uri_with_secrets().prop_map(|(uri, secrets)| (uri.replacen("mongodb://", "", 1), secrets)),
+            uri_with_secrets().prop_map(|(uri, secrets)| (uri.replacen("mongodb", "postgres", 1), secrets)),
+        ],
     ) {
         let mut outcome = Ok(());
         figment::Jail::expect_with(|jail| {
