@@ -292,7 +292,7 @@ pub fn scrub(text: &str) -> String {
 
 /// Redacts every `mongodb://` or `mongodb+srv://` URI found inside free text. A URI runs to the
 /// next whitespace or quote; closing punctuation of the sentence around it is left out of it, so
-/// that `(at mongodb://h:1)` keeps its host visible.
+/// that `(at mongodb://h:1)` or `mongodb://h:1: refused` keeps its host visible.
 fn redact_uris_in_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -304,7 +304,7 @@ fn redact_uris_in_text(text: &str) -> String {
             .unwrap_or(candidate.len());
         let token = &candidate[..end];
         if token.starts_with("mongodb://") || token.starts_with("mongodb+srv://") {
-            let uri = token.trim_end_matches([')', ',', '.', ';']);
+            let uri = token.trim_end_matches([')', ',', '.', ';', ':']);
             out.push_str(&redact_uri(uri));
             out.push_str(&token[uri.len()..]);
         } else {
@@ -501,6 +501,10 @@ mod tests {
         assert_eq!(
             scrubbed,
             "cannot reach mongodb://h:1/?proxyPassword=***). Retrying"
+        );
+        assert_eq!(
+            scrub("invalid mongodb://h:1: no"),
+            "invalid mongodb://h:1: no"
         );
     }
 }
