@@ -192,7 +192,7 @@ async fn no_form_of_bad_uri_prints_its_secrets() {
 }
 
 /// The URI is valid and the server answers, but refuses the credentials: failure (1), and
-/// whatever the server says, the password is not repeated.
+/// whatever the server says, neither the password nor the session token is repeated.
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_refused_by_the_server_are_not_printed() {
     let t = TestEnv::new("redact_auth").await;
@@ -202,10 +202,18 @@ async fn credentials_refused_by_the_server_are_not_printed() {
         .expect("a mongodb:// test server URI");
     // The test server's own credentials, if any, are replaced by unknown ones.
     let hosts_on = rest.split_once('@').map_or(rest, |(_, after)| after);
-    let with_credentials = format!("mongodb://redactuser:SrvPw7713%21@{hosts_on}");
+    let options = match (hosts_on.contains('?'), hosts_on.ends_with('/')) {
+        (true, _) => "&",
+        (false, true) => "?",
+        (false, false) => "/?",
+    };
+    let with_credentials = format!(
+        "mongodb://redactuser:SrvPw7713%21@{hosts_on}{options}\
+         authMechanismProperties=AWS_SESSION_TOKEN:SrvTok3381"
+    );
     for args in [BATCH, HEALTH] {
         let out = run_with_uri(&t, &with_credentials, args);
-        assert_nothing_leaked(&t, args[0], &out, &["SrvPw7713"]);
+        assert_nothing_leaked(&t, args[0], &out, &["SrvPw7713", "SrvTok3381"]);
         assert_eq!(out.status.code(), Some(1), "{}: {out:?}", args[0]);
     }
     t.cleanup().await;
