@@ -10,8 +10,8 @@
 //!   checkpoint: its save fails with a duplicate key (the upsert cannot insert a second document)
 //!   and it steps down. A new leader stamps its epoch on the checkpoint before it streams.
 //! - **Partitions**: an order belongs to partition `h(_id) mod N`, where `h` reads the last two
-//!   hex digits of the id's string form (the ObjectId counter: uniform). Every id maps to exactly
-//!   one partition, in the change stream filter and in `batch` alike.
+//!   hex digits of the id's string form (the ObjectId counter: uniform). Every id, of any type,
+//!   maps to exactly one partition, in the change stream filter and in `batch` alike.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,14 @@ use crate::config::Config;
 pub const MAX_PARTITIONS: u32 = 256;
 
 /// The partition (0..`partitions`) of the id at `id_path` (e.g. `$_id`), as an expression.
+///
+/// It is total: it evaluates for every id, because an error in it fails the whole change stream
+/// (and resuming replays the same event) or the whole `batch`/`verify` query. So the id's string
+/// form comes from `$convert` with `onError`/`onNull`, and is left-padded with `"00"` so that it
+/// always has the two characters the key reads. Padding leaves the last two characters of any
+/// longer string as they were: ObjectIds (and every other id the former `$toString` form
+/// accepted with two or more characters) keep their partition. Ids without a string form
+/// (documents, arrays, binary, regular expressions…) all fall in partition 0.
 pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
     let hex_digit = |from_end: i32| -> Bson {
         Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
@@ -36,8 +44,10 @@ pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
             { "$toLower": { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] } },
         ] }] })
     };
+    let id_text =
+        doc! { "$convert": { "input": id_path, "to": "string", "onError": "", "onNull": "" } };
     doc! { "$let": {
-        "vars": { "id": { "$toString": id_path } },
+        "vars": { "id": { "$concat": ["00", id_text] } },
         "in": { "$mod": [{ "$add": [{ "$multiply": [16, hex_digit(2)] }, hex_digit(1)] }, i64::from(partitions)] },
     } }
 }

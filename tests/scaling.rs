@@ -4,8 +4,10 @@ mod common;
 
 use std::time::Duration;
 
+use archiver::coordination::partition_expr;
 use common::{eventually, health_addr, http_get, order, TestEnv};
-use mongodb::bson::{doc, Document};
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
 use tokio_util::sync::CancellationToken;
 
 const SHARED: &[(&str, &str)] = &[
@@ -167,5 +169,230 @@ async fn partitioned_workers_archive_every_order_exactly_once() {
     let bad = history.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", "3"]);
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     history.cleanup().await;
+    t.cleanup().await;
+}
+
+/// Ids of every shape an order may carry; the partition expression used to fail on some (too
+/// short for its two-character key, or without a `$toString` form), and one such order then
+/// broke every partitioned stream and query.
+fn odd_ids() -> Vec<Bson> {
+    vec![
+        Bson::Int32(0),
+        Bson::Int32(7),
+        Bson::String("a".into()),
+        Bson::String(String::new()),
+        Bson::Document(doc! { "x": 1 }),
+        Bson::Binary(Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: vec![1, 2, 3],
+        }),
+        Bson::Int64(1_234_567_890_123),
+        Bson::Double(2.5),
+        Bson::ObjectId(ObjectId::new()),
+        Bson::String(format!("commande-{}", "x".repeat(300))),
+    ]
+}
+
+fn order_with_id(refs: &common::Refs, n: u32, id: Bson) -> Document {
+    let mut o = order(refs, n, "livrée");
+    o.insert("_id", id);
+    o
+}
+
+/// The partition expression as it was before it was made total: it must keep mapping
+/// ObjectIds the same way, or existing deployments' partitions would move.
+fn former_partition_expr(id_path: &str, partitions: u32) -> Document {
+    let hex_digit = |from_end: i32| -> Bson {
+        Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
+            "0123456789abcdef",
+            { "$toLower": { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] } },
+        ] }] })
+    };
+    doc! { "$let": {
+        "vars": { "id": { "$toString": id_path } },
+        "in": { "$mod": [{ "$add": [{ "$multiply": [16, hex_digit(2)] }, hex_digit(1)] }, i64::from(partitions)] },
+    } }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
+    let t = TestEnv::new("partition_expr").await;
+    let ids = t.db.collection::<Document>("ids");
+    let oids: Vec<ObjectId> = (0..600).map(|_| ObjectId::new()).collect();
+    ids.insert_many(oids.iter().map(|id| doc! { "_id": id }))
+        .await
+        .unwrap();
+    for partitions in [2u32, 3, 7, 256] {
+        let rows: Vec<Document> = ids
+            .aggregate([doc! { "$project": {
+                "new": partition_expr("$_id", partitions),
+                "old": former_partition_expr("$_id", partitions),
+            } }])
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), oids.len());
+        for row in &rows {
+            let oid = row.get_object_id("_id").unwrap();
+            // The key is the ObjectId's last byte (its counter's low byte).
+            let expected = i64::from(oid.bytes()[11]) % i64::from(partitions);
+            let as_i64 = |v: &Bson| {
+                v.as_i64()
+                    .or_else(|| v.as_i32().map(i64::from))
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+            };
+            assert_eq!(as_i64(row.get("old").unwrap()), Some(expected), "{row}");
+            assert_eq!(as_i64(row.get("new").unwrap()), Some(expected), "{row}");
+        }
+    }
+
+    // Every other id evaluates to one partition in range, where the former expression failed.
+    let odd = t.db.collection::<Document>("odd");
+    odd.insert_many(odd_ids().into_iter().map(|id| doc! { "_id": id }))
+        .await
+        .unwrap();
+    let rows: Vec<Document> = odd
+        .aggregate([doc! { "$project": { "p": partition_expr("$_id", 3) } }])
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), odd_ids().len());
+    for row in rows {
+        let p = row
+            .get("p")
+            .and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)))
+            .unwrap_or(-1);
+        assert!((0..3).contains(&p), "{row}");
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_and_verify_partition_ids_of_every_type() {
+    let t = TestEnv::new("partition_odd_batch").await;
+    let refs = t.seed_references().await;
+    let ids = odd_ids();
+    t.orders()
+        .insert_many(
+            ids.iter()
+                .enumerate()
+                .map(|(n, id)| order_with_id(&refs, n as u32, id.clone())),
+        )
+        .await
+        .unwrap();
+    let mut archived = 0;
+    for i in 0..3 {
+        let out = t.run(&[
+            "batch",
+            "--date-from",
+            "2000-01-01",
+            "--partitions",
+            "3",
+            "--partition",
+            &i.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "partition {i}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(out.stdout.contains("0 already archived"), "{}", out.stdout);
+        let newly: u64 = out
+            .stdout
+            .split(" newly archived")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        archived += newly;
+    }
+    assert_eq!(
+        archived,
+        ids.len() as u64,
+        "each order archived by exactly one partition"
+    );
+    t.assert_archive_matches_delivered().await;
+    for i in 0..3 {
+        let out = t.run(&[
+            "verify",
+            "--date-from",
+            "2000-01-01",
+            "--partitions",
+            "3",
+            "--partition",
+            &i.to_string(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "partition {i}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
+    let t = TestEnv::new("partition_odd_watch").await;
+    let refs = t.seed_references().await;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let token = t.dir.path().join(format!("token-{i}.json"));
+        let token = token.to_str().unwrap().to_owned();
+        let partition = i.to_string();
+        let env = [
+            ("RESUME_TOKEN_FILE", token.as_str()),
+            ("PARTITIONS", "3"),
+            ("PARTITION", partition.as_str()),
+        ];
+        workers.push(t.spawn_watch(&[], &env, "change stream open").await);
+    }
+    let ids = odd_ids();
+    for (n, id) in ids.iter().enumerate() {
+        t.orders()
+            .insert_one(order_with_id(&refs, n as u32, id.clone()))
+            .await
+            .unwrap();
+    }
+    // Ordinary orders delivered after them must still flow through every partition.
+    let later = 60u32;
+    t.orders()
+        .insert_many((100..100 + later).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    let total = ids.len() as u64 + u64::from(later);
+    t.wait_archived(total).await;
+    t.assert_archive_matches_delivered().await;
+    // Each order went to exactly one worker: an id whose partition could not be evaluated
+    // must neither stop the streams nor be handed to several partitions.
+    let mut received = 0;
+    for w in &mut workers {
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "a worker died: {}",
+            w.stderr()
+        );
+        assert!(w.stop().await.success(), "{}", w.stderr());
+        let log = w.stderr();
+        for line in log.lines().filter(|l| l.contains("batch archived")) {
+            let field = |name: &str| -> u64 {
+                let value = line.split(&format!(" {name}=")).nth(1).unwrap();
+                value.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            assert_eq!(field("already_archived"), 0, "overlapping partitions: {log}");
+            received += field("orders");
+        }
+    }
+    assert_eq!(received, total, "each order streamed to exactly one partition");
     t.cleanup().await;
 }
