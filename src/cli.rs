@@ -174,7 +174,8 @@ pub struct WatchArgs {
     /// several processes, one of which leads through a lease) [default: file].
     #[arg(long, env = "CHECKPOINT_STORE", value_enum)]
     pub checkpoint_store: Option<crate::config::CheckpointStoreKind>,
-    /// Name of the stream in the shared store [default: db.collection, plus #IofN].
+    /// Name of the stream in the shared store, plus #IofN when partitioned [default:
+    /// db.collection].
     #[arg(long, env = "STREAM_NAME", value_name = "NAME")]
     pub stream_name: Option<String>,
     /// This process's name in the lease [default: host:pid].

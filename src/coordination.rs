@@ -69,12 +69,17 @@ pub fn restrict_to_partition(config: &Config, mut filter: Document, id_path: &st
 }
 
 /// The stream name: what checkpoints and leases are keyed by.
+///
+/// Partitions always qualify the name, a configured `STREAM_NAME` included: each partition needs
+/// its own checkpoint and its own lease. Sharing them would let one partition's checkpoint move
+/// past events the others have not archived yet, and make one worker the only leader of all.
 pub fn stream_name(config: &Config) -> String {
     let c = &config.coordination;
-    if !c.stream_name.is_empty() {
-        return c.stream_name.clone();
-    }
-    let base = config.orders_namespace();
+    let base = if c.stream_name.is_empty() {
+        config.orders_namespace()
+    } else {
+        c.stream_name.clone()
+    };
     if c.partitions > 1 {
         format!("{base}#{}of{}", c.partition, c.partitions)
     } else {
@@ -366,7 +371,31 @@ mod tests {
         config.coordination.partition = 2;
         assert_eq!(stream_name(&config), "livraison.Commandes#2of4");
         config.coordination.stream_name = "eu".into();
-        assert_eq!(stream_name(&config), "eu");
+        assert_eq!(stream_name(&config), "eu#2of4");
+    }
+
+    /// A configured name used to be taken as is: every partition shared one lease and one
+    /// checkpoint.
+    #[test]
+    fn configured_stream_names_are_qualified_only_when_partitioned() {
+        let mut config = Config::default();
+        config.coordination.stream_name = "eu".into();
+        assert_eq!(
+            stream_name(&config),
+            "eu",
+            "unpartitioned names are unchanged"
+        );
+        config.coordination.partitions = 3;
+        let names: std::collections::HashSet<String> = (0..3)
+            .map(|i| {
+                config.coordination.partition = i;
+                stream_name(&config)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["eu#0of3", "eu#1of3", "eu#2of3"].map(String::from).into()
+        );
     }
 
     #[test]

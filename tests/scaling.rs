@@ -396,3 +396,43 @@ async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
     assert_eq!(received, total, "each order streamed to exactly one partition");
     t.cleanup().await;
 }
+
+/// A configured `STREAM_NAME` used to be shared by every partition: one lease (so only one
+/// partition had a leader) and one checkpoint (so a partition's position passed the others').
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_with_a_stream_name_each_have_their_own_lease_and_checkpoint() {
+    let t = TestEnv::new("partition_names").await;
+    let refs = t.seed_references().await;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let partition = i.to_string();
+        let mut env = shared_as(if i == 0 { "p0" } else { "p1" });
+        env.push(("STREAM_NAME", "eu"));
+        env.push(("PARTITIONS", "2"));
+        let env: Vec<(&str, &str)> = env
+            .into_iter()
+            .chain([("PARTITION", partition.as_str())])
+            .collect();
+        workers.push(t.spawn_watch(&[], &env, "change stream open").await);
+    }
+    t.orders()
+        .insert_many((0..40).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    t.wait_archived(40).await;
+    t.assert_archive_matches_delivered().await;
+    for w in &mut workers {
+        assert!(w.stop().await.success(), "{}", w.stderr());
+    }
+    let mut streams: Vec<String> =
+        t.db.collection::<Document>("archiver_checkpoints")
+            .distinct("_id", doc! {})
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect();
+    streams.sort();
+    assert_eq!(streams, ["eu#0of2", "eu#1of2"]);
+    t.cleanup().await;
+}
