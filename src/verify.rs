@@ -3,7 +3,8 @@
 //! delivered order behind them (orphans); with `--repair`, archives what is missing.
 //!
 //! Both sides are streamed in chunks and checked by `_id` against the other side, so memory
-//! holds one chunk plus the differences, whatever the size of the range.
+//! holds one chunk plus the differences, whatever the size of the range; every query names at
+//! most one chunk of ids, far below the 16 MB limit of a command.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -59,6 +60,7 @@ pub struct VerifyReport {
     pub days: Vec<DayReport>,
 }
 
+/// Ids per query (`$in`), on both sides and in the repair.
 const CHUNK: usize = 1000;
 
 fn id_text(id: &Bson) -> String {
@@ -78,6 +80,7 @@ fn day_of(doc: &Document, field: &str) -> String {
 }
 
 /// The ids among `ids` found in `collection` with `extra` conditions.
+/// One query: callers pass at most [`CHUNK`] ids.
 async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Document) -> mongodb::error::Result<HashSet<String>> {
     let mut filter = extra.clone();
     filter.insert("_id", doc! { "$in": ids });
@@ -170,13 +173,27 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
     let mut repaired = 0;
     if repair && !missing_ids.is_empty() {
         let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
+        let mut still_missing = Vec::new();
+        // Chunk by chunk: one `$in` of every missing id would pass the 16 MB command limit
+        // (around 800,000 ObjectIds).
         for ids in missing_ids.chunks(CHUNK) {
             let outcome = archiver.archive_missing_ids(ids).await.context("repairing")?;
             repaired += outcome.inserted;
+            let archived = present(&archive, ids, &doc! {})
+                .await
+                .context("checking the repair")?;
+            still_missing.extend(
+                ids.iter()
+                    .filter(|id| !archived.contains(&id_key(id)))
+                    .cloned(),
+            );
         }
-        tracing::info!(repaired, "missing orders archived (--repair)");
-        let still: HashSet<String> = present(&archive, &missing_ids, &doc! {}).await?;
-        missing_ids.retain(|id| !still.contains(&id_key(id)));
+        tracing::info!(
+            repaired,
+            still_missing = still_missing.len(),
+            "missing orders archived (--repair)"
+        );
+        missing_ids = still_missing;
     }
     let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
     Ok(VerifyReport {

@@ -65,3 +65,31 @@ async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     t.cleanup().await;
 }
+
+/// The repair checks what it archived chunk by chunk; it used to name every missing id in one
+/// `$in`, past the 16 MB command limit for about 800,000 ObjectIds.
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_of_more_missing_orders_than_one_chunk() {
+    let t = TestEnv::new("verify_chunks").await;
+    let refs = t.seed_references().await;
+    // Verify queries 1,000 ids at a time: two and a half chunks.
+    let count = 2_500u32;
+    t.orders()
+        .insert_many((0..count).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    let range = ["--date-from", "2000-01-01"];
+    let out = t.run(&[&["verify", "--json"][..], &range].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["missing"].as_array().unwrap().len(), count as usize);
+
+    let out = t.run(&[&["verify", "--repair", "--json"][..], &range].concat());
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["repaired"], count);
+    assert_eq!(report["missing"], serde_json::json!([]));
+    assert_eq!(report["consistent"], true);
+    t.assert_archive_matches_delivered().await;
+    t.cleanup().await;
+}
