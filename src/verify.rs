@@ -4,7 +4,8 @@
 //!
 //! Both sides are streamed in chunks and checked by `_id` against the other side, so memory
 //! holds one chunk plus the differences, whatever the size of the range; every query names at
-//! most one chunk of ids, far below the 16 MB limit of a command.
+//! most one chunk of ids, far below the 16 MB limit of a command. Ids are compared as MongoDB
+//! compares them ([`equality_key`]): an order archived under `NumberLong(1)` is the order `1`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -16,11 +17,12 @@ use mongodb::Collection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{id_key, Archiver};
+use crate::archive::Archiver;
 use crate::batch::{delivered_in_range, DateRange};
 use crate::config::Config;
 use crate::db;
 use crate::enrich::ArchiveSource;
+use crate::order_id::equality_key;
 
 /// One day of the report.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -79,13 +81,13 @@ fn day_of(doc: &Document, field: &str) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// The ids among `ids` found in `collection` with `extra` conditions.
+/// The ids among `ids` found in `collection` with `extra` conditions, by [`equality_key`].
 /// One query: callers pass at most [`CHUNK`] ids.
 async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Document) -> mongodb::error::Result<HashSet<String>> {
     let mut filter = extra.clone();
     filter.insert("_id", doc! { "$in": ids });
     let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
-    Ok(found.iter().filter_map(|d| d.get("_id")).map(id_key).collect())
+    Ok(found.iter().filter_map(|d| d.get("_id")).map(equality_key).collect())
 }
 
 /// Runs the reconciliation.
@@ -120,7 +122,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 source_delivered += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.source += 1;
-                if !archived.contains(&id_key(&id)) {
+                if !archived.contains(&equality_key(&id)) {
                     entry.missing += 1;
                     missing_ids.push(id);
                 }
@@ -159,7 +161,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 archived_total += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.archive += 1;
-                if !in_source.contains(&id_key(&id)) {
+                if !in_source.contains(&equality_key(&id)) {
                     entry.orphaned += 1;
                     orphaned.push(id_text(&id));
                 }
@@ -184,7 +186,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 .context("checking the repair")?;
             still_missing.extend(
                 ids.iter()
-                    .filter(|id| !archived.contains(&id_key(id)))
+                    .filter(|id| !archived.contains(&equality_key(id)))
                     .cloned(),
             );
         }
