@@ -436,3 +436,86 @@ async fn partitions_with_a_stream_name_each_have_their_own_lease_and_checkpoint(
     assert_eq!(streams, ["eu#0of2", "eu#1of2"]);
     t.cleanup().await;
 }
+
+/// `archiver health` used to read the token file under the unpartitioned stream name (an error
+/// for a partition's file) and never the shared store.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_store() {
+    let t = TestEnv::new("partition_health").await;
+    let refs = t.seed_references().await;
+    let token = t.dir.path().join("token-1.json");
+    let token = token.to_str().unwrap().to_owned();
+    let file_env = [
+        ("RESUME_TOKEN_FILE", token.as_str()),
+        ("PARTITIONS", "3"),
+        ("PARTITION", "1"),
+    ];
+    let mut watch = t.spawn_watch(&[], &file_env, "change stream open").await;
+    t.orders()
+        .insert_many((0..30).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    t.wait_archived(10).await;
+    assert!(watch.stop().await.success());
+    let mut health = t.archiver(&["health"]);
+    health.envs(file_env);
+    let out = health.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let cp = &report["resume_token"];
+    assert_eq!(cp["status"], "ok", "{report}");
+    assert_eq!(cp["store"], "file");
+    assert_eq!(cp["file"], token.as_str());
+    assert_eq!(cp["stream"], format!("{}.Commandes#1of3", t.db_name));
+
+    // The shared store: the partition's checkpoint document and who holds its lease.
+    let mut env = shared_as("keeper");
+    env.extend([("PARTITIONS", "3"), ("PARTITION", "2")]);
+    let mut leader = t.spawn_watch(&[], &env, "change stream open").await;
+    let stream = format!("{}.Commandes#2of3", t.db_name);
+    let checkpoints = t.db.collection::<Document>("archiver_checkpoints");
+    t.orders()
+        .insert_many((30..60).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    eventually(20, "the partition's checkpoint", || async {
+        checkpoints
+            .find_one(doc! { "_id": &stream })
+            .await
+            .unwrap()
+            .is_some_and(|d| d.get_document("resume_token").is_ok())
+    })
+    .await;
+    let mut health = t.archiver(&["health"]);
+    health.envs(env.iter().copied());
+    let out = health.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let cp = &report["resume_token"];
+    assert_eq!(cp["status"], "ok", "{report}");
+    assert_eq!(cp["store"], "mongodb");
+    assert_eq!(cp["stream"], stream.as_str());
+    assert!(cp["age_seconds"].as_f64().unwrap() >= 0.0, "{report}");
+    assert_eq!(cp["lease"]["holder"], "keeper", "{report}");
+    assert_eq!(cp["lease"]["expired"], false, "{report}");
+    assert!(leader.stop().await.success());
+
+    // Another partition of the shared store has no checkpoint yet: reported missing, not the
+    // first partition's.
+    let mut health = t.archiver(&["health"]);
+    health
+        .envs(SHARED.iter().copied())
+        .env("PARTITIONS", "3")
+        .env("PARTITION", "0");
+    let out = health.output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["resume_token"]["status"], "missing", "{report}");
+    assert_eq!(
+        report["resume_token"]["lease"]["holder"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    t.cleanup().await;
+}
