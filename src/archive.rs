@@ -10,30 +10,17 @@ use mongodb::Collection;
 
 use crate::config::{Config, EnrichMode};
 use crate::join::Joiner;
+use crate::order_id::equality_key;
 use crate::db::{error_code, is_transient, Databases};
 use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
 
-/// When each order's delivery event happened, keyed by [`id_key`]; recorded with dead
+/// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
 
-/// A hashable key for an id (`Bson` has no `Hash`) that follows MongoDB's equality of `_id`s:
-/// numbers are equal across types (`Int32(1)`, `Int64(1)` and `Double(1.0)` are one key, as they
-/// collide on the unique `_id` index), everything else is compared by type and value.
-pub fn id_key(id: &Bson) -> String {
-    let integral = |f: f64| f.fract() == 0.0 && f.abs() < 9.0e15;
-    match id {
-        Bson::Int32(n) => format!("n:{n}"),
-        Bson::Int64(n) => format!("n:{n}"),
-        Bson::Double(f) if integral(*f) => format!("n:{}", *f as i64),
-        Bson::Double(f) => format!("f:{f:?}"),
-        other => format!("{other:?}"),
-    }
-}
-
 /// The keys of the `_id`s of `docs`.
 fn id_keys(docs: &[Document]) -> std::collections::HashSet<String> {
-    docs.iter().filter_map(|d| d.get("_id")).map(id_key).collect()
+    docs.iter().filter_map(|d| d.get("_id")).map(equality_key).collect()
 }
 
 /// Server code of a duplicate key: the order is already archived.
@@ -242,7 +229,7 @@ impl Archiver {
     /// that nothing is enriched in vain.
     pub async fn archive_missing_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
         let archived = self.archived_among(ids).await?;
-        let missing: Vec<Bson> = ids.iter().filter(|id| !archived.contains(&id_key(id))).cloned().collect();
+        let missing: Vec<Bson> = ids.iter().filter(|id| !archived.contains(&equality_key(id))).cloned().collect();
         let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;
         Ok(outcome)
@@ -269,7 +256,7 @@ impl Archiver {
         let total = docs.len() as u64;
         let missing: Vec<Document> = docs
             .into_iter()
-            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&id_key(id))))
+            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&equality_key(id))))
             .collect();
         let anomalies = missing
             .iter()
@@ -293,7 +280,7 @@ impl Archiver {
             let found = id_keys(&docs);
             let vanished: Vec<Document> = ids
                 .iter()
-                .filter(|id| !found.contains(&id_key(id)))
+                .filter(|id| !found.contains(&equality_key(id)))
                 .map(|id| vanished_order_document(id.clone(), &self.delivered_status, self.source))
                 .collect();
             for d in &vanished {
@@ -364,7 +351,7 @@ impl Archiver {
         for w in &write_errors {
             let Some(id) = ids.get(w.index) else { continue };
             failed[w.index] = true;
-            if w.code == DUPLICATE_KEY && archived.contains(&id_key(id)) {
+            if w.code == DUPLICATE_KEY && archived.contains(&equality_key(id)) {
                 outcome.already_archived += 1;
                 continue;
             }
@@ -405,7 +392,7 @@ impl Archiver {
         times: &EventTimes,
     ) -> Result<(), Error> {
         let now = mongodb::bson::DateTime::now();
-        let event_time = times.get(&id_key(id)).map_or(Bson::Null, |t| Bson::DateTime(*t));
+        let event_time = times.get(&equality_key(id)).map_or(Bson::Null, |t| Bson::DateTime(*t));
         self.dead_letters
             .update_one(
                 doc! { "_id": id },
@@ -431,14 +418,6 @@ impl Archiver {
 mod tests {
     use super::*;
     use mongodb::options::{ReadPreference, SelectionCriteria};
-
-    #[test]
-    fn numerically_equal_ids_are_one_key() {
-        assert_eq!(id_key(&Bson::Int32(1)), id_key(&Bson::Int64(1)));
-        assert_eq!(id_key(&Bson::Int64(1)), id_key(&Bson::Double(1.0)));
-        assert_ne!(id_key(&Bson::Double(1.5)), id_key(&Bson::Int32(1)));
-        assert_ne!(id_key(&Bson::String("1".into())), id_key(&Bson::Int32(1)));
-    }
 
     #[tokio::test]
     async fn enrichment_reads_from_the_primary_whatever_the_uri_says() {

@@ -929,7 +929,7 @@ async fn write_batch(
                 event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
             });
             // A repeated id (delivered twice in one batch) is archived once.
-            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(crate::archive::id_key(id)) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(crate::order_id::equality_key(id)) {
                 slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
                 ids.push(id.clone());
             }
