@@ -447,12 +447,24 @@ pub mod check {
     use crate::db;
     use crate::redact::{redact_uri, scrub};
 
-    /// Runs every check; returns the JSON report and whether all is healthy.
-    pub async fn run(config: &Config) -> (Value, bool) {
+    /// What the one-shot check found.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Verdict {
+        /// Everything answered as it should.
+        Healthy,
+        /// Something is down or wrong.
+        Unhealthy,
+        /// The configuration cannot work (an invalid connection string): a usage error.
+        Misconfigured,
+    }
+
+    /// Runs every check; returns the JSON report and the verdict.
+    pub async fn run(config: &Config) -> (Value, Verdict) {
         let mut quick = config.clone();
         // A probe answers fast: one attempt, no backoff.
         quick.retry.max_attempts = 0;
         let mut healthy = true;
+        let mut misconfigured = false;
         let (source, archive, dbs) = match db::connect(&quick).await {
             Ok(dbs) => {
                 let source = source_report(config, &dbs.source, &mut healthy).await;
@@ -461,6 +473,7 @@ pub mod check {
             }
             Err(e) => {
                 healthy = false;
+                misconfigured = matches!(e, db::ConnectError::InvalidUri { .. });
                 let error = json!({ "status": "error", "error": scrub(&e.to_string()) });
                 (error.clone(), error, None)
             }
@@ -473,7 +486,12 @@ pub mod check {
             "archive": archive,
             "resume_token": token,
         });
-        (report, healthy)
+        let verdict = match (healthy, misconfigured) {
+            (_, true) => Verdict::Misconfigured,
+            (true, false) => Verdict::Healthy,
+            (false, false) => Verdict::Unhealthy,
+        };
+        (report, verdict)
     }
 
     async fn source_report(config: &Config, source: &mongodb::Database, healthy: &mut bool) -> Value {

@@ -97,9 +97,14 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             }
         }
         Command::Health(_) => {
-            let (report, healthy) = archiver::health::check::run(&config).await;
+            use archiver::health::check::Verdict;
+            let (report, verdict) = archiver::health::check::run(&config).await;
             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            ExitCode::from(if healthy { exit::OK } else { exit::FAILURE })
+            ExitCode::from(match verdict {
+                Verdict::Healthy => exit::OK,
+                Verdict::Unhealthy => exit::FAILURE,
+                Verdict::Misconfigured => exit::USAGE,
+            })
         }
         Command::Simulate(args) => match archiver::simulate::run(&config, &args, shutdown).await {
             Ok(_) => ExitCode::from(exit::OK),

@@ -91,14 +91,13 @@ fn bad_uris() -> Vec<BadUri> {
     let port = closed_port();
     let at = format!("127.0.0.1:{port}");
     vec![
-        // Rejected by the driver (this build cannot use it): a configuration error, 2. `health`
-        // reports the deployment as unhealthy instead, 1.
+        // Rejected by the driver (this build cannot use it): a configuration error, 2.
         BadUri {
             what: "tlsCertificateKeyFilePassword",
             uri: format!("mongodb://{at}/?tls=true&tlsCertificateKeyFilePassword=TlsKeyPw4821"),
             secrets: &["TlsKeyPw4821"],
             batch_exit: 2,
-            health_exit: 1,
+            health_exit: 2,
         },
         BadUri {
             what: "proxyPassword",
@@ -107,7 +106,7 @@ fn bad_uris() -> Vec<BadUri> {
             ),
             secrets: &["ProxyPw6642"],
             batch_exit: 2,
-            health_exit: 1,
+            health_exit: 2,
         },
         // Needs a driver feature this build does not have: rejected as invalid too.
         BadUri {
@@ -118,7 +117,7 @@ fn bad_uris() -> Vec<BadUri> {
             ),
             secrets: &["AwsSecretKey2290", "AwsSessTok9317"],
             batch_exit: 2,
-            health_exit: 1,
+            health_exit: 2,
         },
         // A well-formed URI whose server is down: 1 after the retries, which log the URI.
         BadUri {
