@@ -17,10 +17,18 @@ use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
 
-/// A hashable key for an id (`Bson` has no `Hash`): its debug form, which keeps the type, so
-/// `Int32(1)` and `Int64(1)` stay distinct as they are in MongoDB.
+/// A hashable key for an id (`Bson` has no `Hash`) that follows MongoDB's equality of `_id`s:
+/// numbers are equal across types (`Int32(1)`, `Int64(1)` and `Double(1.0)` are one key, as they
+/// collide on the unique `_id` index), everything else is compared by type and value.
 pub fn id_key(id: &Bson) -> String {
-    format!("{id:?}")
+    let integral = |f: f64| f.fract() == 0.0 && f.abs() < 9.0e15;
+    match id {
+        Bson::Int32(n) => format!("n:{n}"),
+        Bson::Int64(n) => format!("n:{n}"),
+        Bson::Double(f) if integral(*f) => format!("n:{}", *f as i64),
+        Bson::Double(f) => format!("f:{f:?}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// The keys of the `_id`s of `docs`.
@@ -53,6 +61,45 @@ impl std::ops::AddAssign for WriteOutcome {
     }
 }
 
+/// An order the archive refused on its own account.
+#[derive(Debug)]
+struct Refusal {
+    id: Bson,
+    code: Option<i32>,
+    /// The server's explanation, scrubbed of credentials.
+    reason: String,
+    /// The error it came with, returned when the refusal turns out not to be the order's.
+    error: Error,
+}
+
+impl Refusal {
+    fn into_error(self) -> Error {
+        self.error
+    }
+}
+
+/// Server codes that say something about the deployment or the operation, never about one
+/// order: no permission, a failed login, a full disk, a refused operation.
+const NOT_AN_ORDERS_FAULT: &[i32] = &[
+    13,    // Unauthorized
+    18,    // AuthenticationFailed
+    20,    // IllegalOperation
+    8000,  // AtlasError (quota, tier limits)
+    14031, // OutOfDiskSpace
+];
+
+/// Whether `err` may be caused by a particular order (and so is worth narrowing down).
+fn may_be_an_orders_fault(err: &Error) -> bool {
+    if is_transient(err) || matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) {
+        return false;
+    }
+    !error_code(err).is_some_and(|c| NOT_AN_ORDERS_FAULT.contains(&c))
+}
+
+fn has_anomalies(doc: &Document) -> bool {
+    doc.get_array("anomalies").is_ok_and(|a| !a.is_empty())
+}
+
 /// Enriches orders and writes them to the archive.
 #[derive(Debug, Clone)]
 pub struct Archiver {
@@ -69,13 +116,17 @@ pub struct Archiver {
 impl Archiver {
     /// An archiver for `source` documents.
     pub fn new(config: &Config, dbs: &Databases, source: ArchiveSource) -> Self {
+        // Enrichment reads from the primary whatever the URI's read preference: a secondary that
+        // lags behind the change stream would make a just-delivered order look vanished or stale,
+        // and that document would be archived for good.
+        let primary = crate::db::on_primary(&dbs.source);
         Archiver {
-            orders: dbs.source.collection(&config.orders.collection),
+            orders: primary.collection(&config.orders.collection),
             archive: dbs.archive.collection(&config.archive.collection),
             dead_letters: dbs.archive.collection(&config.archive.errors_collection),
             stages: enrichment_stages(config, source),
             joiner: match config.enrich.mode {
-                EnrichMode::Join => Joiner::new(config, &dbs.source, source),
+                EnrichMode::Join => Joiner::new(config, &primary, source),
                 EnrichMode::Lookup => None,
             },
             source,
@@ -94,22 +145,75 @@ impl Archiver {
     }
 
     /// Archives the orders with these ids. A transient error is returned for the caller to
-    /// retry the whole call (harmless: writes are idempotent); a permanent error is narrowed down
-    /// to the orders that cause it, which are dead-lettered while the rest are archived.
+    /// retry the whole call (harmless: writes are idempotent). An error that may be one order's
+    /// fault is narrowed down by bisection to the orders that cause it, which are dead-lettered
+    /// while the rest are archived; an error that cannot be an order's fault (no permission, a
+    /// killed operation) is returned as it is, and so is one that every order of the batch meets
+    /// alike: the batch is then not archived and the caller stops, with nothing dead-lettered.
     pub async fn archive_ids(&self, ids: &[Bson], times: &EventTimes) -> Result<WriteOutcome, Error> {
-        match self.enrich_and_write(ids, times).await {
-            Err(e) if !is_transient(&e) && ids.len() > 1 => {
+        let mut refused = Vec::new();
+        let outcome = self.narrow_down(ids, times, &mut refused).await?;
+        self.settle(outcome, refused, ids.len(), times).await
+    }
+
+    /// Enriches and writes `ids`, bisecting errors that may be one order's fault; the orders
+    /// refused on their own are collected in `refused`.
+    async fn narrow_down(
+        &self,
+        ids: &[Bson],
+        times: &EventTimes,
+        refused: &mut Vec<Refusal>,
+    ) -> Result<WriteOutcome, Error> {
+        let written = match self.enrich(ids).await {
+            Ok(docs) => self.write_collecting(docs, refused).await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Err(e) if !may_be_an_orders_fault(&e) => Err(e),
+            Err(_) if ids.len() > 1 => {
                 let (left, right) = ids.split_at(ids.len() / 2);
-                let mut outcome = Box::pin(self.archive_ids(left, times)).await?;
-                outcome += Box::pin(self.archive_ids(right, times)).await?;
+                let mut outcome = Box::pin(self.narrow_down(left, times, refused)).await?;
+                outcome += Box::pin(self.narrow_down(right, times, refused)).await?;
                 Ok(outcome)
             }
-            Err(e) if !is_transient(&e) && ids.len() == 1 => {
-                self.dead_letter(&ids[0], &e, times).await?;
-                Ok(WriteOutcome { dead_lettered: 1, ..Default::default() })
+            Err(e) => {
+                refused.push(Refusal {
+                    id: ids[0].clone(),
+                    code: error_code(&e),
+                    reason: crate::redact::scrub(&e.to_string()),
+                    error: e,
+                });
+                Ok(WriteOutcome::default())
             }
-            other => other,
+            ok => ok,
         }
+    }
+
+    /// Dead-letters the refused orders, unless every one of the `total` orders was refused with
+    /// the same error: that is the archive's or the deployment's doing (a validator that
+    /// rejects everything, a missing privilege), not the orders', and it is returned instead.
+    async fn settle(
+        &self,
+        mut outcome: WriteOutcome,
+        refused: Vec<Refusal>,
+        total: usize,
+        times: &EventTimes,
+    ) -> Result<WriteOutcome, Error> {
+        let alike = refused.windows(2).all(|w| w[0].code == w[1].code);
+        if total > 1 && refused.len() == total && alike {
+            let first = refused.into_iter().next().expect("total > 1");
+            tracing::error!(orders = total, code = ?first.code, error = %first.reason,
+                "the archive refused every order of the batch with the same error: not the orders' \
+                 fault, nothing dead-lettered; stopping");
+            return Err(first.into_error());
+        }
+        for refusal in &refused {
+            tracing::error!(order_id = %refusal.id, code = ?refusal.code, error = %refusal.reason,
+                "cannot archive an order; recorded in the dead-letter collection");
+            self.record_dead_letter(&refusal.id, &refusal.reason, refusal.code, times).await?;
+            outcome.dead_lettered += 1;
+        }
+        Ok(outcome)
     }
 
     /// Whether whole orders can be joined here (so callers may stream orders, not ids).
@@ -123,12 +227,14 @@ impl Archiver {
         let ids: Vec<Bson> = orders.iter().filter_map(|o| o.get("_id").cloned()).collect();
         let no_events = EventTimes::new();
         let Some(joiner) = &self.joiner else { return self.archive_ids(&ids, &no_events).await };
-        match joiner.enrich(orders).await? {
-            Some(docs) => match self.write(docs, &no_events).await {
-                Err(e) if !is_transient(&e) => self.archive_ids(&ids, &no_events).await,
-                other => other,
-            },
-            None => self.archive_ids(&ids, &no_events).await,
+        let Some(docs) = joiner.enrich(orders).await? else {
+            return self.archive_ids(&ids, &no_events).await;
+        };
+        let mut refused = Vec::new();
+        match self.write_collecting(docs, &mut refused).await {
+            Ok(outcome) => self.settle(outcome, refused, ids.len(), &no_events).await,
+            Err(e) if may_be_an_orders_fault(&e) => self.archive_ids(&ids, &no_events).await,
+            Err(e) => Err(e),
         }
     }
 
@@ -147,11 +253,6 @@ impl Archiver {
         let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;
         Ok(outcome)
-    }
-
-    async fn enrich_and_write(&self, ids: &[Bson], times: &EventTimes) -> Result<WriteOutcome, Error> {
-        let docs = self.enrich(ids).await?;
-        self.write(docs, times).await
     }
 
     /// Inserts the documents not yet archived, inside `session`'s transaction, so that the
@@ -228,50 +329,78 @@ impl Archiver {
         self.orders.aggregate(pipeline).await?.try_collect().await
     }
 
-    /// Inserts already-enriched documents, keeping any that are already archived.
+    /// Inserts already-enriched documents, keeping any that are already archived; orders the
+    /// archive refuses are dead-lettered (see [`Archiver::archive_ids`] for when they are not).
     pub async fn write(&self, docs: Vec<Document>, times: &EventTimes) -> Result<WriteOutcome, Error> {
+        let total = docs.len();
+        let mut refused = Vec::new();
+        let outcome = self.write_collecting(docs, &mut refused).await?;
+        self.settle(outcome, refused, total, times).await
+    }
+
+    /// Inserts `docs` unordered. A duplicate key on `_id` means "already archived"; any other
+    /// per-document refusal (validation, a duplicate on another unique index, a bad value) is
+    /// collected in `refused`; a transient per-document error (a shard's failover) fails the
+    /// whole call so that it is retried.
+    async fn write_collecting(&self, docs: Vec<Document>, refused: &mut Vec<Refusal>) -> Result<WriteOutcome, Error> {
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let total = docs.len() as u64;
-        let anomalies = docs
-            .iter()
-            .filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty()))
-            .count() as u64;
+        let flagged: Vec<bool> = docs.iter().map(has_anomalies).collect();
         let ids: Vec<Bson> = docs.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
-        match self.archive.insert_many(docs).ordered(false).await {
-            Ok(_) => Ok(WriteOutcome { inserted: total, anomalies, ..Default::default() }),
-            Err(e) => {
-                let ErrorKind::InsertMany(failure) = e.kind.as_ref() else {
-                    return Err(e);
-                };
-                if failure.write_concern_error.is_some() {
-                    return Err(e);
-                }
-                let write_errors = failure.write_errors.clone().unwrap_or_default();
-                let mut outcome = WriteOutcome { anomalies, ..Default::default() };
-                for w in &write_errors {
-                    if w.code == DUPLICATE_KEY {
-                        outcome.already_archived += 1;
-                    } else {
-                        let id = ids.get(w.index).cloned().unwrap_or(Bson::Null);
-                        self.record_dead_letter(&id, &w.message, Some(w.code), times).await?;
-                        tracing::error!(order_id = %id, code = w.code, error = %w.message,
-                            "the archive refused an order; recorded in the dead-letter collection");
-                        outcome.dead_lettered += 1;
-                    }
-                }
-                outcome.inserted = total - write_errors.len() as u64;
-                Ok(outcome)
+        let error = match self.archive.insert_many(docs).ordered(false).await {
+            Ok(_) => {
+                let anomalies = flagged.iter().filter(|f| **f).count() as u64;
+                return Ok(WriteOutcome { inserted: ids.len() as u64, anomalies, ..Default::default() });
             }
+            Err(e) => e,
+        };
+        let ErrorKind::InsertMany(failure) = error.kind.as_ref() else { return Err(error) };
+        if failure.write_concern_error.is_some() || is_transient(&error) {
+            return Err(error);
         }
+        let write_errors = failure.write_errors.clone().unwrap_or_default();
+        let duplicates: Vec<Bson> = write_errors
+            .iter()
+            .filter(|w| w.code == DUPLICATE_KEY)
+            .filter_map(|w| ids.get(w.index).cloned())
+            .collect();
+        let archived = self.archived_among(&duplicates).await?;
+        let mut outcome = WriteOutcome::default();
+        let mut failed = vec![false; ids.len()];
+        for w in &write_errors {
+            let Some(id) = ids.get(w.index) else { continue };
+            failed[w.index] = true;
+            if w.code == DUPLICATE_KEY && archived.contains(&id_key(id)) {
+                outcome.already_archived += 1;
+                continue;
+            }
+            refused.push(Refusal {
+                id: id.clone(),
+                code: Some(w.code),
+                reason: crate::redact::scrub(&w.message),
+                error: error.clone(),
+            });
+        }
+        let written = || failed.iter().zip(&flagged).filter(|(failed, _)| !**failed);
+        outcome.inserted = written().count() as u64;
+        outcome.anomalies = written().filter(|(_, flagged)| **flagged).count() as u64;
+        Ok(outcome)
     }
 
-    async fn dead_letter(&self, id: &Bson, error: &Error, times: &EventTimes) -> Result<(), Error> {
-        let message = crate::redact::scrub(&error.to_string());
-        tracing::error!(order_id = %id, code = ?error_code(error), error = %message,
-            "cannot archive an order; recorded in the dead-letter collection");
-        self.record_dead_letter(id, &message, error_code(error), times).await
+    /// The keys of those of `ids` that have an archive document.
+    async fn archived_among(&self, ids: &[Bson]) -> Result<std::collections::HashSet<String>, Error> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let found: Vec<Document> = self
+            .archive
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(id_keys(&found))
     }
 
     /// Records (or updates) the dead letter of one order.
@@ -302,5 +431,38 @@ impl Archiver {
             .with_options(UpdateOptions::builder().upsert(true).build())
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::options::{ReadPreference, SelectionCriteria};
+
+    #[test]
+    fn numerically_equal_ids_are_one_key() {
+        assert_eq!(id_key(&Bson::Int32(1)), id_key(&Bson::Int64(1)));
+        assert_eq!(id_key(&Bson::Int64(1)), id_key(&Bson::Double(1.0)));
+        assert_ne!(id_key(&Bson::Double(1.5)), id_key(&Bson::Int32(1)));
+        assert_ne!(id_key(&Bson::String("1".into())), id_key(&Bson::Int32(1)));
+    }
+
+    #[tokio::test]
+    async fn enrichment_reads_from_the_primary_whatever_the_uri_says() {
+        // No server is contacted: the client only connects on first use.
+        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:9/?readPreference=secondaryPreferred")
+            .await
+            .unwrap();
+        let db = client.database("livraison");
+        let dbs = Databases { source: db.clone(), archive: db, source_client: client };
+        let archiver = Archiver::new(&Config::default(), &dbs, ArchiveSource::Watch);
+        let primary = |c: Option<&SelectionCriteria>| {
+            matches!(c, Some(SelectionCriteria::ReadPreference(ReadPreference::Primary)))
+        };
+        assert!(primary(archiver.orders.selection_criteria()), "orders: {:?}", archiver.orders.selection_criteria());
+        let joiner = archiver.joiner.as_ref().expect("the join is the default");
+        for references in joiner.reference_collections() {
+            assert!(primary(references.selection_criteria()), "{}", references.name());
+        }
     }
 }

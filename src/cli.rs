@@ -187,6 +187,18 @@ pub struct WatchArgs {
     /// Lease renewal interval, in milliseconds [default: 1000].
     #[arg(long, env = "LEASE_RENEW_MS", value_name = "MS")]
     pub lease_renew_ms: Option<u64>,
+    /// How long the change stream may stay silent beyond its await time before it is taken for
+    /// a network fault (readiness 503, stream reopened), in milliseconds [default: 10000].
+    #[arg(long, env = "STREAM_TIMEOUT_MS", value_name = "MS")]
+    pub stream_timeout_ms: Option<u64>,
+    /// Longest an archive write or checkpoint save may go unanswered before it is abandoned and
+    /// retried, in milliseconds [default: 60000].
+    #[arg(long, env = "WRITE_TIMEOUT_MS", value_name = "MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// With work pending, how long without progress before /health/live answers 503 and the
+    /// systemd watchdog stops being pinged, in milliseconds [default: 120000].
+    #[arg(long, env = "LIVENESS_TIMEOUT_MS", value_name = "MS")]
+    pub liveness_timeout_ms: Option<u64>,
     /// Where to start when there is no resume token: `now` or an RFC 3339 time (within the
     /// oplog window). Refused when a token exists, unless --reset-token is given too.
     #[arg(long, value_name = "now|TIME")]
@@ -298,6 +310,9 @@ impl Cli {
                 o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
                 o.set("watch.resume_token_file", w.resume_token_file.clone());
                 o.set("watch.http_addr", w.http_addr.clone());
+                o.set("watch.stream_timeout_ms", w.stream_timeout_ms);
+                o.set("watch.write_timeout_ms", w.write_timeout_ms);
+                o.set("watch.liveness_timeout_ms", w.liveness_timeout_ms);
                 o.set("coordination.checkpoint_store", w.checkpoint_store);
                 o.set("coordination.stream_name", w.stream_name.clone());
                 o.set("coordination.instance_id", w.instance_id.clone());

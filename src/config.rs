@@ -277,6 +277,17 @@ pub struct WatchSettings {
     pub gap_fill_margin_secs: u64,
     /// Address of the health and metrics endpoints (`HTTP_ADDR`); `off` disables them.
     pub http_addr: String,
+    /// How long the change stream may stay silent beyond its await time before it is taken for
+    /// a network fault: readiness turns 503 and the stream is reopened (`STREAM_TIMEOUT_MS`).
+    pub stream_timeout_ms: u64,
+    /// Longest an archive write or a checkpoint save may go unanswered before it is abandoned
+    /// and retried; both are idempotent (`WRITE_TIMEOUT_MS`).
+    pub write_timeout_ms: u64,
+    /// With work pending, how long without progress before `/health/live` answers 503 and the
+    /// systemd watchdog is no longer pinged, so that the service manager restarts a stuck
+    /// process (`LIVENESS_TIMEOUT_MS`). Keep it above `write_timeout_ms` and the retry delay
+    /// cap, which bound the time between two steps of a healthy pipeline.
+    pub liveness_timeout_ms: u64,
 }
 
 /// How `batch` writes the archive.
@@ -423,6 +434,9 @@ impl Default for WatchSettings {
             resume_token_file: PathBuf::from(".resume_token.json"),
             gap_fill_margin_secs: 3600,
             http_addr: "127.0.0.1:9464".to_owned(),
+            stream_timeout_ms: 10_000,
+            write_timeout_ms: 60_000,
+            liveness_timeout_ms: 120_000,
         }
     }
 }
@@ -579,6 +593,16 @@ impl Config {
                 "watch.batch_size (BATCH_SIZE) must be between 1 and 100000, got {}",
                 self.watch.batch_size
             ));
+        }
+        let w = &self.watch;
+        for (var, ms) in [
+            ("STREAM_TIMEOUT_MS", w.stream_timeout_ms),
+            ("WRITE_TIMEOUT_MS", w.write_timeout_ms),
+            ("LIVENESS_TIMEOUT_MS", w.liveness_timeout_ms),
+        ] {
+            if !(100..=86_400_000).contains(&ms) {
+                return fail(format!("{var} must be between 100 and 86400000 milliseconds, got {ms}"));
+            }
         }
         if self.batch.chunk_size == 0 || self.batch.concurrency == 0 {
             return fail("batch.chunk_size and batch.concurrency must be at least 1".to_owned());

@@ -192,6 +192,11 @@ impl Lease {
         self.renewed_at.elapsed() < self.ttl.mul_f64(fraction)
     }
 
+    /// How much longer the lease stays [fresh](Lease::is_fresh) for `fraction` (zero once not).
+    pub fn fresh_for(&self, fraction: f64) -> Duration {
+        self.ttl.mul_f64(fraction).saturating_sub(self.renewed_at.elapsed())
+    }
+
     /// Gives the lease up at once, so a standby need not wait for it to expire.
     pub async fn release(&self) {
         let released = self

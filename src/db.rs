@@ -18,10 +18,12 @@ const TRANSIENT_CODES: &[i32] = &[
     6,     // HostUnreachable
     7,     // HostNotFound
     43,    // CursorNotFound (a resumed stream opens a new cursor)
+    50,    // MaxTimeMSExpired
     63,    // StaleShardVersion
     89,    // NetworkTimeout
     91,    // ShutdownInProgress
     150,   // StaleEpoch
+    112,   // WriteConflict
     189,   // PrimarySteppedDown
     234,   // RetryChangeStream
     237,   // CursorKilled
@@ -29,6 +31,7 @@ const TRANSIENT_CODES: &[i32] = &[
     9001,  // SocketException
     10107, // NotWritablePrimary
     11600, // InterruptedAtShutdown
+    11601, // Interrupted (killOp: the operation, not the data, was refused)
     11602, // InterruptedDueToReplStateChange
     13388, // StaleConfig
     13435, // NotPrimaryNoSecondaryOk
@@ -72,10 +75,14 @@ pub fn is_transient(err: &Error) -> bool {
         | ErrorKind::ConnectionPoolCleared { .. }
         | ErrorKind::ServerSelection { .. }
         | ErrorKind::DnsResolve { .. } => true,
-        ErrorKind::InsertMany(e) => e
-            .write_concern_error
-            .as_ref()
-            .is_some_and(|w| TRANSIENT_CODES.contains(&w.code)),
+        // A write concern error says the write was not yet acknowledged by enough members (a
+        // timeout, an election): retried, the idempotent write completes or finds it done.
+        ErrorKind::Write(WriteFailure::WriteConcernError(_)) => true,
+        // Per-document errors with a transient code: a shard failing over mid-batch.
+        ErrorKind::InsertMany(e) => {
+            e.write_concern_error.is_some()
+                || e.write_errors.as_ref().is_some_and(|w| w.iter().any(|w| TRANSIENT_CODES.contains(&w.code)))
+        }
         _ => error_code(err).is_some_and(|c| TRANSIENT_CODES.contains(&c)),
     }
 }
@@ -111,6 +118,26 @@ pub struct Databases {
     pub archive: Database,
     /// The source client.
     pub source_client: Client,
+}
+
+impl Databases {
+    /// The same databases with the source read from its primary, whatever the URI's read
+    /// preference: what `watch` reads must be at least as recent as its change stream.
+    pub fn reading_from_primary(&self) -> Databases {
+        Databases { source: on_primary(&self.source), ..self.clone() }
+    }
+}
+
+/// `db` again, read from the primary only.
+pub fn on_primary(db: &Database) -> Database {
+    db.client().database_with_options(
+        db.name(),
+        mongodb::options::DatabaseOptions::builder()
+            .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
+                mongodb::options::ReadPreference::Primary,
+            ))
+            .build(),
+    )
 }
 
 /// Why connecting failed.

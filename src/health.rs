@@ -70,6 +70,13 @@ pub struct Telemetry {
     token_time_ms: AtomicI64,
     reason: Mutex<&'static str>,
     role: Mutex<Role>,
+    /// Unix millis since when work has been waiting (a batch received, a failed write to
+    /// retry), 0 when none: liveness is about progress on pending work, not about idleness.
+    pending_since_ms: AtomicI64,
+    /// Unix millis of the last step forward (a batch archived, a retry attempted).
+    progress_ms: AtomicI64,
+    /// How long pending work may see no progress before the process counts as stuck.
+    liveness_timeout_ms: AtomicI64,
 }
 
 /// Whether this process writes.
@@ -153,6 +160,9 @@ impl Telemetry {
             token_time_ms: AtomicI64::new(0),
             reason: Mutex::new("starting"),
             role: Mutex::new(Role::Single),
+            pending_since_ms: AtomicI64::new(0),
+            progress_ms: AtomicI64::new(0),
+            liveness_timeout_ms: AtomicI64::new(120_000),
         }
     }
 
@@ -205,6 +215,39 @@ impl Telemetry {
         }
     }
 
+    /// Sets how long pending work may go without progress before the process counts as stuck.
+    pub fn set_liveness_timeout(&self, timeout: Duration) {
+        self.liveness_timeout_ms.store(timeout.as_millis().min(i64::MAX as u128) as i64, Ordering::SeqCst);
+    }
+
+    /// Work is waiting to be done (kept from the first call until [`Telemetry::work_done`]).
+    pub fn work_pending(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let _ = self.pending_since_ms.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// A step forward on pending work that did not finish it (a retry attempted).
+    pub fn progressed(&self) {
+        self.progress_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+    }
+
+    /// Nothing is waiting any more.
+    pub fn work_done(&self) {
+        self.progressed();
+        self.pending_since_ms.store(0, Ordering::SeqCst);
+    }
+
+    /// How long pending work has gone without progress, when that is longer than allowed.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let pending_since = self.pending_since_ms.load(Ordering::SeqCst);
+        if pending_since == 0 {
+            return None;
+        }
+        let last = pending_since.max(self.progress_ms.load(Ordering::SeqCst));
+        let quiet = chrono::Utc::now().timestamp_millis() - last;
+        (quiet > self.liveness_timeout_ms.load(Ordering::SeqCst)).then(|| Duration::from_millis(quiet as u64))
+    }
+
     /// Shutting down: not ready any more.
     pub fn stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -241,16 +284,31 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Pings the systemd watchdog at half its interval while the runtime is responsive.
-pub fn spawn_watchdog(shutdown: CancellationToken) {
+/// Pings the systemd watchdog at half its interval while the pipeline makes progress: a
+/// responsive runtime whose pipeline is stuck on pending work is not alive, and systemd should
+/// restart it (the token never passed unarchived work, so a restart loses nothing).
+pub fn spawn_watchdog(telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else { return };
     tracing::info!(interval_ms = interval.as_millis() as u64, "systemd watchdog enabled");
     tokio::spawn(async move {
         let mut tick = tokio::time::interval((interval / 2).max(Duration::from_millis(100)));
+        let mut warned = false;
         loop {
             tokio::select! {
-                _ = tick.tick() => notify(&[sd_notify::NotifyState::Watchdog]),
+                _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
+            }
+            match telemetry.stalled_for() {
+                None => {
+                    warned = false;
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                Some(quiet) if !warned => {
+                    warned = true;
+                    tracing::error!(no_progress_ms = quiet.as_millis() as u64,
+                        "the pipeline made no progress on pending work; no longer pinging the watchdog");
+                }
+                Some(_) => {}
             }
         }
     });
@@ -261,8 +319,15 @@ fn status(ok: bool, body: &str) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], format!("{{\"status\":{}}}\n", serde_json::Value::from(body))).into_response()
 }
 
-async fn live() -> Response {
-    status(true, "alive")
+async fn live(State(t): State<Arc<Telemetry>>) -> Response {
+    match t.stalled_for() {
+        None => status(true, "alive"),
+        Some(quiet) => {
+            let body = serde_json::json!({ "status": "stalled", "no_progress_ms": quiet.as_millis() as u64 });
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
+                .into_response()
+        }
+    }
 }
 
 async fn ready(State(t): State<Arc<Telemetry>>) -> Response {
@@ -329,6 +394,25 @@ mod tests {
         t.stream_opened();
         t.stopping();
         assert_eq!(t.is_ready(), (false, "shutting down"));
+    }
+
+    #[test]
+    fn liveness_means_progress_on_pending_work() {
+        let t = Telemetry::new();
+        t.set_liveness_timeout(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.stalled_for(), None, "idle is not stalled");
+        t.work_pending();
+        assert_eq!(t.stalled_for(), None, "just pending");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(t.stalled_for().is_some(), "pending without progress");
+        t.progressed();
+        assert_eq!(t.stalled_for(), None, "a retry is progress");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(t.stalled_for().is_some());
+        t.work_done();
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.stalled_for(), None, "nothing pending any more");
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub struct Joiner {
 type Refs = HashMap<String, Document>;
 
 impl Joiner {
+    /// The four reference collections, as read.
+    #[cfg(test)]
+    pub(crate) fn reference_collections(&self) -> [&Collection<Document>; 4] {
+        [&self.clients, &self.livreurs, &self.restaurants, &self.menus]
+    }
+
     /// A joiner, or `None` when the configuration needs the pipeline (dotted field names, whose
     /// path semantics through arrays only the server reproduces).
     pub fn new(config: &Config, source_db: &Database, source: ArchiveSource) -> Option<Self> {

@@ -60,7 +60,8 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                     return ExitCode::from(exit::FAILURE);
                 }
             }
-            archiver::health::spawn_watchdog(shutdown.clone());
+            telemetry.set_liveness_timeout(std::time::Duration::from_millis(config.watch.liveness_timeout_ms));
+            archiver::health::spawn_watchdog(telemetry.clone(), shutdown.clone());
             match watch::run(&config, options, telemetry, shutdown).await {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {

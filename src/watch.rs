@@ -39,6 +39,39 @@ const MIN_AWAIT: Duration = Duration::from_millis(50);
 /// How often an idle stream's advancing position is saved.
 const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// After a shutdown request, how long the batch in flight may still take before it is abandoned
+/// (its token is not saved, so it is replayed at the next start).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// An error that says a server did not answer in time; transient, so the operation is retried.
+fn timed_out(what: &str, limit: Duration) -> Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {} ms while {what}", limit.as_millis()),
+    )
+    .into()
+}
+
+/// Runs a database operation of the writer, abandoning it when it goes unanswered for `limit`
+/// (a silent network: the driver may wait forever for a reply) or when shutdown was requested
+/// more than [`SHUTDOWN_GRACE`] ago. Only for idempotent operations, which are then retried.
+async fn bounded<T>(
+    operation: impl std::future::Future<Output = Result<T, Error>>,
+    what: &str,
+    limit: Duration,
+    shutdown: &CancellationToken,
+) -> Result<T, Error> {
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = operation => result,
+        _ = tokio::time::sleep(limit) => Err(timed_out(what, limit)),
+        _ = grace_over => Err(timed_out(what, SHUTDOWN_GRACE)),
+    }
+}
+
 /// Why `watch` stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -246,7 +279,7 @@ pub async fn run(
             let token_path = config.watch.resume_token_file.clone();
             let _lock = lock_token_file(&token_path)?;
             let dbs = tokio::select! {
-                dbs = db::connect(config) => dbs?,
+                dbs = db::connect(config) => dbs?.reading_from_primary(),
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let store = Store::File(CheckpointFile::new(&token_path));
@@ -254,7 +287,7 @@ pub async fn run(
         }
         CheckpointStoreKind::Mongodb => {
             let dbs = tokio::select! {
-                dbs = db::connect(config) => dbs?,
+                dbs = db::connect(config) => dbs?.reading_from_primary(),
                 _ = shutdown.cancelled() => return Ok(()),
             };
             follow_lease(config, &dbs, options, &telemetry, &shutdown).await
@@ -277,6 +310,10 @@ async fn follow_lease(
     let holder = coordination::instance_id(config);
     let ttl = Duration::from_millis(c.lease_ttl_ms);
     let heartbeat = Duration::from_millis(c.lease_renew_ms);
+    // The lease as first seen held by another: when it changes (renewed, taken), a live leader
+    // exists, and the first-leader options no longer apply. A lease left by a crashed run of
+    // this same service only expires, which leaves them armed.
+    let mut first_seen = None;
     loop {
         let mut announced = false;
         let lease = loop {
@@ -284,8 +321,14 @@ async fn follow_lease(
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {
                     telemetry.set_role(Role::Standby);
+                    let current = Lease::current(&leases, &stream).await.ok().flatten();
+                    if let Some(lease) = &current {
+                        let seen = (lease.epoch, lease.expires_at);
+                        if *first_seen.get_or_insert(seen) != seen {
+                            disarm_first_leader_options(&mut options, &stream);
+                        }
+                    }
                     if !announced {
-                        let current = Lease::current(&leases, &stream).await.ok().flatten();
                         tracing::info!(stream = %stream, instance = %holder,
                             leader = ?current.as_ref().map(|l| l.holder.clone()),
                             lease_expires_at = ?current.map(|l| l.expires_at),
@@ -346,6 +389,27 @@ async fn follow_lease(
     }
 }
 
+/// `--reset-token`, `--start-at` and `--catch-up` act on the stream's shared checkpoint, and only
+/// a process that leads from its start may use them: a standby taking over hours later would
+/// otherwise wipe the checkpoint another leader kept, or refuse to start. Once another instance
+/// is seen keeping the lease alive, they are dropped, with a warning.
+fn disarm_first_leader_options(options: &mut WatchOptions, stream: &str) {
+    let armed = [
+        ("--reset-token", options.reset_token),
+        ("--start-at", options.start.is_some()),
+        ("--catch-up", options.catch_up),
+    ];
+    let dropped: Vec<&str> = armed.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect();
+    if dropped.is_empty() {
+        return;
+    }
+    tracing::warn!(stream = %stream, options = ?dropped,
+        "another instance leads this stream: these options apply only to the first leader and are ignored");
+    options.reset_token = false;
+    options.start = None;
+    options.catch_up = false;
+}
+
 /// Renews the lease every `heartbeat`; cancels `leadership` as soon as the lease is lost or
 /// cannot be renewed for most of its time to live, so this process stops writing before another
 /// one may take over. Returns the lease and whether it was lost.
@@ -355,7 +419,13 @@ async fn keep_lease(mut lease: Lease, heartbeat: Duration, leadership: Cancellat
             _ = tokio::time::sleep(heartbeat) => {}
             _ = leadership.cancelled() => return (lease, false),
         }
-        match lease.renew().await {
+        // A renewal must answer before the lease stops being surely ours; waiting longer would
+        // let this process write while a standby may already have taken over.
+        let fresh_for = lease.fresh_for(0.6);
+        let renewed = tokio::time::timeout(fresh_for, lease.renew())
+            .await
+            .unwrap_or_else(|_| Err(timed_out("renewing the lease", fresh_for)));
+        match renewed {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(epoch = lease.epoch(), "the lease was taken over");
@@ -412,6 +482,7 @@ async fn lead(
         retry: config.retry.clone(),
         telemetry: telemetry.clone(),
         transactions: true,
+        write_timeout: Duration::from_millis(config.watch.write_timeout_ms),
     };
     if options.catch_up {
         let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
@@ -434,6 +505,13 @@ async fn lead(
             Err(StreamFailure::Mongo(e, context)) => (e, context),
         };
         let (error, context) = error;
+        if stop.is_cancelled() {
+            // Asked to stop (or leadership lost) while the stream failed: the position saved is
+            // before anything unarchived, so stopping here loses nothing.
+            tracing::info!(error = %scrub(&error.to_string()), context, "stopping; position saved");
+            return Ok(());
+        }
+        telemetry.progressed();
         if progressed {
             delays = db::backoff(&config.retry);
             attempts = 0;
@@ -452,6 +530,10 @@ async fn lead(
             let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
                 - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
             fill(config, dbs, &mut state, gap_filter(config, since), "gap-fill", stop).await?;
+            if stop.is_cancelled() {
+                // The fill was interrupted; the next start fills again from the same position.
+                return Ok(());
+            }
             continue;
         }
         if !is_transient(&error) {
@@ -510,13 +592,24 @@ impl Store {
         }
     }
 
-    async fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, SaveFailure> {
+    /// Saves `checkpoint`; a shared-store save unanswered for `limit` is abandoned (an
+    /// upsert of the same position: retrying it is harmless).
+    async fn save(
+        &mut self,
+        checkpoint: &Checkpoint,
+        limit: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SaveFailure> {
         match self {
             Store::File(f) => f.save(checkpoint).map_err(SaveFailure::Disk),
-            Store::Mongo(m) => m.save(checkpoint, None).await.map_err(|e| match e {
-                StoreError::Fenced(s) => SaveFailure::Fenced(s),
-                StoreError::Database(e) => SaveFailure::Database(e),
-            }),
+            Store::Mongo(m) => {
+                let save = async { Ok::<_, Error>(m.save(checkpoint, None).await) };
+                match bounded(save, "saving the checkpoint", limit, shutdown).await {
+                    Ok(Ok(written)) => Ok(written),
+                    Ok(Err(StoreError::Fenced(s))) => Err(SaveFailure::Fenced(s)),
+                    Ok(Err(StoreError::Database(e))) | Err(e) => Err(SaveFailure::Database(e)),
+                }
+            }
         }
     }
 }
@@ -556,6 +649,9 @@ async fn fill(
     shutdown: &CancellationToken,
 ) -> Result<(), WatchError> {
     let keep_position = what == "catch-up" && state.checkpoint.is_some();
+    // The time the new position stands for is when it was taken, not when the fill ended: a
+    // later gap-fill must start from here, or it would miss what was delivered during this one.
+    let taken_at = Utc::now();
     let start_token = if keep_position {
         None
     } else {
@@ -564,6 +660,8 @@ async fn fill(
             .map_err(|e| WatchError::Fill(scrub(&e.to_string())))?;
         stream.resume_token()
     };
+    // A fill is long work of its own, bounded by its retries; the liveness clock is for batches.
+    state.telemetry.work_done();
     let started = Instant::now();
     let archiver = Archiver::new(config, dbs, ArchiveSource::Batch);
     let (matched, outcome) = crate::batch::archive_matching(
@@ -586,7 +684,7 @@ async fn fill(
         return Ok(());
     }
     if let Some(token) = start_token {
-        persist(state, token, None, Some(Utc::now()), shutdown).await.map_err(WatchError::from)?;
+        persist(state, token, None, Some(taken_at), shutdown).await.map_err(WatchError::from)?;
     }
     Ok(())
 }
@@ -603,6 +701,8 @@ struct StreamState {
     /// Whether archive writes and checkpoints go in one transaction (shared store, while the
     /// server accepts transactions).
     transactions: bool,
+    /// Longest wait for an archive write or a checkpoint save.
+    write_timeout: Duration,
 }
 
 
@@ -639,16 +739,19 @@ async fn run_stream(
     let mut progressed = false;
     let result = async {
         let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
+        let opened_at = Utc::now();
         let stream = open_stream(config, dbs, resume, state.start)
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
         tracing::info!(namespace = %state.namespace, "change stream open");
         state.telemetry.stream_opened();
+        // Whatever was pending is replayed by this stream: nothing waits until it delivers.
+        state.telemetry.work_done();
         // Record the starting point at once, so a crash before the first batch still resumes
         // from here rather than from a later "now".
         if state.checkpoint.is_none() {
             if let Some(token) = stream.resume_token() {
-                persist(state, token, None, None, shutdown).await?;
+                persist(state, token, None, Some(opened_at), shutdown).await?;
             }
         }
         let (tx, mut rx) = mpsc::channel::<Result<StreamBatch, Error>>(2);
@@ -658,6 +761,7 @@ async fn run_stream(
             tx,
             config.watch.batch_size,
             Duration::from_millis(config.watch.batch_max_wait_ms),
+            open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
             reader_stop.clone(),
         ));
         let _stop_reader = reader_stop.clone().drop_guard();
@@ -672,16 +776,27 @@ async fn run_stream(
                 Ok(batch) => batch,
                 Err(e) => break Err(StreamFailure::Mongo(e, "reading the change stream")),
             };
+            if !batch.events.is_empty() {
+                state.telemetry.work_pending();
+            }
             if let Err(e) = write_batch(archiver, state, batch, &mut progressed, shutdown).await {
                 break Err(e);
             }
+            state.telemetry.work_done();
         };
+        // The receiver goes first, so a reader parked on a full channel returns at once.
+        drop(rx);
         reader_stop.cancel();
         let _ = reader.await;
         outcome
     }
     .await;
     (result, progressed)
+}
+
+/// How long the server holds an idle getMore of the stream open.
+fn open_stream_await(config: &Config) -> Duration {
+    Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT)
 }
 
 /// Opens the filtered stream after `resume`, or else at `start`.
@@ -692,11 +807,10 @@ async fn open_stream(
     start: StartPosition,
 ) -> Result<ChangeStream<StreamEvent>, Error> {
     let orders = dbs.source.collection::<Document>(&config.orders.collection);
-    let max_await = Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT);
     let mut watch = orders
         .watch()
         .pipeline(delivered_filter(config))
-        .max_await_time(max_await)
+        .max_await_time(open_stream_await(config))
         .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
     watch = match (resume, start) {
         (Some(token), _) => watch.resume_after(token.clone()),
@@ -706,12 +820,30 @@ async fn open_stream(
     Ok(watch.await?.with_type::<StreamEvent>())
 }
 
-/// Pulls events and cuts them into batches until stopped or the stream fails.
+/// Hands `message` to the writer unless stopped first; false when the reader should end (stopped,
+/// or the writer is gone). Every send races `stop`: a writer that failed stops reading the
+/// channel, and a reader parked on a full channel would otherwise never return.
+async fn hand_over(
+    tx: &mpsc::Sender<Result<StreamBatch, Error>>,
+    message: Result<StreamBatch, Error>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => false,
+        sent = tx.send(message) => sent.is_ok(),
+    }
+}
+
+/// Pulls events and cuts them into batches until stopped or the stream fails. A stream that
+/// stays silent for `silence_limit` (beyond the server's await time, which already bounds an
+/// idle getMore) is taken for a network fault and reported as a transient error.
 async fn read_batches(
     mut stream: ChangeStream<StreamEvent>,
     tx: mpsc::Sender<Result<StreamBatch, Error>>,
     batch_size: usize,
     max_wait: Duration,
+    silence_limit: Duration,
     stop: CancellationToken,
 ) {
     let mut last_token = stream.resume_token();
@@ -724,16 +856,20 @@ async fn read_batches(
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                next = stream.next_if_any() => next,
+                next = tokio::time::timeout(silence_limit, stream.next_if_any()) => next
+                    .unwrap_or_else(|_| Err(timed_out("reading the change stream", silence_limit))),
             };
             match next {
                 Err(e) => {
                     // Hand over what was read first: it is valid, only unsaved.
                     if !events.is_empty() {
                         let token = events.last().map(|e| e.token.clone());
-                        let _ = tx.send(Ok(StreamBatch { events, token, invalidated: None })).await;
+                        let batch = StreamBatch { events, token, invalidated: None };
+                        if !hand_over(&tx, Ok(batch), &stop).await {
+                            return;
+                        }
                     }
-                    let _ = tx.send(Err(e)).await;
+                    hand_over(&tx, Err(e), &stop).await;
                     return;
                 }
                 Ok(Some(event)) if INVALIDATING_OPERATIONS.contains(&event.operation.as_str()) => {
@@ -769,7 +905,7 @@ async fn read_batches(
         }
         last_token = token.clone();
         let done = invalidated.is_some();
-        if tx.send(Ok(StreamBatch { events, token, invalidated })).await.is_err() || done {
+        if !hand_over(&tx, Ok(StreamBatch { events, token, invalidated }), &stop).await || done {
             return;
         }
     }
@@ -808,10 +944,16 @@ async fn write_batch(
         let cluster_time = last.cluster_time;
         let mut committed = None;
         let transactional = state.transactions && matches!(state.store, Store::Mongo(_));
+        let limit = state.write_timeout;
+        let archive_ids = || bounded(archiver.archive_ids(&ids, &times), "archiving a batch", limit, shutdown);
         let outcome = match (transactional, batch.token.clone(), &mut state.store) {
             (true, Some(token), Store::Mongo(store)) => {
                 let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
-                match archive_in_transaction(archiver, store, &ids, &checkpoint).await {
+                let in_transaction = async { Ok(archive_in_transaction(archiver, store, &ids, &checkpoint).await) };
+                let in_transaction = bounded(in_transaction, "archiving a batch", limit, shutdown)
+                    .await
+                    .unwrap_or_else(|e| Err(TxnFailure::Failed(e)));
+                match in_transaction {
                     Ok(outcome) => {
                         committed = Some(checkpoint);
                         Ok(outcome)
@@ -824,16 +966,16 @@ async fn write_batch(
                         tracing::warn!(error = %scrub(&e.to_string()),
                             "the server refuses transactions; archive writes and checkpoints go separately");
                         state.transactions = false;
-                        archiver.archive_ids(&ids, &times).await
+                        archive_ids().await
                     }
                     Err(TxnFailure::Failed(e)) => {
                         tracing::warn!(error = %scrub(&e.to_string()),
                             "the batch failed inside a transaction; archiving it order by order");
-                        archiver.archive_ids(&ids, &times).await
+                        archive_ids().await
                     }
                 }
             }
-            _ => archiver.archive_ids(&ids, &times).await,
+            _ => archive_ids().await,
         };
         let outcome = match outcome {
             Ok(outcome) => outcome,
@@ -908,7 +1050,7 @@ async fn persist(
     let mut delays = db::backoff(&state.retry);
     let mut attempt = 0;
     loop {
-        let failure = match state.store.save(&checkpoint).await {
+        let failure = match state.store.save(&checkpoint, state.write_timeout, shutdown).await {
             Ok(written) => {
                 saved(state, checkpoint);
                 return Ok(written);
@@ -929,7 +1071,11 @@ async fn persist(
         };
         tracing::error!(attempt, retry_in_ms = delay.as_millis() as u64, error = %error,
             "cannot save the resume token; holding new batches until it can be saved");
-        tokio::time::sleep(delay).await;
+        state.telemetry.progressed();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Err(failure),
+        }
     }
 }
 
