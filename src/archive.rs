@@ -241,14 +241,7 @@ impl Archiver {
     /// Like [`Archiver::archive_ids`], but first leaves out the orders already archived, so
     /// that nothing is enriched in vain.
     pub async fn archive_missing_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
-        let found: Vec<Document> = self
-            .archive
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "_id": 1 })
-            .await?
-            .try_collect()
-            .await?;
-        let archived = id_keys(&found);
+        let archived = self.archived_among(ids).await?;
         let missing: Vec<Bson> = ids.iter().filter(|id| !archived.contains(&id_key(id))).cloned().collect();
         let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;

@@ -36,7 +36,11 @@ pub fn parse_date(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Usag
     let lower = v.to_ascii_lowercase();
     match lower.as_str() {
         "today" => return Ok(midnight(now.date_naive())),
-        "yesterday" => return Ok(midnight(now.date_naive() - chrono::Days::new(1))),
+        "yesterday" => {
+            if let Some(day) = now.date_naive().checked_sub_days(chrono::Days::new(1)) {
+                return Ok(midnight(day));
+            }
+        }
         "now" => return Ok(now),
         _ => {}
     }
@@ -47,13 +51,22 @@ pub fn parse_date(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Usag
         return Ok(t.with_timezone(&Utc));
     }
     if let Some(unit) = lower.chars().last().filter(|c| matches!(c, 'd' | 'h' | 'm')) {
-        if let Ok(n) = lower[..lower.len() - 1].parse::<u32>() {
-            let span = match unit {
-                'd' => chrono::Duration::days(i64::from(n)),
-                'h' => chrono::Duration::hours(i64::from(n)),
-                _ => chrono::Duration::minutes(i64::from(n)),
-            };
-            return Ok(now - span);
+        if let Ok(n) = lower[..lower.len() - 1].parse::<u64>() {
+            // Checked all the way: a span too long for a duration, or reaching before the
+            // earliest representable date, is a usage error, not a panic.
+            let n = i64::try_from(n).ok();
+            let span = n.and_then(|n| match unit {
+                'd' => chrono::TimeDelta::try_days(n),
+                'h' => chrono::TimeDelta::try_hours(n),
+                _ => chrono::TimeDelta::try_minutes(n),
+            });
+            return span
+                .and_then(|span| now.checked_sub_signed(span))
+                .ok_or_else(|| {
+                    UsageError(format!(
+                        "invalid date {value:?}: {v} reaches too far back; expected {DATE_FORMS}"
+                    ))
+                });
         }
     }
     Err(UsageError(format!("invalid date {value:?}: expected {DATE_FORMS}")))
@@ -415,6 +428,30 @@ mod tests {
         }
         let err = DateRange::parse("today", Some("yesterday"), now()).unwrap_err();
         assert!(err.0.contains("must be after"), "{err}");
+    }
+
+    #[test]
+    fn rejects_spans_reaching_past_the_calendar() {
+        // The first used to panic: it fits the u32 that was parsed, but reaches before the
+        // calendar. The others are too long for a duration at all.
+        for huge in [
+            "999999999d",
+            "99999999999d",
+            "99999999999999h",
+            "18446744073709551615m",
+            "9223372036854775807d",
+        ] {
+            let err = parse_date(huge, now()).unwrap_err();
+            assert!(
+                err.0.contains("too far back") && err.0.contains("YYYY-MM-DD"),
+                "{huge}: {err}"
+            );
+        }
+        assert!(DateRange::parse("99999999999d", None, now()).is_err());
+        assert!(
+            parse_date("2000000d", now()).is_ok(),
+            "about 5476 years back is still a date"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::redact::redact_uri;
+use crate::redact::{has_unencoded_user_info, redact_invalid_uri};
 
 /// The file read when no `--config` / `ARCHIVER_CONFIG` is given (skipped if absent).
 pub const DEFAULT_CONFIG_FILE: &str = "config/archiver.toml";
@@ -503,6 +503,28 @@ impl Overrides {
     }
 }
 
+/// Checks the shape of a connection string before the driver sees it. A rejected URI is shown
+/// as its scheme and host list only (nothing at all without a scheme): how it splits into user
+/// info, path and options is exactly what is in doubt, so any other part could be a password.
+fn check_uri(var: &str, uri: &str) -> Result<(), ConfigError> {
+    if !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
+        return Err(ConfigError(format!(
+            "{var} must start with mongodb:// or mongodb+srv:// (got {})",
+            redact_invalid_uri(uri)
+        )));
+    }
+    // The driver would split such a URI elsewhere than meant, and its error could quote a piece
+    // of the password.
+    if has_unencoded_user_info(uri) {
+        return Err(ConfigError(format!(
+            "{var} ({}): the user name and password must be percent-encoded \
+             (@ as %40, : as %3A, / as %2F, ? as %3F, # as %23)",
+            redact_invalid_uri(uri)
+        )));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Merges the layers. `file` is the explicit `--config`; without it the default file is
     /// read when present.
@@ -545,20 +567,9 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        if !self.mongodb.uri.starts_with("mongodb://") && !self.mongodb.uri.starts_with("mongodb+srv://")
-        {
-            return fail(format!(
-                "MONGODB_URI must start with mongodb:// or mongodb+srv:// (got {:?})",
-                redact_uri(&self.mongodb.uri)
-            ));
-        }
+        check_uri("MONGODB_URI", &self.mongodb.uri)?;
         if let Some(uri) = &self.archive.uri {
-            if !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
-                return fail(format!(
-                    "ARCHIVE_URI must start with mongodb:// or mongodb+srv:// (got {:?})",
-                    redact_uri(uri)
-                ));
-            }
+            check_uri("ARCHIVE_URI", uri)?;
         }
         let names = [
             ("mongodb.database", &self.mongodb.database),
@@ -785,5 +796,40 @@ mod tests {
             assert!(!err.to_string().contains("pw"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn rejected_uris_show_no_credentials() {
+        for (uri, secrets) in [
+            ("alice:Pw9xQz@h:27017/db", &["Pw9xQz", "alice"][..]),
+            (
+                "mongodb://u:Pw9?xQz@h:1/db?proxyPassword=Px7Rk2",
+                &["Pw9", "xQz", "Px7Rk2", "/db"][..],
+            ),
+            ("mongodb://u:Pw9@xQz@h:1/db", &["Pw9", "xQz"][..]),
+            (
+                "mongodb://u:Pw9:xQz@h:1/?authMechanismProperties=AWS_SESSION_TOKEN:Tk4Lm8",
+                &["Pw9", "xQz", "Tk4Lm8"][..],
+            ),
+        ] {
+            let mut config = Config::default();
+            config.mongodb.uri = uri.to_owned();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("MONGODB_URI"), "{err}");
+            for secret in secrets {
+                assert!(!err.contains(secret), "{secret} shown in {err}");
+            }
+            let mut config = Config::default();
+            config.archive.uri = Some(uri.to_owned());
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("ARCHIVE_URI") && !err.contains(secrets[0]), "{err}");
+        }
+        let mut config = Config::default();
+        config.mongodb.uri = "mongodb://u:Pw9?xQz@h:1/db".to_owned();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("mongodb://h:1") && err.contains("percent-encoded"),
+            "{err}"
+        );
     }
 }

@@ -166,7 +166,7 @@ pub enum ConnectError {
 async fn client_for(uri: &str, settings: &ConnectionSettings) -> Result<Client, ConnectError> {
     register_uri(uri);
     let invalid = |e: Error| ConnectError::InvalidUri {
-        uri: redact_uri(uri),
+        uri: crate::redact::redact_invalid_uri(uri),
         message: scrub(&e.to_string()),
     };
     let mut options = ClientOptions::parse(uri).await.map_err(invalid)?;

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     // A missing .env is normal; a broken one is worth a word but not a failure.
     if let Err(e) = dotenvy::dotenv() {
         if !e.not_found() {
-            eprintln!("warning: ignoring .env: {e}");
+            eprintln!("warning: {}", dotenv_warning(&e));
         }
     }
     let cli = Cli::parse();
@@ -106,6 +106,32 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             Err(e) => report_failure("simulate", &e),
         },
     }
+}
+
+/// Describes a `.env` problem without its content: dotenvy's own message quotes the malformed
+/// line, which is typically `MONGODB_URI=…` with a password in it.
+fn dotenv_warning(error: &dotenvy::Error) -> String {
+    match error {
+        dotenvy::Error::LineParse(text, _) => {
+            // The variables before this line were loaded; dotenvy stops at it.
+            let line = std::fs::read_to_string(".env")
+                .ok()
+                .and_then(|content| line_number_of(&content, text))
+                .map_or_else(|| "a line".to_owned(), |n| format!("line {n}"));
+            format!(".env: {line} is malformed (content not shown); it and the lines after it were ignored")
+        }
+        // I/O errors name the failure, never the content.
+        other => format!("ignoring .env: {other}"),
+    }
+}
+
+/// The 1-based number of the line where `text` (a line, or several) starts in `content`.
+fn line_number_of(content: &str, text: &str) -> Option<usize> {
+    let first = text.lines().next().filter(|l| !l.trim().is_empty())?;
+    content
+        .lines()
+        .position(|line| line.contains(first))
+        .map(|i| i + 1)
 }
 
 /// Prints a failure (scrubbed of credentials) and picks its exit code.

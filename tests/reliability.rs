@@ -66,6 +66,23 @@ fn with_archive<'a>(server: &'a OwnServer, extra: &[(&'a str, &'a str)]) -> Vec<
     env
 }
 
+/// What a test under load holds: the archive's own server, the test, its archive collection,
+/// the watcher, and the load (its stop switch and task).
+type UnderLoad = (OwnServer, TestEnv, Collection<Document>, Watcher, CancellationToken, tokio::task::JoinHandle<u32>);
+
+/// A `watch` writing to an archive on a server of its own, archiving 100 deliveries a second.
+async fn archiving_under_load_to_own_archive(name: &str) -> UnderLoad {
+    let archive_server = OwnServer::start("");
+    let t = TestEnv::new(name).await;
+    let archive = archive_on(&archive_server, &t).await;
+    let refs = t.seed_references().await;
+    let watch = t.start_watch(&with_archive(&archive_server, &[])).await;
+    let stop = CancellationToken::new();
+    let load = deliver_steadily(&t, refs, Duration::from_millis(10), stop.clone());
+    eventually(30, "archiving under load", || async { archive.count_documents(doc! {}).await.unwrap_or(0) > 20 }).await;
+    (archive_server, t, archive, watch, stop, load)
+}
+
 /// Waits until `archive` holds every delivered order of `t`, up to `secs`.
 async fn wait_all_archived(t: &TestEnv, archive: &Collection<Document>, secs: u64, watch: &Watcher) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -82,14 +99,7 @@ async fn wait_all_archived(t: &TestEnv, archive: &Collection<Document>, secs: u6
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_archive_outage_under_load_is_survived_and_watch_still_stops_on_sigterm() {
-    let archive_server = OwnServer::start("");
-    let t = TestEnv::new("archiveoutage").await;
-    let archive = archive_on(&archive_server, &t).await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&with_archive(&archive_server, &[])).await;
-    let stop = CancellationToken::new();
-    let load = deliver_steadily(&t, refs, Duration::from_millis(10), stop.clone());
-    eventually(30, "archiving under load", || async { archive.count_documents(doc! {}).await.unwrap_or(0) > 20 }).await;
+    let (archive_server, t, archive, mut watch, stop, load) = archiving_under_load_to_own_archive("archiveoutage").await;
 
     // The archive goes away while deliveries go on: the reader runs ahead and fills the channel.
     archive_server.stop();
@@ -109,14 +119,7 @@ async fn an_archive_outage_under_load_is_survived_and_watch_still_stops_on_sigte
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_an_archive_outage_exits_0_and_loses_nothing() {
-    let archive_server = OwnServer::start("");
-    let t = TestEnv::new("termoutage").await;
-    let archive = archive_on(&archive_server, &t).await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&with_archive(&archive_server, &[])).await;
-    let stop = CancellationToken::new();
-    let load = deliver_steadily(&t, refs, Duration::from_millis(10), stop.clone());
-    eventually(30, "archiving under load", || async { archive.count_documents(doc! {}).await.unwrap_or(0) > 20 }).await;
+    let (archive_server, t, archive, mut watch, stop, load) = archiving_under_load_to_own_archive("termoutage").await;
     archive_server.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let asked = Instant::now();
