@@ -4,7 +4,7 @@
 //! the directory) so that a crash at any instant leaves either the old or the new checkpoint,
 //! never a torn one. It is written only after the archive acknowledged the batch it covers.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
@@ -263,6 +263,11 @@ impl CheckpointFile {
 }
 
 /// Replaces `path` with `contents` so that a crash leaves the old or the new file whole.
+///
+/// The temporary file gets a fresh random name in the same directory (so the rename stays on one
+/// file system) and is created exclusively (`O_CREAT | O_EXCL`): a symlink or file planted at a
+/// predictable name can neither redirect nor clobber the write, and two writers never share a
+/// temporary file. It is removed again if anything fails before the rename.
 fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -272,19 +277,19 @@ fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "the path names no file"))?;
-    let mut tmp_name = file_name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp_path = dir.join(tmp_name);
-    {
-        let mut tmp = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)?;
-        tmp.write_all(contents)?;
-        tmp.sync_all()?;
-    }
-    fs::rename(&tmp_path, path)?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(file_name);
+    prefix.push(".");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // Same mode as a file created the ordinary way (0666 less the umask), as before: other
+    // users' tools (`archiver health` run by a monitor) may read the token.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(&dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(&dir)
 }
 
@@ -354,12 +359,74 @@ mod tests {
         assert!(file.save(&sample()).unwrap());
         assert!(!file.save(&sample()).unwrap(), "unchanged position is not rewritten");
         assert!(!path.with_file_name("token.json.tmp").exists());
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["token.json"], "no temporary file is left behind");
         let mut again = CheckpointFile::new(&path);
         assert_eq!(again.load("livraison.Commandes").unwrap(), Some(sample()));
         assert!(matches!(
             again.load("other.Commandes"),
             Err(CheckpointError::WrongNamespace { .. })
         ));
+    }
+
+    /// The temporary file used to have a fixed name next to the token: a symlink planted there
+    /// redirected the write to its target.
+    #[cfg(unix)]
+    #[test]
+    fn save_never_follows_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let victim = dir.path().join("victim.txt");
+        fs::write(&victim, "precious").unwrap();
+        let planted = dir.path().join("token.json.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+        let mut file = CheckpointFile::new(&path);
+        assert!(file.save(&sample()).unwrap());
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "precious",
+            "the symlink's target was written"
+        );
+        assert!(
+            fs::symlink_metadata(&planted)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the planted link is left alone"
+        );
+        assert!(!fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            CheckpointFile::new(&path)
+                .load("livraison.Commandes")
+                .unwrap(),
+            Some(sample())
+        );
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the token should be: the rename fails after the temp file was written.
+        let path = dir.path().join("token.json");
+        fs::create_dir(&path).unwrap();
+        let err = CheckpointFile::new(&path).save(&sample()).unwrap_err();
+        assert!(matches!(err, CheckpointError::Unwritable { .. }), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["token.json"],
+            "the temporary file is removed on failure"
+        );
     }
 
     #[test]

@@ -121,6 +121,13 @@ pub struct HealthArgs {
     /// The resume token file to inspect [default: .resume_token.json].
     #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
     pub resume_token_file: Option<PathBuf>,
+    /// Where `watch` keeps its checkpoint: `file` or `mongodb` (the shared collection, with
+    /// the lease) [default: file].
+    #[arg(long, env = "CHECKPOINT_STORE", value_enum)]
+    pub checkpoint_store: Option<crate::config::CheckpointStoreKind>,
+    /// Name of the stream in the shared store, as given to `watch`.
+    #[arg(long, env = "STREAM_NAME", value_name = "NAME")]
+    pub stream_name: Option<String>,
 }
 
 /// `archiver verify`.
@@ -174,7 +181,8 @@ pub struct WatchArgs {
     /// several processes, one of which leads through a lease) [default: file].
     #[arg(long, env = "CHECKPOINT_STORE", value_enum)]
     pub checkpoint_store: Option<crate::config::CheckpointStoreKind>,
-    /// Name of the stream in the shared store [default: db.collection, plus #IofN].
+    /// Name of the stream in the shared store, plus #IofN when partitioned [default:
+    /// db.collection].
     #[arg(long, env = "STREAM_NAME", value_name = "NAME")]
     pub stream_name: Option<String>,
     /// This process's name in the lease [default: host:pid].
@@ -325,7 +333,11 @@ impl Cli {
                 o.set("batch.concurrency", b.concurrency);
                 o.set("batch.create_indexes", b.skip_indexes.then_some(false));
             }
-            Command::Health(h) => o.set("watch.resume_token_file", h.resume_token_file.clone()),
+            Command::Health(h) => {
+                o.set("watch.resume_token_file", h.resume_token_file.clone());
+                o.set("coordination.checkpoint_store", h.checkpoint_store);
+                o.set("coordination.stream_name", h.stream_name.clone());
+            }
             Command::Simulate(_) | Command::Verify(_) => {}
         }
         o

@@ -10,8 +10,8 @@
 //!   checkpoint: its save fails with a duplicate key (the upsert cannot insert a second document)
 //!   and it steps down. A new leader stamps its epoch on the checkpoint before it streams.
 //! - **Partitions**: an order belongs to partition `h(_id) mod N`, where `h` reads the last two
-//!   hex digits of the id's string form (the ObjectId counter: uniform). Every id maps to exactly
-//!   one partition, in the change stream filter and in `batch` alike.
+//!   hex digits of the id's string form (the ObjectId counter: uniform). Every id, of any type,
+//!   maps to exactly one partition, in the change stream filter and in `batch` alike.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,14 @@ use crate::config::Config;
 pub const MAX_PARTITIONS: u32 = 256;
 
 /// The partition (0..`partitions`) of the id at `id_path` (e.g. `$_id`), as an expression.
+///
+/// It is total: it evaluates for every id, because an error in it fails the whole change stream
+/// (and resuming replays the same event) or the whole `batch`/`verify` query. So the id's string
+/// form comes from `$convert` with `onError`/`onNull`, and is left-padded with `"00"` so that it
+/// always has the two characters the key reads. Padding leaves the last two characters of any
+/// longer string as they were: ObjectIds (and every other id the former `$toString` form
+/// accepted with two or more characters) keep their partition. Ids without a string form
+/// (documents, arrays, binary, regular expressions…) all fall in partition 0.
 pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
     let hex_digit = |from_end: i32| -> Bson {
         Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
@@ -36,8 +44,10 @@ pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
             { "$toLower": { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] } },
         ] }] })
     };
+    let id_text =
+        doc! { "$convert": { "input": id_path, "to": "string", "onError": "", "onNull": "" } };
     doc! { "$let": {
-        "vars": { "id": { "$toString": id_path } },
+        "vars": { "id": { "$concat": ["00", id_text] } },
         "in": { "$mod": [{ "$add": [{ "$multiply": [16, hex_digit(2)] }, hex_digit(1)] }, i64::from(partitions)] },
     } }
 }
@@ -59,12 +69,17 @@ pub fn restrict_to_partition(config: &Config, mut filter: Document, id_path: &st
 }
 
 /// The stream name: what checkpoints and leases are keyed by.
+///
+/// Partitions always qualify the name, a configured `STREAM_NAME` included: each partition needs
+/// its own checkpoint and its own lease. Sharing them would let one partition's checkpoint move
+/// past events the others have not archived yet, and make one worker the only leader of all.
 pub fn stream_name(config: &Config) -> String {
     let c = &config.coordination;
-    if !c.stream_name.is_empty() {
-        return c.stream_name.clone();
-    }
-    let base = config.orders_namespace();
+    let base = if c.stream_name.is_empty() {
+        config.orders_namespace()
+    } else {
+        c.stream_name.clone()
+    };
     if c.partitions > 1 {
         format!("{base}#{}of{}", c.partition, c.partitions)
     } else {
@@ -361,7 +376,31 @@ mod tests {
         config.coordination.partition = 2;
         assert_eq!(stream_name(&config), "livraison.Commandes#2of4");
         config.coordination.stream_name = "eu".into();
-        assert_eq!(stream_name(&config), "eu");
+        assert_eq!(stream_name(&config), "eu#2of4");
+    }
+
+    /// A configured name used to be taken as is: every partition shared one lease and one
+    /// checkpoint.
+    #[test]
+    fn configured_stream_names_are_qualified_only_when_partitioned() {
+        let mut config = Config::default();
+        config.coordination.stream_name = "eu".into();
+        assert_eq!(
+            stream_name(&config),
+            "eu",
+            "unpartitioned names are unchanged"
+        );
+        config.coordination.partitions = 3;
+        let names: std::collections::HashSet<String> = (0..3)
+            .map(|i| {
+                config.coordination.partition = i;
+                stream_name(&config)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["eu#0of3", "eu#1of3", "eu#2of3"].map(String::from).into()
+        );
     }
 
     #[test]

@@ -434,13 +434,16 @@ mod tests {
     }
 }
 
-/// `archiver health`: a one-shot report on the source, the archive and the token file.
+/// `archiver health`: a one-shot report on the source, the archive and the checkpoint that
+/// `watch` would resume from — the token file, or with `CHECKPOINT_STORE=mongodb` the shared
+/// checkpoint document and the lease of the stream, for the configured partition.
 pub mod check {
     use mongodb::bson::{doc, Document};
     use serde_json::{json, Value};
 
-    use crate::checkpoint::CheckpointFile;
-    use crate::config::Config;
+    use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
+    use crate::config::{CheckpointStoreKind, Config};
+    use crate::coordination::{self, Lease, MongoCheckpoints};
     use crate::db;
     use crate::redact::{redact_uri, scrub};
 
@@ -450,19 +453,19 @@ pub mod check {
         // A probe answers fast: one attempt, no backoff.
         quick.retry.max_attempts = 0;
         let mut healthy = true;
-        let (source, archive) = match db::connect(&quick).await {
+        let (source, archive, dbs) = match db::connect(&quick).await {
             Ok(dbs) => {
                 let source = source_report(config, &dbs.source, &mut healthy).await;
                 let archive = archive_report(config, &dbs.archive, &mut healthy).await;
-                (source, archive)
+                (source, archive, Some(dbs))
             }
             Err(e) => {
                 healthy = false;
                 let error = json!({ "status": "error", "error": scrub(&e.to_string()) });
-                (error.clone(), error)
+                (error.clone(), error, None)
             }
         };
-        let token = token_report(config, &mut healthy);
+        let token = token_report(config, dbs.as_ref(), &mut healthy).await;
         let report = json!({
             "status": if healthy { "healthy" } else { "unhealthy" },
             "version": env!("CARGO_PKG_VERSION"),
@@ -533,26 +536,89 @@ pub mod check {
         })
     }
 
-    fn token_report(config: &Config, healthy: &mut bool) -> Value {
+    /// The checkpoint `watch` resumes from: the same store and the same stream name (with the
+    /// partition) as `watch` itself, so a partitioned worker's checkpoint is found and checked.
+    async fn token_report(
+        config: &Config,
+        dbs: Option<&db::Databases>,
+        healthy: &mut bool,
+    ) -> Value {
+        let stream = coordination::stream_name(config);
+        let mut report = match config.coordination.checkpoint_store {
+            CheckpointStoreKind::File => file_token(config, &stream, healthy),
+            CheckpointStoreKind::Mongodb => match dbs {
+                Some(dbs) => shared_token(config, dbs, &stream, healthy).await,
+                None => {
+                    *healthy = false;
+                    json!({ "status": "error", "error": "the archive database is unreachable" })
+                }
+            },
+        };
+        if let Value::Object(fields) = &mut report {
+            fields.insert("stream".to_owned(), Value::from(stream));
+        }
+        report
+    }
+
+    fn file_token(config: &Config, stream: &str, healthy: &mut bool) -> Value {
         let path = &config.watch.resume_token_file;
-        let mut file = CheckpointFile::new(path);
-        match file.load(&config.orders_namespace()) {
+        let file = path.display().to_string();
+        // `watch` records its stream name in the file and refuses a file of another stream.
+        let mut report = checkpoint_report(CheckpointFile::new(path).load(stream), healthy);
+        report["store"] = Value::from("file");
+        report["file"] = Value::from(file);
+        report
+    }
+
+    async fn shared_token(
+        config: &Config,
+        dbs: &db::Databases,
+        stream: &str,
+        healthy: &mut bool,
+    ) -> Value {
+        // The epoch only matters to writers; this store is only read.
+        let mut store = MongoCheckpoints::new(&dbs.archive, config, stream, 0);
+        let mut report = checkpoint_report(store.load().await, healthy);
+        report["store"] = Value::from("mongodb");
+        report["collection"] = Value::from(config.coordination.checkpoint_collection.clone());
+        let leases = Lease::collection(&dbs.archive, config);
+        report["lease"] = match Lease::current(&leases, stream).await {
+            Ok(Some(lease)) => json!({
+                "holder": lease.holder,
+                "epoch": lease.epoch,
+                "expires_at": lease.expires_at,
+                // An expired lease: no process is writing this stream right now.
+                "expired": lease.expires_at < chrono::Utc::now(),
+            }),
+            Ok(None) => json!({ "holder": null, "note": "no process has led this stream yet" }),
+            Err(e) => {
+                *healthy = false;
+                json!({ "error": scrub(&e.to_string()) })
+            }
+        };
+        report
+    }
+
+    fn checkpoint_report(
+        loaded: Result<Option<Checkpoint>, CheckpointError>,
+        healthy: &mut bool,
+    ) -> Value {
+        match loaded {
             Ok(Some(cp)) => {
                 let position = cp.last_event_wall_time.unwrap_or(cp.saved_at);
                 let now = chrono::Utc::now();
                 json!({
                     "status": "ok",
-                    "file": path.display().to_string(),
                     "saved_at": cp.saved_at,
                     "age_seconds": (now - cp.saved_at).num_milliseconds() as f64 / 1000.0,
                     "position_age_seconds": (now - position).num_milliseconds() as f64 / 1000.0,
                 })
             }
-            Ok(None) => json!({ "status": "missing", "file": path.display().to_string(),
+            Ok(None) => json!({ "status": "missing",
                 "note": "watch starts from now (or --catch-up) when it has no token" }),
             Err(e) => {
                 *healthy = false;
-                json!({ "status": "error", "file": path.display().to_string(), "error": e.to_string() })
+                json!({ "status": "error", "error": scrub(&e.to_string()) })
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod exit;
 pub mod health;
 pub mod join;
 pub mod logging;
+pub mod order_id;
 pub mod redact;
 pub mod simulate;
 pub mod verify;

@@ -3,7 +3,9 @@
 //! delivered order behind them (orphans); with `--repair`, archives what is missing.
 //!
 //! Both sides are streamed in chunks and checked by `_id` against the other side, so memory
-//! holds one chunk plus the differences, whatever the size of the range.
+//! holds one chunk plus the differences, whatever the size of the range; every query names at
+//! most one chunk of ids, far below the 16 MB limit of a command. Ids are compared as MongoDB
+//! compares them ([`equality_key`]): an order archived under `NumberLong(1)` is the order `1`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -15,11 +17,12 @@ use mongodb::Collection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{id_key, Archiver};
+use crate::archive::Archiver;
 use crate::batch::{delivered_in_range, DateRange};
 use crate::config::Config;
 use crate::db;
 use crate::enrich::ArchiveSource;
+use crate::order_id::equality_key;
 
 /// One day of the report.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -59,6 +62,7 @@ pub struct VerifyReport {
     pub days: Vec<DayReport>,
 }
 
+/// Ids per query (`$in`), on both sides and in the repair.
 const CHUNK: usize = 1000;
 
 fn id_text(id: &Bson) -> String {
@@ -77,12 +81,13 @@ fn day_of(doc: &Document, field: &str) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// The ids among `ids` found in `collection` with `extra` conditions.
+/// The ids among `ids` found in `collection` with `extra` conditions, by [`equality_key`].
+/// One query: callers pass at most [`CHUNK`] ids.
 async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Document) -> mongodb::error::Result<HashSet<String>> {
     let mut filter = extra.clone();
     filter.insert("_id", doc! { "$in": ids });
     let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
-    Ok(found.iter().filter_map(|d| d.get("_id")).map(id_key).collect())
+    Ok(found.iter().filter_map(|d| d.get("_id")).map(equality_key).collect())
 }
 
 /// Runs the reconciliation.
@@ -117,7 +122,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 source_delivered += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.source += 1;
-                if !archived.contains(&id_key(&id)) {
+                if !archived.contains(&equality_key(&id)) {
                     entry.missing += 1;
                     missing_ids.push(id);
                 }
@@ -156,7 +161,7 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
                 archived_total += 1;
                 let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
                 entry.archive += 1;
-                if !in_source.contains(&id_key(&id)) {
+                if !in_source.contains(&equality_key(&id)) {
                     entry.orphaned += 1;
                     orphaned.push(id_text(&id));
                 }
@@ -170,13 +175,27 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
     let mut repaired = 0;
     if repair && !missing_ids.is_empty() {
         let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
+        let mut still_missing = Vec::new();
+        // Chunk by chunk: one `$in` of every missing id would pass the 16 MB command limit
+        // (around 800,000 ObjectIds).
         for ids in missing_ids.chunks(CHUNK) {
             let outcome = archiver.archive_missing_ids(ids).await.context("repairing")?;
             repaired += outcome.inserted;
+            let archived = present(&archive, ids, &doc! {})
+                .await
+                .context("checking the repair")?;
+            still_missing.extend(
+                ids.iter()
+                    .filter(|id| !archived.contains(&equality_key(id)))
+                    .cloned(),
+            );
         }
-        tracing::info!(repaired, "missing orders archived (--repair)");
-        let still: HashSet<String> = present(&archive, &missing_ids, &doc! {}).await?;
-        missing_ids.retain(|id| !still.contains(&id_key(id)));
+        tracing::info!(
+            repaired,
+            still_missing = still_missing.len(),
+            "missing orders archived (--repair)"
+        );
+        missing_ids = still_missing;
     }
     let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
     Ok(VerifyReport {

@@ -123,19 +123,24 @@ async fn unwritable_token_never_runs_ahead_of_the_archive() {
     t.orders().insert_one(order(&refs, 1, "livrée")).await.unwrap();
     t.wait_archived(1).await;
     let saved = std::fs::read_to_string(t.token_file()).unwrap();
-    // The temp file's name taken by a directory: every save fails, as on a full or read-only
-    // disk, whoever runs the test (root ignores permissions).
-    let blocker = t.token_file().with_file_name("resume_token.json.tmp");
-    std::fs::create_dir(&blocker).unwrap();
+    // The token's directory moved away and a plain file in its place: every save fails, as on
+    // a full or read-only disk, whoever runs the test (root ignores permissions). (The temp
+    // file's name is random, so it cannot be blocked by taking that name.)
+    let state = t.token_file().parent().unwrap().to_path_buf();
+    let moved = state.with_file_name("state.moved");
+    std::fs::rename(&state, &moved).unwrap();
+    std::fs::write(&state, "not a directory").unwrap();
     t.orders().insert_one(order(&refs, 2, "livrée")).await.unwrap();
     let status = watch.wait(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(3), "{}", watch.stderr());
     assert!(watch.log_contains("cannot write the resume token file"), "{}", watch.stderr());
     assert!(watch.log_contains("holding new batches"), "retries first: {}", watch.stderr());
-    assert_eq!(std::fs::read_to_string(t.token_file()).unwrap(), saved, "token must not advance");
+    let kept = moved.join(t.token_file().file_name().unwrap());
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), saved, "token must not advance");
     assert_eq!(archived(&t).await, 2, "the batch itself was archived before the save");
 
-    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    std::fs::rename(&moved, &state).unwrap();
     let mut watch = t.start_watch(&[]).await;
     t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
     t.wait_archived(3).await;

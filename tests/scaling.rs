@@ -4,8 +4,10 @@ mod common;
 
 use std::time::Duration;
 
+use archiver::coordination::partition_expr;
 use common::{eventually, health_addr, http_get, order, TestEnv};
-use mongodb::bson::{doc, Document};
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
 use tokio_util::sync::CancellationToken;
 
 const SHARED: &[(&str, &str)] = &[
@@ -167,5 +169,364 @@ async fn partitioned_workers_archive_every_order_exactly_once() {
     let bad = history.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", "3"]);
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     history.cleanup().await;
+    t.cleanup().await;
+}
+
+/// Ids of every shape an order may carry; the partition expression used to fail on some (too
+/// short for its two-character key, or without a `$toString` form), and one such order then
+/// broke every partitioned stream and query.
+fn odd_ids() -> Vec<Bson> {
+    vec![
+        Bson::Int32(0),
+        Bson::Int32(7),
+        Bson::String("a".into()),
+        Bson::String(String::new()),
+        Bson::Document(doc! { "x": 1 }),
+        Bson::Binary(Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: vec![1, 2, 3],
+        }),
+        Bson::Int64(1_234_567_890_123),
+        Bson::Double(2.5),
+        Bson::ObjectId(ObjectId::new()),
+        Bson::String(format!("commande-{}", "x".repeat(300))),
+    ]
+}
+
+fn order_with_id(refs: &common::Refs, n: u32, id: Bson) -> Document {
+    let mut o = order(refs, n, "livrée");
+    o.insert("_id", id);
+    o
+}
+
+/// The partition expression as it was before it was made total: it must keep mapping
+/// ObjectIds the same way, or existing deployments' partitions would move.
+fn former_partition_expr(id_path: &str, partitions: u32) -> Document {
+    let hex_digit = |from_end: i32| -> Bson {
+        Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
+            "0123456789abcdef",
+            { "$toLower": { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] } },
+        ] }] })
+    };
+    doc! { "$let": {
+        "vars": { "id": { "$toString": id_path } },
+        "in": { "$mod": [{ "$add": [{ "$multiply": [16, hex_digit(2)] }, hex_digit(1)] }, i64::from(partitions)] },
+    } }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
+    let t = TestEnv::new("partition_expr").await;
+    let ids = t.db.collection::<Document>("ids");
+    let oids: Vec<ObjectId> = (0..600).map(|_| ObjectId::new()).collect();
+    ids.insert_many(oids.iter().map(|id| doc! { "_id": id }))
+        .await
+        .unwrap();
+    for partitions in [2u32, 3, 7, 256] {
+        let rows: Vec<Document> = ids
+            .aggregate([doc! { "$project": {
+                "new": partition_expr("$_id", partitions),
+                "old": former_partition_expr("$_id", partitions),
+            } }])
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), oids.len());
+        for row in &rows {
+            let oid = row.get_object_id("_id").unwrap();
+            // The key is the ObjectId's last byte (its counter's low byte).
+            let expected = i64::from(oid.bytes()[11]) % i64::from(partitions);
+            let as_i64 = |v: &Bson| {
+                v.as_i64()
+                    .or_else(|| v.as_i32().map(i64::from))
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+            };
+            assert_eq!(as_i64(row.get("old").unwrap()), Some(expected), "{row}");
+            assert_eq!(as_i64(row.get("new").unwrap()), Some(expected), "{row}");
+        }
+    }
+
+    // Every other id evaluates to one partition in range, where the former expression failed.
+    let odd = t.db.collection::<Document>("odd");
+    odd.insert_many(odd_ids().into_iter().map(|id| doc! { "_id": id }))
+        .await
+        .unwrap();
+    let rows: Vec<Document> = odd
+        .aggregate([doc! { "$project": { "p": partition_expr("$_id", 3) } }])
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), odd_ids().len());
+    for row in rows {
+        let p = row
+            .get("p")
+            .and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)))
+            .unwrap_or(-1);
+        assert!((0..3).contains(&p), "{row}");
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_and_verify_partition_ids_of_every_type() {
+    let t = TestEnv::new("partition_odd_batch").await;
+    let refs = t.seed_references().await;
+    let ids = odd_ids();
+    t.orders()
+        .insert_many(
+            ids.iter()
+                .enumerate()
+                .map(|(n, id)| order_with_id(&refs, n as u32, id.clone())),
+        )
+        .await
+        .unwrap();
+    let mut archived = 0;
+    for i in 0..3 {
+        let out = t.run(&[
+            "batch",
+            "--date-from",
+            "2000-01-01",
+            "--partitions",
+            "3",
+            "--partition",
+            &i.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "partition {i}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(out.stdout.contains("0 already archived"), "{}", out.stdout);
+        let newly: u64 = out
+            .stdout
+            .split(" newly archived")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        archived += newly;
+    }
+    assert_eq!(
+        archived,
+        ids.len() as u64,
+        "each order archived by exactly one partition"
+    );
+    t.assert_archive_matches_delivered().await;
+    for i in 0..3 {
+        let out = t.run(&[
+            "verify",
+            "--date-from",
+            "2000-01-01",
+            "--partitions",
+            "3",
+            "--partition",
+            &i.to_string(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "partition {i}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
+    let t = TestEnv::new("partition_odd_watch").await;
+    let refs = t.seed_references().await;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let token = t.dir.path().join(format!("token-{i}.json"));
+        let token = token.to_str().unwrap().to_owned();
+        let partition = i.to_string();
+        let env = [
+            ("RESUME_TOKEN_FILE", token.as_str()),
+            ("PARTITIONS", "3"),
+            ("PARTITION", partition.as_str()),
+        ];
+        workers.push(t.spawn_watch(&[], &env, "change stream open").await);
+    }
+    let ids = odd_ids();
+    for (n, id) in ids.iter().enumerate() {
+        t.orders()
+            .insert_one(order_with_id(&refs, n as u32, id.clone()))
+            .await
+            .unwrap();
+    }
+    // Ordinary orders delivered after them must still flow through every partition.
+    let later = 60u32;
+    t.orders()
+        .insert_many((100..100 + later).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    let total = ids.len() as u64 + u64::from(later);
+    t.wait_archived(total).await;
+    t.assert_archive_matches_delivered().await;
+    // Each order went to exactly one worker: an id whose partition could not be evaluated
+    // must neither stop the streams nor be handed to several partitions.
+    let mut received = 0;
+    for w in &mut workers {
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "a worker died: {}",
+            w.stderr()
+        );
+        assert!(w.stop().await.success(), "{}", w.stderr());
+        let log = w.stderr();
+        for line in log.lines().filter(|l| l.contains("batch archived")) {
+            let field = |name: &str| -> u64 {
+                let value = line.split(&format!(" {name}=")).nth(1).unwrap();
+                value.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            assert_eq!(
+                field("already_archived"),
+                0,
+                "overlapping partitions: {log}"
+            );
+            received += field("orders");
+        }
+    }
+    assert_eq!(
+        received, total,
+        "each order streamed to exactly one partition"
+    );
+    t.cleanup().await;
+}
+
+/// A configured `STREAM_NAME` used to be shared by every partition: one lease (so only one
+/// partition had a leader) and one checkpoint (so a partition's position passed the others').
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_with_a_stream_name_each_have_their_own_lease_and_checkpoint() {
+    let t = TestEnv::new("partition_names").await;
+    let refs = t.seed_references().await;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let partition = i.to_string();
+        let mut env = shared_as(if i == 0 { "p0" } else { "p1" });
+        env.push(("STREAM_NAME", "eu"));
+        env.push(("PARTITIONS", "2"));
+        let env: Vec<(&str, &str)> = env
+            .into_iter()
+            .chain([("PARTITION", partition.as_str())])
+            .collect();
+        workers.push(t.spawn_watch(&[], &env, "change stream open").await);
+    }
+    t.orders()
+        .insert_many((0..40).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    t.wait_archived(40).await;
+    t.assert_archive_matches_delivered().await;
+    for w in &mut workers {
+        assert!(w.stop().await.success(), "{}", w.stderr());
+    }
+    let mut streams: Vec<String> =
+        t.db.collection::<Document>("archiver_checkpoints")
+            .distinct("_id", doc! {})
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect();
+    streams.sort();
+    assert_eq!(streams, ["eu#0of2", "eu#1of2"]);
+    t.cleanup().await;
+}
+
+/// `archiver health` used to read the token file under the unpartitioned stream name (an error
+/// for a partition's file) and never the shared store.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_store() {
+    let t = TestEnv::new("partition_health").await;
+    let refs = t.seed_references().await;
+    let token = t.dir.path().join("token-1.json");
+    let token = token.to_str().unwrap().to_owned();
+    let file_env = [
+        ("RESUME_TOKEN_FILE", token.as_str()),
+        ("PARTITIONS", "3"),
+        ("PARTITION", "1"),
+    ];
+    let mut watch = t.spawn_watch(&[], &file_env, "change stream open").await;
+    t.orders()
+        .insert_many((0..30).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    // Its share of the 30 is about a third, but not a fixed number.
+    eventually(20, "the partition to archive its orders", || async {
+        t.archive().count_documents(doc! {}).await.unwrap() > 0
+    })
+    .await;
+    assert!(watch.stop().await.success());
+    let mut health = t.archiver(&["health"]);
+    health.envs(file_env);
+    let out = health.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let cp = &report["resume_token"];
+    assert_eq!(cp["status"], "ok", "{report}");
+    assert_eq!(cp["store"], "file");
+    assert_eq!(cp["file"], token.as_str());
+    assert_eq!(cp["stream"], format!("{}.Commandes#1of3", t.db_name));
+
+    // The shared store: the partition's checkpoint document and who holds its lease.
+    let mut env = shared_as("keeper");
+    env.extend([("PARTITIONS", "3"), ("PARTITION", "2")]);
+    let mut leader = t.spawn_watch(&[], &env, "change stream open").await;
+    let stream = format!("{}.Commandes#2of3", t.db_name);
+    let checkpoints = t.db.collection::<Document>("archiver_checkpoints");
+    t.orders()
+        .insert_many((30..60).map(|n| order(&refs, n, "livrée")))
+        .await
+        .unwrap();
+    eventually(20, "the partition's checkpoint", || async {
+        checkpoints
+            .find_one(doc! { "_id": &stream })
+            .await
+            .unwrap()
+            .is_some_and(|d| d.get_document("resume_token").is_ok())
+    })
+    .await;
+    let mut health = t.archiver(&["health"]);
+    health.envs(env.iter().copied());
+    let out = health.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let cp = &report["resume_token"];
+    assert_eq!(cp["status"], "ok", "{report}");
+    assert_eq!(cp["store"], "mongodb");
+    assert_eq!(cp["stream"], stream.as_str());
+    assert!(cp["age_seconds"].as_f64().unwrap() >= 0.0, "{report}");
+    assert_eq!(cp["lease"]["holder"], "keeper", "{report}");
+    assert_eq!(cp["lease"]["expired"], false, "{report}");
+    assert!(leader.stop().await.success());
+
+    // Another partition of the shared store has no checkpoint yet: reported missing, not the
+    // first partition's.
+    let mut health = t.archiver(&["health"]);
+    health
+        .envs(SHARED.iter().copied())
+        .env("PARTITIONS", "3")
+        .env("PARTITION", "0");
+    let out = health.output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["resume_token"]["status"], "missing", "{report}");
+    assert_eq!(
+        report["resume_token"]["lease"]["holder"],
+        serde_json::Value::Null,
+        "{report}"
+    );
     t.cleanup().await;
 }
