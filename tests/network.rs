@@ -8,7 +8,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
@@ -37,7 +36,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("RETRY_MAX_DELAY_MS", "30000"),
 ];
 
-/// The longest outage before readiness must say so, with the default settings.
+/// The longest a silent source may go unreported by readiness, with the default settings: the
+/// README promises about 10 s (`STREAM_TIMEOUT_MS`); this leaves room for the probe's polling.
 const READINESS_BOUND: Duration = Duration::from_secs(15);
 
 fn env<'a>(parts: &[&[(&'a str, &'a str)]]) -> Vec<(&'a str, &'a str)> {
@@ -804,7 +804,7 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
 async fn round_trips_of_200_ms_under_load_lose_and_duplicate_nothing() {
     let t = TestEnv::new("net_latency").await;
     let refs = t.seed_references().await;
-    let proxy: Arc<Proxy> = Proxy::for_uri(&t.uri).await;
+    let proxy = Proxy::for_uri(&t.uri).await;
     // 100 ms each way: every round trip to the source and the archive takes 200 ms more.
     proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
     let slow_uri = proxy.uri(&t.uri);
