@@ -2,6 +2,8 @@
 //! `scripts/test.sh` provides), one fresh database per test, and the real `archiver` binary.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
