@@ -762,6 +762,7 @@ async fn run_stream(
             config.watch.batch_size,
             Duration::from_millis(config.watch.batch_max_wait_ms),
             open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
+            state.telemetry.clone(),
             reader_stop.clone(),
         ));
         let _stop_reader = reader_stop.clone().drop_guard();
@@ -844,6 +845,7 @@ async fn read_batches(
     batch_size: usize,
     max_wait: Duration,
     silence_limit: Duration,
+    telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) {
     let mut last_token = stream.resume_token();
@@ -861,6 +863,9 @@ async fn read_batches(
             };
             match next {
                 Err(e) => {
+                    // Not ready from now on, even while the writer is still busy with (or stuck
+                    // on) the batch before: readiness tells the stream's state, not the writer's.
+                    telemetry.stream_lost("reconnecting");
                     // Hand over what was read first: it is valid, only unsaved.
                     if !events.is_empty() {
                         let token = events.last().map(|e| e.token.clone());
