@@ -98,7 +98,13 @@ pub struct Archiver {
     joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
+    /// Average size in bytes of the archive documents written (a moving average over a sample
+    /// of them; 0 until the first write), so that callers can bound the bytes of a batch.
+    document_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// One archive document in this many is measured for [`Archiver::document_bytes`].
+const SIZE_SAMPLE_EVERY: usize = 8;
 
 impl Archiver {
     /// An archiver for `source` documents.
@@ -118,7 +124,32 @@ impl Archiver {
             },
             source,
             delivered_status: config.orders.delivered_status.clone(),
+            document_bytes: Default::default(),
         }
+    }
+
+    /// The average size of the archive documents written so far, once any was.
+    pub fn document_bytes(&self) -> Option<u64> {
+        Some(self.document_bytes.load(std::sync::atomic::Ordering::Relaxed)).filter(|b| *b > 0)
+    }
+
+    /// Folds the sizes of a sample of `docs` into [`Archiver::document_bytes`].
+    fn measure(&self, docs: &[Document]) {
+        let sizes: Vec<u64> = docs
+            .iter()
+            .step_by(SIZE_SAMPLE_EVERY)
+            .filter_map(|d| mongodb::bson::to_vec(d).ok())
+            .map(|bytes| bytes.len() as u64)
+            .collect();
+        if sizes.is_empty() {
+            return;
+        }
+        let sample = sizes.iter().sum::<u64>() / sizes.len() as u64;
+        let _ = self.document_bytes.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |old| Some(if old == 0 { sample } else { (old * 3 + sample) / 4 }),
+        );
     }
 
     /// A session on the archive's deployment, for transactions.
@@ -326,6 +357,7 @@ impl Archiver {
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
+        self.measure(&docs);
         let flagged: Vec<bool> = docs.iter().map(has_anomalies).collect();
         let ids: Vec<Bson> = docs.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
         let error = match self.archive.insert_many(docs).ordered(false).await {

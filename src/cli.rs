@@ -170,6 +170,10 @@ pub struct WatchArgs {
     /// Longest time, in milliseconds, a batch waits to fill up [default: 100].
     #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "MS")]
     pub batch_max_wait_ms: Option<u64>,
+    /// Most bytes of archive documents enriched and written at once; a larger batch is written
+    /// in slices [default: 16777216].
+    #[arg(long, env = "BATCH_MAX_BYTES", value_name = "BYTES")]
+    pub batch_max_bytes: Option<u64>,
     /// The resume token file [default: .resume_token.json].
     #[arg(long, env = "RESUME_TOKEN_FILE", value_name = "FILE")]
     pub resume_token_file: Option<PathBuf>,
@@ -316,6 +320,7 @@ impl Cli {
             Command::Watch(w) => {
                 o.set("watch.batch_size", w.batch_size);
                 o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
+                o.set("watch.batch_max_bytes", w.batch_max_bytes);
                 o.set("watch.resume_token_file", w.resume_token_file.clone());
                 o.set("watch.http_addr", w.http_addr.clone());
                 o.set("watch.stream_timeout_ms", w.stream_timeout_ms);

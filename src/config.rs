@@ -270,6 +270,9 @@ pub struct WatchSettings {
     pub batch_size: usize,
     /// Longest time the first event of a batch waits for others (`BATCH_MAX_WAIT_MS`).
     pub batch_max_wait_ms: u64,
+    /// Most bytes of archive documents enriched and written at once (`BATCH_MAX_BYTES`); a
+    /// larger batch is written in slices, its checkpoint saved after the last.
+    pub batch_max_bytes: u64,
     /// The checkpoint file (`RESUME_TOKEN_FILE`).
     pub resume_token_file: PathBuf,
     /// When history is lost, the gap-fill re-examines orders delivered this long before the
@@ -431,6 +434,7 @@ impl Default for WatchSettings {
         WatchSettings {
             batch_size: 500,
             batch_max_wait_ms: 100,
+            batch_max_bytes: 16 * 1024 * 1024,
             resume_token_file: PathBuf::from(".resume_token.json"),
             gap_fill_margin_secs: 3600,
             http_addr: "127.0.0.1:9464".to_owned(),
@@ -606,6 +610,12 @@ impl Config {
             ));
         }
         let w = &self.watch;
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&w.batch_max_bytes) {
+            return fail(format!(
+                "watch.batch_max_bytes (BATCH_MAX_BYTES) must be between 65536 and 1073741824, got {}",
+                w.batch_max_bytes
+            ));
+        }
         for (var, ms) in [
             ("STREAM_TIMEOUT_MS", w.stream_timeout_ms),
             ("WRITE_TIMEOUT_MS", w.write_timeout_ms),

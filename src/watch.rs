@@ -39,6 +39,9 @@ const MIN_AWAIT: Duration = Duration::from_millis(50);
 /// How often an idle stream's advancing position is saved.
 const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How many orders a batch enriches at once before the size of an archive document is known.
+const FIRST_SLICE: usize = 50;
+
 /// After a shutdown request, how long the batch in flight may still take before it is abandoned
 /// (its token is not saved, so it is replayed at the next start).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -483,6 +486,7 @@ async fn lead(
         telemetry: telemetry.clone(),
         transactions: true,
         write_timeout: Duration::from_millis(config.watch.write_timeout_ms),
+        max_batch_bytes: config.watch.batch_max_bytes,
     };
     if options.catch_up {
         let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
@@ -703,6 +707,8 @@ struct StreamState {
     transactions: bool,
     /// Longest wait for an archive write or a checkpoint save.
     write_timeout: Duration,
+    /// Most bytes of archive documents enriched and written at once.
+    max_batch_bytes: u64,
 }
 
 
@@ -948,9 +954,23 @@ async fn write_batch(
             .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
         let cluster_time = last.cluster_time;
         let mut committed = None;
-        let transactional = state.transactions && matches!(state.store, Store::Mongo(_));
+        // A batch whose documents would exceed the byte bound is enriched and written in slices
+        // (its checkpoint still saved only after the last), so memory stays bounded whatever the
+        // size of the orders. Until the size of a document is known, slices are small.
+        let slice_len = match archiver.document_bytes() {
+            Some(bytes) => (state.max_batch_bytes / bytes.max(1)).max(1) as usize,
+            None => FIRST_SLICE,
+        };
+        let sliced = ids.len() > slice_len;
+        let transactional = state.transactions && matches!(state.store, Store::Mongo(_)) && !sliced;
         let limit = state.write_timeout;
-        let archive_ids = || bounded(archiver.archive_ids(&ids, &times), "archiving a batch", limit, shutdown);
+        let archive_ids = || async {
+            let mut outcome = WriteOutcome::default();
+            for slice in ids.chunks(slice_len) {
+                outcome += bounded(archiver.archive_ids(slice, &times), "archiving a batch", limit, shutdown).await?;
+            }
+            Ok(outcome)
+        };
         let outcome = match (transactional, batch.token.clone(), &mut state.store) {
             (true, Some(token), Store::Mongo(store)) => {
                 let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
@@ -1007,6 +1027,7 @@ async fn write_batch(
         tracing::info!(
             batch_len = batch.events.len(),
             orders = ids.len(),
+            slices = ids.len().div_ceil(slice_len),
             inserted = outcome.inserted,
             already_archived = outcome.already_archived,
             anomalies = outcome.anomalies,

@@ -351,3 +351,33 @@ async fn first_leader_options_do_not_act_at_a_later_takeover() {
     assert!(standby.stop().await.success());
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_the_byte_bound_is_written_in_slices_and_saved_once() {
+    let t = TestEnv::new("bytebound").await;
+    let refs = t.seed_references().await;
+    // About 1 KB per archive document: 64 KiB holds about 60 of them.
+    let mut watch = t.start_watch(&[("BATCH_MAX_BYTES", "65536"), ("BATCH_MAX_WAIT_MS", "1000")]).await;
+    t.orders().insert_one(order(&refs, 0, "livrée")).await.unwrap();
+    t.wait_archived(1).await;
+    t.orders().insert_many((1..401).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    t.wait_archived(401).await;
+    t.assert_archive_matches_delivered().await;
+    let log = watch.stderr();
+    let sliced = log
+        .lines()
+        .filter(|l| l.contains("batch archived"))
+        .filter_map(|l| l.split("slices=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok())
+        .max()
+        .unwrap();
+    assert!(sliced >= 4, "a 400-order batch of ~1 KB documents under a 64 KiB bound: {log}");
+    assert!(watch.stop().await.success());
+    // Restarted, nothing is replayed: the token was saved after the last slice.
+    let mut watch = t.start_watch(&[]).await;
+    t.orders().insert_one(order(&refs, 999, "livrée")).await.unwrap();
+    t.wait_archived(402).await;
+    let replayed = watch.stderr().lines().filter(|l| l.contains("batch archived")).any(|l| !l.contains("already_archived=0 "));
+    assert!(!replayed, "{}", watch.stderr());
+    assert!(watch.stop().await.success());
+    t.cleanup().await;
+}
