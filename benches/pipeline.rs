@@ -149,7 +149,10 @@ impl Settings {
             latency_waits_ms: env_list("BENCH_LATENCY_WAITS_MS", &[])?,
             naive_orders: env_or("BENCH_NAIVE_ORDERS", (orders / 10).max(1))?,
             stage_orders: env_or("BENCH_STAGE_ORDERS", orders.min(10_000))?,
-            cases: env_list("BENCH_CASES", &["batch", "stages", "sweep", "naive", "watch", "latency"].map(String::from))?,
+            cases: env_list(
+                "BENCH_CASES",
+                &["batch", "stages", "sweep", "naive", "watch", "latency"].map(String::from),
+            )?,
             server_pid: env_or("BENCH_SERVER_PID", 0).map(|pid| Some(pid).filter(|&p| p != 0))?,
             archiver: env_or("BENCH_ARCHIVER", target.join("release/archiver"))?,
             out: env_or("BENCH_OUT", target.join("bench/results.json"))?,
@@ -198,11 +201,10 @@ impl Bench {
         std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let archiver = Archiver::new(settings.archiver.clone(), &settings.uri, &settings.database, &scratch)?;
 
-        let undelivered = settings.watch_orders + settings.latency_orders() * (1 + settings.latency_waits_ms.len() as u64);
-        let seeds = [
-            ("seed-delivered", settings.orders, "1", "1.0", true),
-            ("seed-undelivered", undelivered, "2", "0", false),
-        ];
+        let undelivered =
+            settings.watch_orders + settings.latency_orders() * (1 + settings.latency_waits_ms.len() as u64);
+        let seeds =
+            [("seed-delivered", settings.orders, "1", "1.0", true), ("seed-undelivered", undelivered, "2", "0", false)];
         for (label, count, seed, p_delivered, drop) in seeds {
             let count = count.to_string();
             let mut args = vec!["simulate", "--count", &count, "--seed", seed, "--p-delivered", p_delivered];
@@ -228,7 +230,8 @@ impl Bench {
             bail!("simulate seeded {delivered} delivered orders, expected {}", settings.orders);
         }
         let f = &config.orders.fields;
-        let mut pending = ids(&orders, doc! { f.status.clone(): { "$ne": &config.orders.delivered_status } }, undelivered).await?;
+        let mut pending =
+            ids(&orders, doc! { f.status.clone(): { "$ne": &config.orders.delivered_status } }, undelivered).await?;
         if (pending.len() as u64) < undelivered {
             bail!("simulate seeded {} undelivered orders, expected {undelivered}", pending.len());
         }
@@ -280,7 +283,8 @@ impl Bench {
         self.drop_archive().await?;
         let mut command = vec!["batch", "--date-from", BATCH_FROM];
         command.extend_from_slice(args);
-        let run = self.measure(self.delivered, async { self.archiver.run(label, &command, env).await.map(drop) }).await?;
+        let run =
+            self.measure(self.delivered, async { self.archiver.run(label, &command, env).await.map(drop) }).await?;
         self.expect_archived(self.delivered).await?;
         Ok(run)
     }
@@ -299,10 +303,9 @@ impl Bench {
         self.empty_archive_with_index().await?;
         let stages = enrichment_stages(&self.config, ArchiveSource::Batch);
         let pipeline = self.merge_pipeline(vec![], &stages, &self.config.archive.collection);
-        let run = self.measure(self.delivered, async {
-            self.orders.aggregate(pipeline).await.map(drop).context("running L1")
-        })
-        .await?;
+        let run = self
+            .measure(self.delivered, async { self.orders.aggregate(pipeline).await.map(drop).context("running L1") })
+            .await?;
         self.expect_archived(self.delivered).await?;
         Ok(run)
     }
@@ -327,7 +330,9 @@ impl Bench {
         let probe = self.database.collection::<Document>(STAGE_PROBE_COLLECTION);
         probe.drop().await?;
         let pipeline = self.merge_pipeline(vec![doc! { "$limit": n as i64 }], stages, STAGE_PROBE_COLLECTION);
-        let run = self.measure(n, async { self.orders.aggregate(pipeline).await.map(drop).context("running a stage prefix") }).await?;
+        let run = self
+            .measure(n, async { self.orders.aggregate(pipeline).await.map(drop).context("running a stage prefix") })
+            .await?;
         let count = probe.count_documents(doc! {}).await?;
         probe.drop().await?;
         if count != n {
@@ -346,7 +351,8 @@ impl Bench {
             target.drop().await?;
             let run = self
                 .measure(self.delivered, async {
-                    let copied = load::copy_raw(&source, self.delivered_filter.clone(), &target, batch, in_flight).await?;
+                    let copied =
+                        load::copy_raw(&source, self.delivered_filter.clone(), &target, batch, in_flight).await?;
                     if copied != self.delivered {
                         bail!("L0 copied {copied} orders, expected {}", self.delivered);
                     }
@@ -399,7 +405,10 @@ impl Bench {
         let meter = CpuMeter::start(self.settings.server_pid);
         let started = Instant::now();
         let deliver = UPDATER.update_ids(&self.orders, ids, || delivery(&self.config));
-        let archived = load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || watch.check_alive());
+        let archived =
+            load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || {
+                watch.check_alive()
+            });
         let (delivery_time, done) = tokio::try_join!(deliver, archived)?;
         let mut cpu = meter.stop();
         let resources = watch.resources()?;
@@ -431,15 +440,23 @@ impl Bench {
             .await
             .context("the bare reader did not see every delivery in time")???;
         let cpu = meter.stop();
-        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources: Resources::default(), cpu })
+        Ok(WatchRun {
+            orders: ids.len() as u64,
+            elapsed: done - started,
+            delivery_time,
+            resources: Resources::default(),
+            cpu,
+        })
     }
 
     /// The updater with nobody reading: the delivery rate itself.
     async fn run_updater_alone(&self) -> anyhow::Result<Run> {
         let ids = &self.watch_ids;
         self.reset(ids).await?;
-        self.measure(ids.len() as u64, async { UPDATER.update_ids(&self.orders, ids, || delivery(&self.config)).await.map(drop) })
-            .await
+        self.measure(ids.len() as u64, async {
+            UPDATER.update_ids(&self.orders, ids, || delivery(&self.config)).await.map(drop)
+        })
+        .await
     }
 
     /// One latency run: `watch` (with `env`) running, `ids` delivered at the paced rate, then
@@ -449,8 +466,13 @@ impl Bench {
         self.drop_archive().await?;
         let mut watch = self.archiver.start_watch(label, env).await?;
         let s = &self.settings;
-        let delivering = load::deliver_paced(&self.orders, &self.config, ids, s.latency_rate, LATENCY_GROUP, LATENCY_IN_FLIGHT).await?;
-        load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || watch.check_alive()).await?;
+        let delivering =
+            load::deliver_paced(&self.orders, &self.config, ids, s.latency_rate, LATENCY_GROUP, LATENCY_IN_FLIGHT)
+                .await?;
+        load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || {
+            watch.check_alive()
+        })
+        .await?;
         watch.stop().await?;
         let mut latencies_ms: Vec<f64> = self
             .archive
@@ -474,8 +496,14 @@ impl Bench {
 
 /// The ids of up to `limit` orders matching `filter`, in `_id` order (so, reproducibly).
 async fn ids(orders: &Collection<Document>, filter: Document, limit: u64) -> anyhow::Result<Vec<Bson>> {
-    let docs: Vec<Document> =
-        orders.find(filter).sort(doc! { "_id": 1 }).limit(limit as i64).projection(doc! { "_id": 1 }).await?.try_collect().await?;
+    let docs: Vec<Document> = orders
+        .find(filter)
+        .sort(doc! { "_id": 1 })
+        .limit(limit as i64)
+        .projection(doc! { "_id": 1 })
+        .await?
+        .try_collect()
+        .await?;
     Ok(docs.into_iter().filter_map(|mut d| d.remove("_id")).collect())
 }
 
@@ -544,7 +572,8 @@ async fn case_batch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     let client_path = ["--write-path", "client"];
     let lookup = [("ENRICH_MODE", "lookup".to_owned())];
     let client = timed("batch client", runs, |_| b.run_batch("batch-client", &client_path, &[])).await?;
-    let client_lookup = timed("batch client, lookup", runs, |_| b.run_batch("batch-client-lookup", &client_path, &lookup)).await?;
+    let client_lookup =
+        timed("batch client, lookup", runs, |_| b.run_batch("batch-client-lookup", &client_path, &lookup)).await?;
     let server = timed("batch server", runs, |_| b.run_batch("batch-server", &["--write-path", "server"], &[])).await?;
     let l1 = timed("L1 aggregation + $merge", runs, |_| b.run_l1()).await?;
     let l0 = timed("L0 raw copy", runs, |_| b.run_l0()).await?;
@@ -568,7 +597,9 @@ async fn case_batch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
 /// `BENCH_STAGE_ORDERS` orders, one run each: a profile, not a target).
 async fn case_stages(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let n = b.settings.stage_orders.min(b.delivered);
-    let section = format!("7. $lookup pipeline profile: L1 ($match, $limit {n}, stages…, $merge) cut after each stage, 1 run each");
+    let section = format!(
+        "7. $lookup pipeline profile: L1 ($match, $limit {n}, stages…, $merge) cut after each stage, 1 run each"
+    );
     let stages = enrichment_stages(&b.config, ArchiveSource::Batch);
     for k in 0..=stages.len() {
         let name = match k {
@@ -608,7 +639,10 @@ async fn case_sweep(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         }
     }
     if let Some((rate, name)) = best {
-        report.note(format!("best batch client setting in the sweep: {name} ({} orders/s)", support::report::number(rate)));
+        report.note(format!(
+            "best batch client setting in the sweep: {name} ({} orders/s)",
+            support::report::number(rate)
+        ));
     }
     Ok(())
 }
@@ -617,7 +651,10 @@ async fn case_sweep(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
 async fn case_naive(b: &Bench, report: &mut Report, figures: &mut Figures) -> anyhow::Result<()> {
     let ids = ids(&b.orders, b.delivered_filter.clone(), b.settings.naive_orders).await?;
     let runs = timed("naive", b.settings.runs, |_| b.run_naive(&ids)).await?;
-    let section = format!("6. naive baseline: one aggregation per order, inserts by {NAIVE_INSERT_BATCH}, sequential, {} orders", ids.len());
+    let section = format!(
+        "6. naive baseline: one aggregation per order, inserts by {NAIVE_INSERT_BATCH}, sequential, {} orders",
+        ids.len()
+    );
     let naive = report.throughput(&section, "naive per-order archiving (driver)", &runs);
     if let Some(batch) = figures.batch {
         report.ratio("batch client / naive", batch, naive);
@@ -635,7 +672,10 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     let bare = timed("bare change-stream reader", runs, |_| b.run_bare_reader()).await?;
     let alone = timed("updater alone", runs, |_| b.run_updater_alone()).await?;
 
-    let section = format!("3. watch throughput: {m} orders delivered by update_many of {} ids, {} in flight", UPDATER.chunk, UPDATER.in_flight);
+    let section = format!(
+        "3. watch throughput: {m} orders delivered by update_many of {} ids, {} in flight",
+        UPDATER.chunk, UPDATER.in_flight
+    );
     let watch_rate = report.throughput(&section, "archiver watch (defaults), archived", &watch);
     let bare_rate = report.throughput(&section, "bare change-stream reader, events", &bare);
     report.throughput(&section, "updater alone (nobody reading)", &alone);
@@ -681,7 +721,12 @@ async fn case_latency(b: &Bench, report: &mut Report, figures: &mut Figures) -> 
         let ids = &b.latency_ids[i * n..(i + 1) * n];
         let run = b.run_latency(&format!("watch-latency-{i}"), ids, env).await?;
         let p = |q| percentile(&run.latencies_ms, q);
-        eprintln!("  latency {name}: p50 {:.0} ms, p99 {:.0} ms at {:.0} deliveries/s", p(50.0), p(99.0), run.delivery_rate);
+        eprintln!(
+            "  latency {name}: p50 {:.0} ms, p99 {:.0} ms at {:.0} deliveries/s",
+            p(50.0),
+            p(99.0),
+            run.delivery_rate
+        );
         report.row(&section, &format!("deliveries reached ({name})"), "orders/s", Summary::single(run.delivery_rate));
         for q in [50.0, 95.0, 99.0, 100.0] {
             let label = if q == 100.0 { "max".to_owned() } else { format!("p{q}") };
@@ -705,7 +750,13 @@ fn targets(report: &mut Report, f: &Figures) {
     report.target("batch (client) / L1", ratio(f.batch, f.l1), Goal::AtLeast, 1.2, "×");
     report.target("batch (client) / L0", ratio(f.batch, f.l0), Goal::AtLeast, 0.3, "×");
     report.target("watch / bare reader", ratio(f.watch, f.bare_reader), Goal::AtLeast, 0.7, "×");
-    report.target("watch latency p99 at the paced rate", f.latency_p99_ms.unwrap_or(f64::NAN), Goal::AtMost, 250.0, "ms");
+    report.target(
+        "watch latency p99 at the paced rate",
+        f.latency_p99_ms.unwrap_or(f64::NAN),
+        Goal::AtMost,
+        250.0,
+        "ms",
+    );
     report.target("watch peak RSS", f.watch_peak_rss_mb.unwrap_or(f64::NAN), Goal::AtMost, 40.0, "MB");
     report.target("batch (client) / naive", ratio(f.batch, f.naive), Goal::AtLeast, 5.0, "×");
 }
@@ -752,7 +803,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     targets(&mut report, &figures);
     describe_machine(&mut report, "end");
     report.context("duration_secs", started.elapsed().as_secs_f64());
-    let fact = |key: &str| report.context.get(key).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default();
+    let fact =
+        |key: &str| report.context.get(key).map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default();
     let load = format!(
         "load average {} at start, {} at end ({} CPUs): figures are only comparable within one run",
         fact("loadavg_start"),

@@ -9,10 +9,10 @@ use mongodb::options::UpdateOptions;
 use mongodb::Collection;
 
 use crate::config::{Config, EnrichMode};
-use crate::join::Joiner;
-use crate::order_id::equality_key;
 use crate::db::{error_code, is_transient, Databases};
 use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
+use crate::join::Joiner;
+use crate::order_id::equality_key;
 
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
@@ -285,14 +285,9 @@ impl Archiver {
             .await?;
         let archived = id_keys(&found);
         let total = docs.len() as u64;
-        let missing: Vec<Document> = docs
-            .into_iter()
-            .filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&equality_key(id))))
-            .collect();
-        let anomalies = missing
-            .iter()
-            .filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty()))
-            .count() as u64;
+        let missing: Vec<Document> =
+            docs.into_iter().filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&equality_key(id)))).collect();
+        let anomalies = missing.iter().filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty())).count() as u64;
         let inserted = missing.len() as u64;
         if !missing.is_empty() {
             self.archive.insert_many(missing).session(&mut *session).await?;
@@ -327,8 +322,7 @@ impl Archiver {
     /// configured (and possible for these orders), else by the `$lookup` pipeline.
     async fn enrich_found(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
         if let Some(joiner) = &self.joiner {
-            let orders: Vec<Document> =
-                self.orders.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+            let orders: Vec<Document> = self.orders.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
             if let Some(docs) = joiner.enrich(&orders).await? {
                 return Ok(docs);
             }
@@ -372,11 +366,8 @@ impl Archiver {
             return Err(error);
         }
         let write_errors = failure.write_errors.clone().unwrap_or_default();
-        let duplicates: Vec<Bson> = write_errors
-            .iter()
-            .filter(|w| w.code == DUPLICATE_KEY)
-            .filter_map(|w| ids.get(w.index).cloned())
-            .collect();
+        let duplicates: Vec<Bson> =
+            write_errors.iter().filter(|w| w.code == DUPLICATE_KEY).filter_map(|w| ids.get(w.index).cloned()).collect();
         let archived = self.archived_among(&duplicates).await?;
         let mut outcome = WriteOutcome::default();
         let mut failed = vec![false; ids.len()];
@@ -454,9 +445,8 @@ mod tests {
     #[tokio::test]
     async fn enrichment_reads_from_the_primary_whatever_the_uri_says() {
         // No server is contacted: the client only connects on first use.
-        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:9/?readPreference=secondaryPreferred")
-            .await
-            .unwrap();
+        let client =
+            mongodb::Client::with_uri_str("mongodb://127.0.0.1:9/?readPreference=secondaryPreferred").await.unwrap();
         let db = client.database("livraison");
         let dbs = Databases { source: db.clone(), archive: db, source_client: client };
         let archiver = Archiver::new(&Config::default(), &dbs, ArchiveSource::Watch);

@@ -60,13 +60,9 @@ pub fn parse_date(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Usag
                 'h' => chrono::TimeDelta::try_hours(n),
                 _ => chrono::TimeDelta::try_minutes(n),
             });
-            return span
-                .and_then(|span| now.checked_sub_signed(span))
-                .ok_or_else(|| {
-                    UsageError(format!(
-                        "invalid date {value:?}: {v} reaches too far back; expected {DATE_FORMS}"
-                    ))
-                });
+            return span.and_then(|span| now.checked_sub_signed(span)).ok_or_else(|| {
+                UsageError(format!("invalid date {value:?}: {v} reaches too far back; expected {DATE_FORMS}"))
+            });
         }
     }
     Err(UsageError(format!("invalid date {value:?}: expected {DATE_FORMS}")))
@@ -88,9 +84,7 @@ impl DateRange {
         let to_date = to.map(|t| parse_date(t, now)).transpose()?;
         if let Some(to_date) = to_date {
             if to_date <= from_date {
-                return Err(UsageError(format!(
-                    "--date-to ({to_date}) must be after --date-from ({from_date})"
-                )));
+                return Err(UsageError(format!("--date-to ({to_date}) must be after --date-from ({from_date})")));
             }
         }
         Ok(DateRange { from: from_date, to: to_date })
@@ -278,9 +272,7 @@ pub async fn archive_matching(
                 _ if whole_orders => with_retry(config, || archiver.archive_orders(&chunk)).await,
                 (_, true) => with_retry(config, || archiver.archive_missing_ids(&ids)).await,
                 (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&ids, &no_events)).await,
-                (WritePath::Server, false) => {
-                    with_retry(config, || merge_chunk(config, dbs, archiver, &ids)).await
-                }
+                (WritePath::Server, false) => with_retry(config, || merge_chunk(config, dbs, archiver, &ids)).await,
             }
             .context("archiving a chunk")?;
             progress.add(ids.len() as u64);
@@ -337,9 +329,7 @@ async fn merge_chunk(
         "whenNotMatched": "insert",
     } });
     orders.aggregate(pipeline).await?;
-    let anomalies = archive
-        .count_documents(doc! { "_id": { "$in": ids }, "anomalies.0": { "$exists": true } })
-        .await?;
+    let anomalies = archive.count_documents(doc! { "_id": { "$in": ids }, "anomalies.0": { "$exists": true } }).await?;
     Ok(WriteOutcome {
         inserted: (ids.len() as u64).saturating_sub(already),
         already_archived: already,
@@ -363,9 +353,9 @@ impl Progress {
     fn new(total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} orders ({per_sec}, eta {eta})",
-            ) {
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} orders ({per_sec}, eta {eta})")
+            {
                 bar.set_style(style);
             }
             bar
@@ -434,24 +424,12 @@ mod tests {
     fn rejects_spans_reaching_past_the_calendar() {
         // The first used to panic: it fits the u32 that was parsed, but reaches before the
         // calendar. The others are too long for a duration at all.
-        for huge in [
-            "999999999d",
-            "99999999999d",
-            "99999999999999h",
-            "18446744073709551615m",
-            "9223372036854775807d",
-        ] {
+        for huge in ["999999999d", "99999999999d", "99999999999999h", "18446744073709551615m", "9223372036854775807d"] {
             let err = parse_date(huge, now()).unwrap_err();
-            assert!(
-                err.0.contains("too far back") && err.0.contains("YYYY-MM-DD"),
-                "{huge}: {err}"
-            );
+            assert!(err.0.contains("too far back") && err.0.contains("YYYY-MM-DD"), "{huge}: {err}");
         }
         assert!(DateRange::parse("99999999999d", None, now()).is_err());
-        assert!(
-            parse_date("2000000d", now()).is_ok(),
-            "about 5476 years back is still a date"
-        );
+        assert!(parse_date("2000000d", now()).is_ok(), "about 5476 years back is still a date");
     }
 
     #[test]

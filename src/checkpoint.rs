@@ -117,17 +117,15 @@ impl Checkpoint {
 
     /// Serializes to the file format (pretty JSON with a trailing newline).
     pub fn to_json(&self) -> String {
-        let token = bson::to_bson(&self.resume_token)
-            .map(Bson::into_relaxed_extjson)
-            .unwrap_or(serde_json::Value::Null);
+        let token =
+            bson::to_bson(&self.resume_token).map(Bson::into_relaxed_extjson).unwrap_or(serde_json::Value::Null);
         let file = FileV1 {
             version: FORMAT_VERSION,
             namespace: self.namespace.clone(),
             resume_token: token,
-            last_event_cluster_time: self.last_event_cluster_time.map(|ts| ClusterTimeV1 {
-                t: ts.time,
-                i: ts.increment,
-            }),
+            last_event_cluster_time: self
+                .last_event_cluster_time
+                .map(|ts| ClusterTimeV1 { t: ts.time, i: ts.increment }),
             last_event_wall_time: self.last_event_wall_time,
             saved_at: self.saved_at,
         };
@@ -138,8 +136,7 @@ impl Checkpoint {
 
     /// Parses the file format; the error is a human-readable reason.
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         match value.get("version").and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
             Some(v) => {
@@ -150,20 +147,16 @@ impl Checkpoint {
             None => return Err("no \"version\" field".to_owned()),
         }
         let file: FileV1 = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        let token_bson = Bson::try_from(file.resume_token)
-            .map_err(|e| format!("resume_token is not extended JSON: {e}"))?;
+        let token_bson =
+            Bson::try_from(file.resume_token).map_err(|e| format!("resume_token is not extended JSON: {e}"))?;
         if !matches!(&token_bson, Bson::Document(d) if !d.is_empty()) {
             return Err("resume_token is not a non-empty document".to_owned());
         }
-        let resume_token: ResumeToken =
-            bson::from_bson(token_bson).map_err(|e| format!("resume_token: {e}"))?;
+        let resume_token: ResumeToken = bson::from_bson(token_bson).map_err(|e| format!("resume_token: {e}"))?;
         Ok(Checkpoint {
             resume_token,
             namespace: file.namespace,
-            last_event_cluster_time: file.last_event_cluster_time.map(|ct| Timestamp {
-                time: ct.t,
-                increment: ct.i,
-            }),
+            last_event_cluster_time: file.last_event_cluster_time.map(|ct| Timestamp { time: ct.t, increment: ct.i }),
             last_event_wall_time: file.last_event_wall_time,
             saved_at: file.saved_at,
         })
@@ -181,10 +174,7 @@ pub struct CheckpointFile {
 impl CheckpointFile {
     /// A handle on `path`; nothing is read or written yet.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        CheckpointFile {
-            path: path.into(),
-            last_saved: None,
-        }
+        CheckpointFile { path: path.into(), last_saved: None }
     }
 
     /// The token file's path.
@@ -199,22 +189,12 @@ impl CheckpointFile {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) if e.kind() == ErrorKind::InvalidData => {
-                return Err(CheckpointError::Corrupt {
-                    path: self.path.clone(),
-                    reason: "not UTF-8 text".to_owned(),
-                })
+                return Err(CheckpointError::Corrupt { path: self.path.clone(), reason: "not UTF-8 text".to_owned() })
             }
-            Err(source) => {
-                return Err(CheckpointError::Unreadable {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(CheckpointError::Unreadable { path: self.path.clone(), source }),
         };
-        let checkpoint = Checkpoint::from_json(&text).map_err(|reason| CheckpointError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        })?;
+        let checkpoint = Checkpoint::from_json(&text)
+            .map_err(|reason| CheckpointError::Corrupt { path: self.path.clone(), reason })?;
         if checkpoint.namespace != expected_namespace {
             return Err(CheckpointError::WrongNamespace {
                 path: self.path.clone(),
@@ -222,29 +202,19 @@ impl CheckpointFile {
                 expected: expected_namespace.to_owned(),
             });
         }
-        self.last_saved = Some((
-            checkpoint.resume_token.clone(),
-            checkpoint.last_event_cluster_time,
-        ));
+        self.last_saved = Some((checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time));
         Ok(Some(checkpoint))
     }
 
     /// Makes `checkpoint` durable, unless it records the same position as the last one saved.
     /// Returns whether the file was written.
     pub fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, CheckpointError> {
-        let position = (
-            checkpoint.resume_token.clone(),
-            checkpoint.last_event_cluster_time,
-        );
+        let position = (checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time);
         if self.last_saved.as_ref() == Some(&position) {
             return Ok(false);
         }
-        write_atomically(&self.path, checkpoint.to_json().as_bytes()).map_err(|source| {
-            CheckpointError::Unwritable {
-                path: self.path.clone(),
-                source,
-            }
-        })?;
+        write_atomically(&self.path, checkpoint.to_json().as_bytes())
+            .map_err(|source| CheckpointError::Unwritable { path: self.path.clone(), source })?;
         self.last_saved = Some(position);
         Ok(true)
     }
@@ -253,10 +223,9 @@ impl CheckpointFile {
     pub fn remove(&mut self) -> Result<(), CheckpointError> {
         self.last_saved = None;
         match fs::remove_file(&self.path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(CheckpointError::Unwritable {
-                path: self.path.clone(),
-                source: e,
-            }),
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(CheckpointError::Unwritable { path: self.path.clone(), source: e })
+            }
             _ => Ok(()),
         }
     }
@@ -274,9 +243,8 @@ fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "the path names no file"))?;
+    let file_name =
+        path.file_name().ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "the path names no file"))?;
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(file_name);
     prefix.push(".");
@@ -308,16 +276,11 @@ mod tests {
     use mongodb::bson::doc;
 
     fn sample() -> Checkpoint {
-        let token: ResumeToken =
-            bson::from_bson(Bson::Document(doc! { "_data": "8267A1B2C3000000012B0429" }))
-                .unwrap();
+        let token: ResumeToken = bson::from_bson(Bson::Document(doc! { "_data": "8267A1B2C3000000012B0429" })).unwrap();
         Checkpoint {
             resume_token: token,
             namespace: "livraison.Commandes".to_owned(),
-            last_event_cluster_time: Some(Timestamp {
-                time: 1_763_740_800,
-                increment: 3,
-            }),
+            last_event_cluster_time: Some(Timestamp { time: 1_763_740_800, increment: 3 }),
             last_event_wall_time: Some("2025-11-21T16:00:00.123Z".parse().unwrap()),
             saved_at: "2025-11-21T16:00:01Z".parse().unwrap(),
         }
@@ -345,8 +308,7 @@ mod tests {
         }
         let no_token = sample().to_json().replace("\"_data\"", "\"_other\"");
         assert!(Checkpoint::from_json(&no_token).is_ok(), "any token document is kept");
-        let empty_token =
-            sample().to_json().replace("\"_data\": \"8267A1B2C3000000012B0429\"", "");
+        let empty_token = sample().to_json().replace("\"_data\": \"8267A1B2C3000000012B0429\"", "");
         assert!(Checkpoint::from_json(&empty_token).is_err());
     }
 
@@ -359,17 +321,11 @@ mod tests {
         assert!(file.save(&sample()).unwrap());
         assert!(!file.save(&sample()).unwrap(), "unchanged position is not rewritten");
         assert!(!path.with_file_name("token.json.tmp").exists());
-        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["token.json"], "no temporary file is left behind");
         let mut again = CheckpointFile::new(&path);
         assert_eq!(again.load("livraison.Commandes").unwrap(), Some(sample()));
-        assert!(matches!(
-            again.load("other.Commandes"),
-            Err(CheckpointError::WrongNamespace { .. })
-        ));
+        assert!(matches!(again.load("other.Commandes"), Err(CheckpointError::WrongNamespace { .. })));
     }
 
     /// The temporary file used to have a fixed name next to the token: a symlink planted there
@@ -386,28 +342,10 @@ mod tests {
 
         let mut file = CheckpointFile::new(&path);
         assert!(file.save(&sample()).unwrap());
-        assert_eq!(
-            fs::read_to_string(&victim).unwrap(),
-            "precious",
-            "the symlink's target was written"
-        );
-        assert!(
-            fs::symlink_metadata(&planted)
-                .unwrap()
-                .file_type()
-                .is_symlink(),
-            "the planted link is left alone"
-        );
-        assert!(!fs::symlink_metadata(&path)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        assert_eq!(
-            CheckpointFile::new(&path)
-                .load("livraison.Commandes")
-                .unwrap(),
-            Some(sample())
-        );
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious", "the symlink's target was written");
+        assert!(fs::symlink_metadata(&planted).unwrap().file_type().is_symlink(), "the planted link is left alone");
+        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert_eq!(CheckpointFile::new(&path).load("livraison.Commandes").unwrap(), Some(sample()));
     }
 
     #[test]
@@ -418,15 +356,8 @@ mod tests {
         fs::create_dir(&path).unwrap();
         let err = CheckpointFile::new(&path).save(&sample()).unwrap_err();
         assert!(matches!(err, CheckpointError::Unwritable { .. }), "{err}");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names,
-            ["token.json"],
-            "the temporary file is removed on failure"
-        );
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["token.json"], "the temporary file is removed on failure");
     }
 
     #[test]

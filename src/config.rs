@@ -353,10 +353,7 @@ pub enum LogFormat {
 
 impl Default for MongoSettings {
     fn default() -> Self {
-        MongoSettings {
-            uri: "mongodb://localhost:27017".to_owned(),
-            database: "livraison".to_owned(),
-        }
+        MongoSettings { uri: "mongodb://localhost:27017".to_owned(), database: "livraison".to_owned() }
     }
 }
 
@@ -407,11 +404,7 @@ fn lookup(collection: &str, local_field: &str, fields: &[&str]) -> LookupDef {
 impl Default for Lookups {
     fn default() -> Self {
         Lookups {
-            client: lookup(
-                "Client",
-                "client_id",
-                &["nom", "prenom", "email", "telephone", "adresse"],
-            ),
+            client: lookup("Client", "client_id", &["nom", "prenom", "email", "telephone", "adresse"]),
             livreur: lookup("Livreur", "livreur_id", &["nom", "prenom", "telephone", "vehicule"]),
             restaurant: lookup("Restaurants", "restaurant_id", &["nom", "cuisine", "adresse"]),
             menu: MenuLookup::default(),
@@ -421,11 +414,7 @@ impl Default for Lookups {
 
 impl Default for MenuLookup {
     fn default() -> Self {
-        MenuLookup {
-            collection: "Menu".to_owned(),
-            nom_field: "nom".to_owned(),
-            prix_field: "prix".to_owned(),
-        }
+        MenuLookup { collection: "Menu".to_owned(), nom_field: "nom".to_owned(), prix_field: "prix".to_owned() }
     }
 }
 
@@ -447,32 +436,19 @@ impl Default for WatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
-        BatchSettings {
-            chunk_size: 1000,
-            concurrency: 4,
-            write_path: WritePath::Client,
-            create_indexes: true,
-        }
+        BatchSettings { chunk_size: 1000, concurrency: 4, write_path: WritePath::Client, create_indexes: true }
     }
 }
 
 impl Default for RetrySettings {
     fn default() -> Self {
-        RetrySettings {
-            max_attempts: 10,
-            initial_delay_ms: 250,
-            max_delay_ms: 30_000,
-        }
+        RetrySettings { max_attempts: 10, initial_delay_ms: 250, max_delay_ms: 30_000 }
     }
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings {
-            dir: "logs".to_owned(),
-            format: LogFormat::Text,
-            level: "info".to_owned(),
-        }
+        LogSettings { dir: "logs".to_owned(), format: LogFormat::Text, level: "info".to_owned() }
     }
 }
 
@@ -536,10 +512,7 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match file {
             Some(path) if !path.is_file() => {
-                return Err(ConfigError(format!(
-                    "the configuration file {} does not exist",
-                    path.display()
-                )))
+                return Err(ConfigError(format!("the configuration file {} does not exist", path.display())))
             }
             Some(path) => figment = figment.merge(Toml::file_exact(path)),
             None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
@@ -549,21 +522,15 @@ impl Config {
         }
         figment = figment
             .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
-            .merge(
-                Env::raw()
-                    .only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>())
-                    .map(|var| {
-                        let key = CONNECTION_ENV
-                            .iter()
-                            .find(|(v, _)| var.as_str().eq_ignore_ascii_case(v))
-                            .map_or("", |(_, key)| key);
-                        key.into()
-                    }),
-            )
+            .merge(Env::raw().only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>()).map(|var| {
+                let key = CONNECTION_ENV
+                    .iter()
+                    .find(|(v, _)| var.as_str().eq_ignore_ascii_case(v))
+                    .map_or("", |(_, key)| key);
+                key.into()
+            }))
             .merge(Serialized::defaults(overrides.0));
-        let config: Config = figment
-            .extract()
-            .map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))?;
+        let config: Config = figment.extract().map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))?;
         config.validate()?;
         Ok(config)
     }
@@ -631,9 +598,7 @@ impl Config {
         let c = &self.connection;
         if let (Some(min), Some(max)) = (c.min_pool_size, c.max_pool_size) {
             if min > max {
-                return fail(format!(
-                    "MONGODB_MIN_POOL_SIZE ({min}) must not exceed MONGODB_MAX_POOL_SIZE ({max})"
-                ));
+                return fail(format!("MONGODB_MIN_POOL_SIZE ({min}) must not exceed MONGODB_MAX_POOL_SIZE ({max})"));
             }
         }
         if c.max_pool_size == Some(0) {
@@ -646,7 +611,9 @@ impl Config {
                 ));
             }
         }
-        for (var, file) in [("MONGODB_TLS_CA_FILE", &c.tls_ca_file), ("MONGODB_TLS_CERT_KEY_FILE", &c.tls_cert_key_file)] {
+        for (var, file) in
+            [("MONGODB_TLS_CA_FILE", &c.tls_ca_file), ("MONGODB_TLS_CERT_KEY_FILE", &c.tls_cert_key_file)]
+        {
             if let Some(file) = file.as_ref().filter(|f| !f.is_file()) {
                 return fail(format!("{var}: {} is not a readable file", file.display()));
             }
@@ -660,10 +627,7 @@ impl Config {
             ));
         }
         if co.partition >= co.partitions {
-            return fail(format!(
-                "--partition must be below --partitions ({}), got {}",
-                co.partitions, co.partition
-            ));
+            return fail(format!("--partition must be below --partitions ({}), got {}", co.partitions, co.partition));
         }
         if co.lease_renew_ms == 0 || co.lease_renew_ms * 2 > co.lease_ttl_ms {
             return fail(format!(
@@ -812,10 +776,7 @@ mod tests {
     fn rejected_uris_show_no_credentials() {
         for (uri, secrets) in [
             ("alice:Pw9xQz@h:27017/db", &["Pw9xQz", "alice"][..]),
-            (
-                "mongodb://u:Pw9?xQz@h:1/db?proxyPassword=Px7Rk2",
-                &["Pw9", "xQz", "Px7Rk2", "/db"][..],
-            ),
+            ("mongodb://u:Pw9?xQz@h:1/db?proxyPassword=Px7Rk2", &["Pw9", "xQz", "Px7Rk2", "/db"][..]),
             ("mongodb://u:Pw9@xQz@h:1/db", &["Pw9", "xQz"][..]),
             (
                 "mongodb://u:Pw9:xQz@h:1/?authMechanismProperties=AWS_SESSION_TOKEN:Tk4Lm8",
@@ -837,9 +798,6 @@ mod tests {
         let mut config = Config::default();
         config.mongodb.uri = "mongodb://u:Pw9?xQz@h:1/db".to_owned();
         let err = config.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("mongodb://h:1") && err.contains("percent-encoded"),
-            "{err}"
-        );
+        assert!(err.contains("mongodb://h:1") && err.contains("percent-encoded"), "{err}");
     }
 }

@@ -44,8 +44,7 @@ pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
             { "$toLower": { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] } },
         ] }] })
     };
-    let id_text =
-        doc! { "$convert": { "input": id_path, "to": "string", "onError": "", "onNull": "" } };
+    let id_text = doc! { "$convert": { "input": id_path, "to": "string", "onError": "", "onNull": "" } };
     doc! { "$let": {
         "vars": { "id": { "$concat": ["00", id_text] } },
         "in": { "$mod": [{ "$add": [{ "$multiply": [16, hex_digit(2)] }, hex_digit(1)] }, i64::from(partitions)] },
@@ -75,11 +74,7 @@ pub fn restrict_to_partition(config: &Config, mut filter: Document, id_path: &st
 /// past events the others have not archived yet, and make one worker the only leader of all.
 pub fn stream_name(config: &Config) -> String {
     let c = &config.coordination;
-    let base = if c.stream_name.is_empty() {
-        config.orders_namespace()
-    } else {
-        c.stream_name.clone()
-    };
+    let base = if c.stream_name.is_empty() { config.orders_namespace() } else { c.stream_name.clone() };
     if c.partitions > 1 {
         format!("{base}#{}of{}", c.partition, c.partitions)
     } else {
@@ -103,8 +98,7 @@ pub fn instance_id(config: &Config) -> String {
 }
 
 fn is_duplicate_key(err: &Error) -> bool {
-    crate::db::error_code(err) == Some(11000)
-        || matches!(err.kind.as_ref(), ErrorKind::Command(c) if c.code == 11000)
+    crate::db::error_code(err) == Some(11000) || matches!(err.kind.as_ref(), ErrorKind::Command(c) if c.code == 11000)
 }
 
 fn now_bson() -> mongodb::bson::DateTime {
@@ -144,7 +138,12 @@ impl Lease {
     }
 
     /// Takes the lease if it is free, expired or already ours.
-    pub async fn try_acquire(leases: &Collection<Document>, stream: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>, Error> {
+    pub async fn try_acquire(
+        leases: &Collection<Document>,
+        stream: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, Error> {
         let now = now_bson();
         let expires = mongodb::bson::DateTime::from_millis(now.timestamp_millis() + ttl.as_millis() as i64);
         let before = leases.find_one(doc! { "_id": stream }).await?;
@@ -162,8 +161,14 @@ impl Lease {
                 stream: stream.to_owned(),
                 holder: holder.to_owned(),
                 ttl,
-                epoch: lease.get("epoch").and_then(Bson::as_i64).or_else(|| lease.get_i32("epoch").ok().map(i64::from)).unwrap_or(1),
-                previous_holder: before.and_then(|b| b.get_str("holder").ok().map(str::to_owned)).filter(|h| h != holder),
+                epoch: lease
+                    .get("epoch")
+                    .and_then(Bson::as_i64)
+                    .or_else(|| lease.get_i32("epoch").ok().map(i64::from))
+                    .unwrap_or(1),
+                previous_holder: before
+                    .and_then(|b| b.get_str("holder").ok().map(str::to_owned))
+                    .filter(|h| h != holder),
                 renewed_at: Instant::now(),
             })),
             Ok(None) => Ok(None),
@@ -176,7 +181,11 @@ impl Lease {
     pub async fn current(leases: &Collection<Document>, stream: &str) -> Result<Option<LeaseInfo>, Error> {
         Ok(leases.find_one(doc! { "_id": stream }).await?.map(|d| LeaseInfo {
             holder: d.get_str("holder").unwrap_or_default().to_owned(),
-            epoch: d.get("epoch").and_then(Bson::as_i64).or_else(|| d.get_i32("epoch").ok().map(i64::from)).unwrap_or(0),
+            epoch: d
+                .get("epoch")
+                .and_then(Bson::as_i64)
+                .or_else(|| d.get_i32("epoch").ok().map(i64::from))
+                .unwrap_or(0),
             expires_at: d
                 .get_datetime("expires_at")
                 .ok()
@@ -282,8 +291,9 @@ impl MongoCheckpoints {
             return Ok(None);
         }
         let corrupt = |reason: String| CheckpointError::Corrupt { path: self.location(), reason };
-        let token: ResumeToken = mongodb::bson::from_bson(Bson::Document(d.get_document("resume_token").unwrap().clone()))
-            .map_err(|e| corrupt(e.to_string()))?;
+        let token: ResumeToken =
+            mongodb::bson::from_bson(Bson::Document(d.get_document("resume_token").unwrap().clone()))
+                .map_err(|e| corrupt(e.to_string()))?;
         let checkpoint = Checkpoint {
             resume_token: token.clone(),
             namespace: d.get_str("stream").unwrap_or(&self.stream).to_owned(),
@@ -321,7 +331,11 @@ impl MongoCheckpoints {
 
     /// Saves `checkpoint` unless a newer leader owns the stream; within `session` when given
     /// (the archive write's transaction). Returns whether anything was written.
-    pub async fn save(&mut self, checkpoint: &Checkpoint, session: Option<&mut ClientSession>) -> Result<bool, StoreError> {
+    pub async fn save(
+        &mut self,
+        checkpoint: &Checkpoint,
+        session: Option<&mut ClientSession>,
+    ) -> Result<bool, StoreError> {
         if self.last_saved.as_ref() == Some(&checkpoint.resume_token) && session.is_none() {
             return Ok(false);
         }
@@ -336,7 +350,9 @@ impl MongoCheckpoints {
         };
         set.insert(
             "last_event_wall_time",
-            checkpoint.last_event_wall_time.map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis()))),
+            checkpoint
+                .last_event_wall_time
+                .map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_millis(t.timestamp_millis()))),
         );
         let update = self.collection.update_one(self.fenced_filter(), doc! { "$set": set }).upsert(true);
         let result = match session {
@@ -385,11 +401,7 @@ mod tests {
     fn configured_stream_names_are_qualified_only_when_partitioned() {
         let mut config = Config::default();
         config.coordination.stream_name = "eu".into();
-        assert_eq!(
-            stream_name(&config),
-            "eu",
-            "unpartitioned names are unchanged"
-        );
+        assert_eq!(stream_name(&config), "eu", "unpartitioned names are unchanged");
         config.coordination.partitions = 3;
         let names: std::collections::HashSet<String> = (0..3)
             .map(|i| {
@@ -397,10 +409,7 @@ mod tests {
                 stream_name(&config)
             })
             .collect();
-        assert_eq!(
-            names,
-            ["eu#0of3", "eu#1of3", "eu#2of3"].map(String::from).into()
-        );
+        assert_eq!(names, ["eu#0of3", "eu#1of3", "eu#2of3"].map(String::from).into());
     }
 
     #[test]

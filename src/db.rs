@@ -199,8 +199,7 @@ fn apply_settings(options: &mut ClientOptions, s: &ConnectionSettings) -> Result
         options.server_selection_timeout = Some(Duration::from_millis(ms));
     }
     if s.compressors.is_some() {
-        let compressors =
-            s.compressor_names().iter().map(|n| n.parse()).collect::<Result<Vec<Compressor>, _>>()?;
+        let compressors = s.compressor_names().iter().map(|n| n.parse()).collect::<Result<Vec<Compressor>, _>>()?;
         options.compressors = Some(compressors);
     }
     let wants_tls = s.tls.unwrap_or(false) || s.tls_ca_file.is_some() || s.tls_cert_key_file.is_some();
@@ -223,11 +222,7 @@ fn apply_settings(options: &mut ClientOptions, s: &ConnectionSettings) -> Result
 }
 
 /// Pings `client` until it answers, retrying transient failures with backoff.
-pub async fn ping_with_retry(
-    client: &Client,
-    uri: &str,
-    retry: &RetrySettings,
-) -> Result<(), ConnectError> {
+pub async fn ping_with_retry(client: &Client, uri: &str, retry: &RetrySettings) -> Result<(), ConnectError> {
     let mut delays = backoff(retry);
     let mut attempts = 0;
     loop {

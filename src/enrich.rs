@@ -166,9 +166,7 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
         }
     };
 
-    let flag = |cond: Document, name: &str| -> Bson {
-        Bson::Document(doc! { "$cond": [cond, [name], []] })
-    };
+    let flag = |cond: Document, name: &str| -> Bson { Bson::Document(doc! { "$cond": [cond, [name], []] }) };
     let anomalies = doc! {
         "$addFields": {
             "anomalies": { "$concatArrays": [
@@ -254,13 +252,21 @@ mod tests {
     fn archive_fields_are_those_of_the_data_model() {
         let stages = enrichment_stages(&Config::default(), ArchiveSource::Watch);
         let shape = stages[5].get_document("$project").unwrap();
-        let public: Vec<&str> =
-            shape.keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
+        let public: Vec<&str> = shape.keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
         assert_eq!(
             public,
             [
-                "_id", "numero_commande", "status", "date_commande", "date_livraison",
-                "montant_total", "client", "livreur", "restaurant", "items", "archived_at",
+                "_id",
+                "numero_commande",
+                "status",
+                "date_commande",
+                "date_livraison",
+                "montant_total",
+                "client",
+                "livreur",
+                "restaurant",
+                "items",
+                "archived_at",
                 "archive_source"
             ]
         );

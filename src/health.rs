@@ -132,20 +132,36 @@ impl Telemetry {
         let m = &metrics;
         registry.register("events_received", "Change events received", m.events_received.clone());
         registry.register("orders_archived", "Archive documents created", m.orders_archived.clone());
-        registry.register("orders_already_archived", "Orders found already archived", m.orders_already_archived.clone());
+        registry.register(
+            "orders_already_archived",
+            "Orders found already archived",
+            m.orders_already_archived.clone(),
+        );
         registry.register("anomalies", "Archive documents written with anomalies", m.anomalies.clone());
         registry.register("dead_letters", "Orders recorded in the dead-letter collection", m.dead_letters.clone());
         registry.register("write_errors", "Failed archive writes", m.write_errors.clone());
         registry.register("retries", "Retries after transient errors", m.retries.clone());
         registry.register("reconnects", "Change stream reopenings", m.reconnects.clone());
-        registry.register("history_lost", "Saved positions found outside the oplog (gap-filled)", m.history_lost.clone());
+        registry.register(
+            "history_lost",
+            "Saved positions found outside the oplog (gap-filled)",
+            m.history_lost.clone(),
+        );
         registry.register("batches", "Batches archived", m.batches.clone());
         registry.register("takeovers", "Leaderships taken over from another instance", m.takeovers.clone());
         registry.register("leader", "1 when this process writes (leader or single), 0 as a standby", m.leader.clone());
         registry.register("batch_duration_seconds", "Time to enrich and write a batch", m.batch_duration.clone());
         registry.register("lag_seconds", "Event time to archive write", m.lag.clone());
-        registry.register("seconds_since_last_checkpoint", "Seconds since the resume token was last saved", m.seconds_since_checkpoint.clone());
-        registry.register("resume_token_age_seconds", "Age of the position the saved token stands for", m.token_age.clone());
+        registry.register(
+            "seconds_since_last_checkpoint",
+            "Seconds since the resume token was last saved",
+            m.seconds_since_checkpoint.clone(),
+        );
+        registry.register(
+            "resume_token_age_seconds",
+            "Age of the position the saved token stands for",
+            m.token_age.clone(),
+        );
         let build: Family<Vec<(String, String)>, Gauge> = Family::default();
         build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
         registry.register("build_info", "Build information", build);
@@ -305,8 +321,10 @@ pub fn spawn_watchdog(telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
                 }
                 Some(quiet) if !warned => {
                     warned = true;
-                    tracing::error!(no_progress_ms = quiet.as_millis() as u64,
-                        "the pipeline made no progress on pending work; no longer pinging the watchdog");
+                    tracing::error!(
+                        no_progress_ms = quiet.as_millis() as u64,
+                        "the pipeline made no progress on pending work; no longer pinging the watchdog"
+                    );
                 }
                 Some(_) => {}
             }
@@ -316,7 +334,8 @@ pub fn spawn_watchdog(telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
 
 fn status(ok: bool, body: &str) -> Response {
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, [(header::CONTENT_TYPE, "application/json")], format!("{{\"status\":{}}}\n", serde_json::Value::from(body))).into_response()
+    (code, [(header::CONTENT_TYPE, "application/json")], format!("{{\"status\":{}}}\n", serde_json::Value::from(body)))
+        .into_response()
 }
 
 async fn live(State(t): State<Arc<Telemetry>>) -> Response {
@@ -333,11 +352,8 @@ async fn live(State(t): State<Arc<Telemetry>>) -> Response {
 async fn ready(State(t): State<Arc<Telemetry>>) -> Response {
     let role = t.role();
     // A standby is healthy and ready to take over; it reports so, with its role.
-    let (ok, reason) = if role == Role::Standby && !t.stopping.load(Ordering::SeqCst) {
-        (true, "ready")
-    } else {
-        t.is_ready()
-    };
+    let (ok, reason) =
+        if role == Role::Standby && !t.stopping.load(Ordering::SeqCst) { (true, "ready") } else { t.is_ready() };
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({ "status": if ok { "ready" } else { reason }, "role": role.as_str() });
     (code, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n")).into_response()
@@ -349,15 +365,15 @@ async fn startup(State(t): State<Arc<Telemetry>>) -> Response {
 }
 
 async fn metrics(State(t): State<Arc<Telemetry>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        t.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], t.render()).into_response()
 }
 
 /// Binds `addr` and serves the probes and metrics until `shutdown`.
-pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
@@ -422,11 +438,19 @@ mod tests {
         t.checkpoint_saved(Some(chrono::Utc::now().timestamp_millis() - 2000));
         let text = t.render();
         for name in [
-            "archiver_events_received_total", "archiver_orders_archived_total 3", "archiver_anomalies_total",
-            "archiver_dead_letters_total", "archiver_write_errors_total", "archiver_retries_total",
-            "archiver_reconnects_total", "archiver_batches_total", "archiver_batch_duration_seconds_bucket",
-            "archiver_lag_seconds_bucket", "archiver_seconds_since_last_checkpoint",
-            "archiver_resume_token_age_seconds", "archiver_build_info{version=",
+            "archiver_events_received_total",
+            "archiver_orders_archived_total 3",
+            "archiver_anomalies_total",
+            "archiver_dead_letters_total",
+            "archiver_write_errors_total",
+            "archiver_retries_total",
+            "archiver_reconnects_total",
+            "archiver_batches_total",
+            "archiver_batch_duration_seconds_bucket",
+            "archiver_lag_seconds_bucket",
+            "archiver_seconds_since_last_checkpoint",
+            "archiver_resume_token_age_seconds",
+            "archiver_build_info{version=",
             "archiver_history_lost_total",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
@@ -556,11 +580,7 @@ pub mod check {
 
     /// The checkpoint `watch` resumes from: the same store and the same stream name (with the
     /// partition) as `watch` itself, so a partitioned worker's checkpoint is found and checked.
-    async fn token_report(
-        config: &Config,
-        dbs: Option<&db::Databases>,
-        healthy: &mut bool,
-    ) -> Value {
+    async fn token_report(config: &Config, dbs: Option<&db::Databases>, healthy: &mut bool) -> Value {
         let stream = coordination::stream_name(config);
         let mut report = match config.coordination.checkpoint_store {
             CheckpointStoreKind::File => file_token(config, &stream, healthy),
@@ -588,12 +608,7 @@ pub mod check {
         report
     }
 
-    async fn shared_token(
-        config: &Config,
-        dbs: &db::Databases,
-        stream: &str,
-        healthy: &mut bool,
-    ) -> Value {
+    async fn shared_token(config: &Config, dbs: &db::Databases, stream: &str, healthy: &mut bool) -> Value {
         // The epoch only matters to writers; this store is only read.
         let mut store = MongoCheckpoints::new(&dbs.archive, config, stream, 0);
         let mut report = checkpoint_report(store.load().await, healthy);
@@ -617,10 +632,7 @@ pub mod check {
         report
     }
 
-    fn checkpoint_report(
-        loaded: Result<Option<Checkpoint>, CheckpointError>,
-        healthy: &mut bool,
-    ) -> Value {
+    fn checkpoint_report(loaded: Result<Option<Checkpoint>, CheckpointError>, healthy: &mut bool) -> Value {
         match loaded {
             Ok(Some(cp)) => {
                 let position = cp.last_event_wall_time.unwrap_or(cp.saved_at);

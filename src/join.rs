@@ -88,9 +88,19 @@ impl Joiner {
         let f = &config.orders.fields;
         let l = &config.lookups;
         let names = [
-            &f.numero_commande, &f.status, &f.date_commande, &f.date_livraison, &f.montant_total,
-            &f.items, &f.item_menu_id, &f.item_quantite, &l.client.local_field, &l.livreur.local_field,
-            &l.restaurant.local_field, &l.menu.nom_field, &l.menu.prix_field,
+            &f.numero_commande,
+            &f.status,
+            &f.date_commande,
+            &f.date_livraison,
+            &f.montant_total,
+            &f.items,
+            &f.item_menu_id,
+            &f.item_quantite,
+            &l.client.local_field,
+            &l.livreur.local_field,
+            &l.restaurant.local_field,
+            &l.menu.nom_field,
+            &l.menu.prix_field,
         ];
         let dotted = names.iter().any(|n| n.contains('.'))
             || [&l.client, &l.livreur, &l.restaurant].iter().any(|d| d.fields.iter().any(|x| x.contains('.')));
@@ -195,7 +205,8 @@ impl Joiner {
         let f = &self.config.orders.fields;
         let l = &self.config.lookups;
         let joined = |refs: &Refs, def: &LookupDef| -> Bson {
-            let found = order.get(&def.local_field).filter(|v| !matches!(v, Bson::Null)).and_then(|v| refs.get(&join_key(v)));
+            let found =
+                order.get(&def.local_field).filter(|v| !matches!(v, Bson::Null)).and_then(|v| refs.get(&join_key(v)));
             match found {
                 Some(d) => {
                     let mut shaped = Document::new();

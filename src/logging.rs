@@ -18,12 +18,7 @@ where
 {
     match format {
         LogFormat::Text => fmt::layer().with_writer(writer).with_ansi(ansi).with_target(false).boxed(),
-        LogFormat::Json => fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_writer(writer)
-            .boxed(),
+        LogFormat::Json => fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(writer).boxed(),
     }
 }
 

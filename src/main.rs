@@ -77,10 +77,11 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
             Err(e) => report_failure("batch", &e),
         },
         Command::Verify(args) => {
-            let range = match archiver::batch::DateRange::parse(&args.date_from, args.date_to.as_deref(), chrono::Utc::now()) {
-                Ok(range) => range,
-                Err(e) => return report_failure("verify", &e.into()),
-            };
+            let range =
+                match archiver::batch::DateRange::parse(&args.date_from, args.date_to.as_deref(), chrono::Utc::now()) {
+                    Ok(range) => range,
+                    Err(e) => return report_failure("verify", &e.into()),
+                };
             match archiver::verify::run(&config, range, args.repair, shutdown).await {
                 Ok(report) => {
                     if args.json {
@@ -88,9 +89,15 @@ async fn run(cli: Cli, config: Config) -> ExitCode {
                     } else {
                         print!("{}", archiver::verify::render(&report));
                     }
-                    tracing::info!(consistent = report.consistent, delivered = report.source_delivered,
-                        archived = report.archived, missing = report.missing.len(),
-                        orphaned = report.orphaned.len(), repaired = report.repaired, "verify finished");
+                    tracing::info!(
+                        consistent = report.consistent,
+                        delivered = report.source_delivered,
+                        archived = report.archived,
+                        missing = report.missing.len(),
+                        orphaned = report.orphaned.len(),
+                        repaired = report.repaired,
+                        "verify finished"
+                    );
                     ExitCode::from(if report.consistent { exit::OK } else { exit::FAILURE })
                 }
                 Err(e) => report_failure("verify", &e),
@@ -133,10 +140,7 @@ fn dotenv_warning(error: &dotenvy::Error) -> String {
 /// The 1-based number of the line where `text` (a line, or several) starts in `content`.
 fn line_number_of(content: &str, text: &str) -> Option<usize> {
     let first = text.lines().next().filter(|l| !l.trim().is_empty())?;
-    content
-        .lines()
-        .position(|line| line.contains(first))
-        .map(|i| i + 1)
+    content.lines().position(|line| line.contains(first)).map(|i| i + 1)
 }
 
 /// Prints a failure (scrubbed of credentials) and picks its exit code.
@@ -160,8 +164,7 @@ async fn handle_signals(shutdown: CancellationToken) {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {

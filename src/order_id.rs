@@ -58,11 +58,7 @@ fn push_double(key: &mut String, d: f64) {
         // expansion, at most 1074 digits after the point), so that only an equal number of
         // another type gets the same key: 0.5 equals Decimal128 0.5, 0.1 does not equal
         // Decimal128 0.1 (the double is not exactly a tenth), as in MongoDB.
-        let exact = if d.fract() == 0.0 {
-            format!("{d:.0}")
-        } else {
-            format!("{d:.1074}")
-        };
+        let exact = if d.fract() == 0.0 { format!("{d:.0}") } else { format!("{d:.1074}") };
         push_number(key, &exact);
     } else if d.is_nan() {
         push_number(key, "NaN");
@@ -86,8 +82,7 @@ fn push_number(key: &mut String, text: &str) {
     };
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits_only = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    let Some(exponent) =
-        exponent.filter(|_| digits_only(whole) && digits_only(fraction) && !mantissa.is_empty())
+    let Some(exponent) = exponent.filter(|_| digits_only(whole) && digits_only(fraction) && !mantissa.is_empty())
     else {
         // NaN and the infinities: every numeric type spells them the same way here.
         let special = unsigned.to_ascii_lowercase();
@@ -125,48 +120,21 @@ mod tests {
 
     #[test]
     fn numerically_equal_ids_share_a_key() {
-        let one = [
-            Bson::Int32(1),
-            Bson::Int64(1),
-            Bson::Double(1.0),
-            decimal("1"),
-            decimal("1.000"),
-            decimal("0.1E+1"),
-        ];
+        let one =
+            [Bson::Int32(1), Bson::Int64(1), Bson::Double(1.0), decimal("1"), decimal("1.000"), decimal("0.1E+1")];
         for id in &one {
             assert_eq!(equality_key(id), equality_key(&one[0]), "{id:?}");
         }
-        let zero = [
-            Bson::Int32(0),
-            Bson::Int64(0),
-            Bson::Double(0.0),
-            Bson::Double(-0.0),
-            decimal("-0"),
-            decimal("0E-5"),
-        ];
+        let zero =
+            [Bson::Int32(0), Bson::Int64(0), Bson::Double(0.0), Bson::Double(-0.0), decimal("-0"), decimal("0E-5")];
         for id in &zero {
             assert_eq!(equality_key(id), equality_key(&zero[0]), "{id:?}");
         }
-        assert_eq!(
-            equality_key(&Bson::Double(-2.5)),
-            equality_key(&decimal("-2.50"))
-        );
-        assert_eq!(
-            equality_key(&Bson::Double(1e20)),
-            equality_key(&decimal("1E+20"))
-        );
-        assert_eq!(
-            equality_key(&Bson::Int64(i64::MIN)),
-            equality_key(&Bson::Double(-9_223_372_036_854_775_808.0))
-        );
-        assert_eq!(
-            equality_key(&Bson::Double(f64::NAN)),
-            equality_key(&decimal("NaN"))
-        );
-        assert_eq!(
-            equality_key(&Bson::Double(f64::NEG_INFINITY)),
-            equality_key(&decimal("-Infinity"))
-        );
+        assert_eq!(equality_key(&Bson::Double(-2.5)), equality_key(&decimal("-2.50")));
+        assert_eq!(equality_key(&Bson::Double(1e20)), equality_key(&decimal("1E+20")));
+        assert_eq!(equality_key(&Bson::Int64(i64::MIN)), equality_key(&Bson::Double(-9_223_372_036_854_775_808.0)));
+        assert_eq!(equality_key(&Bson::Double(f64::NAN)), equality_key(&decimal("NaN")));
+        assert_eq!(equality_key(&Bson::Double(f64::NEG_INFINITY)), equality_key(&decimal("-Infinity")));
     }
 
     #[test]
@@ -210,9 +178,6 @@ mod tests {
             equality_key(&Bson::Document(doc! { "y": 2, "x": 1 })),
             "field order matters"
         );
-        assert_eq!(
-            equality_key(&Bson::Symbol("a".into())),
-            equality_key(&Bson::String("a".into()))
-        );
+        assert_eq!(equality_key(&Bson::Symbol("a".into())), equality_key(&Bson::String("a".into())));
     }
 }

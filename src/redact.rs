@@ -45,10 +45,8 @@ struct UriParts<'a> {
 /// `user:password@host`).
 fn split_uri(uri: &str) -> Option<UriParts<'_>> {
     let (scheme, rest) = uri.split_once("://")?;
-    let scheme_ok = !scheme.is_empty()
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let scheme_ok =
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     if !scheme_ok {
         return None;
     }
@@ -62,13 +60,7 @@ fn split_uri(uri: &str) -> Option<UriParts<'_>> {
         Some((path, options)) => (path, Some(options)),
         None => (tail, None),
     };
-    Some(UriParts {
-        scheme,
-        user_info,
-        hosts,
-        path,
-        options,
-    })
+    Some(UriParts { scheme, user_info, hosts, path, options })
 }
 
 /// Finds the `@` that ends the user info, in the text after `://`.
@@ -101,9 +93,7 @@ fn is_host_list(text: &str) -> bool {
     text.split(',').all(|host| match host.strip_prefix('[') {
         Some(bracketed) => match bracketed.split_once(']') {
             Some((ip, after)) => {
-                let ip_ok = ip
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.' | '%'));
+                let ip_ok = ip.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.' | '%'));
                 let after_ok = match after.strip_prefix(':') {
                     Some(port) => port_ok(port),
                     None => after.is_empty(),
@@ -122,10 +112,7 @@ fn is_host_list(text: &str) -> bool {
 /// Whether the option `key` carries a credential, so that its value is never shown.
 fn is_secret_option(key: &str) -> bool {
     let key = percent_decode(key).to_ascii_lowercase();
-    key == "authmechanismproperties"
-        || ["password", "secret", "token"]
-            .iter()
-            .any(|word| key.contains(word))
+    key == "authmechanismproperties" || ["password", "secret", "token"].iter().any(|word| key.contains(word))
 }
 
 /// The user info as it may be shown: the user name and a masked password. A user name holding a
@@ -224,18 +211,9 @@ fn uri_secrets(uri: &str) -> Vec<(&str, bool)> {
     if let Some((_, password)) = parts.user_info.and_then(|u| u.split_once(':')) {
         secrets.push((password, true));
         // The driver cuts a malformed password at these and may quote a piece.
-        secrets.extend(
-            password
-                .split(['?', '/', '@', '#', ':', '&', '='])
-                .map(|piece| (piece, false)),
-        );
+        secrets.extend(password.split(['?', '/', '@', '#', ':', '&', '=']).map(|piece| (piece, false)));
     }
-    for (key, value) in parts
-        .options
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-    {
+    for (key, value) in parts.options.unwrap_or("").split('&').filter_map(|p| p.split_once('=')) {
         if is_secret_option(key) {
             secrets.push((value, true));
             // authMechanismProperties is `KEY:value,KEY:value`; the driver may quote one entry,
@@ -265,11 +243,7 @@ pub fn register_uri(uri: &str) {
     let mut secrets = known_secrets().lock().unwrap_or_else(|e| e.into_inner());
     for (secret, whole) in found {
         for candidate in [secret.to_owned(), percent_decode(secret)] {
-            let keep = if whole {
-                !candidate.is_empty()
-            } else {
-                candidate.len() >= MIN_PIECE_LEN
-            };
+            let keep = if whole { !candidate.is_empty() } else { candidate.len() >= MIN_PIECE_LEN };
             if keep && candidate != MASK && !secrets.contains(&candidate) {
                 secrets.push(candidate);
             }
@@ -299,9 +273,8 @@ fn redact_uris_in_text(text: &str) -> String {
     while let Some(start) = rest.find("mongodb") {
         out.push_str(&rest[..start]);
         let candidate = &rest[start..];
-        let end = candidate
-            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`')
-            .unwrap_or(candidate.len());
+        let end =
+            candidate.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`').unwrap_or(candidate.len());
         let token = &candidate[..end];
         if token.starts_with("mongodb://") || token.starts_with("mongodb+srv://") {
             let uri = token.trim_end_matches([')', ',', '.', ';', ':']);
@@ -347,19 +320,12 @@ mod tests {
             redact_uri("mongodb+srv://bob:p%40ss@cluster.example.net/?retryWrites=true"),
             "mongodb+srv://bob:***@cluster.example.net/?retryWrites=true"
         );
-        assert_eq!(
-            redact_uri("mongodb://[::1]:27017,%2Ftmp%2Fm.sock/db"),
-            "mongodb://[::1]:27017,%2Ftmp%2Fm.sock/db"
-        );
+        assert_eq!(redact_uri("mongodb://[::1]:27017,%2Ftmp%2Fm.sock/db"), "mongodb://[::1]:27017,%2Ftmp%2Fm.sock/db");
     }
 
     #[test]
     fn leaves_uris_without_secrets_alone() {
-        for uri in [
-            "mongodb://localhost:27017",
-            "mongodb://user@host/db",
-            "mongodb://h/?w=majority&appName=x",
-        ] {
+        for uri in ["mongodb://localhost:27017", "mongodb://user@host/db", "mongodb://h/?w=majority&appName=x"] {
             assert_eq!(redact_uri(uri), uri);
         }
     }
@@ -376,10 +342,7 @@ mod tests {
              &ApiTOKEN=***&oidcPASSWORDfile=***"
         );
         // A value cut by an unencoded `&` leaves a piece that is no option: masked as well.
-        assert_eq!(
-            redact_uri("mongodb://h/?proxyPassword=ab&cdef&w=1"),
-            "mongodb://h/?proxyPassword=***&***&w=1"
-        );
+        assert_eq!(redact_uri("mongodb://h/?proxyPassword=ab&cdef&w=1"), "mongodb://h/?proxyPassword=***&***&w=1");
     }
 
     #[test]
@@ -390,14 +353,8 @@ mod tests {
             ("mongodb://u:a/b@c@host/db", "mongodb://u:***@host/db"),
             ("mongodb://u:p#ss@h:27017", "mongodb://u:***@h:27017"),
             ("mongodb://u:p:ss@h", "mongodb://u:***@h"),
-            (
-                "mongodb://u:p?a/b#c:d@h1:1,h2/db?replicaSet=rs",
-                "mongodb://u:***@h1:1,h2/db?replicaSet=rs",
-            ),
-            (
-                "mongodb://u:pw?x=1@h/?proxyPassword=PP",
-                "mongodb://u:***@h/?proxyPassword=***",
-            ),
+            ("mongodb://u:p?a/b#c:d@h1:1,h2/db?replicaSet=rs", "mongodb://u:***@h1:1,h2/db?replicaSet=rs"),
+            ("mongodb://u:pw?x=1@h/?proxyPassword=PP", "mongodb://u:***@h/?proxyPassword=***"),
         ] {
             assert_eq!(redact_uri(uri), expected, "{uri}");
         }
@@ -421,13 +378,7 @@ mod tests {
 
     #[test]
     fn shows_nothing_of_a_value_without_a_scheme() {
-        for value in [
-            "u:secret@h:27017/db",
-            "secret",
-            "u:secret@h://x",
-            "://u:secret@h",
-            "",
-        ] {
+        for value in ["u:secret@h:27017/db", "secret", "u:secret@h://x", "://u:secret@h", ""] {
             assert_eq!(redact_uri(value), NOT_A_URI, "{value}");
             assert_eq!(redact_invalid_uri(value), NOT_A_URI, "{value}");
         }
@@ -439,30 +390,18 @@ mod tests {
             redact_invalid_uri("mongodb://u:p?ss@h:1,h2/db?tlsCertificateKeyFilePassword=X"),
             "mongodb://h:1,h2"
         );
-        assert_eq!(
-            redact_invalid_uri("http://user@host/path?x=1"),
-            "http://host"
-        );
+        assert_eq!(redact_invalid_uri("http://user@host/path?x=1"), "http://host");
         assert_eq!(redact_invalid_uri("mongodb://u:p@h!x"), "mongodb://***");
     }
 
     #[test]
     fn detects_unencoded_user_info() {
-        for bad in [
-            "mongodb://u:p?ss@h",
-            "mongodb://u:p@ss@h",
-            "mongodb://u:p:ss@h",
-            "mongodb://u:p/s@h",
-            "mongodb://u:p#s@h",
-        ] {
+        for bad in
+            ["mongodb://u:p?ss@h", "mongodb://u:p@ss@h", "mongodb://u:p:ss@h", "mongodb://u:p/s@h", "mongodb://u:p#s@h"]
+        {
             assert!(has_unencoded_user_info(bad), "{bad}");
         }
-        for good in [
-            "mongodb://u:p%3Fss@h",
-            "mongodb://h/?appName=x",
-            "mongodb://u@h",
-            "not a uri",
-        ] {
+        for good in ["mongodb://u:p%3Fss@h", "mongodb://h/?appName=x", "mongodb://u@h", "not a uri"] {
             assert!(!has_unencoded_user_info(good), "{good}");
         }
     }
@@ -484,8 +423,7 @@ mod tests {
              &tlsCertificateKeyFilePassword=KfPw4r7d",
         );
         // As the driver quotes them: without the URI, decoded, or as a piece.
-        let text =
-            "got PrXq/9wz and PrXq%2F9wz; entry AWS_SESSION_TOKEN:SeSsT0kQ; password KfPw4r7d; \
+        let text = "got PrXq/9wz and PrXq%2F9wz; entry AWS_SESSION_TOKEN:SeSsT0kQ; password KfPw4r7d; \
                     not a 'key=value' pair: Kx8wRt@h; userinfo Qz7vLm";
         let scrubbed = scrub(text);
         for secret in ["PrXq", "SeSsT0kQ", "KfPw4r7d", "Kx8wRt", "Qz7vLm"] {
@@ -498,13 +436,7 @@ mod tests {
     #[test]
     fn scrub_redacts_options_of_uris_in_text() {
         let scrubbed = scrub("cannot reach mongodb://h:1/?proxyPassword=Zr8Wq2Lp). Retrying");
-        assert_eq!(
-            scrubbed,
-            "cannot reach mongodb://h:1/?proxyPassword=***). Retrying"
-        );
-        assert_eq!(
-            scrub("invalid mongodb://h:1: no"),
-            "invalid mongodb://h:1: no"
-        );
+        assert_eq!(scrubbed, "cannot reach mongodb://h:1/?proxyPassword=***). Retrying");
+        assert_eq!(scrub("invalid mongodb://h:1: no"), "invalid mongodb://h:1: no");
     }
 }

@@ -280,12 +280,7 @@ const DRINKS: &[(&str, Category)] = &[
 const CUISINES: &[Cuisine] = &[
     Cuisine {
         name: "française",
-        restaurant_names: &[
-            "Chez {prenom}",
-            "Le Bistrot de {prenom}",
-            "Brasserie {nom}",
-            "La Table de {prenom}",
-        ],
+        restaurant_names: &["Chez {prenom}", "Le Bistrot de {prenom}", "Brasserie {nom}", "La Table de {prenom}"],
         dishes: &[
             ("Soupe à l'oignon", Entree),
             ("Œufs mayonnaise", Entree),
@@ -304,12 +299,7 @@ const CUISINES: &[Cuisine] = &[
     },
     Cuisine {
         name: "italienne",
-        restaurant_names: &[
-            "Trattoria {nom}",
-            "Pizzeria da {prenom}",
-            "Mamma {prenom}",
-            "Il Forno di {prenom}",
-        ],
+        restaurant_names: &["Trattoria {nom}", "Pizzeria da {prenom}", "Mamma {prenom}", "Il Forno di {prenom}"],
         dishes: &[
             ("Bruschetta", Entree),
             ("Burrata", Entree),
@@ -441,8 +431,8 @@ const CITIES: &[(&str, &[&str])] = &[
     (
         "Paris",
         &[
-            "75001", "75003", "75005", "75008", "75010", "75011", "75012", "75013", "75014", "75015",
-            "75016", "75017", "75018", "75019", "75020",
+            "75001", "75003", "75005", "75008", "75010", "75011", "75012", "75013", "75014", "75015", "75016", "75017",
+            "75018", "75019", "75020",
         ],
     ),
     ("Lyon", &["69001", "69002", "69003", "69004", "69005", "69006", "69007", "69008", "69009"]),
@@ -565,11 +555,7 @@ pub struct ReferenceSizes {
 impl ReferenceSizes {
     /// The sizes for `count` orders.
     pub fn for_orders(count: u64) -> ReferenceSizes {
-        ReferenceSizes {
-            clients: (count / 5).max(10),
-            livreurs: (count / 20).max(5),
-            restaurants: (count / 50).max(5),
-        }
+        ReferenceSizes { clients: (count / 5).max(10), livreurs: (count / 20).max(5), restaurants: (count / 50).max(5) }
     }
 }
 
@@ -669,11 +655,7 @@ impl Generator {
                 let prenom: String = FirstName().fake_with_rng(&mut rng);
                 let nom: String = LastName().fake_with_rng(&mut rng);
                 let provider: String = FreeEmailProvider().fake_with_rng(&mut rng);
-                let suffix = if rng.random_bool(0.5) {
-                    rng.random_range(1..100u32).to_string()
-                } else {
-                    String::new()
-                };
+                let suffix = if rng.random_bool(0.5) { rng.random_range(1..100u32).to_string() } else { String::new() };
                 let email = format!("{}.{}{suffix}@{provider}", email_part(&prenom), email_part(&nom));
                 // Customers order from their mobile; a few gave a landline.
                 let telephone: String = if rng.random_bool(0.85) {
@@ -743,30 +725,16 @@ impl Generator {
     ///
     /// # Panics
     /// If `p_delivered` is outside `[0, 1]` or `refs` is not usable.
-    pub fn order(
-        &self,
-        refs: &References,
-        number: u64,
-        p_delivered: f64,
-        span: DateSpan,
-    ) -> (Document, Stage) {
+    pub fn order(&self, refs: &References, number: u64, p_delivered: f64, span: DateSpan) -> (Document, Stage) {
         let mut rng = stream_rng(self.seed, Stream::Orders, number);
-        let stage =
-            if rng.random_bool(p_delivered) { Stage::Delivered } else { Stage::not_delivered(&mut rng) };
+        let stage = if rng.random_bool(p_delivered) { Stage::Delivered } else { Stage::not_delivered(&mut rng) };
         let placed_at = span.pick(&mut rng);
         (self.order_document(&mut rng, refs, number, stage, placed_at), stage)
     }
 
     /// Orders numbered `numbers` (see [`Generator::order`]).
-    pub fn orders(
-        &self,
-        refs: &References,
-        numbers: Range<u64>,
-        p_delivered: f64,
-        span: DateSpan,
-    ) -> OrderBatch {
-        let mut batch =
-            OrderBatch { documents: Vec::with_capacity(numbers.clone().count()), ..Default::default() };
+    pub fn orders(&self, refs: &References, numbers: Range<u64>, p_delivered: f64, span: DateSpan) -> OrderBatch {
+        let mut batch = OrderBatch { documents: Vec::with_capacity(numbers.clone().count()), ..Default::default() };
         for number in numbers {
             let (document, stage) = self.order(refs, number, p_delivered, span);
             match stage {
@@ -972,9 +940,7 @@ async fn seed_keeping_references(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(SeedSummary, Arc<References>)> {
     if !(0.0..=1.0).contains(&options.p_delivered) {
-        return Err(
-            UsageError(format!("p_delivered must be between 0 and 1, got {}", options.p_delivered)).into()
-        );
+        return Err(UsageError(format!("p_delivered must be between 0 and 1, got {}", options.p_delivered)).into());
     }
     let started = Instant::now();
     let mut summary = SeedSummary { seed: options.seed, ..Default::default() };
@@ -1009,10 +975,9 @@ async fn seed_keeping_references(
             let retry = config.retry.clone();
             async move {
                 // Generation is CPU work: off the async threads, so inserts keep flowing.
-                let batch =
-                    tokio::task::spawn_blocking(move || generator.orders(&refs, numbers, p_delivered, span))
-                        .await
-                        .context("generating orders")?;
+                let batch = tokio::task::spawn_blocking(move || generator.orders(&refs, numbers, p_delivered, span))
+                    .await
+                    .context("generating orders")?;
                 insert_documents(&orders, &batch.documents, &retry).await?;
                 anyhow::Ok(batch)
             }
@@ -1047,21 +1012,15 @@ async fn drop_simulated(dbs: &Databases, config: &Config) -> anyhow::Result<Vec<
         &l.menu.collection,
     ];
     let archive = [&config.archive.collection, &config.archive.errors_collection];
-    let targets = source
-        .iter()
-        .map(|name| (&dbs.source, *name))
-        .chain(archive.iter().map(|name| (&dbs.archive, *name)));
+    let targets =
+        source.iter().map(|name| (&dbs.source, *name)).chain(archive.iter().map(|name| (&dbs.archive, *name)));
     let mut dropped = Vec::new();
     for (database, name) in targets {
         let namespace = format!("{}.{}", database.name(), name);
         if dropped.contains(&namespace) {
             continue;
         }
-        database
-            .collection::<Document>(name)
-            .drop()
-            .await
-            .with_context(|| format!("dropping {namespace}"))?;
+        database.collection::<Document>(name).drop().await.with_context(|| format!("dropping {namespace}"))?;
         tracing::info!(database = database.name(), collection = %name, "collection dropped (--drop)");
         dropped.push(namespace);
     }
@@ -1156,9 +1115,7 @@ pub async fn load_references(dbs: &Databases, config: &Config) -> anyhow::Result
         .with_context(|| format!("reading {}", menu.name()))?;
     let mut dishes: BTreeMap<ObjectId, Vec<Dish>> = BTreeMap::new();
     for entry in entries {
-        let (Ok(id), Ok(restaurant)) =
-            (entry.get_object_id("_id"), entry.get_object_id(MENU_RESTAURANT_FIELD))
-        else {
+        let (Ok(id), Ok(restaurant)) = (entry.get_object_id("_id"), entry.get_object_id(MENU_RESTAURANT_FIELD)) else {
             continue;
         };
         let prix = match entry.get(prix_field) {
@@ -1412,9 +1369,7 @@ async fn load_in_flight(orders: &Collection<Document>, config: &Config) -> anyho
     let livreur_field = &config.lookups.livreur.local_field;
     let docs: Vec<Document> = orders
         .find(doc! { f.status.clone(): { "$in": [PENDING, PREPARING, ON_THE_WAY] } })
-        .projection(
-            doc! { "_id": 1, f.status.clone(): 1, livreur_field.clone(): 1, f.date_commande.clone(): 1 },
-        )
+        .projection(doc! { "_id": 1, f.status.clone(): 1, livreur_field.clone(): 1, f.date_commande.clone(): 1 })
         .limit(MAX_LOADED_IN_FLIGHT)
         .await?
         .try_collect()
@@ -1449,13 +1404,10 @@ impl LiveRun<'_> {
     /// orders of one tick are distinct, so their updates do not race.
     async fn tick(&mut self, changes: usize) -> anyhow::Result<()> {
         self.create_orders(changes).await?;
-        let planned: Vec<PlannedChange> =
-            (0..changes.min(self.queue.len())).map(|_| self.plan_change()).collect();
+        let planned: Vec<PlannedChange> = (0..changes.min(self.queue.len())).map(|_| self.plan_change()).collect();
         let orders = &self.orders;
         let results = futures_util::future::join_all(
-            planned
-                .iter()
-                .map(|p| async move { orders.update_one(p.filter.clone(), p.update.clone()).await }),
+            planned.iter().map(|p| async move { orders.update_one(p.filter.clone(), p.update.clone()).await }),
         )
         .await;
         for (change, result) in planned.into_iter().zip(results) {
@@ -1492,13 +1444,7 @@ impl LiveRun<'_> {
             if self.queue.len() + created.len() < MIN_IN_FLIGHT || self.rng.random_bool(1.0 / 3.0) {
                 let number = self.next_number;
                 self.next_number += 1;
-                created.push(self.generator.order_document(
-                    &mut self.rng,
-                    &self.refs,
-                    number,
-                    Stage::Pending,
-                    now,
-                ));
+                created.push(self.generator.order_document(&mut self.rng, &self.refs, number, Stage::Pending, now));
             }
         }
         if created.is_empty() {
@@ -1579,11 +1525,8 @@ fn options_from_args(
     let span = DateSpan::days_before(end, args.days);
     let mut seed_options = SeedOptions::new(seed, args.count, args.p_delivered, span);
     seed_options.drop = args.drop;
-    let live_options = args.live.then(|| LiveOptions {
-        seed,
-        rate: args.rate,
-        duration: args.duration.map(Duration::from_secs),
-    });
+    let live_options =
+        args.live.then(|| LiveOptions { seed, rate: args.rate, duration: args.duration.map(Duration::from_secs) });
     Ok((seed_options, live_options))
 }
 
@@ -1659,11 +1602,7 @@ fn report_seed(config: &Config, s: &SeedSummary) {
         l.menu.collection,
         s.orders_per_sec(),
         s.seed,
-        if s.dropped.is_empty() {
-            String::new()
-        } else {
-            format!("; dropped first: {}", s.dropped.join(", "))
-        },
+        if s.dropped.is_empty() { String::new() } else { format!("; dropped first: {}", s.dropped.join(", ")) },
     );
 }
 
@@ -1737,10 +1676,7 @@ mod tests {
                 .sum();
             assert!((order.get_f64("montant_total").unwrap() - sum).abs() < 0.005);
             let status = order.get_str("status").unwrap();
-            assert_eq!(
-                order.get("livreur_id") == Some(&Bson::Null),
-                matches!(status, PENDING | PREPARING | CANCELLED)
-            );
+            assert_eq!(order.get("livreur_id") == Some(&Bson::Null), matches!(status, PENDING | PREPARING | CANCELLED));
         }
     }
 

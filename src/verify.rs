@@ -83,7 +83,11 @@ fn day_of(doc: &Document, field: &str) -> String {
 
 /// The ids among `ids` found in `collection` with `extra` conditions, by [`equality_key`].
 /// One query: callers pass at most [`CHUNK`] ids.
-async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Document) -> mongodb::error::Result<HashSet<String>> {
+async fn present(
+    collection: &Collection<Document>,
+    ids: &[Bson],
+    extra: &Document,
+) -> mongodb::error::Result<HashSet<String>> {
     let mut filter = extra.clone();
     filter.insert("_id", doc! { "$in": ids });
     let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
@@ -91,7 +95,12 @@ async fn present(collection: &Collection<Document>, ids: &[Bson], extra: &Docume
 }
 
 /// Runs the reconciliation.
-pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: CancellationToken) -> anyhow::Result<VerifyReport> {
+pub async fn run(
+    config: &Config,
+    range: DateRange,
+    repair: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<VerifyReport> {
     let dbs = tokio::select! {
         dbs = db::connect(config) => dbs?,
         _ = shutdown.cancelled() => anyhow::bail!("interrupted before connecting"),
@@ -181,20 +190,10 @@ pub async fn run(config: &Config, range: DateRange, repair: bool, shutdown: Canc
         for ids in missing_ids.chunks(CHUNK) {
             let outcome = archiver.archive_missing_ids(ids).await.context("repairing")?;
             repaired += outcome.inserted;
-            let archived = present(&archive, ids, &doc! {})
-                .await
-                .context("checking the repair")?;
-            still_missing.extend(
-                ids.iter()
-                    .filter(|id| !archived.contains(&equality_key(id)))
-                    .cloned(),
-            );
+            let archived = present(&archive, ids, &doc! {}).await.context("checking the repair")?;
+            still_missing.extend(ids.iter().filter(|id| !archived.contains(&equality_key(id))).cloned());
         }
-        tracing::info!(
-            repaired,
-            still_missing = still_missing.len(),
-            "missing orders archived (--repair)"
-        );
+        tracing::info!(repaired, still_missing = still_missing.len(), "missing orders archived (--repair)");
         missing_ids = still_missing;
     }
     let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
@@ -221,15 +220,26 @@ pub fn render(report: &VerifyReport) -> String {
     for d in &report.days {
         let _ = writeln!(out, "{:<12} {:>10} {:>10} {:>8} {:>8}", d.day, d.source, d.archive, d.missing, d.orphaned);
     }
-    let _ = writeln!(out, "{:<12} {:>10} {:>10} {:>8} {:>8}", "total", report.source_delivered, report.archived,
-        report.missing.len(), report.orphaned.len());
+    let _ = writeln!(
+        out,
+        "{:<12} {:>10} {:>10} {:>8} {:>8}",
+        "total",
+        report.source_delivered,
+        report.archived,
+        report.missing.len(),
+        report.orphaned.len()
+    );
     const SHOWN: usize = 20;
     for (label, ids) in [("missing from the archive", &report.missing), ("orphaned in the archive", &report.orphaned)] {
         if !ids.is_empty() {
             let more = ids.len().saturating_sub(SHOWN);
             let shown: Vec<&str> = ids.iter().take(SHOWN).map(String::as_str).collect();
-            let _ = writeln!(out, "{label}: {}{}", shown.join(", "),
-                if more > 0 { format!(" (and {more} more; --json lists all)") } else { String::new() });
+            let _ = writeln!(
+                out,
+                "{label}: {}{}",
+                shown.join(", "),
+                if more > 0 { format!(" (and {more} more; --json lists all)") } else { String::new() }
+            );
         }
     }
     if report.repaired > 0 {

@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::{Archiver, EventTimes, WriteOutcome};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFile};
+use crate::config::CheckpointStoreKind;
 use crate::config::Config;
+use crate::coordination::{self, Lease, MongoCheckpoints, StoreError};
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases};
 use crate::enrich::ArchiveSource;
-use crate::config::CheckpointStoreKind;
-use crate::coordination::{self, Lease, MongoCheckpoints, StoreError};
 use crate::health::{Role, Telemetry};
 use crate::redact::scrub;
 use std::sync::Arc;
@@ -48,11 +48,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// An error that says a server did not answer in time; transient, so the operation is retried.
 fn timed_out(what: &str, limit: Duration) -> Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no answer within {} ms while {what}", limit.as_millis()),
-    )
-    .into()
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {} ms while {what}", limit.as_millis()))
+        .into()
 }
 
 /// Runs a database operation of the writer, abandoning it when it goes unanswered for `limit`
@@ -233,10 +230,8 @@ pub fn lock_token_file(token_file: &std::path::Path) -> Result<InstanceLock, Wat
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Unwritable {
-            path: token_file.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| CheckpointError::Unwritable { path: token_file.to_path_buf(), source })?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -367,10 +362,8 @@ async fn follow_lease(
         let keeper = tokio::spawn(keep_lease(lease, heartbeat, leadership.clone()));
         let result = lead(config, dbs, Store::Mongo(store), &options, telemetry, &leadership).await;
         leadership.cancel();
-        let (lease, lost) = keeper.await.map_err(|e| WatchError::Database {
-            context: "keeping the lease",
-            message: e.to_string(),
-        })?;
+        let (lease, lost) =
+            keeper.await.map_err(|e| WatchError::Database { context: "keeping the lease", message: e.to_string() })?;
         // Reset and catch-up are for the first leadership only.
         options.reset_token = false;
         options.catch_up = false;
@@ -499,10 +492,13 @@ async fn lead(
         let (result, progressed) = run_stream(config, dbs, &archiver, &mut state, stop).await;
         let error = match result {
             Ok(()) => {
-                tracing::info!(events = state.totals.events, batches = state.totals.batches,
+                tracing::info!(
+                    events = state.totals.events,
+                    batches = state.totals.batches,
                     archived = state.totals.written.inserted,
                     already_archived = state.totals.written.already_archived,
-                    "watch stopped; position saved");
+                    "watch stopped; position saved"
+                );
                 return Ok(());
             }
             Err(StreamFailure::Fatal(e)) => return Err(e),
@@ -621,7 +617,9 @@ impl Store {
 fn store_error(e: StoreError) -> WatchError {
     match e {
         StoreError::Fenced(stream) => WatchError::Fenced(stream),
-        StoreError::Database(e) => WatchError::Database { context: "the checkpoint store", message: scrub(&e.to_string()) },
+        StoreError::Database(e) => {
+            WatchError::Database { context: "the checkpoint store", message: scrub(&e.to_string()) }
+        }
     }
 }
 
@@ -679,10 +677,16 @@ async fn fill(
     )
     .await
     .map_err(|e| WatchError::Fill(scrub(&format!("{e:#}"))))?;
-    tracing::warn!(fill = what, matched, newly_archived = outcome.inserted,
-        already_archived = outcome.already_archived, anomalies = outcome.anomalies,
-        dead_lettered = outcome.dead_lettered, duration_ms = started.elapsed().as_millis() as u64,
-        "archive filled from the orders collection");
+    tracing::warn!(
+        fill = what,
+        matched,
+        newly_archived = outcome.inserted,
+        already_archived = outcome.already_archived,
+        anomalies = outcome.anomalies,
+        dead_lettered = outcome.dead_lettered,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "archive filled from the orders collection"
+    );
     if shutdown.is_cancelled() {
         // Interrupted: keep the old position so the next start fills again.
         return Ok(());
@@ -710,8 +714,6 @@ struct StreamState {
     /// Most bytes of archive documents enriched and written at once.
     max_batch_bytes: u64,
 }
-
-
 
 enum StreamFailure {
     Fatal(WatchError),
@@ -983,9 +985,7 @@ async fn write_batch(
                         committed = Some(checkpoint);
                         Ok(outcome)
                     }
-                    Err(TxnFailure::Fenced(stream)) => {
-                        return Err(StreamFailure::Fatal(WatchError::Fenced(stream)))
-                    }
+                    Err(TxnFailure::Fenced(stream)) => return Err(StreamFailure::Fatal(WatchError::Fenced(stream))),
                     Err(TxnFailure::Failed(e)) if is_transient(&e) => Err(e),
                     Err(TxnFailure::Unsupported(e)) => {
                         tracing::warn!(error = %scrub(&e.to_string()),
@@ -1054,10 +1054,7 @@ async fn write_batch(
         }
     }
     if let Some(operation) = batch.invalidated {
-        return Err(StreamFailure::Fatal(WatchError::Invalidated {
-            namespace: state.namespace.clone(),
-            operation,
-        }));
+        return Err(StreamFailure::Fatal(WatchError::Invalidated { namespace: state.namespace.clone(), operation }));
     }
     Ok(())
 }
@@ -1124,9 +1121,13 @@ async fn archive_in_transaction(
     checkpoint: &Checkpoint,
 ) -> Result<WriteOutcome, TxnFailure> {
     let classify = |e: Error| {
-        let illegal = crate::db::error_code(&e) == Some(20)
-            || e.to_string().contains("Transaction numbers are only allowed");
-        if illegal { TxnFailure::Unsupported(e) } else { TxnFailure::Failed(e) }
+        let illegal =
+            crate::db::error_code(&e) == Some(20) || e.to_string().contains("Transaction numbers are only allowed");
+        if illegal {
+            TxnFailure::Unsupported(e)
+        } else {
+            TxnFailure::Failed(e)
+        }
     };
     // Enrichment reads stay outside the transaction: only the writes need to be atomic.
     let docs = archiver.enrich(ids).await.map_err(TxnFailure::Failed)?;

@@ -18,13 +18,13 @@ async fn seed_range(t: &TestEnv) -> Vec<Document> {
         o
     };
     let docs = vec![
-        dated(1, "livrée", "2026-02-28T23:59:59.999Z"), // before
-        dated(2, "livrée", "2026-03-01T00:00:00Z"),     // first instant: in
-        dated(3, "livrée", "2026-03-02T12:00:00Z"),     // in
+        dated(1, "livrée", "2026-02-28T23:59:59.999Z"),   // before
+        dated(2, "livrée", "2026-03-01T00:00:00Z"),       // first instant: in
+        dated(3, "livrée", "2026-03-02T12:00:00Z"),       // in
         dated(4, "en_livraison", "2026-03-02T12:00:00Z"), // not delivered
-        dated(5, "annulée", "2026-03-02T13:00:00Z"),    // not delivered
-        dated(6, "livrée", "2026-03-02T23:59:59.999Z"), // last instant: in
-        dated(7, "livrée", "2026-03-03T00:00:00Z"),     // end is exclusive
+        dated(5, "annulée", "2026-03-02T13:00:00Z"),      // not delivered
+        dated(6, "livrée", "2026-03-02T23:59:59.999Z"),   // last instant: in
+        dated(7, "livrée", "2026-03-03T00:00:00Z"),       // end is exclusive
     ];
     t.orders().insert_many(docs.clone()).await.unwrap();
     docs
@@ -73,7 +73,10 @@ async fn an_order_archived_by_watch_is_not_duplicated() {
     let t = TestEnv::new("overlap").await;
     let docs = seed_range(&t).await;
     let id = docs[1].get_object_id("_id").unwrap();
-    t.archive().insert_one(doc! { "_id": id, "numero_commande": "CMD-000002", "archive_source": "watch" }).await.unwrap();
+    t.archive()
+        .insert_one(doc! { "_id": id, "numero_commande": "CMD-000002", "archive_source": "watch" })
+        .await
+        .unwrap();
     let out = t.run(&["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("2 newly archived, 1 already archived"), "{}", out.stdout);
@@ -115,7 +118,10 @@ async fn both_write_paths_produce_identical_documents() {
     let odd = vec![
         broken,
         variant(1, doc! { "items": [5, { "quantite": 1 }, { "menu_id": Bson::Null, "quantite": 2 }] }),
-        variant(2, doc! { "items": [{ "menu_id": menu0.clone(), "quantite": 3_i64 }, { "menu_id": menu0.clone(), "quantite": 1.5 }] }),
+        variant(
+            2,
+            doc! { "items": [{ "menu_id": menu0.clone(), "quantite": 3_i64 }, { "menu_id": menu0.clone(), "quantite": 1.5 }] },
+        ),
         variant(3, doc! { "livreur_id": Bson::Null, "montant_total": "31" }),
         variant(4, doc! { "client_id": 77_i64, "restaurant_id": Bson::Null }),
         variant(5, doc! { "numero_commande": 12 }),
@@ -156,8 +162,16 @@ async fn dry_run_and_bad_dates_write_nothing() {
     seed_range(&t).await;
     let samples = t.dir.path().join("samples.json");
     let out = t.run(&[
-        "batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03", "--dry-run",
-        "--export-samples", samples.to_str().unwrap(), "--sample-size", "2",
+        "batch",
+        "--date-from",
+        "2026-03-01",
+        "--date-to",
+        "2026-03-03",
+        "--dry-run",
+        "--export-samples",
+        samples.to_str().unwrap(),
+        "--sample-size",
+        "2",
     ]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("3 delivered orders in the range would be archived"), "{}", out.stdout);

@@ -28,8 +28,10 @@ async fn lost_history_is_filled_automatically() {
     t.orders().insert_many(pending.clone()).await.unwrap();
     for o in pending.iter().take(30) {
         t.orders()
-            .update_one(doc! { "_id": o.get_object_id("_id").unwrap() },
-                doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } })
+            .update_one(
+                doc! { "_id": o.get_object_id("_id").unwrap() },
+                doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } },
+            )
             .await
             .unwrap();
     }
@@ -214,7 +216,9 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     t.db.run_command(doc! {
         "create": "Commandes_archive",
         "validator": { "numero_commande": { "$type": "string" } },
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     let mut watch = t.start_watch(&[]).await;
     let mut refused = order(&refs, 1, "livrée");
     refused.remove("numero_commande");
@@ -222,9 +226,7 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     t.orders().insert_many([order(&refs, 2, "livrée"), refused, order(&refs, 3, "livrée")]).await.unwrap();
     t.wait_archived(2).await;
     let errors = t.db.collection::<Document>("Commandes_archive_errors");
-    eventually(20, "dead letter recorded", || async {
-        errors.count_documents(doc! {}).await.unwrap() == 1
-    }).await;
+    eventually(20, "dead letter recorded", || async { errors.count_documents(doc! {}).await.unwrap() == 1 }).await;
     let letter = errors.find_one(doc! {}).await.unwrap().unwrap();
     assert_eq!(letter.get_object_id("order_id").unwrap(), refused_id);
     assert_eq!(letter.get_i32("error_code").unwrap(), 121, "{letter}");
@@ -251,17 +253,24 @@ async fn huge_orders_are_archived_or_dead_lettered_never_dropped() {
     let mut watch = t.start_watch(&[]).await;
     // 5,000 items: large but fine.
     let mut big = order(&refs, 1, "livrée");
-    big.insert("items", (0..5000).map(|_| Bson::Document(doc! { "menu_id": refs.menu[0], "quantite": 1 })).collect::<Vec<_>>());
+    big.insert(
+        "items",
+        (0..5000).map(|_| Bson::Document(doc! { "menu_id": refs.menu[0], "quantite": 1 })).collect::<Vec<_>>(),
+    );
     // 60,000 items: about 3 MB as an order, over 16 MB once enriched.
     let mut too_big = order(&refs, 2, "livrée");
-    too_big.insert("items", (0..60_000).map(|_| Bson::Document(doc! { "menu_id": long_dish, "quantite": 2 })).collect::<Vec<_>>());
+    too_big.insert(
+        "items",
+        (0..60_000).map(|_| Bson::Document(doc! { "menu_id": long_dish, "quantite": 2 })).collect::<Vec<_>>(),
+    );
     let too_big_id = too_big.get_object_id("_id").unwrap();
     t.orders().insert_many([big.clone(), too_big, order(&refs, 3, "livrée")]).await.unwrap();
     t.wait_archived(2).await;
     let errors = t.db.collection::<Document>("Commandes_archive_errors");
     eventually(60, "oversized order dead-lettered", || async {
         errors.count_documents(doc! { "order_id": too_big_id }).await.unwrap() == 1
-    }).await;
+    })
+    .await;
     let archived = t.archive().find_one(doc! { "_id": big.get_object_id("_id").unwrap() }).await.unwrap().unwrap();
     assert_eq!(archived.get_array("items").unwrap().len(), 5000);
     assert!(archived.get_array("anomalies").unwrap().is_empty());

@@ -19,10 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Enough retries to ride out the outages below; a short cap so recovery follows the heal
 /// quickly (the backoff cap is not what these tests are about).
-const RIDE_OUT: &[(&str, &str)] = &[
-    ("RETRY_MAX_ATTEMPTS", "100"),
-    ("RETRY_MAX_DELAY_MS", "1000"),
-];
+const RIDE_OUT: &[(&str, &str)] = &[("RETRY_MAX_ATTEMPTS", "100"), ("RETRY_MAX_DELAY_MS", "1000")];
 
 /// An unanswered archive write is abandoned and retried after this (default 60 s): short, so
 /// that an outage of a few seconds is seen and waited out within the test's time.
@@ -30,11 +27,8 @@ const QUICK_WRITE_TIMEOUT: &[(&str, &str)] = &[("WRITE_TIMEOUT_MS", "5000")];
 
 /// The shipped defaults of what the tests' environment otherwise shortens, for the readiness
 /// bound that is documented "with the default settings".
-const DEFAULTS: &[(&str, &str)] = &[
-    ("BATCH_MAX_WAIT_MS", "100"),
-    ("RETRY_MAX_ATTEMPTS", "10"),
-    ("RETRY_MAX_DELAY_MS", "30000"),
-];
+const DEFAULTS: &[(&str, &str)] =
+    &[("BATCH_MAX_WAIT_MS", "100"), ("RETRY_MAX_ATTEMPTS", "10"), ("RETRY_MAX_DELAY_MS", "30000")];
 
 /// The longest a silent source may go unreported by readiness, with the default settings: the
 /// README promises about 10 s (`STREAM_TIMEOUT_MS`); this leaves room for the probe's polling.
@@ -65,17 +59,17 @@ impl Load {
                 while !stop.is_cancelled() {
                     tick.tick().await;
                     if n.is_multiple_of(2) {
-                        orders
-                            .insert_one(order(&refs, n, "livrée"))
-                            .await
-                            .expect("deliver an order");
+                        orders.insert_one(order(&refs, n, "livrée")).await.expect("deliver an order");
                     } else {
                         let o = order(&refs, n, "en_livraison");
                         let id = o.get_object_id("_id").unwrap();
                         orders.insert_one(o).await.expect("insert an order");
                         orders
-                            .update_one(doc! { "_id": id }, doc! { "$set": {
-                                "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } })
+                            .update_one(
+                                doc! { "_id": id },
+                                doc! { "$set": {
+                                "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } },
+                            )
                             .await
                             .expect("deliver an order");
                     }
@@ -104,10 +98,7 @@ fn tail(watcher: &Watcher) -> String {
 /// The warnings and errors of a watcher's log: what it noticed of a fault, and when.
 fn warnings(watcher: &Watcher) -> String {
     let log = watcher.stderr();
-    log.lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect::<Vec<_>>()
-        .join("\n")
+    log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>().join("\n")
 }
 
 /// One probe request, `None` if the endpoint does not answer (the process may be gone).
@@ -116,25 +107,13 @@ async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let addr: SocketAddr = addr.parse().ok()?;
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        Some((
-            code,
-            response
-                .split("\r\n\r\n")
-                .nth(1)
-                .unwrap_or_default()
-                .to_owned(),
-        ))
+        Some((code, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()))
     })
     .await
     .ok()
@@ -145,10 +124,7 @@ async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
 async fn ready_turns(addr: &str, code: u16, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < within {
-        if probe(addr, "/health/ready")
-            .await
-            .is_some_and(|(c, _)| c == code)
-        {
+        if probe(addr, "/health/ready").await.is_some_and(|(c, _)| c == code) {
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -180,10 +156,7 @@ async fn all_archived(t: &TestEnv, watcher: &Watcher, n: u32, within: Duration) 
     let started = Instant::now();
     loop {
         let count = archived(t).await;
-        assert!(
-            count <= u64::from(n),
-            "archive holds {count} documents, only {n} delivered"
-        );
+        assert!(count <= u64::from(n), "archive holds {count} documents, only {n} delivered");
         if count == u64::from(n) {
             return started.elapsed();
         }
@@ -210,19 +183,10 @@ async fn hold_fault(addr: &str, longest: Duration, linger: Duration) -> Option<D
 async fn wait_streaming(t: &TestEnv, watcher: &Watcher, addr: &str) {
     let started = Instant::now();
     while archived(t).await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "nothing archived before the fault:\n{}",
-            tail(watcher)
-        );
+        assert!(started.elapsed() < Duration::from_secs(30), "nothing archived before the fault:\n{}", tail(watcher));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        ready_turns(addr, 200, Duration::from_secs(10))
-            .await
-            .is_some(),
-        "not ready before the fault"
-    );
+    assert!(ready_turns(addr, 200, Duration::from_secs(10)).await.is_some(), "not ready before the fault");
 }
 
 // --- the proxy itself, against a local echo server ---
@@ -246,11 +210,7 @@ async fn echo_server() -> SocketAddr {
 }
 
 /// Sends `message` and reads its echo, giving up after `within`.
-async fn round_trip(
-    stream: &mut TcpStream,
-    message: &[u8],
-    within: Duration,
-) -> std::io::Result<Vec<u8>> {
+async fn round_trip(stream: &mut TcpStream, message: &[u8], within: Duration) -> std::io::Result<Vec<u8>> {
     stream.write_all(message).await?;
     let mut echoed = vec![0u8; message.len()];
     match tokio::time::timeout(within, stream.read_exact(&mut echoed)).await {
@@ -264,76 +224,44 @@ async fn the_proxy_passes_delays_swallows_resets_and_refuses() {
     let proxy = Proxy::start(echo_server().await).await;
     let quick = Duration::from_secs(2);
     let mut open = TcpStream::connect(proxy.addr()).await.unwrap();
-    assert_eq!(
-        round_trip(&mut open, b"pass", quick).await.unwrap(),
-        b"pass"
-    );
+    assert_eq!(round_trip(&mut open, b"pass", quick).await.unwrap(), b"pass");
 
     // Latency: both directions, on the open connection too.
     proxy.set_mode(Mode::Latency(Duration::from_millis(150)));
     let started = Instant::now();
-    assert_eq!(
-        round_trip(&mut open, b"slow", quick).await.unwrap(),
-        b"slow"
-    );
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "round trip took {:?}",
-        started.elapsed()
-    );
+    assert_eq!(round_trip(&mut open, b"slow", quick).await.unwrap(), b"slow");
+    assert!(started.elapsed() >= Duration::from_millis(300), "round trip took {:?}", started.elapsed());
 
     // Blackhole: the open connection and a new one stay open and silent.
     proxy.set_mode(Mode::Blackhole);
     let silent = Duration::from_millis(500);
     let err = round_trip(&mut open, b"lost", silent).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    let mut during = TcpStream::connect(proxy.addr())
-        .await
-        .expect("a blackhole still accepts");
+    let mut during = TcpStream::connect(proxy.addr()).await.expect("a blackhole still accepts");
     let err = round_trip(&mut during, b"lost", silent).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
     // Back to Pass: new connections work; the blackholed ones lost their bytes and stay silent.
     proxy.set_mode(Mode::Pass);
     let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
-    assert_eq!(
-        round_trip(&mut fresh, b"back", quick).await.unwrap(),
-        b"back"
-    );
+    assert_eq!(round_trip(&mut fresh, b"back", quick).await.unwrap(), b"back");
     let err = round_trip(&mut during, b"more", silent).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
 
     // Reset: the open connection is reset, and so is a new one.
     proxy.set_mode(Mode::Reset);
     let mut buf = [0u8; 8];
-    let read = tokio::time::timeout(quick, fresh.read(&mut buf))
-        .await
-        .expect("reset at once");
-    assert!(
-        matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{read:?}"
-    );
-    let mut reset = TcpStream::connect(proxy.addr())
-        .await
-        .expect("accepted, then reset");
-    let read = tokio::time::timeout(quick, reset.read(&mut buf))
-        .await
-        .expect("reset at once");
-    assert!(
-        matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{read:?}"
-    );
+    let read = tokio::time::timeout(quick, fresh.read(&mut buf)).await.expect("reset at once");
+    assert!(matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{read:?}");
+    let mut reset = TcpStream::connect(proxy.addr()).await.expect("accepted, then reset");
+    let read = tokio::time::timeout(quick, reset.read(&mut buf)).await.expect("reset at once");
+    assert!(matches!(read, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{read:?}");
 
     // Refuse: the port refuses; an open connection is closed.
     proxy.set_mode(Mode::Pass);
     let mut before = TcpStream::connect(proxy.addr()).await.unwrap();
-    assert_eq!(
-        round_trip(&mut before, b"once", quick).await.unwrap(),
-        b"once"
-    );
+    assert_eq!(round_trip(&mut before, b"once", quick).await.unwrap(), b"once");
     proxy.set_mode(Mode::Refuse);
-    let read = tokio::time::timeout(quick, before.read(&mut buf))
-        .await
-        .expect("closed at once");
+    let read = tokio::time::timeout(quick, before.read(&mut buf)).await.expect("closed at once");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let mut refused = false;
     // The accept loop closes its listener as soon as it sees the switch.
@@ -357,20 +285,14 @@ async fn the_proxy_passes_delays_swallows_resets_and_refuses() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut again = again.expect("the same port accepts again");
-    assert_eq!(
-        round_trip(&mut again, b"again", quick).await.unwrap(),
-        b"again"
-    );
+    assert_eq!(round_trip(&mut again, b"again", quick).await.unwrap(), b"again");
 }
 
 #[tokio::test]
 async fn proxied_uris_keep_credentials_and_force_a_direct_connection() {
     let upstream = common::proxy::upstream_of("mongodb://127.0.0.1:27017/?directConnection=true");
     assert_eq!(upstream, "127.0.0.1:27017".parse().unwrap());
-    assert_eq!(
-        common::proxy::upstream_of("mongodb://u:p@localhost:1234,h2:5/db").port(),
-        1234
-    );
+    assert_eq!(common::proxy::upstream_of("mongodb://u:p@localhost:1234,h2:5/db").port(), 1234);
     let proxy = Proxy::start(upstream).await;
     let at = proxy.addr();
     assert_eq!(
@@ -381,10 +303,7 @@ async fn proxied_uris_keep_credentials_and_force_a_direct_connection() {
         proxy.uri("mongodb://u:p@h1:1,h2:2/db?tls=false"),
         format!("mongodb://u:p@{at}/db?tls=false&directConnection=true")
     );
-    assert_eq!(
-        proxy.uri("mongodb://h1:1"),
-        format!("mongodb://{at}/?directConnection=true")
-    );
+    assert_eq!(proxy.uri("mongodb://h1:1"), format!("mongodb://{at}/?directConnection=true"));
 }
 
 // --- archive faults ---
@@ -398,11 +317,7 @@ async fn a_silent_archive_under_load_is_waited_out_and_archiving_resumes() {
     let mut watch = t
         .spawn_watch(
             &[],
-            &env(&[
-                RIDE_OUT,
-                QUICK_WRITE_TIMEOUT,
-                &[("ARCHIVE_URI", &archive_uri)],
-            ]),
+            &env(&[RIDE_OUT, QUICK_WRITE_TIMEOUT, &[("ARCHIVE_URI", &archive_uri)]]),
             "change stream open",
         )
         .await;
@@ -423,26 +338,13 @@ async fn a_silent_archive_under_load_is_waited_out_and_archiving_resumes() {
     let delivered = load.finish().await;
     all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
     let caught_up = healed.elapsed();
-    let ready_again = ready_turns(&addr, 200, Duration::from_secs(30))
-        .await
-        .map(|_| healed.elapsed());
+    let ready_again = ready_turns(&addr, 200, Duration::from_secs(30)).await.map(|_| healed.elapsed());
     eprintln!(
         "archive healed: all {delivered} archived {caught_up:?} after the heal; ready again {ready_again:?} after it"
     );
-    assert!(
-        detected.is_some(),
-        "/health/ready stayed 200 through a {outage:?} archive outage:\n{}",
-        tail(&watch)
-    );
-    assert!(
-        ready_again.is_some(),
-        "/health/ready not 200 after the heal:\n{}",
-        tail(&watch)
-    );
-    assert!(
-        faults_counted(&addr).await >= 1.0,
-        "no retry, reconnect or write error counted"
-    );
+    assert!(detected.is_some(), "/health/ready stayed 200 through a {outage:?} archive outage:\n{}", tail(&watch));
+    assert!(ready_again.is_some(), "/health/ready not 200 after the heal:\n{}", tail(&watch));
+    assert!(faults_counted(&addr).await >= 1.0, "no retry, reconnect or write error counted");
     t.assert_archive_matches_delivered().await;
     assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
     t.cleanup().await;
@@ -454,13 +356,7 @@ async fn sigterm_during_an_archive_outage_exits_0_promptly_and_a_restart_loses_n
     let refs = t.seed_references().await;
     let proxy = Proxy::for_uri(&t.uri).await;
     let archive_uri = proxy.uri(&t.uri);
-    let mut watch = t
-        .spawn_watch(
-            &[],
-            &env(&[RIDE_OUT, &[("ARCHIVE_URI", &archive_uri)]]),
-            "change stream open",
-        )
-        .await;
+    let mut watch = t.spawn_watch(&[], &env(&[RIDE_OUT, &[("ARCHIVE_URI", &archive_uri)]]), "change stream open").await;
     let addr = health_addr(&watch);
     let load = Load::start(&t, refs, 100);
     wait_streaming(&t, &watch, &addr).await;
@@ -470,10 +366,7 @@ async fn sigterm_during_an_archive_outage_exits_0_promptly_and_a_restart_loses_n
     watch.signal("TERM");
     let asked = Instant::now();
     let status = watch.wait(Duration::from_secs(15)).await;
-    eprintln!(
-        "SIGTERM during an archive outage: exited {status} after {:?}",
-        asked.elapsed()
-    );
+    eprintln!("SIGTERM during an archive outage: exited {status} after {:?}", asked.elapsed());
     assert_eq!(status.code(), Some(0), "{}", tail(&watch));
 
     proxy.set_mode(Mode::Pass);
@@ -495,11 +388,7 @@ async fn an_archive_that_resets_or_refuses_under_load_is_waited_out() {
     let mut watch = t
         .spawn_watch(
             &[],
-            &env(&[
-                RIDE_OUT,
-                QUICK_WRITE_TIMEOUT,
-                &[("ARCHIVE_URI", &archive_uri)],
-            ]),
+            &env(&[RIDE_OUT, QUICK_WRITE_TIMEOUT, &[("ARCHIVE_URI", &archive_uri)]]),
             "change stream open",
         )
         .await;
@@ -513,32 +402,15 @@ async fn an_archive_that_resets_or_refuses_under_load_is_waited_out() {
         proxy.set_mode(Mode::Pass);
         let recovered = ready_turns(&addr, 200, Duration::from_secs(30)).await;
         eprintln!("archive {fault:?}: readiness 503 after {detected:?}, 200 again {recovered:?} after the heal");
-        assert!(
-            detected.is_some(),
-            "/health/ready stayed 200 while the archive was {fault:?}:\n{}",
-            tail(&watch)
-        );
-        assert!(
-            recovered.is_some(),
-            "/health/ready not 200 after the archive {fault:?}:\n{}",
-            tail(&watch)
-        );
-        assert!(
-            watch.child.try_wait().unwrap().is_none(),
-            "watch exited:\n{}",
-            tail(&watch)
-        );
+        assert!(detected.is_some(), "/health/ready stayed 200 while the archive was {fault:?}:\n{}", tail(&watch));
+        assert!(recovered.is_some(), "/health/ready not 200 after the archive {fault:?}:\n{}", tail(&watch));
+        assert!(watch.child.try_wait().unwrap().is_none(), "watch exited:\n{}", tail(&watch));
     }
     let delivered = load.finish().await;
     let caught_up = all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
-    eprintln!(
-        "archive reset and refused: all {delivered} archived {caught_up:?} after the load stopped"
-    );
+    eprintln!("archive reset and refused: all {delivered} archived {caught_up:?} after the load stopped");
     t.assert_archive_matches_delivered().await;
-    assert!(
-        faults_counted(&addr).await >= 2.0,
-        "the two faults were not counted"
-    );
+    assert!(faults_counted(&addr).await >= 2.0, "the two faults were not counted");
     assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
     t.cleanup().await;
 }
@@ -556,10 +428,7 @@ async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out(
     let mut watch = t
         .spawn_watch(
             &[],
-            &env(&[
-                DEFAULTS,
-                &[("MONGODB_URI", &source_uri), ("ARCHIVE_URI", &t.uri)],
-            ]),
+            &env(&[DEFAULTS, &[("MONGODB_URI", &source_uri), ("ARCHIVE_URI", &t.uri)]]),
             "change stream open",
         )
         .await;
@@ -581,16 +450,8 @@ async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out(
              ({backlog} archived {:?} after it)",
             healed.elapsed()
         );
-        assert!(
-            detected.is_some(),
-            "/health/ready stayed 200 while the source was {fault:?}:\n{}",
-            tail(&watch)
-        );
-        assert!(
-            recovered.is_some(),
-            "/health/ready not 200 after the source {fault:?}:\n{}",
-            tail(&watch)
-        );
+        assert!(detected.is_some(), "/health/ready stayed 200 while the source was {fault:?}:\n{}", tail(&watch));
+        assert!(recovered.is_some(), "/health/ready not 200 after the source {fault:?}:\n{}", tail(&watch));
         if fault == Mode::Blackhole {
             silent_detection = detected;
         }
@@ -598,10 +459,7 @@ async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out(
     let delivered = load.finish().await;
     all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
     t.assert_archive_matches_delivered().await;
-    assert!(
-        metric(&addr, "archiver_reconnects_total").await >= 2.0,
-        "the stream was not reopened twice"
-    );
+    assert!(metric(&addr, "archiver_reconnects_total").await >= 2.0, "the stream was not reopened twice");
     assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
     let silent_detection = silent_detection.unwrap();
     assert!(
@@ -623,11 +481,7 @@ const SHARED: &[(&str, &str)] = &[
 ];
 
 async fn shared_checkpoint(t: &TestEnv) -> Document {
-    t.db.collection::<Document>("archiver_checkpoints")
-        .find_one(doc! {})
-        .await
-        .unwrap()
-        .expect("a shared checkpoint")
+    t.db.collection::<Document>("archiver_checkpoints").find_one(doc! {}).await.unwrap().expect("a shared checkpoint")
 }
 
 /// Byte offsets of `needle` in a log.
@@ -645,11 +499,7 @@ async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_res
     let mut watch = t
         .spawn_watch(
             &[],
-            &env(&[
-                SHARED,
-                QUICK_WRITE_TIMEOUT,
-                &[("INSTANCE_ID", "solo"), ("ARCHIVE_URI", &archive_uri)],
-            ]),
+            &env(&[SHARED, QUICK_WRITE_TIMEOUT, &[("INSTANCE_ID", "solo"), ("ARCHIVE_URI", &archive_uri)]]),
             "change stream open",
         )
         .await;
@@ -661,35 +511,23 @@ async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_res
     let started = Instant::now();
     // The lease cannot be renewed either: the promise is to stop writing before it expires
     // (src/watch.rs, keep_lease), rather than to exit.
-    eventually(15, "the leader to step down", || async {
-        watch.log_contains("stepping down")
-    })
-    .await;
+    eventually(15, "the leader to step down", || async { watch.log_contains("stepping down") }).await;
     let stepped_down = started.elapsed();
     let mut not_leading = None;
     while started.elapsed() < Duration::from_secs(15) {
         let answer = probe(&addr, "/health/ready").await;
-        if answer
-            .as_ref()
-            .is_some_and(|(code, body)| *code == 503 || body.contains("\"role\":\"standby\""))
-        {
+        if answer.as_ref().is_some_and(|(code, body)| *code == 503 || body.contains("\"role\":\"standby\"")) {
             not_leading = Some(started.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep_until((started + Duration::from_secs(15)).into()).await;
-    assert!(
-        watch.child.try_wait().unwrap().is_none(),
-        "watch exited during the outage:\n{}",
-        tail(&watch)
-    );
+    assert!(watch.child.try_wait().unwrap().is_none(), "watch exited during the outage:\n{}", tail(&watch));
     proxy.set_mode(Mode::Pass);
     let healed = Instant::now();
-    eventually(30, "leadership taken again", || async {
-        positions(&watch.stderr(), "leadership acquired").len() >= 2
-    })
-    .await;
+    eventually(30, "leadership taken again", || async { positions(&watch.stderr(), "leadership acquired").len() >= 2 })
+        .await;
     let relead = healed.elapsed();
     let delivered = load.finish().await;
     all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
@@ -697,11 +535,7 @@ async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_res
         "checkpoint store blackholed: stepped down after {stepped_down:?}, not leading per /health/ready \
          after {not_leading:?}, leader again {relead:?} after the heal"
     );
-    assert!(
-        not_leading.is_some(),
-        "still ready as leader during the outage:\n{}",
-        tail(&watch)
-    );
+    assert!(not_leading.is_some(), "still ready as leader during the outage:\n{}", tail(&watch));
     t.assert_archive_matches_delivered().await;
     let checkpoint = shared_checkpoint(&t).await;
     assert!(checkpoint.get_i64("epoch").unwrap() >= 2, "{checkpoint}");
@@ -719,19 +553,12 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
     let mut leader = t
         .spawn_watch(
             &[],
-            &env(&[
-                SHARED,
-                &[("INSTANCE_ID", "leader"), ("MONGODB_URI", &leader_uri)],
-            ]),
+            &env(&[SHARED, &[("INSTANCE_ID", "leader"), ("MONGODB_URI", &leader_uri)]]),
             "change stream open",
         )
         .await;
     let mut standby = t
-        .spawn_watch(
-            &[],
-            &env(&[SHARED, &[("INSTANCE_ID", "standby")]]),
-            "standby: another instance holds the lease",
-        )
+        .spawn_watch(&[], &env(&[SHARED, &[("INSTANCE_ID", "standby")]]), "standby: another instance holds the lease")
         .await;
     let leader_addr = health_addr(&leader);
     let standby_addr = health_addr(&standby);
@@ -740,10 +567,7 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
 
     proxy.set_mode(Mode::Blackhole);
     let cut = Instant::now();
-    eventually(20, "the standby to take over", || async {
-        standby.log_contains("leadership acquired")
-    })
-    .await;
+    eventually(20, "the standby to take over", || async { standby.log_contains("leadership acquired") }).await;
     let takeover = cut.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.set_mode(Mode::Pass);
@@ -751,10 +575,7 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
     // Once it can see the cluster again, the old leader finds the lease taken and stands by.
     let mut standing_by = None;
     while healed.elapsed() < Duration::from_secs(30) {
-        if probe(&leader_addr, "/health/ready")
-            .await
-            .is_some_and(|(_, body)| body.contains("\"role\":\"standby\""))
-        {
+        if probe(&leader_addr, "/health/ready").await.is_some_and(|(_, body)| body.contains("\"role\":\"standby\"")) {
             standing_by = Some(healed.elapsed());
             break;
         }
@@ -762,29 +583,18 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
     }
     let delivered = load.finish().await;
     all_archived(&t, &standby, delivered, Duration::from_secs(60)).await;
-    eprintln!("leader cut off: standby took over after {takeover:?}; old leader standing by {standing_by:?} after the heal");
-    t.assert_archive_matches_delivered().await;
-    assert!(
-        standing_by.is_some(),
-        "the old leader does not stand by after the heal:\n{}",
-        tail(&leader)
+    eprintln!(
+        "leader cut off: standby took over after {takeover:?}; old leader standing by {standing_by:?} after the heal"
     );
+    t.assert_archive_matches_delivered().await;
+    assert!(standing_by.is_some(), "the old leader does not stand by after the heal:\n{}", tail(&leader));
     // It wrote nothing after it learnt it had lost the lease.
     let log = leader.stderr();
-    let lost = [
-        "stepping down",
-        "the lease was taken over",
-        "leadership lost",
-    ]
-    .iter()
-    .filter_map(|needle| positions(&log, needle).first().copied())
-    .min()
-    .unwrap_or_else(|| {
-        panic!(
-            "the old leader never noticed it lost the lease:\n{}",
-            tail(&leader)
-        )
-    });
+    let lost = ["stepping down", "the lease was taken over", "leadership lost"]
+        .iter()
+        .filter_map(|needle| positions(&log, needle).first().copied())
+        .min()
+        .unwrap_or_else(|| panic!("the old leader never noticed it lost the lease:\n{}", tail(&leader)));
     assert!(
         !log[lost..].contains("batch archived"),
         "the old leader archived after losing the lease:\n{}\nthe standby:\n{}",
@@ -811,9 +621,7 @@ async fn round_trips_of_200_ms_under_load_lose_and_duplicate_nothing() {
     // 100 ms each way: every round trip to the source and the archive takes 200 ms more.
     proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
     let slow_uri = proxy.uri(&t.uri);
-    let mut watch = t
-        .spawn_watch(&[], &[("MONGODB_URI", &slow_uri)], "change stream open")
-        .await;
+    let mut watch = t.spawn_watch(&[], &[("MONGODB_URI", &slow_uri)], "change stream open").await;
     let addr = health_addr(&watch);
     let load = Load::start(&t, refs, 100);
     wait_streaming(&t, &watch, &addr).await;
@@ -823,17 +631,8 @@ async fn round_trips_of_200_ms_under_load_lose_and_duplicate_nothing() {
     let batches = metric(&addr, "archiver_batches_total").await;
     eprintln!("200 ms round trips: {delivered} delivered, all archived {caught_up:?} after the load stopped, in {batches} batches");
     t.assert_archive_matches_delivered().await;
-    assert!(
-        probe(&addr, "/health/ready")
-            .await
-            .is_some_and(|(code, _)| code == 200),
-        "not ready under latency"
-    );
-    assert_eq!(
-        metric(&addr, "archiver_orders_already_archived_total").await,
-        0.0,
-        "replays under mere latency"
-    );
+    assert!(probe(&addr, "/health/ready").await.is_some_and(|(code, _)| code == 200), "not ready under latency");
+    assert_eq!(metric(&addr, "archiver_orders_already_archived_total").await, 0.0, "replays under mere latency");
     assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
     t.cleanup().await;
 }

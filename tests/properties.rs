@@ -24,11 +24,7 @@ fn secret() -> impl Strategy<Value = String> {
 fn password() -> impl Strategy<Value = (String, Vec<String>)> {
     prop_oneof![
         secret().prop_map(|s| (s.clone(), vec![s])),
-        (
-            secret(),
-            prop::sample::select(vec!["?", "/", "@", "#", ":", "&", "="]),
-            secret()
-        )
+        (secret(), prop::sample::select(vec!["?", "/", "@", "#", ":", "&", "="]), secret())
             .prop_map(|(a, delimiter, b)| (format!("{a}{delimiter}{b}"), vec![a, b])),
     ]
 }
@@ -52,30 +48,21 @@ fn uri_with_secrets() -> impl Strategy<Value = (String, Vec<String>)> {
         secret(),
         any::<bool>(),
     )
-        .prop_map(
-            |(scheme, user, (password, mut secrets), hosts, path, option, option_secret, first)| {
-                let value = if option == "authMechanismProperties" {
-                    format!("AWS_SESSION_TOKEN:{option_secret}")
-                } else {
-                    option_secret.clone()
-                };
-                let options = if first {
-                    format!("{option}={value}&w=majority")
-                } else {
-                    format!("retrywrites=true&{option}={value}")
-                };
-                let path = if path.is_empty() {
-                    "/".to_owned()
-                } else {
-                    path
-                };
-                secrets.push(option_secret);
-                (
-                    format!("{scheme}://{user}:{password}@{hosts}{path}?{options}"),
-                    secrets,
-                )
-            },
-        )
+        .prop_map(|(scheme, user, (password, mut secrets), hosts, path, option, option_secret, first)| {
+            let value = if option == "authMechanismProperties" {
+                format!("AWS_SESSION_TOKEN:{option_secret}")
+            } else {
+                option_secret.clone()
+            };
+            let options = if first {
+                format!("{option}={value}&w=majority")
+            } else {
+                format!("retrywrites=true&{option}={value}")
+            };
+            let path = if path.is_empty() { "/".to_owned() } else { path };
+            secrets.push(option_secret);
+            (format!("{scheme}://{user}:{password}@{hosts}{path}?{options}"), secrets)
+        })
 }
 
 fn assert_hidden(shown: &str, secrets: &[String]) -> Result<(), TestCaseError> {
@@ -135,8 +122,7 @@ proptest! {
 /// A checkpoint with any token, namespace and times a real one could hold.
 fn checkpoint() -> impl Strategy<Value = Checkpoint> {
     let time = (0i64..7_000_000_000_000, 0u32..1_000_000).prop_map(|(ms, ns)| {
-        DateTime::<Utc>::from_timestamp_millis(ms).unwrap()
-            + chrono::Duration::nanoseconds(i64::from(ns))
+        DateTime::<Utc>::from_timestamp_millis(ms).unwrap() + chrono::Duration::nanoseconds(i64::from(ns))
     });
     (
         "[0-9A-F]{2,80}",
@@ -146,13 +132,11 @@ fn checkpoint() -> impl Strategy<Value = Checkpoint> {
         time,
     )
         .prop_map(|(data, namespace, cluster_time, wall_time, saved_at)| {
-            let resume_token: ResumeToken =
-                bson::from_bson(Bson::Document(doc! { "_data": data })).unwrap();
+            let resume_token: ResumeToken = bson::from_bson(Bson::Document(doc! { "_data": data })).unwrap();
             Checkpoint {
                 resume_token,
                 namespace,
-                last_event_cluster_time: cluster_time
-                    .map(|(time, increment)| Timestamp { time, increment }),
+                last_event_cluster_time: cluster_time.map(|(time, increment)| Timestamp { time, increment }),
                 last_event_wall_time: wall_time,
                 saved_at,
             }

@@ -24,9 +24,7 @@ fn logs(dir: &Path) -> String {
         if path.is_dir() {
             text.push_str(&logs(&path));
         } else {
-            text.push_str(&String::from_utf8_lossy(
-                &std::fs::read(&path).unwrap_or_default(),
-            ));
+            text.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()));
         }
     }
     text
@@ -53,11 +51,7 @@ fn run_with_uri(t: &TestEnv, uri: &str, args: &[&str]) -> Output {
 fn assert_nothing_leaked(t: &TestEnv, what: &str, out: &Output, secrets: &[&str]) {
     let logged = logs(&t.dir.path().join("logs"));
     for secret in secrets {
-        for (place, text) in [
-            ("stdout", &out.stdout),
-            ("stderr", &out.stderr),
-            ("the log files", &logged),
-        ] {
+        for (place, text) in [("stdout", &out.stdout), ("stderr", &out.stderr), ("the log files", &logged)] {
             assert!(
                 !text.contains(secret),
                 "{what}: {secret:?} appears in {place}:\n{text}\n(stdout: {}\nstderr: {})",
@@ -68,13 +62,7 @@ fn assert_nothing_leaked(t: &TestEnv, what: &str, out: &Output, secrets: &[&str]
     }
 }
 
-const BATCH: &[&str] = &[
-    "batch",
-    "--date-from",
-    "2020-01-01",
-    "--date-to",
-    "2020-01-02",
-];
+const BATCH: &[&str] = &["batch", "--date-from", "2020-01-01", "--date-to", "2020-01-02"];
 const HEALTH: &[&str] = &["health"];
 
 /// A connection string that cannot be used, the secrets in it, and the exit codes of `batch` and
@@ -101,9 +89,7 @@ fn bad_uris() -> Vec<BadUri> {
         },
         BadUri {
             what: "proxyPassword",
-            uri: format!(
-                "mongodb://{at}/?proxyHost=localhost&proxyUsername=px&proxyPassword=ProxyPw6642"
-            ),
+            uri: format!("mongodb://{at}/?proxyHost=localhost&proxyUsername=px&proxyPassword=ProxyPw6642"),
             secrets: &["ProxyPw6642"],
             batch_exit: 2,
             health_exit: 2,
@@ -140,9 +126,7 @@ fn bad_uris() -> Vec<BadUri> {
         },
         BadUri {
             what: "password holding @ and options",
-            uri: format!(
-                "mongodb://u:Pw@ss5731@{at}/db?tlsCertificateKeyFilePassword=TlsKeyPw1188"
-            ),
+            uri: format!("mongodb://u:Pw@ss5731@{at}/db?tlsCertificateKeyFilePassword=TlsKeyPw1188"),
             secrets: &["ss5731", "TlsKeyPw1188"],
             batch_exit: 2,
             health_exit: 2,
@@ -173,13 +157,7 @@ async fn no_form_of_bad_uri_prints_its_secrets() {
             let out = run_with_uri(&t, &bad.uri, args);
             let what = format!("{} ({})", bad.what, args[0]);
             assert_nothing_leaked(&t, &what, &out, bad.secrets);
-            assert_eq!(
-                out.status.code(),
-                Some(expected),
-                "{what}: {}{}",
-                out.stdout,
-                out.stderr
-            );
+            assert_eq!(out.status.code(), Some(expected), "{what}: {}{}", out.stdout, out.stderr);
             // Still says what is wrong, naming the setting or the host.
             let said = format!("{}{}", out.stdout, out.stderr);
             assert!(
@@ -195,10 +173,7 @@ async fn no_form_of_bad_uri_prints_its_secrets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_refused_by_the_server_are_not_printed() {
     let t = TestEnv::new("redact_auth").await;
-    let rest = t
-        .uri
-        .strip_prefix("mongodb://")
-        .expect("a mongodb:// test server URI");
+    let rest = t.uri.strip_prefix("mongodb://").expect("a mongodb:// test server URI");
     // The test server's own credentials, if any, are replaced by unknown ones.
     let hosts_on = rest.split_once('@').map_or(rest, |(_, after)| after);
     let options = match (hosts_on.contains('?'), hosts_on.ends_with('/')) {
@@ -228,11 +203,7 @@ async fn a_malformed_env_file_is_reported_without_its_content() {
     .unwrap();
     let out = t.run(BATCH);
     assert_nothing_leaked(&t, ".env", &out, &["EnvFilePw8812", "u:EnvFile"]);
-    assert!(
-        out.stderr.contains(".env") && out.stderr.contains("line 2"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains(".env") && out.stderr.contains("line 2"), "{}", out.stderr);
     // The environment's MONGODB_URI (the test server) is used: the run itself succeeds.
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     t.cleanup().await;

@@ -99,7 +99,8 @@ async fn wait_all_archived(t: &TestEnv, archive: &Collection<Document>, secs: u6
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_archive_outage_under_load_is_survived_and_watch_still_stops_on_sigterm() {
-    let (archive_server, t, archive, mut watch, stop, load) = archiving_under_load_to_own_archive("archiveoutage").await;
+    let (archive_server, t, archive, mut watch, stop, load) =
+        archiving_under_load_to_own_archive("archiveoutage").await;
 
     // The archive goes away while deliveries go on: the reader runs ahead and fills the channel.
     archive_server.stop();
@@ -142,7 +143,8 @@ async fn sigterm_during_an_archive_outage_exits_0_and_loses_nothing() {
 async fn a_checkpoint_that_cannot_be_saved_under_load_exits_3() {
     let t = TestEnv::new("saveload").await;
     let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[("BATCH_SIZE", "5"), ("RETRY_MAX_ATTEMPTS", "3"), ("RETRY_MAX_DELAY_MS", "200")]).await;
+    let mut watch =
+        t.start_watch(&[("BATCH_SIZE", "5"), ("RETRY_MAX_ATTEMPTS", "3"), ("RETRY_MAX_DELAY_MS", "200")]).await;
     let stop = CancellationToken::new();
     let load = deliver_steadily(&t, refs, Duration::from_millis(5), stop.clone());
     eventually(30, "archiving under load", || async { t.archive().count_documents(doc! {}).await.unwrap() > 20 }).await;
@@ -173,11 +175,8 @@ async fn liveness_fails_while_a_write_hangs_and_recovers_after() {
     let archive = archive_on(&archive_server, &t).await;
     let refs = t.seed_references().await;
     // The driver's own timeouts stay at their defaults, so the write really hangs for a while.
-    let env = [
-        ("ARCHIVE_URI", archive_server.uri.as_str()),
-        ("WRITE_TIMEOUT_MS", "30000"),
-        ("LIVENESS_TIMEOUT_MS", "2000"),
-    ];
+    let env =
+        [("ARCHIVE_URI", archive_server.uri.as_str()), ("WRITE_TIMEOUT_MS", "30000"), ("LIVENESS_TIMEOUT_MS", "2000")];
     let mut watch = t.start_watch(&env).await;
     let addr = health_addr(&watch);
     t.orders().insert_one(order(&refs, 0, "livrée")).await.unwrap();
@@ -205,12 +204,15 @@ async fn liveness_fails_while_a_write_hangs_and_recovers_after() {
 async fn a_duplicate_on_another_unique_index_is_a_dead_letter_not_already_archived() {
     let t = TestEnv::new("uniqueidx").await;
     let refs = t.seed_references().await;
-    t.archive().create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! { "numero_commande": 1 })
-            .options(mongodb::options::IndexOptions::builder().unique(true).build())
-            .build(),
-    ).await.unwrap();
+    t.archive()
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "numero_commande": 1 })
+                .options(mongodb::options::IndexOptions::builder().unique(true).build())
+                .build(),
+        )
+        .await
+        .unwrap();
     let mut watch = t.start_watch(&[]).await;
     let first = order(&refs, 7, "livrée");
     t.orders().insert_one(first.clone()).await.unwrap();
@@ -222,13 +224,19 @@ async fn a_duplicate_on_another_unique_index_is_a_dead_letter_not_already_archiv
     let errors = t.db.collection::<Document>("Commandes_archive_errors");
     eventually(20, "the twin is dead-lettered", || async {
         errors.count_documents(doc! { "order_id": twin_id }).await.unwrap() == 1
-    }).await;
+    })
+    .await;
     let letter = errors.find_one(doc! { "order_id": twin_id }).await.unwrap().unwrap();
     assert_eq!(letter.get_i32("error_code").unwrap(), 11000, "{letter}");
     assert!(letter.get_str("reason").unwrap().contains("numero_commande"), "{letter}");
     // A replay of the first order is still "already archived", never a dead letter.
-    t.orders().update_one(doc! { "_id": first.get_object_id("_id").unwrap() },
-        doc! { "$set": { "status": "livrée", "note": "replayed" } }).await.unwrap();
+    t.orders()
+        .update_one(
+            doc! { "_id": first.get_object_id("_id").unwrap() },
+            doc! { "$set": { "status": "livrée", "note": "replayed" } },
+        )
+        .await
+        .unwrap();
     t.orders().insert_one(order(&refs, 8, "livrée")).await.unwrap();
     t.wait_archived(2).await;
     assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 1);
@@ -253,9 +261,11 @@ async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_le
     assert_eq!(t.archive().count_documents(doc! {}).await.unwrap(), 0);
 
     // The same validator with one order that breaks it differently is still narrowed down.
-    t.db.run_command(doc! { "collMod": "Commandes_archive", "validator": { "numero_commande": { "$type": "string" } } })
-        .await
-        .unwrap();
+    t.db.run_command(
+        doc! { "collMod": "Commandes_archive", "validator": { "numero_commande": { "$type": "string" } } },
+    )
+    .await
+    .unwrap();
     let mut odd = order(&refs, 99, "livrée");
     odd.insert("numero_commande", 99);
     t.orders().insert_one(odd).await.unwrap();
@@ -331,7 +341,12 @@ async fn first_leader_options_do_not_act_at_a_later_takeover() {
     let t = TestEnv::new("armed").await;
     let refs = t.seed_references().await;
     let shared = |name: &'static str| {
-        vec![("CHECKPOINT_STORE", "mongodb"), ("LEASE_TTL_MS", "2000"), ("LEASE_RENEW_MS", "400"), ("INSTANCE_ID", name)]
+        vec![
+            ("CHECKPOINT_STORE", "mongodb"),
+            ("LEASE_TTL_MS", "2000"),
+            ("LEASE_RENEW_MS", "400"),
+            ("INSTANCE_ID", name),
+        ]
     };
     let mut leader = t.spawn_watch(&[], &shared("a"), "change stream open").await;
     t.orders().insert_one(order(&refs, 0, "livrée")).await.unwrap();
@@ -339,7 +354,8 @@ async fn first_leader_options_do_not_act_at_a_later_takeover() {
     let mut standby = t.spawn_watch(&["--reset-token", "--start-at", "now"], &shared("b"), "standby").await;
     eventually(10, "the standby drops its first-leader options", || async {
         standby.log_contains("apply only to the first leader")
-    }).await;
+    })
+    .await;
     leader.signal("KILL");
     leader.wait(Duration::from_secs(10)).await;
     // Delivered while nobody leads: the takeover must resume from the shared checkpoint.
@@ -376,7 +392,8 @@ async fn a_batch_over_the_byte_bound_is_written_in_slices_and_saved_once() {
     let mut watch = t.start_watch(&[]).await;
     t.orders().insert_one(order(&refs, 999, "livrée")).await.unwrap();
     t.wait_archived(402).await;
-    let replayed = watch.stderr().lines().filter(|l| l.contains("batch archived")).any(|l| !l.contains("already_archived=0 "));
+    let replayed =
+        watch.stderr().lines().filter(|l| l.contains("batch archived")).any(|l| !l.contains("already_archived=0 "));
     assert!(!replayed, "{}", watch.stderr());
     assert!(watch.stop().await.success());
     t.cleanup().await;

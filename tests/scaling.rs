@@ -10,11 +10,7 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
 use tokio_util::sync::CancellationToken;
 
-const SHARED: &[(&str, &str)] = &[
-    ("CHECKPOINT_STORE", "mongodb"),
-    ("LEASE_TTL_MS", "2000"),
-    ("LEASE_RENEW_MS", "400"),
-];
+const SHARED: &[(&str, &str)] = &[("CHECKPOINT_STORE", "mongodb"), ("LEASE_TTL_MS", "2000"), ("LEASE_RENEW_MS", "400")];
 
 fn shared_as(name: &'static str) -> Vec<(&'static str, &'static str)> {
     let mut env = SHARED.to_vec();
@@ -161,7 +157,8 @@ async fn partitioned_workers_archive_every_order_exactly_once() {
     let refs = history.seed_references().await;
     history.orders().insert_many((0..200).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     for i in 0..3 {
-        let out = history.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", &i.to_string()]);
+        let out =
+            history.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", &i.to_string()]);
         assert!(out.status.success(), "{}", out.stderr);
         assert!(out.stdout.contains("0 already archived"), "{}", out.stdout);
     }
@@ -182,10 +179,7 @@ fn odd_ids() -> Vec<Bson> {
         Bson::String("a".into()),
         Bson::String(String::new()),
         Bson::Document(doc! { "x": 1 }),
-        Bson::Binary(Binary {
-            subtype: BinarySubtype::Generic,
-            bytes: vec![1, 2, 3],
-        }),
+        Bson::Binary(Binary { subtype: BinarySubtype::Generic, bytes: vec![1, 2, 3] }),
         Bson::Int64(1_234_567_890_123),
         Bson::Double(2.5),
         Bson::ObjectId(ObjectId::new()),
@@ -219,9 +213,7 @@ async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
     let t = TestEnv::new("partition_expr").await;
     let ids = t.db.collection::<Document>("ids");
     let oids: Vec<ObjectId> = (0..600).map(|_| ObjectId::new()).collect();
-    ids.insert_many(oids.iter().map(|id| doc! { "_id": id }))
-        .await
-        .unwrap();
+    ids.insert_many(oids.iter().map(|id| doc! { "_id": id })).await.unwrap();
     for partitions in [2u32, 3, 7, 256] {
         let rows: Vec<Document> = ids
             .aggregate([doc! { "$project": {
@@ -238,11 +230,8 @@ async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
             let oid = row.get_object_id("_id").unwrap();
             // The key is the ObjectId's last byte (its counter's low byte).
             let expected = i64::from(oid.bytes()[11]) % i64::from(partitions);
-            let as_i64 = |v: &Bson| {
-                v.as_i64()
-                    .or_else(|| v.as_i32().map(i64::from))
-                    .or_else(|| v.as_f64().map(|f| f as i64))
-            };
+            let as_i64 =
+                |v: &Bson| v.as_i64().or_else(|| v.as_i32().map(i64::from)).or_else(|| v.as_f64().map(|f| f as i64));
             assert_eq!(as_i64(row.get("old").unwrap()), Some(expected), "{row}");
             assert_eq!(as_i64(row.get("new").unwrap()), Some(expected), "{row}");
         }
@@ -250,9 +239,7 @@ async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
 
     // Every other id evaluates to one partition in range, where the former expression failed.
     let odd = t.db.collection::<Document>("odd");
-    odd.insert_many(odd_ids().into_iter().map(|id| doc! { "_id": id }))
-        .await
-        .unwrap();
+    odd.insert_many(odd_ids().into_iter().map(|id| doc! { "_id": id })).await.unwrap();
     let rows: Vec<Document> = odd
         .aggregate([doc! { "$project": { "p": partition_expr("$_id", 3) } }])
         .await
@@ -262,10 +249,7 @@ async fn object_ids_keep_their_partition_and_every_id_has_exactly_one() {
         .unwrap();
     assert_eq!(rows.len(), odd_ids().len());
     for row in rows {
-        let p = row
-            .get("p")
-            .and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from)))
-            .unwrap_or(-1);
+        let p = row.get("p").and_then(|v| v.as_i64().or_else(|| v.as_i32().map(i64::from))).unwrap_or(-1);
         assert!((0..3).contains(&p), "{row}");
     }
     t.cleanup().await;
@@ -277,66 +261,23 @@ async fn batch_and_verify_partition_ids_of_every_type() {
     let refs = t.seed_references().await;
     let ids = odd_ids();
     t.orders()
-        .insert_many(
-            ids.iter()
-                .enumerate()
-                .map(|(n, id)| order_with_id(&refs, n as u32, id.clone())),
-        )
+        .insert_many(ids.iter().enumerate().map(|(n, id)| order_with_id(&refs, n as u32, id.clone())))
         .await
         .unwrap();
     let mut archived = 0;
     for i in 0..3 {
-        let out = t.run(&[
-            "batch",
-            "--date-from",
-            "2000-01-01",
-            "--partitions",
-            "3",
-            "--partition",
-            &i.to_string(),
-        ]);
-        assert!(
-            out.status.success(),
-            "partition {i}: {}{}",
-            out.stdout,
-            out.stderr
-        );
+        let out = t.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", &i.to_string()]);
+        assert!(out.status.success(), "partition {i}: {}{}", out.stdout, out.stderr);
         assert!(out.stdout.contains("0 already archived"), "{}", out.stdout);
-        let newly: u64 = out
-            .stdout
-            .split(" newly archived")
-            .next()
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let newly: u64 =
+            out.stdout.split(" newly archived").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
         archived += newly;
     }
-    assert_eq!(
-        archived,
-        ids.len() as u64,
-        "each order archived by exactly one partition"
-    );
+    assert_eq!(archived, ids.len() as u64, "each order archived by exactly one partition");
     t.assert_archive_matches_delivered().await;
     for i in 0..3 {
-        let out = t.run(&[
-            "verify",
-            "--date-from",
-            "2000-01-01",
-            "--partitions",
-            "3",
-            "--partition",
-            &i.to_string(),
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "partition {i}: {}{}",
-            out.stdout,
-            out.stderr
-        );
+        let out = t.run(&["verify", "--date-from", "2000-01-01", "--partitions", "3", "--partition", &i.to_string()]);
+        assert_eq!(out.status.code(), Some(0), "partition {i}: {}{}", out.stdout, out.stderr);
     }
     t.cleanup().await;
 }
@@ -350,26 +291,16 @@ async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
         let token = t.dir.path().join(format!("token-{i}.json"));
         let token = token.to_str().unwrap().to_owned();
         let partition = i.to_string();
-        let env = [
-            ("RESUME_TOKEN_FILE", token.as_str()),
-            ("PARTITIONS", "3"),
-            ("PARTITION", partition.as_str()),
-        ];
+        let env = [("RESUME_TOKEN_FILE", token.as_str()), ("PARTITIONS", "3"), ("PARTITION", partition.as_str())];
         workers.push(t.spawn_watch(&[], &env, "change stream open").await);
     }
     let ids = odd_ids();
     for (n, id) in ids.iter().enumerate() {
-        t.orders()
-            .insert_one(order_with_id(&refs, n as u32, id.clone()))
-            .await
-            .unwrap();
+        t.orders().insert_one(order_with_id(&refs, n as u32, id.clone())).await.unwrap();
     }
     // Ordinary orders delivered after them must still flow through every partition.
     let later = 60u32;
-    t.orders()
-        .insert_many((100..100 + later).map(|n| order(&refs, n, "livrée")))
-        .await
-        .unwrap();
+    t.orders().insert_many((100..100 + later).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     let total = ids.len() as u64 + u64::from(later);
     t.wait_archived(total).await;
     t.assert_archive_matches_delivered().await;
@@ -377,11 +308,7 @@ async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
     // must neither stop the streams nor be handed to several partitions.
     let mut received = 0;
     for w in &mut workers {
-        assert!(
-            w.child.try_wait().unwrap().is_none(),
-            "a worker died: {}",
-            w.stderr()
-        );
+        assert!(w.child.try_wait().unwrap().is_none(), "a worker died: {}", w.stderr());
         assert!(w.stop().await.success(), "{}", w.stderr());
         let log = w.stderr();
         for line in log.lines().filter(|l| l.contains("batch archived")) {
@@ -389,18 +316,11 @@ async fn partitioned_watch_keeps_archiving_after_ids_of_every_type() {
                 let value = line.split(&format!(" {name}=")).nth(1).unwrap();
                 value.split_whitespace().next().unwrap().parse().unwrap()
             };
-            assert_eq!(
-                field("already_archived"),
-                0,
-                "overlapping partitions: {log}"
-            );
+            assert_eq!(field("already_archived"), 0, "overlapping partitions: {log}");
             received += field("orders");
         }
     }
-    assert_eq!(
-        received, total,
-        "each order streamed to exactly one partition"
-    );
+    assert_eq!(received, total, "each order streamed to exactly one partition");
     t.cleanup().await;
 }
 
@@ -416,16 +336,10 @@ async fn partitions_with_a_stream_name_each_have_their_own_lease_and_checkpoint(
         let mut env = shared_as(if i == 0 { "p0" } else { "p1" });
         env.push(("STREAM_NAME", "eu"));
         env.push(("PARTITIONS", "2"));
-        let env: Vec<(&str, &str)> = env
-            .into_iter()
-            .chain([("PARTITION", partition.as_str())])
-            .collect();
+        let env: Vec<(&str, &str)> = env.into_iter().chain([("PARTITION", partition.as_str())]).collect();
         workers.push(t.spawn_watch(&[], &env, "change stream open").await);
     }
-    t.orders()
-        .insert_many((0..40).map(|n| order(&refs, n, "livrée")))
-        .await
-        .unwrap();
+    t.orders().insert_many((0..40).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     t.wait_archived(40).await;
     t.assert_archive_matches_delivered().await;
     for w in &mut workers {
@@ -452,16 +366,9 @@ async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_sto
     let refs = t.seed_references().await;
     let token = t.dir.path().join("token-1.json");
     let token = token.to_str().unwrap().to_owned();
-    let file_env = [
-        ("RESUME_TOKEN_FILE", token.as_str()),
-        ("PARTITIONS", "3"),
-        ("PARTITION", "1"),
-    ];
+    let file_env = [("RESUME_TOKEN_FILE", token.as_str()), ("PARTITIONS", "3"), ("PARTITION", "1")];
     let mut watch = t.spawn_watch(&[], &file_env, "change stream open").await;
-    t.orders()
-        .insert_many((0..30).map(|n| order(&refs, n, "livrée")))
-        .await
-        .unwrap();
+    t.orders().insert_many((0..30).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     // Its share of the 30 is about a third, but not a fixed number.
     eventually(20, "the partition to archive its orders", || async {
         t.archive().count_documents(doc! {}).await.unwrap() > 0
@@ -486,10 +393,7 @@ async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_sto
     let mut leader = t.spawn_watch(&[], &env, "change stream open").await;
     let stream = format!("{}.Commandes#2of3", t.db_name);
     let checkpoints = t.db.collection::<Document>("archiver_checkpoints");
-    t.orders()
-        .insert_many((30..60).map(|n| order(&refs, n, "livrée")))
-        .await
-        .unwrap();
+    t.orders().insert_many((30..60).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     eventually(20, "the partition's checkpoint", || async {
         checkpoints
             .find_one(doc! { "_id": &stream })
@@ -516,17 +420,10 @@ async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_sto
     // Another partition of the shared store has no checkpoint yet: reported missing, not the
     // first partition's.
     let mut health = t.archiver(&["health"]);
-    health
-        .envs(SHARED.iter().copied())
-        .env("PARTITIONS", "3")
-        .env("PARTITION", "0");
+    health.envs(SHARED.iter().copied()).env("PARTITIONS", "3").env("PARTITION", "0");
     let out = health.output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["resume_token"]["status"], "missing", "{report}");
-    assert_eq!(
-        report["resume_token"]["lease"]["holder"],
-        serde_json::Value::Null,
-        "{report}"
-    );
+    assert_eq!(report["resume_token"]["lease"]["holder"], serde_json::Value::Null, "{report}");
     t.cleanup().await;
 }

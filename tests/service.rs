@@ -63,7 +63,8 @@ async fn readiness_goes_503_while_the_database_is_down_and_back() {
     let archive = client.database(&t.db_name).collection::<mongodb::bson::Document>("Commandes_archive");
     eventually(20, "delivery archived after the outage", || async {
         archive.count_documents(doc! {}).await.unwrap() == 1
-    }).await;
+    })
+    .await;
     let (_, metrics) = http_get(&addr, "/metrics");
     assert!(!metrics.contains("archiver_reconnects_total 0"), "{metrics}");
     assert!(watch.stop().await.success());
@@ -118,9 +119,7 @@ async fn systemd_notifications_ready_watchdog_stopping() {
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let socket_str = socket_path.to_str().unwrap().to_owned();
-    let mut watch = t
-        .start_watch(&[("NOTIFY_SOCKET", socket_str.as_str()), ("WATCHDOG_USEC", "400000")])
-        .await;
+    let mut watch = t.start_watch(&[("NOTIFY_SOCKET", socket_str.as_str()), ("WATCHDOG_USEC", "400000")]).await;
     let mut seen = String::new();
     let mut buf = [0u8; 512];
     while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {

@@ -43,8 +43,7 @@ fn ids(docs: &[Document]) -> HashSet<ObjectId> {
 }
 
 fn numbers(orders: &[Document]) -> Vec<String> {
-    let mut numbers: Vec<String> =
-        orders.iter().map(|o| o.get_str("numero_commande").unwrap().to_owned()).collect();
+    let mut numbers: Vec<String> = orders.iter().map(|o| o.get_str("numero_commande").unwrap().to_owned()).collect();
     numbers.sort();
     numbers
 }
@@ -132,7 +131,9 @@ async fn seeded_orders_follow_the_data_model() {
     let restaurant_ids = ids(&restaurants);
     let dishes: HashMap<ObjectId, (ObjectId, f64)> = menu
         .iter()
-        .map(|m| (m.get_object_id("_id").unwrap(), (m.get_object_id("restaurant_id").unwrap(), m.get_f64("prix").unwrap())))
+        .map(|m| {
+            (m.get_object_id("_id").unwrap(), (m.get_object_id("restaurant_id").unwrap(), m.get_f64("prix").unwrap()))
+        })
         .collect();
     let mut by_status: HashMap<String, usize> = HashMap::new();
     for order in &orders {

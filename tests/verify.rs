@@ -14,11 +14,8 @@ async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
         o.insert("date_commande", DateTime::parse_rfc3339_str(iso).unwrap());
         o
     };
-    let orders = vec![
-        dated(1, "2026-05-01T10:00:00Z"),
-        dated(2, "2026-05-01T11:00:00Z"),
-        dated(3, "2026-05-02T09:00:00Z"),
-    ];
+    let orders =
+        vec![dated(1, "2026-05-01T10:00:00Z"), dated(2, "2026-05-01T11:00:00Z"), dated(3, "2026-05-02T09:00:00Z")];
     t.orders().insert_many(orders.clone()).await.unwrap();
     let range = ["--date-from", "2026-05-01", "--date-to", "2026-05-03"];
     assert!(t.run(&[&["batch"][..], &range].concat()).status.success());
@@ -31,7 +28,12 @@ async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
     let lost = orders[0].get_object_id("_id").unwrap();
     t.archive().delete_one(doc! { "_id": lost }).await.unwrap();
     let stray = ObjectId::new();
-    t.archive().insert_one(doc! { "_id": stray, "date_commande": DateTime::parse_rfc3339_str("2026-05-02T12:00:00Z").unwrap() }).await.unwrap();
+    t.archive()
+        .insert_one(
+            doc! { "_id": stray, "date_commande": DateTime::parse_rfc3339_str("2026-05-02T12:00:00Z").unwrap() },
+        )
+        .await
+        .unwrap();
     let undelivered = orders[2].get_object_id("_id").unwrap();
     t.orders().update_one(doc! { "_id": undelivered }, doc! { "$set": { "status": "annulée" } }).await.unwrap();
 
@@ -40,13 +42,20 @@ async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["consistent"], false);
     assert_eq!(report["missing"], serde_json::json!([lost.to_hex()]));
-    let mut orphans: Vec<String> = report["orphaned"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let mut orphans: Vec<String> =
+        report["orphaned"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
     orphans.sort();
     let mut expected = vec![stray.to_hex(), undelivered.to_hex()];
     expected.sort();
     assert_eq!(orphans, expected);
-    assert_eq!(report["days"][0], serde_json::json!({"day": "2026-05-01", "source": 2, "archive": 1, "missing": 1, "orphaned": 0}));
-    assert_eq!(report["days"][1], serde_json::json!({"day": "2026-05-02", "source": 0, "archive": 2, "missing": 0, "orphaned": 2}));
+    assert_eq!(
+        report["days"][0],
+        serde_json::json!({"day": "2026-05-01", "source": 2, "archive": 1, "missing": 1, "orphaned": 0})
+    );
+    assert_eq!(
+        report["days"][1],
+        serde_json::json!({"day": "2026-05-02", "source": 0, "archive": 2, "missing": 0, "orphaned": 2})
+    );
 
     let human = t.run(&[&["verify"][..], &range].concat());
     assert!(human.stdout.contains("DIFFERENT") && human.stdout.contains(&lost.to_hex()), "{}", human.stdout);
@@ -78,20 +87,14 @@ async fn numerically_equal_ids_of_other_types_are_the_same_order() {
         (Bson::Int32(1), Bson::Int64(1)),
         (Bson::Int64(2), Bson::Double(2.0)),
         (Bson::Double(3.0), Bson::Int32(3)),
-        (
-            Bson::Document(doc! { "shop": 4 }),
-            Bson::Document(doc! { "shop": 4_i64 }),
-        ),
+        (Bson::Document(doc! { "shop": 4 }), Bson::Document(doc! { "shop": 4_i64 })),
     ];
     for (n, (source_id, archived_id)) in pairs.iter().enumerate() {
         let mut o = order(&refs, n as u32, "livrée");
         o.insert("_id", source_id.clone());
         o.insert("date_commande", day);
         t.orders().insert_one(o).await.unwrap();
-        t.archive()
-            .insert_one(doc! { "_id": archived_id.clone(), "date_commande": day })
-            .await
-            .unwrap();
+        t.archive().insert_one(doc! { "_id": archived_id.clone(), "date_commande": day }).await.unwrap();
     }
     let range = ["--date-from", "2026-05-01", "--date-to", "2026-05-02"];
     let out = t.run(&[&["verify", "--json"][..], &range].concat());
@@ -104,10 +107,7 @@ async fn numerically_equal_ids_of_other_types_are_the_same_order() {
 
     // A different number is still a different order.
     t.archive().delete_one(doc! { "_id": 3 }).await.unwrap();
-    t.archive()
-        .insert_one(doc! { "_id": 3.5, "date_commande": day })
-        .await
-        .unwrap();
+    t.archive().insert_one(doc! { "_id": 3.5, "date_commande": day }).await.unwrap();
     let out = t.run(&[&["verify", "--json"][..], &range].concat());
     assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -124,10 +124,7 @@ async fn repair_of_more_missing_orders_than_one_chunk() {
     let refs = t.seed_references().await;
     // Verify queries 1,000 ids at a time: two and a half chunks.
     let count = 2_500u32;
-    t.orders()
-        .insert_many((0..count).map(|n| order(&refs, n, "livrée")))
-        .await
-        .unwrap();
+    t.orders().insert_many((0..count).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     let range = ["--date-from", "2000-01-01"];
     let out = t.run(&[&["verify", "--json"][..], &range].concat());
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);

@@ -19,7 +19,10 @@ async fn delivered_update_replace_and_insert_are_archived_enriched() {
 
     let id_updated = updated.get_object_id("_id").unwrap();
     t.orders()
-        .update_one(doc! { "_id": id_updated }, doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } })
+        .update_one(
+            doc! { "_id": id_updated },
+            doc! { "$set": { "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } },
+        )
         .await
         .unwrap();
     let mut replacement = replaced.clone();
@@ -56,8 +59,21 @@ async fn delivered_update_replace_and_insert_are_archived_enriched() {
     let keys: Vec<&str> = archived.keys().map(String::as_str).collect();
     assert_eq!(
         keys,
-        ["_id", "numero_commande", "status", "date_commande", "date_livraison", "montant_total",
-         "client", "livreur", "restaurant", "items", "archived_at", "archive_source", "anomalies"]
+        [
+            "_id",
+            "numero_commande",
+            "status",
+            "date_commande",
+            "date_livraison",
+            "montant_total",
+            "client",
+            "livreur",
+            "restaurant",
+            "items",
+            "archived_at",
+            "archive_source",
+            "anomalies"
+        ]
     );
     t.assert_archive_matches_delivered().await;
     assert!(watch.stop().await.success());
@@ -255,8 +271,7 @@ async fn unreachable_server_fails_without_leaking_the_password() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let events: Vec<serde_json::Value> =
-        stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let events: Vec<serde_json::Value> = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let retry = events.iter().find(|e| e["attempt"] == 1).unwrap_or_else(|| panic!("{stderr}"));
     assert_eq!(retry["level"], "WARN");
     assert_eq!(retry["uri"], "mongodb://archivist:***@127.0.0.1:1/?serverSelectionTimeoutMS=200");

@@ -90,8 +90,7 @@ pub async fn deliver_paced(
     for chunk in ids.chunks(group.max(1)) {
         ticks.tick().await;
         let permit = permits.clone().acquire_owned().await?;
-        let (orders, filter, update) =
-            (orders.clone(), doc! { "_id": { "$in": chunk.to_vec() } }, delivery(config));
+        let (orders, filter, update) = (orders.clone(), doc! { "_id": { "$in": chunk.to_vec() } }, delivery(config));
         updates.spawn(async move {
             let result = orders.update_many(filter, update).await;
             drop(permit);

@@ -199,11 +199,7 @@ pub struct CpuMeter {
 impl CpuMeter {
     /// Starts measuring; `server_pid` is the database server's process, if known.
     pub fn start(server_pid: Option<u32>) -> CpuMeter {
-        CpuMeter {
-            server_pid,
-            client_start: client_cpu_secs(),
-            server_start: server_pid.and_then(process_cpu_secs),
-        }
+        CpuMeter { server_pid, client_start: client_cpu_secs(), server_start: server_pid.and_then(process_cpu_secs) }
     }
 
     /// The CPU time used since `start`.

@@ -119,14 +119,7 @@ impl Report {
             Goal::AtLeast => measured >= threshold,
             Goal::AtMost => measured <= threshold,
         };
-        self.targets.push(Target {
-            name: name.to_owned(),
-            measured,
-            goal,
-            threshold,
-            unit: unit.to_owned(),
-            pass,
-        });
+        self.targets.push(Target { name: name.to_owned(), measured, goal, threshold, unit: unit.to_owned(), pass });
     }
 
     /// Records an observation.
@@ -142,16 +135,27 @@ impl Report {
             if row.section != section {
                 section = &row.section;
                 let _ = writeln!(out, "\n{section}");
-                let _ = writeln!(out, "  {:<46} {:>10} {:>19}  {:<9} {:>3} {:>13} {:>13}",
-                    "case", "median", "min–max", "unit", "n", "client CPU", "server CPU");
+                let _ = writeln!(
+                    out,
+                    "  {:<46} {:>10} {:>19}  {:<9} {:>3} {:>13} {:>13}",
+                    "case", "median", "min–max", "unit", "n", "client CPU", "server CPU"
+                );
             }
             let s = &row.summary;
             let spread = format!("{}–{}", number(s.min), number(s.max));
             let us = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{} µs/ord", number(v)));
             let cpu = row.cpu_per_order;
-            let _ = writeln!(out, "  {:<46} {:>10} {:>19}  {:<9} {:>3} {:>13} {:>13}",
-                row.name, number(s.median), spread, row.unit, s.samples.len(),
-                us(cpu.map(|c| c.client_us)), us(cpu.and_then(|c| c.server_us)));
+            let _ = writeln!(
+                out,
+                "  {:<46} {:>10} {:>19}  {:<9} {:>3} {:>13} {:>13}",
+                row.name,
+                number(s.median),
+                spread,
+                row.unit,
+                s.samples.len(),
+                us(cpu.map(|c| c.client_us)),
+                us(cpu.and_then(|c| c.server_us))
+            );
         }
         if !self.ratios.is_empty() {
             let _ = writeln!(out, "\nratios (of medians)");
@@ -166,9 +170,22 @@ impl Report {
                     Goal::AtLeast => "≥",
                     Goal::AtMost => "≤",
                 };
-                let verdict = if t.measured.is_nan() { "n/a " } else if t.pass { "PASS" } else { "MISS" };
-                let _ = writeln!(out, "  {verdict}  {:<38} {:>10} {:<12} target {goal} {} {}",
-                    t.name, number(t.measured), t.unit, number(t.threshold), t.unit);
+                let verdict = if t.measured.is_nan() {
+                    "n/a "
+                } else if t.pass {
+                    "PASS"
+                } else {
+                    "MISS"
+                };
+                let _ = writeln!(
+                    out,
+                    "  {verdict}  {:<38} {:>10} {:<12} target {goal} {} {}",
+                    t.name,
+                    number(t.measured),
+                    t.unit,
+                    number(t.threshold),
+                    t.unit
+                );
             }
         }
         if !self.notes.is_empty() {

@@ -142,17 +142,29 @@ impl TestEnv {
             menu: [ObjectId::new(), ObjectId::new()],
         };
         let adresse = doc! { "rue": "12 rue de la Paix", "ville": "Lyon", "code_postal": "69002" };
-        self.db.collection::<Document>("Client").insert_one(doc! {
-            "_id": refs.client, "nom": "Martin", "prenom": "Claire", "email": "claire@example.fr",
-            "telephone": "+33 6 12 34 56 78", "adresse": adresse.clone(),
-        }).await.unwrap();
-        self.db.collection::<Document>("Livreur").insert_one(doc! {
-            "_id": refs.livreur, "nom": "Durand", "prenom": "Paul", "telephone": "+33 7 00 00 00 01",
-            "vehicule": "vélo",
-        }).await.unwrap();
-        self.db.collection::<Document>("Restaurants").insert_one(doc! {
-            "_id": refs.restaurant, "nom": "Chez Mario", "cuisine": "italienne", "adresse": adresse,
-        }).await.unwrap();
+        self.db
+            .collection::<Document>("Client")
+            .insert_one(doc! {
+                "_id": refs.client, "nom": "Martin", "prenom": "Claire", "email": "claire@example.fr",
+                "telephone": "+33 6 12 34 56 78", "adresse": adresse.clone(),
+            })
+            .await
+            .unwrap();
+        self.db
+            .collection::<Document>("Livreur")
+            .insert_one(doc! {
+                "_id": refs.livreur, "nom": "Durand", "prenom": "Paul", "telephone": "+33 7 00 00 00 01",
+                "vehicule": "vélo",
+            })
+            .await
+            .unwrap();
+        self.db
+            .collection::<Document>("Restaurants")
+            .insert_one(doc! {
+                "_id": refs.restaurant, "nom": "Chez Mario", "cuisine": "italienne", "adresse": adresse,
+            })
+            .await
+            .unwrap();
         self.db.collection::<Document>("Menu").insert_many([
             doc! { "_id": refs.menu[0], "restaurant_id": refs.restaurant, "nom": "Pizza", "prix": 12.5, "categorie": "plat" },
             doc! { "_id": refs.menu[1], "restaurant_id": refs.restaurant, "nom": "Tiramisu", "prix": 6.0, "categorie": "dessert" },
@@ -176,11 +188,7 @@ impl TestEnv {
 
     /// Asserts every delivered order in the source is archived exactly once, and nothing else is.
     pub async fn assert_archive_matches_delivered(&self) {
-        let delivered: Vec<Bson> = self
-            .orders()
-            .distinct("_id", doc! { "status": "livrée" })
-            .await
-            .unwrap();
+        let delivered: Vec<Bson> = self.orders().distinct("_id", doc! { "status": "livrée" }).await.unwrap();
         let archived: Vec<Bson> = self.archive().distinct("_id", doc! {}).await.unwrap();
         let total = self.archive().count_documents(doc! {}).await.unwrap();
         assert_eq!(total as usize, archived.len(), "duplicate archive documents");

@@ -55,12 +55,7 @@ impl Proxy {
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, upstream, mode_rx, stop.clone()));
-        Arc::new(Proxy {
-            addr,
-            upstream,
-            mode,
-            stop,
-        })
+        Arc::new(Proxy { addr, upstream, mode, stop })
     }
 
     /// Starts a proxy to the server of a `mongodb://host:port/...` URI.
@@ -84,10 +79,7 @@ impl Proxy {
         let (scheme, rest) = uri.split_once("://").expect("a mongodb:// URI");
         let (hosts, tail) = rest.split_once('/').unwrap_or((rest, ""));
         // Credentials, if any, stay in front of the host.
-        let userinfo = hosts
-            .rsplit_once('@')
-            .map(|(u, _)| format!("{u}@"))
-            .unwrap_or_default();
+        let userinfo = hosts.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
         let mut proxied = format!("{scheme}://{userinfo}{}/{tail}", self.addr);
         if !tail.contains("directConnection=") {
             proxied.push_str(if tail.contains('?') { "&" } else { "?" });
@@ -120,9 +112,7 @@ pub fn upstream_of(uri: &str) -> SocketAddr {
     let host = hosts.rsplit_once('@').map_or(hosts, |(_, h)| h);
     let first = host.split(',').next().unwrap();
     let first = first.replace("localhost", "127.0.0.1");
-    first
-        .parse()
-        .unwrap_or_else(|e| panic!("{first:?} is not an address: {e}"))
+    first.parse().unwrap_or_else(|e| panic!("{first:?} is not an address: {e}"))
 }
 
 /// Binds 127.0.0.1:`port` with `SO_REUSEADDR`, so the port can be taken again after `Refuse`
@@ -269,12 +259,7 @@ impl Lane {
 }
 
 /// Relays one client connection, obeying the mode as it changes.
-async fn relay(
-    client: TcpStream,
-    upstream: SocketAddr,
-    mut mode: watch::Receiver<Mode>,
-    stop: CancellationToken,
-) {
+async fn relay(client: TcpStream, upstream: SocketAddr, mut mode: watch::Receiver<Mode>, stop: CancellationToken) {
     // Copied out: a borrow held across an await would block `set_mode`.
     let initial = *mode.borrow_and_update();
     match initial {
@@ -307,11 +292,7 @@ async fn relay(
         if (up.eof && up.queue.is_empty()) || (down.eof && down.queue.is_empty()) {
             return;
         }
-        let wake = [up.next_due(), down.next_due()]
-            .into_iter()
-            .flatten()
-            .filter(|at| *at > now)
-            .min();
+        let wake = [up.next_due(), down.next_due()].into_iter().flatten().filter(|at| *at > now).min();
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = mode.changed() => {
