@@ -6,24 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, health_addr, http_get, order, OwnServer, Refs, TestEnv, Watcher};
+use common::{deliver_steadily, eventually, health_addr, http_get, order, OwnServer, TestEnv, Watcher};
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Client, Collection};
 use tokio_util::sync::CancellationToken;
-
-/// Delivers an order every `every` until cancelled; returns how many.
-fn deliver_steadily(t: &TestEnv, refs: Refs, every: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<u32> {
-    let orders = t.orders();
-    tokio::spawn(async move {
-        let mut n = 0u32;
-        while !stop.is_cancelled() {
-            orders.insert_one(order(&refs, n, "livrée")).await.unwrap();
-            n += 1;
-            tokio::time::sleep(every).await;
-        }
-        n
-    })
-}
 
 /// The archive collection of `t`'s database on another server.
 async fn archive_on(server: &OwnServer, t: &TestEnv) -> Collection<Document> {

@@ -22,20 +22,6 @@ async fn checkpoint(t: &TestEnv) -> Document {
     t.db.collection::<Document>("archiver_checkpoints").find_one(doc! {}).await.unwrap().expect("a shared checkpoint")
 }
 
-/// Keeps delivering orders until cancelled; returns how many.
-fn deliver_steadily(t: &TestEnv, refs: common::Refs, stop: CancellationToken) -> tokio::task::JoinHandle<u32> {
-    let orders = t.orders();
-    tokio::spawn(async move {
-        let mut n = 0u32;
-        while !stop.is_cancelled() {
-            orders.insert_one(order(&refs, n, "livrée")).await.unwrap();
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        n
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_checkpoint_store_resumes_like_the_file() {
     let t = TestEnv::new("sharedcp").await;
@@ -69,7 +55,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_nothing_is_lost() {
     assert!(body.contains("\"role\":\"standby\""), "{body}");
 
     let stop = CancellationToken::new();
-    let writer = deliver_steadily(&t, refs, stop.clone());
+    let writer = common::deliver_steadily(&t, refs, Duration::from_millis(10), stop.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
     leader.signal("KILL");
     leader.wait(Duration::from_secs(10)).await;

@@ -345,6 +345,25 @@ impl Drop for OwnServer {
     }
 }
 
+/// Delivers an order every `every` until `stop` is cancelled; returns how many.
+pub fn deliver_steadily(
+    t: &TestEnv,
+    refs: Refs,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u32> {
+    let orders = t.orders();
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while !stop.is_cancelled() {
+            orders.insert_one(order(&refs, n, "livrée")).await.unwrap();
+            n += 1;
+            tokio::time::sleep(every).await;
+        }
+        n
+    })
+}
+
 /// Polls `check` until it holds, for up to `secs` seconds.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
 where
