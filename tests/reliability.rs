@@ -329,8 +329,8 @@ async fn first_leader_options_do_not_act_at_a_later_takeover() {
     let shared = |name: &'static str| {
         vec![
             ("CHECKPOINT_STORE", "mongodb"),
-            ("LEASE_TTL_MS", "2000"),
-            ("LEASE_RENEW_MS", "400"),
+            ("LEASE_TTL_MS", "3000"),
+            ("LEASE_RENEW_MS", "500"),
             ("INSTANCE_ID", name),
         ]
     };

@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};
 use tokio_util::sync::CancellationToken;
 
-const SHARED: &[(&str, &str)] = &[("CHECKPOINT_STORE", "mongodb"), ("LEASE_TTL_MS", "2000"), ("LEASE_RENEW_MS", "400")];
+const SHARED: &[(&str, &str)] = &[("CHECKPOINT_STORE", "mongodb"), ("LEASE_TTL_MS", "3000"), ("LEASE_RENEW_MS", "500")];
 
 fn shared_as(name: &'static str) -> Vec<(&'static str, &'static str)> {
     let mut env = SHARED.to_vec();
