@@ -38,9 +38,13 @@ start() {
     return 0
   fi
   : > "$dir/secantusd.out"
+  # SECANTUS_EXTRA_ARGS may hold several flags (the fault tests pass "--oplog-max-entries 50"):
+  # split on whitespace, without glob expansion.
+  local extra_args=()
+  read -r -a extra_args <<< "${SECANTUS_EXTRA_ARGS:-}"
   # Small cache and log files: tests start several servers on one 2-core machine.
   nohup secantusd-rs --host 127.0.0.1 --port "$port" --storage-path "$dir/data" \
-    --cache-size 512M --log-file-max 32MB ${SECANTUS_EXTRA_ARGS:-} \
+    --cache-size 512M --log-file-max 32MB "${extra_args[@]}" \
     >>"$dir/secantusd.out" 2>&1 &
   echo $! > "$dir/secantusd.pid"
   local addr=""

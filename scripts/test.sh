@@ -12,7 +12,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # is installed in every case.
 scripts/secantusd.sh install
 if [ -z "${MONGODB_TEST_URI:-}" ]; then
-  export SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
+  SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
+  export SECANTUS_TEST_DIR
   trap 'scripts/secantusd.sh stop "$SECANTUS_TEST_DIR"/main; rm -rf "$SECANTUS_TEST_DIR"' EXIT
   MONGODB_TEST_URI="$(scripts/secantusd.sh start "$SECANTUS_TEST_DIR/main")"
   export MONGODB_TEST_URI
