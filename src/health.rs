@@ -205,14 +205,14 @@ impl Telemetry {
         self.started.store(true, Ordering::SeqCst);
         self.stream_open.store(true, Ordering::SeqCst);
         self.set_reason("streaming");
-        notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("streaming")]);
+        notify(&[Notice::Ready, Notice::Status("streaming")]);
     }
 
     /// The stream failed and is being reopened (or the process is filling a gap).
     pub fn stream_lost(&self, reason: &'static str) {
         self.stream_open.store(false, Ordering::SeqCst);
         self.set_reason(reason);
-        notify(&[sd_notify::NotifyState::Status(reason)]);
+        notify(&[Notice::Status(reason)]);
     }
 
     /// A batch write failed or succeeded.
@@ -269,7 +269,7 @@ impl Telemetry {
         self.stopping.store(true, Ordering::SeqCst);
         self.stream_open.store(false, Ordering::SeqCst);
         self.set_reason("shutting down");
-        notify(&[sd_notify::NotifyState::Stopping]);
+        notify(&[Notice::Stopping]);
     }
 
     /// Ready: stream open, last write fine, not stopping.
@@ -293,18 +293,53 @@ impl Telemetry {
     }
 }
 
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    // Outside systemd NOTIFY_SOCKET is unset and this does nothing.
-    if let Err(e) = sd_notify::notify(states) {
+/// What is told to the service manager.
+#[derive(Debug, Clone, Copy)]
+enum Notice<'a> {
+    Ready,
+    Status(&'a str),
+    Stopping,
+    Watchdog,
+}
+
+/// Tells systemd (through `NOTIFY_SOCKET`; outside systemd, nothing happens).
+#[cfg(unix)]
+fn notify(notices: &[Notice<'_>]) {
+    use sd_notify::NotifyState;
+    let states: Vec<NotifyState<'_>> = notices
+        .iter()
+        .map(|n| match *n {
+            Notice::Ready => NotifyState::Ready,
+            Notice::Status(s) => NotifyState::Status(s),
+            Notice::Stopping => NotifyState::Stopping,
+            Notice::Watchdog => NotifyState::Watchdog,
+        })
+        .collect();
+    if let Err(e) = sd_notify::notify(&states) {
         tracing::debug!(error = %e, "systemd notification failed");
     }
+}
+
+/// No systemd off Unix (Windows services run under NSSM, which watches the process itself).
+#[cfg(not(unix))]
+fn notify(_notices: &[Notice<'_>]) {}
+
+/// The systemd watchdog interval, when systemd asked for pings.
+#[cfg(unix)]
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+#[cfg(not(unix))]
+fn watchdog_interval() -> Option<Duration> {
+    None
 }
 
 /// Pings the systemd watchdog at half its interval while the pipeline makes progress: a
 /// responsive runtime whose pipeline is stuck on pending work is not alive, and systemd should
 /// restart it (the token never passed unarchived work, so a restart loses nothing).
 pub fn spawn_watchdog(telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
-    let Some(interval) = sd_notify::watchdog_enabled() else { return };
+    let Some(interval) = watchdog_interval() else { return };
     tracing::info!(interval_ms = interval.as_millis() as u64, "systemd watchdog enabled");
     tokio::spawn(async move {
         let mut tick = tokio::time::interval((interval / 2).max(Duration::from_millis(100)));
@@ -317,7 +352,7 @@ pub fn spawn_watchdog(telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
             match telemetry.stalled_for() {
                 None => {
                     warned = false;
-                    notify(&[sd_notify::NotifyState::Watchdog]);
+                    notify(&[Notice::Watchdog]);
                 }
                 Some(quiet) if !warned => {
                     warned = true;
