@@ -199,8 +199,8 @@ pub struct WatchArgs {
     /// Lease renewal interval, in milliseconds [default: 1000].
     #[arg(long, env = "LEASE_RENEW_MS", value_name = "MS")]
     pub lease_renew_ms: Option<u64>,
-    /// How long the change stream may stay silent beyond its await time before it is taken for
-    /// a network fault (readiness 503, stream reopened), in milliseconds [default: 10000].
+    /// How long the change stream may stay silent beyond its await time before readiness turns
+    /// 503 (six times as long: reopened), in milliseconds [default: 10000].
     #[arg(long, env = "STREAM_TIMEOUT_MS", value_name = "MS")]
     pub stream_timeout_ms: Option<u64>,
     /// Longest an archive write or checkpoint save may go unanswered before it is abandoned and

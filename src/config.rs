@@ -280,8 +280,8 @@ pub struct WatchSettings {
     pub gap_fill_margin_secs: u64,
     /// Address of the health and metrics endpoints (`HTTP_ADDR`); `off` disables them.
     pub http_addr: String,
-    /// How long the change stream may stay silent beyond its await time before it is taken for
-    /// a network fault: readiness turns 503 and the stream is reopened (`STREAM_TIMEOUT_MS`).
+    /// How long the change stream may stay silent beyond its await time before readiness turns
+    /// 503; silent six times as long, it is reopened (`STREAM_TIMEOUT_MS`).
     pub stream_timeout_ms: u64,
     /// Longest an archive write or a checkpoint save may go unanswered before it is abandoned
     /// and retried; both are idempotent (`WRITE_TIMEOUT_MS`).

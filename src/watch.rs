@@ -844,6 +844,39 @@ async fn hand_over(
     }
 }
 
+/// How many times the silence limit a stream may stay silent before it is reopened.
+const SILENT_STREAM_REOPEN_AFTER: u32 = 6;
+
+/// The stream's next answer. Silent for `silence_limit`, the stream is reported not ready (a
+/// network that went quiet, or a server too busy to answer); silent for
+/// [`SILENT_STREAM_REOPEN_AFTER`] times that, it fails with a transient error and is reopened. A
+/// late answer in between makes it ready again: reopening a slow stream would only repeat the
+/// slow read.
+async fn next_within(
+    stream: &mut ChangeStream<StreamEvent>,
+    silence_limit: Duration,
+    telemetry: &Telemetry,
+) -> Result<Option<StreamEvent>, Error> {
+    let next = stream.next_if_any();
+    tokio::pin!(next);
+    if let Ok(answer) = tokio::time::timeout(silence_limit, &mut next).await {
+        return answer;
+    }
+    tracing::warn!(silent_ms = silence_limit.as_millis() as u64, "the change stream does not answer; not ready");
+    telemetry.stream_lost("change stream silent");
+    let reopen_after = silence_limit * SILENT_STREAM_REOPEN_AFTER;
+    match tokio::time::timeout(reopen_after - silence_limit, &mut next).await {
+        Ok(answer) => {
+            if answer.is_ok() {
+                tracing::info!("the change stream answers again");
+                telemetry.stream_opened();
+            }
+            answer
+        }
+        Err(_) => Err(timed_out("reading the change stream", reopen_after)),
+    }
+}
+
 /// Pulls events and cuts them into batches until stopped or the stream fails. A stream that
 /// stays silent for `silence_limit` (beyond the server's await time, which already bounds an
 /// idle getMore) is taken for a network fault and reported as a transient error.
@@ -866,8 +899,7 @@ async fn read_batches(
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                next = tokio::time::timeout(silence_limit, stream.next_if_any()) => next
-                    .unwrap_or_else(|_| Err(timed_out("reading the change stream", silence_limit))),
+                next = next_within(&mut stream, silence_limit, &telemetry) => next,
             };
             match next {
                 Err(e) => {
