@@ -353,13 +353,28 @@ async fn follow_lease(
         tracing::info!(stream = %stream, instance = %holder, epoch = lease.epoch(),
             previous_leader = ?lease.previous_holder(), "leadership acquired");
         let store = MongoCheckpoints::new(&dbs.archive, config, &stream, lease.epoch());
-        if let Err(e) = store.fence().await {
-            tracing::warn!(error = %scrub(&e.to_string()), "could not fence the checkpoint; standing by");
+        // The lease is kept alive from now on: the fence may wait behind a transaction that the
+        // previous leader left open when it died or was cut off, until the server aborts it
+        // (its transaction lifetime, 60 s by default), and the lease must not lapse meanwhile.
+        let leadership = shutdown.child_token();
+        let keeper = tokio::spawn(keep_lease(lease, heartbeat, leadership.clone()));
+        let fenced = tokio::select! {
+            fenced = store.fence() => fenced.map_err(|e| scrub(&e.to_string())),
+            _ = leadership.cancelled() => Err("the lease was lost while fencing".to_owned()),
+        };
+        if let Err(error) = fenced {
+            leadership.cancel();
+            let released = keeper.await.map(|(lease, _)| lease);
+            if shutdown.is_cancelled() {
+                if let Ok(lease) = released {
+                    lease.release().await;
+                }
+                return Ok(());
+            }
+            tracing::warn!(error = %error, "could not fence the checkpoint; standing by");
             tokio::time::sleep(heartbeat).await;
             continue;
         }
-        let leadership = shutdown.child_token();
-        let keeper = tokio::spawn(keep_lease(lease, heartbeat, leadership.clone()));
         let result = lead(config, dbs, Store::Mongo(store), &options, telemetry, &leadership).await;
         leadership.cancel();
         let (lease, lost) =
