@@ -492,7 +492,12 @@ async fn lead(
         totals: Totals::default(),
         retry: config.retry.clone(),
         telemetry: telemetry.clone(),
-        transactions: true,
+        // Off: a leader that dies or is cut off inside a transaction leaves the checkpoint
+        // locked until the server aborts the transaction (its lifetime, 60 s by default), and a
+        // takeover waited that long behind it. Writes are idempotent and checkpoint saves fenced
+        // by epoch, so the transaction added no guarantee; the path stays for a later opt-in
+        // with the previous leader's sessions killed at takeover.
+        transactions: false,
         write_timeout: Duration::from_millis(config.watch.write_timeout_ms),
         max_batch_bytes: config.watch.batch_max_bytes,
     };
