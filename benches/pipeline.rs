@@ -49,10 +49,11 @@ use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::{Collection, Database, IndexModel};
 use serde::Serialize;
 
-use archiver::batch::{delivered_in_range, DateRange};
+use archiver::commands::watch::delivered_filter;
 use archiver::config::Config;
-use archiver::enrich::{enrichment_stages, ArchiveSource};
-use archiver::watch::delivered_filter;
+use archiver::pipeline::document::ArchiveSource;
+use archiver::pipeline::lookup::enrichment_stages;
+use archiver::pipeline::scan::{delivered_in_range, DateRange};
 
 use support::load::{self, delivery, undelivery, Updater};
 use support::process::{Archiver, CpuMeter, CpuTimes, Resources};
@@ -218,10 +219,10 @@ impl Bench {
         let mut config = Config::default();
         config.mongodb.uri = settings.uri.clone();
         config.mongodb.database = settings.database.clone();
-        let dbs = archiver::db::connect(&config).await?;
+        let dbs = archiver::db::connect(&config, &archiver::db::RetryPolicy::bounded(&config.retry)).await?;
         // Built once, untimed, with batch's own definitions: otherwise the first timed run
         // would pay for indexing the orders.
-        archiver::batch::ensure_indexes(&config, &dbs).await;
+        archiver::pipeline::sink::ensure_indexes(&config, &dbs).await;
         let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
         let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
         let delivered_filter = delivered_in_range(&config, DateRange::parse(BATCH_FROM, None, Utc::now())?);

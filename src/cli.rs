@@ -70,12 +70,17 @@ pub struct GlobalArgs {
     /// Menu collection [default: Menu].
     #[arg(long, env = "MENU_COLLECTION", global = true, value_name = "NAME")]
     pub menu_collection: Option<String>,
-    /// Retries of a transient database error before giving up [default: 10].
+    /// Retries of a transient database error before giving up (`watch` keeps trying database
+    /// outages) [default: 10].
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", global = true, value_name = "N")]
     pub retry_max_attempts: Option<usize>,
-    /// Longest delay between two retries, in milliseconds [default: 30000].
+    /// Longest delay between two retries, jitter included, in milliseconds [default: 30000].
     #[arg(long, env = "RETRY_MAX_DELAY_MS", global = true, value_name = "MS")]
     pub retry_max_delay_ms: Option<u64>,
+    /// No retry starts after this long since the first attempt, in milliseconds; 0: no limit
+    /// [default: 60000]. Bounds `batch`, `verify`, `health`, `simulate` (`watch` keeps trying).
+    #[arg(long, env = "RETRY_MAX_ELAPSED_MS", global = true, value_name = "MS")]
+    pub retry_max_elapsed_ms: Option<u64>,
     /// Directory of the daily log files; empty disables them [default: logs].
     #[arg(long, env = "LOG_DIR", global = true, value_name = "DIR")]
     pub log_dir: Option<String>,
@@ -310,6 +315,7 @@ impl Cli {
         o.set("lookups.menu.collection", g.menu_collection.clone());
         o.set("retry.max_attempts", g.retry_max_attempts);
         o.set("retry.max_delay_ms", g.retry_max_delay_ms);
+        o.set("retry.max_elapsed_ms", g.retry_max_elapsed_ms);
         o.set("log.dir", g.log_dir.clone());
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());

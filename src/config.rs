@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::redact::{has_unencoded_user_info, redact_invalid_uri};
 
+/// Largest number of partitions (the partition key has 256 values).
+pub const MAX_PARTITIONS: u32 = 256;
+
 /// The file read when no `--config` / `ARCHIVER_CONFIG` is given (skipped if absent).
 pub const DEFAULT_CONFIG_FILE: &str = "config/archiver.toml";
 
@@ -325,8 +328,11 @@ pub struct RetrySettings {
     pub max_attempts: usize,
     /// First delay.
     pub initial_delay_ms: u64,
-    /// Longest delay between two attempts (`RETRY_MAX_DELAY_MS`).
+    /// Longest delay between two attempts, jitter included (`RETRY_MAX_DELAY_MS`).
     pub max_delay_ms: u64,
+    /// No retry starts after this long since the first attempt (`RETRY_MAX_ELAPSED_MS`); 0: no
+    /// limit. `watch` keeps retrying database outages regardless, as a service should.
+    pub max_elapsed_ms: u64,
 }
 
 /// Console and file logging.
@@ -442,7 +448,7 @@ impl Default for BatchSettings {
 
 impl Default for RetrySettings {
     fn default() -> Self {
-        RetrySettings { max_attempts: 10, initial_delay_ms: 250, max_delay_ms: 30_000 }
+        RetrySettings { max_attempts: 10, initial_delay_ms: 250, max_delay_ms: 30_000, max_elapsed_ms: 60_000 }
     }
 }
 
@@ -619,12 +625,8 @@ impl Config {
             }
         }
         let co = &self.coordination;
-        if co.partitions == 0 || co.partitions > crate::coordination::MAX_PARTITIONS {
-            return fail(format!(
-                "--partitions must be between 1 and {}, got {}",
-                crate::coordination::MAX_PARTITIONS,
-                co.partitions
-            ));
+        if co.partitions == 0 || co.partitions > MAX_PARTITIONS {
+            return fail(format!("--partitions must be between 1 and {}, got {}", MAX_PARTITIONS, co.partitions));
         }
         if co.partition >= co.partitions {
             return fail(format!("--partition must be below --partitions ({}), got {}", co.partitions, co.partition));

@@ -7,10 +7,10 @@ mod common;
 
 use std::sync::OnceLock;
 
-use archiver::archive::Archiver;
 use archiver::config::{Config, EnrichMode};
-use archiver::enrich::ArchiveSource;
-use archiver::join::Joiner;
+use archiver::pipeline::document::ArchiveSource;
+use archiver::pipeline::join::Joiner;
+use archiver::pipeline::sink::Archiver;
 use common::TestEnv;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Decimal128, Document};
 use proptest::prelude::*;
@@ -69,7 +69,7 @@ fn fixture() -> &'static Fixture {
             let mut config = Config::default();
             config.mongodb.uri = env.uri.clone();
             config.mongodb.database = env.db_name.clone();
-            let dbs = archiver::db::connect(&config).await.unwrap();
+            let dbs = archiver::db::connect(&config, &archiver::db::RetryPolicy::bounded(&config.retry)).await.unwrap();
             let join = Archiver::new(&config, &dbs, ArchiveSource::Batch);
             let joiner = Joiner::new(&config, &dbs.source, ArchiveSource::Batch).expect("the join applies");
             config.enrich.mode = EnrichMode::Lookup;
@@ -186,7 +186,7 @@ fn comparable(mut docs: Vec<Document>) -> Vec<(String, Document)> {
         .drain(..)
         .map(|mut d| {
             d.remove("archived_at");
-            (archiver::order_id::equality_key(d.get("_id").unwrap_or(&Bson::Null)), d)
+            (archiver::pipeline::order_id::equality_key(d.get("_id").unwrap_or(&Bson::Null)), d)
         })
         .collect();
     keyed.sort_by(|a, b| a.0.cmp(&b.0));

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use archiver::batch::{parse_date, DateRange};
 use archiver::checkpoint::{Checkpoint, CheckpointFile};
 use archiver::config::{Config, Overrides};
+use archiver::pipeline::scan::{parse_date, DateRange};
 use archiver::redact::{redact_invalid_uri, redact_uri, register_uri, scrub};
 use chrono::{DateTime, Utc};
 use mongodb::bson::{self, doc, Bson, Timestamp};

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use archiver::coordination::partition_expr;
+use archiver::coordination::partition::partition_expr;
 use common::{eventually, health_addr, http_get, order, TestEnv};
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, Document};

@@ -243,38 +243,38 @@ async fn missing_references_are_flagged_not_dropped() {
     t.cleanup().await;
 }
 
+/// `watch` is a service: an unreachable server is retried without end (readiness 503 meanwhile)
+/// rather than left to a supervisor's restarts, whatever `RETRY_MAX_ATTEMPTS` says; SIGTERM still
+/// stops it at once, with exit 0. The password never shows, in text or JSON logs.
 #[tokio::test(flavor = "multi_thread")]
-async fn unreachable_server_fails_without_leaking_the_password() {
+async fn unreachable_server_is_retried_without_end_and_without_leaking_the_password() {
     let t = TestEnv::new("unreachable").await;
-    let out = t
-        .archiver(&["watch"])
-        .env("MONGODB_URI", "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200")
-        .env("RETRY_MAX_ATTEMPTS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("cannot reach MongoDB"), "{stderr}");
-    assert!(stderr.contains("archivist:***@127.0.0.1:1"), "{stderr}");
+    let uri = "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200";
+    let env = [("MONGODB_URI", uri), ("RETRY_MAX_ATTEMPTS", "1"), ("RETRY_MAX_ELAPSED_MS", "1")];
+    let mut watch = t.spawn_watch(&[], &env, "health and metrics served").await;
+    let addr = common::health_addr(&watch);
+    // Well past both bounds (one retry, 1 ms), it is still trying, and says so.
+    common::eventually(30, "a third attempt", || async { watch.log_contains("attempt=3") }).await;
+    assert!(watch.child.try_wait().unwrap().is_none(), "watch gave up: {}", watch.stderr());
+    assert_eq!(common::http_get(&addr, "/health/ready").0, 503);
+    assert!(watch.log_contains("not reachable yet; retrying"), "{}", watch.stderr());
+    assert!(watch.stop().await.success(), "{}", watch.stderr());
+    let stderr = watch.stderr();
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("Sup3rS3cret"), "{stderr}");
     let logs = std::fs::read_dir(t.dir.path().join("logs")).unwrap().next().unwrap().unwrap().path();
     let file = common::read(&logs);
-    assert!(file.contains("archivist:***@"), "log file: {file}");
+    assert!(file.contains("not reachable yet"), "log file: {file}");
     assert!(!file.contains("Sup3rS3cret"));
 
     // JSON logs for shippers: one object per line, with structured fields.
-    let out = t
-        .archiver(&["watch"])
-        .env("MONGODB_URI", "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200")
-        .env("RETRY_MAX_ATTEMPTS", "1")
-        .env("LOG_FORMAT", "json")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut watch = t.spawn_watch(&[], &[("MONGODB_URI", uri), ("LOG_FORMAT", "json")], "\"attempt\":2").await;
+    assert!(watch.stop().await.success());
+    let stderr = watch.stderr();
     let events: Vec<serde_json::Value> = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let retry = events.iter().find(|e| e["attempt"] == 1).unwrap_or_else(|| panic!("{stderr}"));
     assert_eq!(retry["level"], "WARN");
-    assert_eq!(retry["uri"], "mongodb://archivist:***@127.0.0.1:1/?serverSelectionTimeoutMS=200");
-    assert!(events.iter().any(|e| e["level"] == "ERROR"), "{stderr}");
+    assert!(retry["retry_in_ms"].as_u64().is_some(), "{retry}");
+    assert!(retry["message"].as_str().unwrap().contains("mongodb://127.0.0.1:1"), "{retry}");
     assert!(!stderr.contains("Sup3rS3cret"));
 }

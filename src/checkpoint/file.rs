@@ -1,167 +1,17 @@
-//! The resume-token file: where `watch` records how far the archive is known to be complete.
+//! The resume-token file.
 //!
 //! The file is small versioned JSON, replaced atomically (temp file, `fsync`, rename, `fsync` of
 //! the directory) so that a crash at any instant leaves either the old or the new checkpoint,
-//! never a torn one. It is written only after the archive acknowledged the batch it covers.
+//! never a torn one. A lock file next to it keeps a second `watch` off the same token.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Utc};
-use mongodb::bson::{self, Bson, Timestamp};
+use mongodb::bson::Timestamp;
 use mongodb::change_stream::event::ResumeToken;
-use serde::{Deserialize, Serialize};
 
-/// The format version this build writes, and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
-
-/// Why the checkpoint could not be read or written. All of these are fatal: a checkpoint is never
-/// silently reset, because that would skip or replay an unknown amount of work.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// The file exists but cannot be read.
-    #[error("cannot read the resume token file {path}: {source}")]
-    Unreadable {
-        /// The token file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file was read but does not hold a checkpoint this build understands.
-    #[error(
-        "the resume token file {path} is corrupt ({reason}); it was left untouched: \
-         fix or move it, or restart with --reset-token to start from now"
-    )]
-    Corrupt {
-        /// The token file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The checkpoint belongs to another collection.
-    #[error(
-        "the resume token file {path} was written for {found}, not {expected}; \
-         use another RESUME_TOKEN_FILE for this collection"
-    )]
-    WrongNamespace {
-        /// The token file.
-        path: PathBuf,
-        /// The namespace recorded in the file.
-        found: String,
-        /// The namespace being watched.
-        expected: String,
-    },
-    /// The new checkpoint could not be made durable.
-    #[error("cannot write the resume token file {path}: {source}")]
-    Unwritable {
-        /// The token file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-}
-
-/// One saved position of the change stream.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Checkpoint {
-    /// The token to resume after.
-    pub resume_token: ResumeToken,
-    /// `database.collection` of the watched orders.
-    pub namespace: String,
-    /// Cluster time of the last archived event, if any event was archived since the token
-    /// started: what a gap-fill after lost history starts from.
-    pub last_event_cluster_time: Option<Timestamp>,
-    /// Wall-clock time of the last archived event, for humans and for the gap-fill date bound.
-    pub last_event_wall_time: Option<DateTime<Utc>>,
-    /// When this checkpoint was written.
-    pub saved_at: DateTime<Utc>,
-}
-
-/// On-disk layout of version 1. Field order is the order in the file.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileV1 {
-    version: u32,
-    namespace: String,
-    /// The token as relaxed extended JSON, e.g. `{"_data": "8263…"}`.
-    resume_token: serde_json::Value,
-    last_event_cluster_time: Option<ClusterTimeV1>,
-    last_event_wall_time: Option<DateTime<Utc>>,
-    saved_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClusterTimeV1 {
-    t: u32,
-    i: u32,
-}
-
-impl Checkpoint {
-    /// A checkpoint saved now, for the position `resume_token`.
-    pub fn now(
-        resume_token: ResumeToken,
-        namespace: &str,
-        last_event_cluster_time: Option<Timestamp>,
-        last_event_wall_time: Option<DateTime<Utc>>,
-    ) -> Self {
-        Checkpoint {
-            resume_token,
-            namespace: namespace.to_owned(),
-            last_event_cluster_time,
-            last_event_wall_time,
-            saved_at: Utc::now(),
-        }
-    }
-
-    /// Serializes to the file format (pretty JSON with a trailing newline).
-    pub fn to_json(&self) -> String {
-        let token =
-            bson::to_bson(&self.resume_token).map(Bson::into_relaxed_extjson).unwrap_or(serde_json::Value::Null);
-        let file = FileV1 {
-            version: FORMAT_VERSION,
-            namespace: self.namespace.clone(),
-            resume_token: token,
-            last_event_cluster_time: self
-                .last_event_cluster_time
-                .map(|ts| ClusterTimeV1 { t: ts.time, i: ts.increment }),
-            last_event_wall_time: self.last_event_wall_time,
-            saved_at: self.saved_at,
-        };
-        let mut text = serde_json::to_string_pretty(&file).expect("a checkpoint always serializes");
-        text.push('\n');
-        text
-    }
-
-    /// Parses the file format; the error is a human-readable reason.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        match value.get("version").and_then(serde_json::Value::as_u64) {
-            Some(v) if v == u64::from(FORMAT_VERSION) => {}
-            Some(v) => {
-                return Err(format!(
-                    "format version {v} is not supported by this build (it reads version {FORMAT_VERSION})"
-                ))
-            }
-            None => return Err("no \"version\" field".to_owned()),
-        }
-        let file: FileV1 = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        let token_bson =
-            Bson::try_from(file.resume_token).map_err(|e| format!("resume_token is not extended JSON: {e}"))?;
-        if !matches!(&token_bson, Bson::Document(d) if !d.is_empty()) {
-            return Err("resume_token is not a non-empty document".to_owned());
-        }
-        let resume_token: ResumeToken = bson::from_bson(token_bson).map_err(|e| format!("resume_token: {e}"))?;
-        Ok(Checkpoint {
-            resume_token,
-            namespace: file.namespace,
-            last_event_cluster_time: file.last_event_cluster_time.map(|ct| Timestamp { time: ct.t, increment: ct.i }),
-            last_event_wall_time: file.last_event_wall_time,
-            saved_at: file.saved_at,
-        })
-    }
-}
+use super::{Checkpoint, StoreError};
 
 /// The token file of one watched collection.
 #[derive(Debug)]
@@ -184,19 +34,19 @@ impl CheckpointFile {
 
     /// Reads the checkpoint. `Ok(None)` when there is no file; any other problem is an error and
     /// the file is left as it is.
-    pub fn load(&mut self, expected_namespace: &str) -> Result<Option<Checkpoint>, CheckpointError> {
+    pub fn load(&mut self, expected_namespace: &str) -> Result<Option<Checkpoint>, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) if e.kind() == ErrorKind::InvalidData => {
-                return Err(CheckpointError::Corrupt { path: self.path.clone(), reason: "not UTF-8 text".to_owned() })
+                return Err(StoreError::Corrupt { path: self.path.clone(), reason: "not UTF-8 text".to_owned() })
             }
-            Err(source) => return Err(CheckpointError::Unreadable { path: self.path.clone(), source }),
+            Err(source) => return Err(StoreError::Unreadable { path: self.path.clone(), source }),
         };
-        let checkpoint = Checkpoint::from_json(&text)
-            .map_err(|reason| CheckpointError::Corrupt { path: self.path.clone(), reason })?;
+        let checkpoint =
+            Checkpoint::from_json(&text).map_err(|reason| StoreError::Corrupt { path: self.path.clone(), reason })?;
         if checkpoint.namespace != expected_namespace {
-            return Err(CheckpointError::WrongNamespace {
+            return Err(StoreError::WrongNamespace {
                 path: self.path.clone(),
                 found: checkpoint.namespace,
                 expected: expected_namespace.to_owned(),
@@ -208,23 +58,23 @@ impl CheckpointFile {
 
     /// Makes `checkpoint` durable, unless it records the same position as the last one saved.
     /// Returns whether the file was written.
-    pub fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, CheckpointError> {
+    pub fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
         let position = (checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time);
         if self.last_saved.as_ref() == Some(&position) {
             return Ok(false);
         }
         write_atomically(&self.path, checkpoint.to_json().as_bytes())
-            .map_err(|source| CheckpointError::Unwritable { path: self.path.clone(), source })?;
+            .map_err(|source| StoreError::Unwritable { path: self.path.clone(), source })?;
         self.last_saved = Some(position);
         Ok(true)
     }
 
     /// Removes the token file (for an explicit `--reset-token`). A missing file is not an error.
-    pub fn remove(&mut self) -> Result<(), CheckpointError> {
+    pub fn remove(&mut self) -> Result<(), StoreError> {
         self.last_saved = None;
         match fs::remove_file(&self.path) {
             Err(e) if e.kind() != ErrorKind::NotFound => {
-                Err(CheckpointError::Unwritable { path: self.path.clone(), source: e })
+                Err(StoreError::Unwritable { path: self.path.clone(), source: e })
             }
             _ => Ok(()),
         }
@@ -270,10 +120,39 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Holds the token file's lock for as long as it lives.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// Takes the exclusive lock that keeps two `watch` processes off one token file.
+pub fn lock_token_file(token_file: &std::path::Path) -> Result<InstanceLock, StoreError> {
+    let mut lock_path = token_file.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StoreError::Unwritable { path: token_file.to_path_buf(), source })?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Unwritable { path: lock_path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(InstanceLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(token_file.to_path_buf())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Unwritable { path: lock_path, source }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mongodb::bson::doc;
+    use mongodb::bson::{self, Bson};
 
     fn sample() -> Checkpoint {
         let token: ResumeToken = bson::from_bson(Bson::Document(doc! { "_data": "8267A1B2C3000000012B0429" })).unwrap();
@@ -290,7 +169,7 @@ mod tests {
     /// keep writing exactly it.
     #[test]
     fn golden_file_round_trips() {
-        let golden = include_str!("../tests/golden/resume_token_v1.json");
+        let golden = include_str!("../../tests/golden/resume_token_v1.json");
         assert_eq!(Checkpoint::from_json(golden).unwrap(), sample());
         assert_eq!(sample().to_json(), golden);
     }
@@ -325,7 +204,7 @@ mod tests {
         assert_eq!(names, ["token.json"], "no temporary file is left behind");
         let mut again = CheckpointFile::new(&path);
         assert_eq!(again.load("livraison.Commandes").unwrap(), Some(sample()));
-        assert!(matches!(again.load("other.Commandes"), Err(CheckpointError::WrongNamespace { .. })));
+        assert!(matches!(again.load("other.Commandes"), Err(StoreError::WrongNamespace { .. })));
     }
 
     /// The temporary file used to have a fixed name next to the token: a symlink planted there
@@ -355,7 +234,7 @@ mod tests {
         let path = dir.path().join("token.json");
         fs::create_dir(&path).unwrap();
         let err = CheckpointFile::new(&path).save(&sample()).unwrap_err();
-        assert!(matches!(err, CheckpointError::Unwritable { .. }), "{err}");
+        assert!(matches!(err, StoreError::Unwritable { .. }), "{err}");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["token.json"], "the temporary file is removed on failure");
     }
@@ -366,8 +245,18 @@ mod tests {
         let path = dir.path().join("token.json");
         fs::write(&path, "{ garbage").unwrap();
         let err = CheckpointFile::new(&path).load("livraison.Commandes").unwrap_err();
-        assert!(matches!(err, CheckpointError::Corrupt { .. }));
+        assert!(matches!(err, StoreError::Corrupt { .. }));
         assert!(err.to_string().contains(&path.display().to_string()));
         assert_eq!(fs::read_to_string(&path).unwrap(), "{ garbage");
+    }
+
+    #[test]
+    fn second_instance_cannot_lock_the_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("t.json");
+        let first = lock_token_file(&token).unwrap();
+        assert!(matches!(lock_token_file(&token), Err(StoreError::Locked(_))));
+        drop(first);
+        lock_token_file(&token).unwrap();
     }
 }

@@ -1,29 +1,21 @@
-//! `archiver batch`: archives the delivered orders of a date range, with the same enrichment and
-//! the same idempotent archive as `watch`, so a range can be run again (or overlap what `watch`
-//! already archived) without duplicating anything.
-//!
-//! The range is read as a stream of order ids, cut into chunks; up to `concurrency` chunks are
-//! enriched and written at once, through the client path (aggregation streamed back, then bulk
-//! inserts) or the server path (the same aggregation ending in `$merge`).
+//! Scans of the orders collection: date ranges, the query of the delivered orders of a range,
+//! and the chunked, concurrent archiving of every order a query matches (client path, or the
+//! server's `$merge`). `batch`, `verify --repair` and `watch`'s fills all go through here.
 
 use std::io::IsTerminal;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::options::IndexOptions;
-use mongodb::{Collection, IndexModel};
+use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{Archiver, EventTimes, WriteOutcome};
-use crate::cli::BatchArgs;
+use super::sink::{Archiver, EventTimes, WriteOutcome};
 use crate::config::{Config, WritePath};
-use crate::db::{self, is_transient, Databases};
-use crate::enrich::ArchiveSource;
-use crate::exit::UsageError;
+use crate::db::{self, is_transient, Databases, RetryPolicy};
+use crate::error::UsageError;
 
 /// The accepted date forms, quoted in errors.
 pub const DATE_FORMS: &str =
@@ -102,139 +94,6 @@ pub fn delivered_in_range(config: &Config, range: DateRange) -> Document {
     crate::coordination::restrict_to_partition(config, filter, "$_id")
 }
 
-/// What a run did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BatchSummary {
-    /// Delivered orders in the range.
-    pub matched: u64,
-    /// The archive write results.
-    pub written: WriteOutcome,
-    /// Wall time.
-    pub duration: Duration,
-}
-
-/// Runs `archiver batch`.
-pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken) -> anyhow::Result<BatchSummary> {
-    let range = DateRange::parse(&args.date_from, args.date_to.as_deref(), Utc::now())?;
-    let write_path = config.batch.write_path;
-    if write_path == WritePath::Server && !config.archive_on_source_cluster() {
-        return Err(UsageError(
-            "--write-path server needs the archive on the source cluster (ARCHIVE_URI is another \
-             deployment); use --write-path client"
-                .to_owned(),
-        )
-        .into());
-    }
-    let dbs = tokio::select! {
-        dbs = db::connect(config) => dbs?,
-        _ = shutdown.cancelled() => bail!("interrupted before connecting"),
-    };
-    let filter = delivered_in_range(config, range);
-    let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
-    let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
-    let started = Instant::now();
-
-    tracing::info!(date_from = %range.from, date_to = ?range.to.map(|t| t.to_rfc3339()),
-        write_path = ?write_path, dry_run = args.dry_run, "batch starting");
-    let matched = orders.count_documents(filter.clone()).await.context("counting the delivered orders of the range")?;
-
-    if let Some(path) = &args.export_samples {
-        let samples = enriched_samples(&orders, &archiver, &filter, args.sample_size).await?;
-        export_samples(path, &samples)?;
-        tracing::info!(file = %path.display(), samples = samples.len(), "enriched samples exported");
-    }
-    if args.dry_run {
-        let samples = enriched_samples(&orders, &archiver, &filter, args.sample_size).await?;
-        println!("dry run: {matched} delivered orders in the range would be archived; nothing was written.");
-        for sample in &samples {
-            let json = Bson::Document(sample.clone()).into_relaxed_extjson();
-            println!("{}", serde_json::to_string_pretty(&json)?);
-        }
-        tracing::info!(matched, samples = samples.len(), "dry run: nothing written");
-        return Ok(BatchSummary { matched, duration: started.elapsed(), ..Default::default() });
-    }
-
-    if config.batch.create_indexes {
-        ensure_indexes(config, &dbs).await;
-    } else {
-        tracing::info!("index creation skipped (--skip-indexes)");
-    }
-
-    let (_, written) = archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown).await?;
-    let summary = BatchSummary { matched, written, duration: started.elapsed() };
-    let secs = summary.duration.as_secs_f64().max(1e-9);
-    let processed = written.inserted + written.already_archived + written.dead_lettered;
-    let rate = processed as f64 / secs;
-    tracing::info!(
-        matched,
-        newly_archived = written.inserted,
-        already_archived = written.already_archived,
-        anomalies = written.anomalies,
-        dead_lettered = written.dead_lettered,
-        duration_ms = summary.duration.as_millis() as u64,
-        orders_per_sec = rate.round() as u64,
-        "batch finished"
-    );
-    println!(
-        "batch: {matched} matched, {} newly archived, {} already archived, {} with anomalies, \
-         {} dead-lettered, in {:.1} s ({:.0} orders/s)",
-        written.inserted, written.already_archived, written.anomalies, written.dead_lettered, secs, rate
-    );
-    if shutdown.is_cancelled() {
-        bail!("interrupted: the range is partly archived; run the same command again to finish it");
-    }
-    Ok(summary)
-}
-
-/// The first `n` enriched documents of the range, without writing anything.
-async fn enriched_samples(
-    orders: &Collection<Document>,
-    archiver: &Archiver,
-    filter: &Document,
-    n: usize,
-) -> anyhow::Result<Vec<Document>> {
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let mut pipeline = vec![doc! { "$match": filter.clone() }, doc! { "$limit": n as i64 }];
-    pipeline.extend(archiver.stages().iter().cloned());
-    let docs = orders.aggregate(pipeline).await?.try_collect().await.context("enriching samples")?;
-    Ok(docs)
-}
-
-fn export_samples(path: &Path, samples: &[Document]) -> anyhow::Result<()> {
-    let json: Vec<serde_json::Value> =
-        samples.iter().map(|d| Bson::Document(d.clone()).into_canonical_extjson()).collect();
-    let mut text = serde_json::to_string_pretty(&json)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("writing samples to {}", path.display()))
-}
-
-/// Creates the indexes the queries rely on. A failure (no privilege, duplicate order numbers in
-/// existing data) is logged and the run goes on: indexes speed things up, they are not needed
-/// for correctness.
-pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
-    let f = &config.orders.fields;
-    let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
-    let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
-    let unique = IndexOptions::builder().unique(true).build();
-    let wanted = [
-        (&orders, IndexModel::builder().keys(doc! { f.numero_commande.clone(): 1 }).options(unique).build()),
-        (&orders, IndexModel::builder().keys(doc! { f.status.clone(): 1, f.date_commande.clone(): 1 }).build()),
-        (&orders, IndexModel::builder().keys(doc! { f.date_commande.clone(): 1 }).build()),
-        (&archive, IndexModel::builder().keys(doc! { "date_commande": 1 }).build()),
-    ];
-    for (collection, model) in wanted {
-        let keys = model.keys.clone();
-        match collection.create_index(model).await {
-            Ok(_) => tracing::info!(collection = collection.name(), keys = %keys, "index present"),
-            Err(e) => tracing::warn!(collection = collection.name(), keys = %keys,
-                error = %crate::redact::scrub(&e.to_string()),
-                "could not create index; continuing without it (use --skip-indexes to silence)"),
-        }
-    }
-}
-
 /// Archives every order matching `filter`: streams their ids in chunks and archives up to
 /// `concurrency` chunks at once. With `only_missing`, orders already in the archive are skipped
 /// before enrichment (cheap re-runs, gap-fills and repairs). Returns the number matched too.
@@ -261,6 +120,7 @@ pub async fn archive_matching(
         .await
         .context("reading the orders to archive")?;
     let progress = Progress::new(matched);
+    let policy = RetryPolicy::bounded(&config.retry);
     let no_events = EventTimes::new();
     let chunks = orders_read
         .try_chunks(chunk_size)
@@ -268,13 +128,16 @@ pub async fn archive_matching(
         .map(|chunk| async {
             let chunk: Vec<Document> = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
             let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
-            let outcome = match (write_path, only_missing) {
-                _ if whole_orders => with_retry(config, || archiver.archive_orders(&chunk)).await,
-                (_, true) => with_retry(config, || archiver.archive_missing_ids(&ids)).await,
-                (WritePath::Client, false) => with_retry(config, || archiver.archive_ids(&ids, &no_events)).await,
-                (WritePath::Server, false) => with_retry(config, || merge_chunk(config, dbs, archiver, &ids)).await,
-            }
-            .context("archiving a chunk")?;
+            let archive_chunk = async || match (write_path, only_missing) {
+                _ if whole_orders => archiver.archive_orders(&chunk).await,
+                (_, true) => archiver.archive_missing_ids(&ids).await,
+                (WritePath::Client, false) => archiver.archive_ids(&ids, &no_events).await,
+                (WritePath::Server, false) => merge_chunk(config, dbs, archiver, &ids).await,
+            };
+            let outcome = db::retry(&policy, "archiving a chunk", is_transient, None, archive_chunk)
+                .await
+                .map_err(|failed| failed.error)
+                .context("archiving a chunk")?;
             progress.add(ids.len() as u64);
             anyhow::Ok(outcome)
         })
@@ -286,28 +149,6 @@ pub async fn archive_matching(
     }
     progress.finish();
     Ok((matched, total))
-}
-
-/// Retries `op` on transient errors with the configured backoff.
-async fn with_retry<F, Fut>(config: &Config, mut op: F) -> Result<WriteOutcome, mongodb::error::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<WriteOutcome, mongodb::error::Error>>,
-{
-    let mut delays = db::backoff(&config.retry);
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Err(e) if is_transient(&e) => {
-                attempt += 1;
-                let Some(delay) = delays.next() else { return Err(e) };
-                tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64,
-                    error = %crate::redact::scrub(&e.to_string()), "transient error; retrying the chunk");
-                tokio::time::sleep(delay).await;
-            }
-            other => return other,
-        }
-    }
 }
 
 /// The server path: the enrichment ends in `$merge`, inserting only orders not yet archived.

@@ -17,12 +17,13 @@ use mongodb::Collection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::Archiver;
-use crate::batch::{delivered_in_range, DateRange};
 use crate::config::Config;
 use crate::db;
-use crate::enrich::ArchiveSource;
-use crate::order_id::equality_key;
+use crate::db::RetryPolicy;
+use crate::pipeline::document::ArchiveSource;
+use crate::pipeline::order_id::equality_key;
+use crate::pipeline::scan::{delivered_in_range, DateRange};
+use crate::pipeline::sink::Archiver;
 
 /// One day of the report.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -101,8 +102,9 @@ pub async fn run(
     repair: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<VerifyReport> {
+    let policy = RetryPolicy::bounded(&config.retry);
     let dbs = tokio::select! {
-        dbs = db::connect(config) => dbs?,
+        dbs = db::connect(config, &policy) => dbs?,
         _ = shutdown.cancelled() => anyhow::bail!("interrupted before connecting"),
     };
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);

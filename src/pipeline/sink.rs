@@ -5,14 +5,16 @@
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{Error, ErrorKind};
-use mongodb::options::UpdateOptions;
+use mongodb::options::{IndexOptions, UpdateOptions};
 use mongodb::Collection;
+use mongodb::IndexModel;
 
 use crate::config::{Config, EnrichMode};
 use crate::db::{error_code, is_transient, Databases};
-use crate::enrich::{enrichment_stages, vanished_order_document, ArchiveSource};
-use crate::join::Joiner;
-use crate::order_id::equality_key;
+use crate::pipeline::document::{vanished_order_document, ArchiveSource};
+use crate::pipeline::join::Joiner;
+use crate::pipeline::lookup::enrichment_stages;
+use crate::pipeline::order_id::equality_key;
 
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
@@ -434,6 +436,31 @@ impl Archiver {
             .with_options(UpdateOptions::builder().upsert(true).build())
             .await
             .map(|_| ())
+    }
+}
+
+/// Creates the indexes the queries rely on. A failure (no privilege, duplicate order numbers in
+/// existing data) is logged and the run goes on: indexes speed things up, they are not needed
+/// for correctness.
+pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
+    let f = &config.orders.fields;
+    let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
+    let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
+    let unique = IndexOptions::builder().unique(true).build();
+    let wanted = [
+        (&orders, IndexModel::builder().keys(doc! { f.numero_commande.clone(): 1 }).options(unique).build()),
+        (&orders, IndexModel::builder().keys(doc! { f.status.clone(): 1, f.date_commande.clone(): 1 }).build()),
+        (&orders, IndexModel::builder().keys(doc! { f.date_commande.clone(): 1 }).build()),
+        (&archive, IndexModel::builder().keys(doc! { "date_commande": 1 }).build()),
+    ];
+    for (collection, model) in wanted {
+        let keys = model.keys.clone();
+        match collection.create_index(model).await {
+            Ok(_) => tracing::info!(collection = collection.name(), keys = %keys, "index present"),
+            Err(e) => tracing::warn!(collection = collection.name(), keys = %keys,
+                error = %crate::redact::scrub(&e.to_string()),
+                "could not create index; continuing without it (use --skip-indexes to silence)"),
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Client-side enrichment: the archive documents of the `$lookup` pipeline ([`crate::enrich`]),
+//! Client-side enrichment: the archive documents of the `$lookup` pipeline ([`super::lookup`]),
 //! joined in memory from four batched `_id $in` reads of the reference collections.
 //!
 //! Why: measured here, the server evaluates the four `$lookup`s and the shaping at a fraction of
@@ -14,8 +14,8 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::Error;
 use mongodb::{Collection, Database};
 
+use super::document::{copied_fields, item_field, references, ArchiveSource, Check, Parts, ANOMALY_CHECKS};
 use crate::config::{Config, LookupDef};
-use crate::enrich::{anomaly, ArchiveSource};
 
 /// A key under which equal references meet: MongoDB compares numbers by value across types.
 fn join_key(value: &Bson) -> String {
@@ -235,54 +235,48 @@ impl Joiner {
                         _ => Bson::Null,
                     };
                     shaped.push(Bson::Document(doc! {
-                        "menu_id": or_null(menu_ref),
-                        "nom": or_null(menu.and_then(|m| m.get(&l.menu.nom_field))),
-                        "prix": or_null(price),
-                        "quantite": or_null(qty),
-                        "sous_total": sous_total,
+                        item_field::MENU_ID: or_null(menu_ref),
+                        item_field::NOM: or_null(menu.and_then(|m| m.get(&l.menu.nom_field))),
+                        item_field::PRIX: or_null(price),
+                        item_field::QUANTITE: or_null(qty),
+                        item_field::SOUS_TOTAL: sous_total,
                     }));
                 }
                 (shaped, true, menu_missing, qty_invalid)
             }
             _ => (Vec::new(), false, false, false),
         };
-        let client = joined(clients, &l.client);
-        let livreur = joined(livreurs, &l.livreur);
-        let restaurant = joined(restaurants, &l.restaurant);
-        let numero = or_null(order.get(&f.numero_commande));
-        let date_commande = or_null(order.get(&f.date_commande));
-        let montant = or_null(order.get(&f.montant_total));
-        let livreur_ref = order.get(&l.livreur.local_field).filter(|v| !matches!(v, Bson::Null));
-        let mut anomalies: Vec<Bson> = Vec::new();
-        let mut flag = |cond: bool, name: &str| {
-            if cond {
-                anomalies.push(Bson::String(name.to_owned()));
-            }
+        let refs = [clients, livreurs, restaurants];
+        let mut parts = Parts {
+            id: or_null(order.get("_id")),
+            copied: copied_fields(f).map(|(_, order_field)| or_null(order.get(order_field))),
+            references: [0, 1, 2].map(|i| joined(refs[i], references(l)[i].1)),
+            items,
+            archived_at: now,
+            source: self.source,
+            anomalies: Vec::new(),
         };
-        flag(!matches!(numero, Bson::String(_)), anomaly::NUMERO_COMMANDE_INVALIDE);
-        flag(!matches!(date_commande, Bson::DateTime(_)), anomaly::DATE_COMMANDE_INVALIDE);
-        flag(!matches!(montant, Bson::Null) && !is_number(Some(&montant)), anomaly::MONTANT_TOTAL_INVALIDE);
-        flag(client == Bson::Null, anomaly::CLIENT_INTROUVABLE);
-        flag(livreur == Bson::Null && livreur_ref.is_some(), anomaly::LIVREUR_INTROUVABLE);
-        flag(restaurant == Bson::Null, anomaly::RESTAURANT_INTROUVABLE);
-        flag(!items_ok, anomaly::ITEMS_INVALIDES);
-        flag(menu_missing, anomaly::MENU_INTROUVABLE);
-        flag(qty_invalid, anomaly::QUANTITE_INVALIDE);
-        doc! {
-            "_id": or_null(order.get("_id")),
-            "numero_commande": numero,
-            "status": or_null(order.get(&f.status)),
-            "date_commande": date_commande,
-            "date_livraison": or_null(order.get(&f.date_livraison)),
-            "montant_total": montant,
-            "client": client,
-            "livreur": livreur,
-            "restaurant": restaurant,
-            "items": items,
-            "archived_at": now,
-            "archive_source": self.source.as_str(),
-            "anomalies": anomalies,
-        }
+        let named = |name: &str| {
+            let def = references(l).into_iter().find(|(n, _)| *n == name).map(|(_, def)| def);
+            def.and_then(|def| order.get(&def.local_field)).is_some_and(|v| !matches!(v, Bson::Null))
+        };
+        parts.anomalies = ANOMALY_CHECKS
+            .iter()
+            .filter(|(_, check)| match *check {
+                Check::NotString(name) => !matches!(parts.get(name), Bson::String(_)),
+                Check::NotDate(name) => !matches!(parts.get(name), Bson::DateTime(_)),
+                Check::SetButNotNumber(name) => {
+                    !matches!(parts.get(name), Bson::Null) && !is_number(Some(parts.get(name)))
+                }
+                Check::NotFound(name) => matches!(parts.get(name), Bson::Null),
+                Check::NamedButNotFound(name) => matches!(parts.get(name), Bson::Null) && named(name),
+                Check::ItemsNotArray => !items_ok,
+                Check::MenuEntryNotFound => menu_missing,
+                Check::QuantityNotNumber => qty_invalid,
+            })
+            .map(|(anomaly, _)| Bson::from(*anomaly))
+            .collect();
+        parts.into_document()
     }
 }
 

@@ -1,16 +1,19 @@
-//! Connections and the classification of database errors into transient (retry with backoff)
-//! and permanent (fail clearly).
+//! Connections, the classification of database errors into transient (retry with backoff) and
+//! permanent (fail clearly), time bounds on operations, and the one retry helper ([`retry`]).
+
+pub mod retry;
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use mongodb::bson::doc;
 use mongodb::error::{Error, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, Compressor, Tls, TlsOptions};
 use mongodb::{Client, Database};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConnectionSettings, RetrySettings};
-use crate::redact::{redact_uri, register_uri, scrub};
+use crate::config::{Config, ConnectionSettings};
+use crate::redact::{redact_invalid_uri, register_uri, scrub};
+pub use retry::{retry, Exhausted, RetryPolicy};
 
 /// Server error codes that mean "try again": network trouble, elections, shutdowns, killed
 /// cursors. From the server's error_codes.yml.
@@ -98,15 +101,87 @@ pub fn is_history_lost(err: &Error) -> bool {
         || text.contains("resume of change stream was not possible")
 }
 
-/// The retry schedule: exponential from `initial_delay_ms`, capped, with jitter, bounded.
-pub fn backoff(retry: &RetrySettings) -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(retry.initial_delay_ms.max(1)))
-        .with_max_delay(Duration::from_millis(retry.max_delay_ms.max(retry.initial_delay_ms)))
-        .with_factor(2.0)
-        .with_jitter()
-        .with_max_times(retry.max_attempts)
-        .build()
+/// The server's code for a duplicate key.
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// Whether `err` is (or, for a bulk write, contains only) duplicate-key errors.
+pub fn is_duplicate_key(err: &Error) -> bool {
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(e) => {
+            e.write_concern_error.is_none()
+                && e.write_errors.as_ref().is_some_and(|w| !w.is_empty() && w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        _ => error_code(err) == Some(DUPLICATE_KEY),
+    }
+}
+
+/// The cause of `err` in one line a person can read: for a server that could not be selected,
+/// what the servers themselves failed with ("connection refused"), not the driver's description
+/// of the whole topology.
+pub fn cause_in_one_line(err: &Error) -> String {
+    let text = match err.kind.as_ref() {
+        ErrorKind::ServerSelection { message, .. } => servers_failures(message),
+        ErrorKind::Io(e) => lowercase_first(&e.to_string()),
+        _ => err.to_string(),
+    };
+    scrub(text.lines().next().unwrap_or_default())
+}
+
+/// What the servers failed with, from the driver's server selection message (which describes
+/// the whole topology, one `Error: …` per server).
+fn servers_failures(message: &str) -> String {
+    let mut causes: Vec<String> = message
+        .split("Error: ")
+        .skip(1)
+        .map(|cause| {
+            let cause = cause.split(", labels").next().unwrap_or(cause);
+            let cause = cause.trim_start_matches("Kind: ").trim_end_matches([' ', '}', ']', ',']);
+            let cause = cause.strip_prefix("I/O error: ").unwrap_or(cause);
+            let cause = cause.split(" (os error").next().unwrap_or(cause);
+            lowercase_first(cause)
+        })
+        .collect();
+    causes.dedup();
+    if causes.is_empty() {
+        "no server answered within the server selection timeout".to_owned()
+    } else {
+        causes.join("; ")
+    }
+}
+
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_lowercase().chain(chars).collect()).unwrap_or_default()
+}
+
+/// After a shutdown request, how long an operation in flight may still take before it is
+/// abandoned (its checkpoint is not saved, so it is replayed at the next start).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// An error that says a server did not answer in time; transient, so the operation is retried.
+pub fn timed_out(what: &str, limit: Duration) -> Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {} ms while {what}", limit.as_millis()))
+        .into()
+}
+
+/// Runs a database operation, abandoning it when it goes unanswered for `limit` (a silent
+/// network: the driver may wait forever for a reply) or when shutdown was requested more than
+/// [`SHUTDOWN_GRACE`] ago. Only for idempotent operations, which are then retried.
+pub async fn bounded<T>(
+    operation: impl std::future::Future<Output = Result<T, Error>>,
+    what: &str,
+    limit: Duration,
+    shutdown: &CancellationToken,
+) -> Result<T, Error> {
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = operation => result,
+        _ = tokio::time::sleep(limit) => Err(timed_out(what, limit)),
+        _ = grace_over => Err(timed_out(what, SHUTDOWN_GRACE)),
+    }
 }
 
 /// The source and archive databases.
@@ -146,29 +221,31 @@ pub enum ConnectError {
     /// The URI or its options are invalid: a configuration error.
     #[error("invalid connection string {uri}: {message}")]
     InvalidUri {
-        /// The redacted URI.
+        /// The URI's scheme and hosts, nothing else.
         uri: String,
-        /// What is wrong.
+        /// What is wrong (the driver's words, scrubbed of credentials).
         message: String,
     },
-    /// The server did not answer within the retry bound.
-    #[error("cannot reach MongoDB at {uri} after {attempts} attempts: {message}")]
+    /// The server did not answer within the retry bounds.
+    #[error("cannot reach MongoDB at {hosts} ({cause}) after {attempts} attempts over {elapsed}", elapsed = retry::human_duration(*.elapsed))]
     Unreachable {
-        /// The redacted URI.
-        uri: String,
+        /// The URI's scheme and hosts, nothing else.
+        hosts: String,
+        /// The last failure in one line.
+        cause: String,
         /// Attempts made.
         attempts: usize,
-        /// The last error.
-        message: String,
+        /// From the first attempt to the last.
+        elapsed: Duration,
+        /// The driver's last error.
+        #[source]
+        source: Error,
     },
 }
 
 async fn client_for(uri: &str, settings: &ConnectionSettings) -> Result<Client, ConnectError> {
     register_uri(uri);
-    let invalid = |e: Error| ConnectError::InvalidUri {
-        uri: crate::redact::redact_invalid_uri(uri),
-        message: scrub(&e.to_string()),
-    };
+    let invalid = |e: Error| ConnectError::InvalidUri { uri: redact_invalid_uri(uri), message: scrub(&e.to_string()) };
     let mut options = ClientOptions::parse(uri).await.map_err(invalid)?;
     apply_settings(&mut options, settings).map_err(invalid)?;
     if options.app_name.is_none() {
@@ -221,49 +298,29 @@ fn apply_settings(options: &mut ClientOptions, s: &ConnectionSettings) -> Result
     Ok(())
 }
 
-/// Pings `client` until it answers, retrying transient failures with backoff.
-pub async fn ping_with_retry(client: &Client, uri: &str, retry: &RetrySettings) -> Result<(), ConnectError> {
-    let mut delays = backoff(retry);
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match client.database("admin").run_command(doc! { "ping": 1 }).await {
-            Ok(_) => return Ok(()),
-            Err(e) if is_transient(&e) => match delays.next() {
-                Some(delay) => {
-                    tracing::warn!(
-                        uri = %redact_uri(uri), attempt = attempts, retry_in_ms = delay.as_millis() as u64,
-                        error = %scrub(&e.to_string()), "MongoDB not reachable yet, retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                None => {
-                    return Err(ConnectError::Unreachable {
-                        uri: redact_uri(uri),
-                        attempts,
-                        message: scrub(&e.to_string()),
-                    })
-                }
-            },
-            Err(e) => {
-                return Err(ConnectError::Unreachable {
-                    uri: redact_uri(uri),
-                    attempts,
-                    message: scrub(&e.to_string()),
-                })
-            }
-        }
-    }
+/// Pings `client` until it answers, retrying transient failures as `policy` allows.
+pub async fn ping_with_retry(client: &Client, uri: &str, policy: &RetryPolicy) -> Result<(), ConnectError> {
+    let ping = async || client.database("admin").run_command(doc! { "ping": 1 }).await.map(|_| ());
+    let hosts = redact_invalid_uri(uri);
+    let what = format!("MongoDB at {hosts} not reachable yet");
+    retry(policy, &what, is_transient, None, ping).await.map_err(|failed| ConnectError::Unreachable {
+        hosts,
+        cause: cause_in_one_line(&failed.error),
+        attempts: failed.attempts,
+        elapsed: failed.elapsed,
+        source: failed.error,
+    })
 }
 
-/// Connects to the source and archive deployments and checks that both answer.
-pub async fn connect(config: &Config) -> Result<Databases, ConnectError> {
+/// Connects to the source and archive deployments and checks that both answer, retrying as
+/// `policy` allows.
+pub async fn connect(config: &Config, policy: &RetryPolicy) -> Result<Databases, ConnectError> {
     let source_client = client_for(&config.mongodb.uri, &config.connection).await?;
-    ping_with_retry(&source_client, &config.mongodb.uri, &config.retry).await?;
+    ping_with_retry(&source_client, &config.mongodb.uri, policy).await?;
     let archive_client = match &config.archive.uri {
         Some(uri) if !config.archive_on_source_cluster() => {
             let client = client_for(uri, &config.connection).await?;
-            ping_with_retry(&client, uri, &config.retry).await?;
+            ping_with_retry(&client, uri, policy).await?;
             client
         }
         _ => source_client.clone(),
@@ -280,19 +337,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_is_bounded_and_capped() {
-        let retry = RetrySettings { max_attempts: 5, initial_delay_ms: 100, max_delay_ms: 300 };
-        let delays: Vec<Duration> = backoff(&retry).collect();
-        assert_eq!(delays.len(), 5);
-        // Jitter adds at most one more `min_delay`.
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(600)), "{delays:?}");
-    }
-
-    #[test]
     fn io_errors_are_transient_and_others_not() {
         let io: Error = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset").into();
         assert!(is_transient(&io));
         let arg = Error::custom("nope");
         assert!(!is_transient(&arg));
+    }
+
+    #[test]
+    fn a_refused_connection_reads_in_one_line() {
+        let message = "Server selection timeout: No available servers. Topology: { Type: Unknown, Servers: [ \
+            { Address: 127.0.0.1:1, Type: Unknown, Error: Kind: I/O error: Connection refused (os error 111), \
+            labels: {} } ] }";
+        assert_eq!(servers_failures(message), "connection refused");
+        assert_eq!(
+            servers_failures("Server selection timeout"),
+            "no server answered within the server selection timeout"
+        );
     }
 }

@@ -1,0 +1,208 @@
+//! The application: dispatches a parsed command line to its command, handles the signals, and
+//! maps every outcome to an exit code, the contract with service managers and cron scripts
+//! (also in `--help`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::StoreError;
+use crate::cli::{Cli, Command};
+use crate::commands::health::Verdict;
+use crate::commands::watch::{self, StartPosition, WatchError, WatchOptions};
+use crate::commands::{batch, health, simulate, verify};
+use crate::config::{Config, ConfigError};
+use crate::db::{cause_in_one_line, ConnectError};
+use crate::error::UsageError;
+use crate::pipeline::scan::DateRange;
+use crate::redact::scrub;
+use crate::telemetry::{self};
+
+/// Success, or stopped on request after saving the position.
+pub const OK: u8 = 0;
+/// Any failure not listed below.
+pub const FAILURE: u8 = 1;
+/// Usage or configuration error: nothing was done.
+pub const USAGE: u8 = 2;
+/// The resume token file is corrupt, unreadable or unwritable.
+pub const CHECKPOINT: u8 = 3;
+/// The change stream was invalidated (collection dropped or renamed).
+pub const INVALIDATED: u8 = 4;
+/// Another instance holds the token file.
+pub const LOCKED: u8 = 5;
+/// Killed by a second interrupt before the in-flight batch finished.
+pub const INTERRUPTED: u8 = 130;
+
+/// The exit code for a `watch` error.
+pub fn for_watch_error(err: &WatchError) -> ExitCode {
+    ExitCode::from(match err {
+        WatchError::Checkpoint(StoreError::Locked(_)) => LOCKED,
+        // The shared store's database refused (not a file a person must fix), or a newer leader
+        // took over: a failure like any other.
+        WatchError::Checkpoint(StoreError::Database { .. } | StoreError::Fenced(_)) => FAILURE,
+        WatchError::Checkpoint(_) => CHECKPOINT,
+        WatchError::Connect(ConnectError::InvalidUri { .. }) => USAGE,
+        WatchError::Usage(_) => USAGE,
+        WatchError::Invalidated { .. } => INVALIDATED,
+        _ => FAILURE,
+    })
+}
+
+/// An error and its causes in one line for a person, scrubbed of credentials: each cause is
+/// added unless the message already says it, and a driver error is told by its cause (what the
+/// server or the network said), not by the driver's description of the whole topology.
+pub fn describe<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut message = String::new();
+    for error in chain {
+        let text = match error.downcast_ref::<mongodb::error::Error>() {
+            Some(driver) => cause_in_one_line(driver),
+            None => error.to_string(),
+        };
+        let text = text.lines().next().unwrap_or_default().trim();
+        if text.is_empty() || message.to_lowercase().contains(&text.to_lowercase()) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(text);
+    }
+    scrub(&message)
+}
+
+/// The chain of `error`: itself, then its sources.
+fn chain_of<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// The exit code for an error of `batch` or `simulate`: 2 for usage and configuration errors
+/// anywhere in the chain, 1 otherwise.
+pub fn for_error(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<UsageError>()
+            || cause.is::<ConfigError>()
+            || matches!(cause.downcast_ref::<ConnectError>(), Some(ConnectError::InvalidUri { .. }))
+        {
+            return USAGE;
+        }
+    }
+    FAILURE
+}
+
+/// Runs the command of `cli`; stops its work cleanly on the first SIGINT/SIGTERM.
+pub async fn run(cli: Cli, config: Config) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(handle_signals(shutdown.clone()));
+    match cli.command {
+        Command::Watch(args) => {
+            let start = match args.start_at.as_deref().map(StartPosition::parse).transpose() {
+                Ok(start) => start,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(USAGE);
+                }
+            };
+            let options = WatchOptions { reset_token: args.reset_token, start, catch_up: args.catch_up };
+            let telemetry = Arc::new(telemetry::Telemetry::new());
+            if let Ok(Some(addr)) = config.http_addr() {
+                if let Err(e) = telemetry::serve(addr, telemetry.clone(), shutdown.clone()).await {
+                    eprintln!("error: cannot serve health and metrics on {addr}: {e} (set HTTP_ADDR, or `off`)");
+                    return ExitCode::from(FAILURE);
+                }
+            }
+            telemetry.set_liveness_timeout(Duration::from_millis(config.watch.liveness_timeout_ms));
+            telemetry::spawn_watchdog(telemetry.clone(), shutdown.clone());
+            match watch::run(&config, options, telemetry, shutdown).await {
+                Ok(()) => ExitCode::from(OK),
+                Err(e) => {
+                    let message = describe(chain_of(&e));
+                    tracing::error!(error = %message, "watch stopped");
+                    eprintln!("error: {message}");
+                    for_watch_error(&e)
+                }
+            }
+        }
+        Command::Batch(args) => match batch::run(&config, &args, shutdown).await {
+            Ok(_) => ExitCode::from(OK),
+            Err(e) => report_failure("batch", &e),
+        },
+        Command::Verify(args) => {
+            let range = match DateRange::parse(&args.date_from, args.date_to.as_deref(), chrono::Utc::now()) {
+                Ok(range) => range,
+                Err(e) => return report_failure("verify", &e.into()),
+            };
+            match verify::run(&config, range, args.repair, shutdown).await {
+                Ok(report) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    } else {
+                        print!("{}", verify::render(&report));
+                    }
+                    tracing::info!(
+                        consistent = report.consistent,
+                        delivered = report.source_delivered,
+                        archived = report.archived,
+                        missing = report.missing.len(),
+                        orphaned = report.orphaned.len(),
+                        repaired = report.repaired,
+                        "verify finished"
+                    );
+                    ExitCode::from(if report.consistent { OK } else { FAILURE })
+                }
+                Err(e) => report_failure("verify", &e),
+            }
+        }
+        Command::Health(_) => {
+            let (report, verdict) = health::run(&config).await;
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            ExitCode::from(match verdict {
+                Verdict::Healthy => OK,
+                Verdict::Unhealthy => FAILURE,
+                Verdict::Misconfigured => USAGE,
+            })
+        }
+        Command::Simulate(args) => match simulate::run(&config, &args, shutdown).await {
+            Ok(_) => ExitCode::from(OK),
+            Err(e) => report_failure("simulate", &e),
+        },
+    }
+}
+
+/// Prints a failure (scrubbed of credentials) and picks its exit code.
+fn report_failure(command: &str, error: &anyhow::Error) -> ExitCode {
+    let message = describe(error.chain());
+    tracing::error!(command, error = %message, "failed");
+    eprintln!("error: {message}");
+    ExitCode::from(for_error(error))
+}
+
+/// First SIGINT/SIGTERM: finish the batch in flight, save, exit 0. Second: exit at once.
+async fn handle_signals(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("shutdown requested; finishing the batch in flight (signal again to exit at once)");
+    shutdown.cancel();
+    wait_for_signal().await;
+    eprintln!("second signal: exiting at once; the last batch will be replayed on restart");
+    std::process::exit(i32::from(INTERRUPTED));
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

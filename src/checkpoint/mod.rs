@@ -1,0 +1,254 @@
+//! Checkpoints: where `watch` records how far the archive is known to be complete, and the two
+//! stores that keep them ([`file`], the local token file; [`mongo`], the shared collection fenced
+//! by the leader's epoch). It knows nothing of the pipeline: a checkpoint is a resume token and
+//! the times it stands for, saved only after the archive acknowledged what it covers.
+
+pub mod file;
+pub mod mongo;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{self, Bson, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use serde::{Deserialize, Serialize};
+
+pub use file::{lock_token_file, CheckpointFile, InstanceLock};
+pub use mongo::MongoCheckpoints;
+
+/// The format version this build writes, and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Why a checkpoint could not be read or written, from either store. None of these silently
+/// resets a checkpoint, because that would skip or replay an unknown amount of work: the file
+/// errors are fatal, a fenced save ends this process's leadership, and only a database error
+/// that [`StoreError::is_transient`] is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file exists but cannot be read.
+    #[error("cannot read the resume token file {path}: {source}")]
+    Unreadable {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but does not hold a checkpoint this build understands.
+    #[error(
+        "the resume token file {path} is corrupt ({reason}); it was left untouched: \
+         fix or move it, or restart with --reset-token to start from now"
+    )]
+    Corrupt {
+        /// The token file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The checkpoint belongs to another collection.
+    #[error(
+        "the resume token file {path} was written for {found}, not {expected}; \
+         use another RESUME_TOKEN_FILE for this collection"
+    )]
+    WrongNamespace {
+        /// The token file.
+        path: PathBuf,
+        /// The namespace recorded in the file.
+        found: String,
+        /// The namespace being watched.
+        expected: String,
+    },
+    /// The new checkpoint could not be made durable.
+    #[error("cannot write the resume token file {path}: {source}")]
+    Unwritable {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Another process holds the token file.
+    #[error(
+        "another archiver watch is already running on the resume token file {0} \
+         (its lock file {0}.lock is held); refusing to start"
+    )]
+    Locked(PathBuf),
+    /// A newer leader owns the shared checkpoint: this process must stop writing.
+    #[error("the checkpoint of stream {0} belongs to a newer leader (fenced)")]
+    Fenced(String),
+    /// The shared store's database failed.
+    #[error("{context} in the shared checkpoint collection: {source}")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// The driver's error.
+        source: mongodb::error::Error,
+    },
+    /// The shared checkpoint document cannot be understood.
+    #[error("the shared checkpoint of stream {stream} is corrupt ({reason}); it was left untouched")]
+    CorruptDocument {
+        /// The stream.
+        stream: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed: a database error of the shared store that is
+    /// transient (a failover, a network fault). Everything else needs a person or a new leader.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. } if crate::db::is_transient(source))
+    }
+
+    /// Whether the error is about the checkpoint's content (exit code 3 says "fix the file").
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::WrongNamespace { .. } | StoreError::CorruptDocument { .. }
+        )
+    }
+}
+
+/// One saved position of the change stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// The token to resume after.
+    pub resume_token: ResumeToken,
+    /// `database.collection` of the watched orders.
+    pub namespace: String,
+    /// Cluster time of the last archived event, if any event was archived since the token
+    /// started: what a gap-fill after lost history starts from.
+    pub last_event_cluster_time: Option<Timestamp>,
+    /// Wall-clock time of the last archived event, for humans and for the gap-fill date bound.
+    pub last_event_wall_time: Option<DateTime<Utc>>,
+    /// When this checkpoint was written.
+    pub saved_at: DateTime<Utc>,
+}
+
+/// On-disk layout of version 1. Field order is the order in the file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileV1 {
+    version: u32,
+    namespace: String,
+    /// The token as relaxed extended JSON, e.g. `{"_data": "8263…"}`.
+    resume_token: serde_json::Value,
+    last_event_cluster_time: Option<ClusterTimeV1>,
+    last_event_wall_time: Option<DateTime<Utc>>,
+    saved_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterTimeV1 {
+    t: u32,
+    i: u32,
+}
+
+impl Checkpoint {
+    /// A checkpoint saved now, for the position `resume_token`.
+    pub fn now(
+        resume_token: ResumeToken,
+        namespace: &str,
+        last_event_cluster_time: Option<Timestamp>,
+        last_event_wall_time: Option<DateTime<Utc>>,
+    ) -> Self {
+        Checkpoint {
+            resume_token,
+            namespace: namespace.to_owned(),
+            last_event_cluster_time,
+            last_event_wall_time,
+            saved_at: Utc::now(),
+        }
+    }
+
+    /// Serializes to the file format (pretty JSON with a trailing newline).
+    pub fn to_json(&self) -> String {
+        let token =
+            bson::to_bson(&self.resume_token).map(Bson::into_relaxed_extjson).unwrap_or(serde_json::Value::Null);
+        let file = FileV1 {
+            version: FORMAT_VERSION,
+            namespace: self.namespace.clone(),
+            resume_token: token,
+            last_event_cluster_time: self
+                .last_event_cluster_time
+                .map(|ts| ClusterTimeV1 { t: ts.time, i: ts.increment }),
+            last_event_wall_time: self.last_event_wall_time,
+            saved_at: self.saved_at,
+        };
+        let mut text = serde_json::to_string_pretty(&file).expect("a checkpoint always serializes");
+        text.push('\n');
+        text
+    }
+
+    /// Parses the file format; the error is a human-readable reason.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        match value.get("version").and_then(serde_json::Value::as_u64) {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(format!(
+                    "format version {v} is not supported by this build (it reads version {FORMAT_VERSION})"
+                ))
+            }
+            None => return Err("no \"version\" field".to_owned()),
+        }
+        let file: FileV1 = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let token_bson =
+            Bson::try_from(file.resume_token).map_err(|e| format!("resume_token is not extended JSON: {e}"))?;
+        if !matches!(&token_bson, Bson::Document(d) if !d.is_empty()) {
+            return Err("resume_token is not a non-empty document".to_owned());
+        }
+        let resume_token: ResumeToken = bson::from_bson(token_bson).map_err(|e| format!("resume_token: {e}"))?;
+        Ok(Checkpoint {
+            resume_token,
+            namespace: file.namespace,
+            last_event_cluster_time: file.last_event_cluster_time.map(|ct| Timestamp { time: ct.t, increment: ct.i }),
+            last_event_wall_time: file.last_event_wall_time,
+            saved_at: file.saved_at,
+        })
+    }
+}
+
+/// Where checkpoints are kept: the one interface `watch` uses, whichever store is configured.
+#[derive(Debug)]
+pub enum Store {
+    /// The local token file.
+    File(CheckpointFile),
+    /// The shared collection, fenced by the lease epoch.
+    Mongo(MongoCheckpoints),
+}
+
+impl Store {
+    /// Where the checkpoint lives, for logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::File(f) => f.path().display().to_string(),
+            Store::Mongo(_) => "the shared checkpoint collection".to_owned(),
+        }
+    }
+
+    /// Reads the checkpoint of `stream`; `Ok(None)` when there is none.
+    pub async fn load(&mut self, stream: &str) -> Result<Option<Checkpoint>, StoreError> {
+        match self {
+            Store::File(f) => f.load(stream),
+            Store::Mongo(m) => m.load().await,
+        }
+    }
+
+    /// Removes the checkpoint (an explicit `--reset-token`).
+    pub async fn remove(&mut self) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => f.remove(),
+            Store::Mongo(m) => m.remove().await,
+        }
+    }
+
+    /// Makes `checkpoint` durable; returns whether anything was written (an unchanged position
+    /// is not written again).
+    pub async fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
+        match self {
+            Store::File(f) => f.save(checkpoint),
+            Store::Mongo(m) => m.save(checkpoint).await,
+        }
+    }
+}

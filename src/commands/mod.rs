@@ -1,0 +1,8 @@
+//! The commands: each drives the layers below (pipeline, checkpoint, coordination, telemetry)
+//! and never another command.
+
+pub mod batch;
+pub mod health;
+pub mod simulate;
+pub mod verify;
+pub mod watch;

@@ -1,0 +1,460 @@
+//! `archiver watch`: change stream → batches → enrich → archive → checkpoint.
+//!
+//! This module owns the run and its leadership: which checkpoint store is used, standby and
+//! takeover with the shared store, and the loop that reopens the stream after a transient error
+//! or fills the archive after lost history. The stream reader ([`stream`]), the writer
+//! ([`writer`]) and the fills ([`fill`]) are its parts. On a transient error reader and writer
+//! are torn down and the stream reopens after the last saved token: events after it are
+//! replayed, and the idempotent archive absorbs the replay.
+
+mod fill;
+mod stream;
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use mongodb::bson::doc;
+use mongodb::error::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{lock_token_file, CheckpointFile, MongoCheckpoints, Store, StoreError};
+use crate::config::{CheckpointStoreKind, Config};
+use crate::coordination::{self, leadership, Lease};
+use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases, RetryPolicy};
+use crate::pipeline::document::ArchiveSource;
+use crate::pipeline::sink::{Archiver, WriteOutcome};
+use crate::redact::scrub;
+use crate::telemetry::{Role, Telemetry};
+
+use fill::{fill, gap_filter};
+pub use stream::{delivered_filter, StartPosition};
+use stream::{open_stream, open_stream_await, read_batches, StreamBatch};
+use writer::{persist, write_batch, StreamFailure, StreamState};
+
+/// Why `watch` stopped other than by a shutdown request. Each variant keeps its cause; the
+/// messages are one line, with the cause in short (see `app::describe`).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The checkpoint cannot be used: a corrupt or unwritable token file, a token file locked by
+    /// another process, or a shared checkpoint taken over by a newer leader.
+    #[error(transparent)]
+    Checkpoint(#[from] StoreError),
+    /// The connection string is invalid.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The orders collection was dropped or renamed.
+    #[error(
+        "the change stream on {namespace} was invalidated by a {operation:?} event (the collection \
+         was dropped or renamed); everything before it is archived and the token file is kept. \
+         Restart with --reset-token once the collection exists again"
+    )]
+    Invalidated {
+        /// The watched namespace.
+        namespace: String,
+        /// The event type.
+        operation: String,
+    },
+    /// The saved token is older than the oplog, and there is no checkpoint to fill the gap from.
+    #[error("cannot resume the change stream: the saved position is no longer in the oplog (history lost)")]
+    HistoryLost(#[source] Error),
+    /// Options that contradict each other or the saved state.
+    #[error("{0}")]
+    Usage(String),
+    /// The gap-fill or catch-up failed.
+    #[error("filling the archive from the orders collection failed")]
+    Fill(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A database error that retrying cannot fix.
+    #[error("{context}")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Error,
+    },
+}
+
+/// Options of one `watch` run.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Delete the token file before starting (explicit reset).
+    pub reset_token: bool,
+    /// Where to start when there is no token; `None` means now, and leaves a saved token alone.
+    pub start: Option<StartPosition>,
+    /// Archive every delivered order missing from the archive before streaming.
+    pub catch_up: bool,
+}
+
+/// Running totals, for the log.
+#[derive(Debug, Default)]
+struct Totals {
+    history_lost: u64,
+    events: u64,
+    batches: u64,
+    written: WriteOutcome,
+}
+
+/// Runs `watch` until `shutdown` is cancelled (`Ok`) or a fatal error.
+pub async fn run(
+    config: &Config,
+    options: WatchOptions,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) -> Result<(), WatchError> {
+    {
+        let telemetry = telemetry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            telemetry.stopping();
+        });
+    }
+    // A service rides out a database outage instead of exiting: see `db::retry`.
+    let keep_trying = RetryPolicy::unbounded(&config.retry);
+    match config.coordination.checkpoint_store {
+        CheckpointStoreKind::File => {
+            let token_path = config.watch.resume_token_file.clone();
+            let _lock = lock_token_file(&token_path)?;
+            let dbs = tokio::select! {
+                dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let store = Store::File(CheckpointFile::new(&token_path));
+            lead(config, &dbs, store, &options, &telemetry, &shutdown).await
+        }
+        CheckpointStoreKind::Mongodb => {
+            let dbs = tokio::select! {
+                dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            follow_lease(config, &dbs, options, &telemetry, &shutdown).await
+        }
+    }
+}
+
+/// With the shared store: wait as a standby until the lease is ours, lead while it stays ours,
+/// and go back to standby if it is lost.
+async fn follow_lease(
+    config: &Config,
+    dbs: &Databases,
+    mut options: WatchOptions,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<(), WatchError> {
+    let c = &config.coordination;
+    let leases = Lease::collection(&dbs.archive, config);
+    let stream = coordination::stream_name(config);
+    let holder = coordination::instance_id(config);
+    let ttl = Duration::from_millis(c.lease_ttl_ms);
+    let heartbeat = Duration::from_millis(c.lease_renew_ms);
+    // The lease as first seen held by another: when it changes (renewed, taken), a live leader
+    // exists, and the first-leader options no longer apply. A lease left by a crashed run of
+    // this same service only expires, which leaves them armed.
+    let mut first_seen = None;
+    loop {
+        let mut announced = false;
+        let lease = loop {
+            match Lease::try_acquire(&leases, &stream, &holder, ttl).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {
+                    telemetry.set_role(Role::Standby);
+                    let current = Lease::current(&leases, &stream).await.ok().flatten();
+                    if let Some(lease) = &current {
+                        let seen = (lease.epoch, lease.expires_at);
+                        if *first_seen.get_or_insert(seen) != seen {
+                            disarm_first_leader_options(&mut options, &stream);
+                        }
+                    }
+                    if !announced {
+                        tracing::info!(stream = %stream, instance = %holder,
+                            leader = ?current.as_ref().map(|l| l.holder.clone()),
+                            lease_expires_at = ?current.map(|l| l.expires_at),
+                            "standby: another instance holds the lease");
+                        announced = true;
+                    }
+                }
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!(error = %scrub(&e.to_string()), "cannot reach the lease; retrying")
+                }
+                Err(e) => return Err(WatchError::Database { context: "taking the lease", source: e }),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(heartbeat) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        };
+        if lease.previous_holder().is_some() {
+            telemetry.metrics.takeovers.inc();
+        }
+        telemetry.set_role(Role::Leader);
+        tracing::info!(stream = %stream, instance = %holder, epoch = lease.epoch(),
+            previous_leader = ?lease.previous_holder(), "leadership acquired");
+        let store = MongoCheckpoints::new(&dbs.archive, config, &stream, lease.epoch());
+        // The lease is kept alive from now on: the fence may wait behind a transaction that the
+        // previous leader left open when it died or was cut off, until the server aborts it
+        // (its transaction lifetime, 60 s by default), and the lease must not lapse meanwhile.
+        let leadership = shutdown.child_token();
+        let keeper = tokio::spawn(leadership::keep(lease, heartbeat, leadership.clone()));
+        let fenced = tokio::select! {
+            fenced = store.fence() => fenced.map_err(|e| scrub(&e.to_string())),
+            _ = leadership.cancelled() => Err("the lease was lost while fencing".to_owned()),
+        };
+        if let Err(error) = fenced {
+            leadership.cancel();
+            let released = keeper.await.map(|(lease, _)| lease);
+            if shutdown.is_cancelled() {
+                if let Ok(lease) = released {
+                    lease.release().await;
+                }
+                return Ok(());
+            }
+            tracing::warn!(error = %error, "could not fence the checkpoint; standing by");
+            tokio::time::sleep(heartbeat).await;
+            continue;
+        }
+        let result = lead(config, dbs, Store::Mongo(store), &options, telemetry, &leadership).await;
+        leadership.cancel();
+        let (lease, lost) = keeper
+            .await
+            .map_err(|e| WatchError::Database { context: "keeping the lease", source: Error::custom(e.to_string()) })?;
+        // Reset and catch-up are for the first leadership only.
+        options.reset_token = false;
+        options.catch_up = false;
+        if shutdown.is_cancelled() {
+            lease.release().await;
+            return result;
+        }
+        match result {
+            Ok(()) | Err(WatchError::Checkpoint(StoreError::Fenced(_)))
+                if lost || matches!(result, Err(WatchError::Checkpoint(StoreError::Fenced(_)))) =>
+            {
+                telemetry.set_role(Role::Standby);
+                telemetry.stream_lost("standby");
+                tracing::warn!(stream = %stream, "leadership lost; stopped writing, back to standby");
+            }
+            other => {
+                lease.release().await;
+                return other;
+            }
+        }
+    }
+}
+
+/// `--reset-token`, `--start-at` and `--catch-up` act on the stream's shared checkpoint, and only
+/// a process that leads from its start may use them: a standby taking over hours later would
+/// otherwise wipe the checkpoint another leader kept, or refuse to start. Once another instance
+/// is seen keeping the lease alive, they are dropped, with a warning.
+fn disarm_first_leader_options(options: &mut WatchOptions, stream: &str) {
+    let armed = [
+        ("--reset-token", options.reset_token),
+        ("--start-at", options.start.is_some()),
+        ("--catch-up", options.catch_up),
+    ];
+    let dropped: Vec<&str> = armed.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect();
+    if dropped.is_empty() {
+        return;
+    }
+    tracing::warn!(stream = %stream, options = ?dropped,
+        "another instance leads this stream: these options apply only to the first leader and are ignored");
+    options.reset_token = false;
+    options.start = None;
+    options.catch_up = false;
+}
+
+/// Streams as the writer of `store` until `stop` is cancelled or a fatal error.
+async fn lead(
+    config: &Config,
+    dbs: &Databases,
+    mut store: Store,
+    options: &WatchOptions,
+    telemetry: &Arc<Telemetry>,
+    stop: &CancellationToken,
+) -> Result<(), WatchError> {
+    let stream_name = coordination::stream_name(config);
+    // A database outage while taking over is ridden out like any other (shared store only: a
+    // token file's errors are never transient).
+    let keep_trying = RetryPolicy::unbounded(&config.retry);
+    let transient = StoreError::is_transient;
+    if options.reset_token {
+        let store = &mut store;
+        db::retry(&keep_trying, "resetting the checkpoint", transient, Some(stop), async || store.remove().await)
+            .await
+            .map_err(|failed| failed.error)?;
+        tracing::warn!(store = %store.describe(), "resume token reset on request (--reset-token)");
+    }
+    let saved = {
+        let store = &mut store;
+        db::retry(&keep_trying, "reading the checkpoint", transient, Some(stop), async || {
+            store.load(&stream_name).await
+        })
+        .await
+        .map_err(|failed| failed.error)?
+    };
+    if saved.is_some() && options.start.is_some() {
+        return Err(WatchError::Usage(format!(
+            "--start-at was given but a resume token exists in {}; add --reset-token to \
+             discard it, or drop --start-at to resume from it",
+            store.describe()
+        )));
+    }
+    match &saved {
+        Some(cp) => tracing::info!(store = %store.describe(), saved_at = %cp.saved_at,
+            "resuming after the saved token"),
+        None => tracing::info!(store = %store.describe(), "no resume token file; starting from now"),
+    }
+    let archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
+    let mut state = StreamState {
+        checkpoint: saved,
+        store,
+        namespace: stream_name,
+        start: options.start.unwrap_or(StartPosition::Now),
+        totals: Totals::default(),
+        retry: config.retry.clone(),
+        telemetry: telemetry.clone(),
+        write_timeout: Duration::from_millis(config.watch.write_timeout_ms),
+        max_batch_bytes: config.watch.batch_max_bytes,
+    };
+    if options.catch_up {
+        let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
+        let delivered = coordination::restrict_to_partition(config, delivered, "$_id");
+        fill(config, dbs, &mut state, delivered, "catch-up", stop).await?;
+    }
+    let mut delays = keep_trying.schedule();
+    let mut attempts = 0usize;
+    loop {
+        let (result, progressed) = run_stream(config, dbs, &archiver, &mut state, stop).await;
+        let error = match result {
+            Ok(()) => {
+                tracing::info!(
+                    events = state.totals.events,
+                    batches = state.totals.batches,
+                    archived = state.totals.written.inserted,
+                    already_archived = state.totals.written.already_archived,
+                    "watch stopped; position saved"
+                );
+                return Ok(());
+            }
+            Err(StreamFailure::Fatal(e)) => return Err(e),
+            Err(StreamFailure::Mongo(e, context)) => (e, context),
+        };
+        let (error, context) = error;
+        if stop.is_cancelled() {
+            // Asked to stop (or leadership lost) while the stream failed: the position saved is
+            // before anything unarchived, so stopping here loses nothing.
+            tracing::info!(error = %scrub(&error.to_string()), context, "stopping; position saved");
+            return Ok(());
+        }
+        telemetry.progressed();
+        if progressed {
+            delays = keep_trying.schedule();
+            attempts = 0;
+        }
+        let message = scrub(&error.to_string());
+        if is_history_lost(&error) {
+            state.totals.history_lost += 1;
+            telemetry.metrics.history_lost.inc();
+            telemetry.stream_lost("filling the gap after lost history");
+            tracing::error!(error = %message, checkpoint = ?state.checkpoint.as_ref().map(|c| c.saved_at),
+                "HISTORY LOST: the saved resume token is no longer in the oplog; filling the gap \
+                 from the orders collection, then streaming from before the fill");
+            let Some(checkpoint) = state.checkpoint.clone() else {
+                return Err(WatchError::HistoryLost(error));
+            };
+            let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
+                - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
+            fill(config, dbs, &mut state, gap_filter(config, since), "gap-fill", stop).await?;
+            if stop.is_cancelled() {
+                // The fill was interrupted; the next start fills again from the same position.
+                return Ok(());
+            }
+            continue;
+        }
+        if !is_transient(&error) {
+            return Err(WatchError::Database { context, source: error });
+        }
+        attempts += 1;
+        telemetry.stream_lost("reconnecting");
+        telemetry.metrics.reconnects.inc();
+        telemetry.metrics.retries.inc();
+        // The schedule of an unbounded policy never ends: a service keeps trying.
+        let delay = delays.next().unwrap_or(keep_trying.max_delay);
+        tracing::warn!(attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %message,
+            context, "transient database error; reopening the stream after the saved token");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// One life of the change stream. Returns whether any batch was archived, so that the caller
+/// can reset its backoff.
+async fn run_stream(
+    config: &Config,
+    dbs: &Databases,
+    archiver: &Archiver,
+    state: &mut StreamState,
+    shutdown: &CancellationToken,
+) -> (Result<(), StreamFailure>, bool) {
+    let mut progressed = false;
+    let result = async {
+        let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
+        let opened_at = Utc::now();
+        let stream = open_stream(config, dbs, resume, state.start)
+            .await
+            .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
+        tracing::info!(namespace = %state.namespace, "change stream open");
+        state.telemetry.stream_opened();
+        // Whatever was pending is replayed by this stream: nothing waits until it delivers.
+        state.telemetry.work_done();
+        // Record the starting point at once, so a crash before the first batch still resumes
+        // from here rather than from a later "now".
+        if state.checkpoint.is_none() {
+            if let Some(token) = stream.resume_token() {
+                persist(state, token, None, Some(opened_at), shutdown).await?;
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<Result<StreamBatch, Error>>(2);
+        let reader_stop = shutdown.child_token();
+        let reader = tokio::spawn(read_batches(
+            stream,
+            tx,
+            config.watch.batch_size,
+            Duration::from_millis(config.watch.batch_max_wait_ms),
+            open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
+            state.telemetry.clone(),
+            reader_stop.clone(),
+        ));
+        let _stop_reader = reader_stop.clone().drop_guard();
+        let outcome = loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                message = rx.recv() => message,
+            };
+            let Some(message) = message else { break Ok(()) };
+            let batch = match message {
+                Ok(batch) => batch,
+                Err(e) => break Err(StreamFailure::Mongo(e, "reading the change stream")),
+            };
+            if !batch.events.is_empty() {
+                state.telemetry.work_pending();
+            }
+            if let Err(e) = write_batch(archiver, state, batch, &mut progressed, shutdown).await {
+                break Err(e);
+            }
+            state.telemetry.work_done();
+        };
+        // The receiver goes first, so a reader parked on a full channel returns at once.
+        drop(rx);
+        reader_stop.cancel();
+        let _ = reader.await;
+        outcome
+    }
+    .await;
+    (result, progressed)
+}

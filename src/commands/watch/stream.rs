@@ -1,0 +1,280 @@
+//! The change stream: its server-side filter, where it starts, and the reader that cuts its
+//! events into batches for the writer. It knows nothing of how a batch is archived.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::DateTime;
+use mongodb::bson::{doc, Document, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::change_stream::ChangeStream;
+use mongodb::error::Error;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::coordination;
+use crate::db::{timed_out, Databases};
+use crate::error::UsageError;
+use crate::telemetry::Telemetry;
+
+/// Operation types after which a change stream cannot continue.
+pub(super) const INVALIDATING_OPERATIONS: &[&str] = &["drop", "rename", "dropDatabase", "invalidate"];
+
+/// Shortest `maxAwaitTimeMS`, so a zero batch wait does not turn into a busy loop.
+const MIN_AWAIT: Duration = Duration::from_millis(50);
+
+/// How often an idle stream's advancing position is saved.
+const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The fields of a change event that `watch` uses; the server projects away the rest.
+#[derive(Debug, Deserialize)]
+pub(super) struct StreamEvent {
+    #[serde(rename = "_id")]
+    pub(super) token: ResumeToken,
+    #[serde(rename = "operationType")]
+    pub(super) operation: String,
+    #[serde(rename = "documentKey", default)]
+    pub(super) document_key: Option<Document>,
+    #[serde(rename = "clusterTime", default)]
+    pub(super) cluster_time: Option<Timestamp>,
+    #[serde(rename = "wallTime", default)]
+    pub(super) wall_time: Option<mongodb::bson::DateTime>,
+}
+
+/// What the reader hands the writer.
+#[derive(Debug)]
+pub(super) struct StreamBatch {
+    pub(super) events: Vec<StreamEvent>,
+    /// Resume after this once the events are archived.
+    pub(super) token: Option<ResumeToken>,
+    /// Set when the stream ended on a drop/rename/invalidate event.
+    pub(super) invalidated: Option<String>,
+}
+
+/// The change stream pipeline: only changes that leave an order delivered, plus the events that
+/// end the stream, with only the fields `watch` reads.
+pub fn delivered_filter(config: &Config) -> Vec<Document> {
+    let status = &config.orders.fields.status;
+    let delivered = &config.orders.delivered_status;
+    let deliveries = doc! { "$or": [
+        {
+            "operationType": { "$in": ["insert", "replace"] },
+            format!("fullDocument.{status}"): delivered,
+        },
+        {
+            "operationType": "update",
+            format!("updateDescription.updatedFields.{status}"): delivered,
+        },
+    ] };
+    // A partitioned worker only receives its share, filtered by the server.
+    let deliveries = coordination::restrict_to_partition(config, deliveries, "$documentKey._id");
+    vec![
+        doc! { "$match": { "$or": [
+            deliveries,
+            { "operationType": { "$in": INVALIDATING_OPERATIONS } },
+        ] } },
+        doc! { "$project": { "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1 } },
+    ]
+}
+
+/// Where a stream without a saved token starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StartPosition {
+    /// Changes from the moment the stream opens.
+    Now,
+    /// Changes from this cluster time.
+    At(Timestamp),
+}
+
+impl StartPosition {
+    /// Parses `--start-at`: `now` or an RFC 3339 time.
+    pub fn parse(value: &str) -> Result<Self, UsageError> {
+        if value.eq_ignore_ascii_case("now") {
+            return Ok(StartPosition::Now);
+        }
+        let time = DateTime::parse_from_rfc3339(value)
+            .map_err(|e| UsageError(format!("--start-at {value:?}: expected `now` or an RFC 3339 time ({e})")))?;
+        let secs =
+            u32::try_from(time.timestamp()).map_err(|_| UsageError(format!("--start-at {value:?} is out of range")))?;
+        Ok(StartPosition::At(Timestamp { time: secs, increment: 0 }))
+    }
+}
+
+/// How long the server holds an idle getMore of the stream open.
+pub(super) fn open_stream_await(config: &Config) -> Duration {
+    Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT)
+}
+
+/// Opens the filtered stream after `resume`, or else at `start`.
+pub(super) async fn open_stream(
+    config: &Config,
+    dbs: &Databases,
+    resume: Option<&ResumeToken>,
+    start: StartPosition,
+) -> Result<ChangeStream<StreamEvent>, Error> {
+    let orders = dbs.source.collection::<Document>(&config.orders.collection);
+    let mut watch = orders
+        .watch()
+        .pipeline(delivered_filter(config))
+        .max_await_time(open_stream_await(config))
+        .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
+    watch = match (resume, start) {
+        (Some(token), _) => watch.resume_after(token.clone()),
+        (None, StartPosition::At(ts)) => watch.start_at_operation_time(ts),
+        (None, StartPosition::Now) => watch,
+    };
+    Ok(watch.await?.with_type::<StreamEvent>())
+}
+
+/// Hands `message` to the writer unless stopped first; false when the reader should end (stopped,
+/// or the writer is gone). Every send races `stop`: a writer that failed stops reading the
+/// channel, and a reader parked on a full channel would otherwise never return.
+async fn hand_over(
+    tx: &mpsc::Sender<Result<StreamBatch, Error>>,
+    message: Result<StreamBatch, Error>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => false,
+        sent = tx.send(message) => sent.is_ok(),
+    }
+}
+
+/// How many times the silence limit a stream may stay silent before it is reopened.
+const SILENT_STREAM_REOPEN_AFTER: u32 = 6;
+
+/// The stream's next answer. Silent for `silence_limit`, the stream is reported not ready (a
+/// network that went quiet, or a server too busy to answer); silent for
+/// [`SILENT_STREAM_REOPEN_AFTER`] times that, it fails with a transient error and is reopened. A
+/// late answer in between makes it ready again: reopening a slow stream would only repeat the
+/// slow read.
+async fn next_within(
+    stream: &mut ChangeStream<StreamEvent>,
+    silence_limit: Duration,
+    telemetry: &Telemetry,
+) -> Result<Option<StreamEvent>, Error> {
+    let next = stream.next_if_any();
+    tokio::pin!(next);
+    if let Ok(answer) = tokio::time::timeout(silence_limit, &mut next).await {
+        return answer;
+    }
+    tracing::warn!(silent_ms = silence_limit.as_millis() as u64, "the change stream does not answer; not ready");
+    telemetry.stream_lost("change stream silent");
+    let reopen_after = silence_limit * SILENT_STREAM_REOPEN_AFTER;
+    match tokio::time::timeout(reopen_after - silence_limit, &mut next).await {
+        Ok(answer) => {
+            if answer.is_ok() {
+                tracing::info!("the change stream answers again");
+                telemetry.stream_opened();
+            }
+            answer
+        }
+        Err(_) => Err(timed_out("reading the change stream", reopen_after)),
+    }
+}
+
+/// Pulls events and cuts them into batches until stopped or the stream fails. A stream that
+/// stays silent for `silence_limit` (beyond the server's await time, which already bounds an
+/// idle getMore) is taken for a network fault and reported as a transient error.
+pub(super) async fn read_batches(
+    mut stream: ChangeStream<StreamEvent>,
+    tx: mpsc::Sender<Result<StreamBatch, Error>>,
+    batch_size: usize,
+    max_wait: Duration,
+    silence_limit: Duration,
+    telemetry: Arc<Telemetry>,
+    stop: CancellationToken,
+) {
+    let mut last_token = stream.resume_token();
+    let mut last_idle_save = Instant::now();
+    loop {
+        let mut events: Vec<StreamEvent> = Vec::new();
+        let mut first_event_at: Option<Instant> = None;
+        let mut invalidated = None;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                next = next_within(&mut stream, silence_limit, &telemetry) => next,
+            };
+            match next {
+                Err(e) => {
+                    // Not ready from now on, even while the writer is still busy with (or stuck
+                    // on) the batch before: readiness tells the stream's state, not the writer's.
+                    telemetry.stream_lost("reconnecting");
+                    // Hand over what was read first: it is valid, only unsaved.
+                    if !events.is_empty() {
+                        let token = events.last().map(|e| e.token.clone());
+                        let batch = StreamBatch { events, token, invalidated: None };
+                        if !hand_over(&tx, Ok(batch), &stop).await {
+                            return;
+                        }
+                    }
+                    hand_over(&tx, Err(e), &stop).await;
+                    return;
+                }
+                Ok(Some(event)) if INVALIDATING_OPERATIONS.contains(&event.operation.as_str()) => {
+                    invalidated = Some(event.operation);
+                    break;
+                }
+                Ok(Some(event)) => {
+                    events.push(event);
+                    first_event_at.get_or_insert_with(Instant::now);
+                    if events.len() >= batch_size {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+            }
+            if first_event_at.is_some_and(|t| t.elapsed() >= max_wait) {
+                break;
+            }
+        }
+        let token = if invalidated.is_some() {
+            // Never save the invalidating event's own token: it cannot be resumed after.
+            events.last().map(|e| e.token.clone()).or_else(|| last_token.clone())
+        } else {
+            stream.resume_token()
+        };
+        if events.is_empty() && invalidated.is_none() {
+            // Idle: pass the advancing position on now and then, so a quiet collection's token
+            // stays inside the oplog window.
+            if token == last_token || last_idle_save.elapsed() < IDLE_CHECKPOINT_EVERY {
+                continue;
+            }
+            last_idle_save = Instant::now();
+        }
+        last_token = token.clone();
+        let done = invalidated.is_some();
+        if !hand_over(&tx, Ok(StreamBatch { events, token, invalidated }), &stop).await || done {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_matches_delivered_transitions_only() {
+        let mut config = Config::default();
+        config.orders.fields.status = "etat".into();
+        config.orders.delivered_status = "done".into();
+        let pipeline = delivered_filter(&config);
+        let or = pipeline[0].get_document("$match").unwrap().get_array("$or").unwrap();
+        let deliveries = or[0].as_document().unwrap().get_array("$or").unwrap();
+        let insert = deliveries[0].as_document().unwrap();
+        assert_eq!(insert.get_str("fullDocument.etat").unwrap(), "done");
+        let update = deliveries[1].as_document().unwrap();
+        assert_eq!(update.get_str("operationType").unwrap(), "update");
+        assert_eq!(update.get_str("updateDescription.updatedFields.etat").unwrap(), "done");
+        let ends = or[1].as_document().unwrap().get_document("operationType").unwrap();
+        assert_eq!(ends.get_array("$in").unwrap().len(), INVALIDATING_OPERATIONS.len());
+        let project = pipeline[1].get_document("$project").unwrap();
+        assert!(!project.contains_key("fullDocument"), "full documents are not shipped");
+    }
+}

@@ -1,0 +1,206 @@
+//! The writer: archives a batch of the stream (in slices when its documents are large), then
+//! saves its position, never before the archive acknowledged it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{Bson, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::error::Error;
+use tokio_util::sync::CancellationToken;
+
+use super::stream::{StartPosition, StreamBatch};
+use super::{Totals, WatchError};
+use crate::checkpoint::{Checkpoint, Store, StoreError};
+use crate::config::RetrySettings;
+use crate::db::{self, bounded, RetryPolicy};
+use crate::pipeline::order_id::equality_key;
+use crate::pipeline::sink::{Archiver, EventTimes, WriteOutcome};
+use crate::telemetry::Telemetry;
+
+/// How many orders a batch enriches at once before the size of an archive document is known.
+const FIRST_SLICE: usize = 50;
+
+/// What survives a stream restart.
+pub(super) struct StreamState {
+    pub(super) checkpoint: Option<Checkpoint>,
+    pub(super) store: Store,
+    pub(super) namespace: String,
+    pub(super) start: StartPosition,
+    pub(super) totals: Totals,
+    pub(super) retry: RetrySettings,
+    pub(super) telemetry: Arc<Telemetry>,
+    /// Longest wait for an archive write or a checkpoint save.
+    pub(super) write_timeout: Duration,
+    /// Most bytes of archive documents enriched and written at once.
+    pub(super) max_batch_bytes: u64,
+}
+
+/// Why a stream's life ended: for good, or on a database error the caller may ride out.
+pub(super) enum StreamFailure {
+    Fatal(WatchError),
+    Mongo(Error, &'static str),
+}
+
+impl From<StoreError> for StreamFailure {
+    fn from(e: StoreError) -> Self {
+        StreamFailure::Fatal(e.into())
+    }
+}
+
+impl From<StreamFailure> for WatchError {
+    fn from(failure: StreamFailure) -> Self {
+        match failure {
+            StreamFailure::Fatal(e) => e,
+            StreamFailure::Mongo(source, context) => WatchError::Database { context, source },
+        }
+    }
+}
+
+/// Archives one batch, then saves its token.
+pub(super) async fn write_batch(
+    archiver: &Archiver,
+    state: &mut StreamState,
+    batch: StreamBatch,
+    progressed: &mut bool,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamFailure> {
+    if !batch.events.is_empty() {
+        let started = Instant::now();
+        let mut times = EventTimes::with_capacity(batch.events.len());
+        let mut ids: Vec<Bson> = Vec::with_capacity(batch.events.len());
+        for event in &batch.events {
+            let Some(id) = event.document_key.as_ref().and_then(|k| k.get("_id")) else { continue };
+            let time = event.wall_time.or_else(|| {
+                event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
+            });
+            // A repeated id (delivered twice in one batch) is archived once.
+            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(equality_key(id)) {
+                slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
+                ids.push(id.clone());
+            }
+        }
+        let metrics = &state.telemetry.metrics;
+        metrics.events_received.inc_by(batch.events.len() as u64);
+        let last = batch.events.last().expect("non-empty");
+        let wall_time: Option<DateTime<Utc>> = last
+            .wall_time
+            .map(|t| t.to_chrono())
+            .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
+        let cluster_time = last.cluster_time;
+        // A batch whose documents would exceed the byte bound is enriched and written in slices
+        // (its checkpoint still saved only after the last), so memory stays bounded whatever the
+        // size of the orders. Until the size of a document is known, slices are small.
+        let slice_len = match archiver.document_bytes() {
+            Some(bytes) => (state.max_batch_bytes / bytes.max(1)).max(1) as usize,
+            None => FIRST_SLICE,
+        };
+        let limit = state.write_timeout;
+        let mut outcome = WriteOutcome::default();
+        for slice in ids.chunks(slice_len) {
+            match bounded(archiver.archive_ids(slice, &times), "archiving a batch", limit, shutdown).await {
+                Ok(written) => outcome += written,
+                Err(e) => {
+                    state.telemetry.write_result(false);
+                    return Err(StreamFailure::Mongo(e, "archiving a batch"));
+                }
+            }
+        }
+        state.telemetry.write_result(true);
+        metrics.orders_archived.inc_by(outcome.inserted);
+        metrics.orders_already_archived.inc_by(outcome.already_archived);
+        metrics.anomalies.inc_by(outcome.anomalies);
+        metrics.dead_letters.inc_by(outcome.dead_lettered);
+        metrics.batches.inc();
+        metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+        let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
+        if let Some(lag) = lag_ms {
+            metrics.lag.observe(lag as f64 / 1000.0);
+        }
+        state.totals.events += batch.events.len() as u64;
+        state.totals.batches += 1;
+        state.totals.written += outcome;
+        *progressed = true;
+        tracing::info!(
+            batch_len = batch.events.len(),
+            orders = ids.len(),
+            slices = ids.len().div_ceil(slice_len),
+            inserted = outcome.inserted,
+            already_archived = outcome.already_archived,
+            anomalies = outcome.anomalies,
+            dead_lettered = outcome.dead_lettered,
+            lag_ms,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "batch archived"
+        );
+        if let Some(token) = batch.token.clone() {
+            persist(state, token, cluster_time, wall_time, shutdown).await?;
+        }
+    } else if let Some(token) = batch.token.clone() {
+        let (ct, wt) = state
+            .checkpoint
+            .as_ref()
+            .map(|c| (c.last_event_cluster_time, c.last_event_wall_time))
+            .unwrap_or((None, None));
+        if persist(state, token, ct, wt, shutdown).await? {
+            tracing::debug!("idle stream: resume token advanced");
+        }
+    }
+    if let Some(operation) = batch.invalidated {
+        return Err(StreamFailure::Fatal(WatchError::Invalidated { namespace: state.namespace.clone(), operation }));
+    }
+    Ok(())
+}
+
+/// Saves the position, retrying with backoff while the disk (or the shared store) refuses.
+/// Until it succeeds no further batch is taken, so the token never runs ahead of the archive.
+/// Past the retry bounds a disk error is fatal (exit 3), and a database error ends the stream's
+/// life like any other (it reopens after the saved token). A fenced save (a newer leader) fails
+/// at once.
+pub(super) async fn persist(
+    state: &mut StreamState,
+    token: ResumeToken,
+    cluster_time: Option<Timestamp>,
+    wall_time: Option<DateTime<Utc>>,
+    shutdown: &CancellationToken,
+) -> Result<bool, StreamFailure> {
+    let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
+    let policy = RetryPolicy::bounded(&state.retry);
+    let retryable = |e: &StoreError| matches!(e, StoreError::Unwritable { .. }) || e.is_transient();
+    let (store, telemetry, limit) = (&mut state.store, &state.telemetry, state.write_timeout);
+    let save = async || {
+        // Waiting is progress of a kind: the liveness probe must not restart a process that
+        // only waits for its disk or its database to come back.
+        telemetry.progressed();
+        let save = async { Ok(store.save(&checkpoint).await) };
+        bounded(save, "saving the checkpoint", limit, shutdown)
+            .await
+            .unwrap_or_else(|source| Err(StoreError::Database { context: "saving the checkpoint", source }))
+    };
+    match db::retry(
+        &policy,
+        "cannot save the resume token; holding new batches until it can be saved",
+        retryable,
+        Some(shutdown),
+        save,
+    )
+    .await
+    {
+        Ok(written) => {
+            saved(state, checkpoint);
+            Ok(written)
+        }
+        Err(failed) => Err(match failed.error {
+            StoreError::Database { source, context } => StreamFailure::Mongo(source, context),
+            other => StreamFailure::Fatal(other.into()),
+        }),
+    }
+}
+
+/// Records a durable checkpoint in memory and in the metrics.
+pub(super) fn saved(state: &mut StreamState, checkpoint: Checkpoint) {
+    let position = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at);
+    state.telemetry.checkpoint_saved(Some(position.timestamp_millis()));
+    state.checkpoint = Some(checkpoint);
+}

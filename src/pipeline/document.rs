@@ -1,0 +1,255 @@
+//! The archive document: its fields, the anomalies it may name, the source it records, and the
+//! shape of an order that vanished before it could be enriched. Defined once here; the two
+//! enrichers ([`super::lookup`], [`super::join`]) build it from these definitions.
+
+use mongodb::bson::{Bson, Document};
+
+use crate::config::{LookupDef, Lookups, OrderFields};
+
+/// Which command archived a document (`archive_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveSource {
+    /// `archiver watch`.
+    Watch,
+    /// `archiver batch` (and gap-fills).
+    Batch,
+}
+
+impl ArchiveSource {
+    /// The stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveSource::Watch => "watch",
+            ArchiveSource::Batch => "batch",
+        }
+    }
+}
+
+/// Anomaly names written into `anomalies`.
+pub mod anomaly {
+    /// No customer with the order's `client_id`.
+    pub const CLIENT_INTROUVABLE: &str = "client_introuvable";
+    /// A courier id is set but no such courier exists.
+    pub const LIVREUR_INTROUVABLE: &str = "livreur_introuvable";
+    /// No restaurant with the order's `restaurant_id`.
+    pub const RESTAURANT_INTROUVABLE: &str = "restaurant_introuvable";
+    /// At least one item's menu entry does not exist.
+    pub const MENU_INTROUVABLE: &str = "menu_introuvable";
+    /// `numero_commande` missing or not a string.
+    pub const NUMERO_COMMANDE_INVALIDE: &str = "numero_commande_invalide";
+    /// `items` missing or not an array.
+    pub const ITEMS_INVALIDES: &str = "items_invalides";
+    /// An item's quantity is missing or not a number.
+    pub const QUANTITE_INVALIDE: &str = "quantite_invalide";
+    /// `date_commande` missing or not a date.
+    pub const DATE_COMMANDE_INVALIDE: &str = "date_commande_invalide";
+    /// `montant_total` present but not a number.
+    pub const MONTANT_TOTAL_INVALIDE: &str = "montant_total_invalide";
+    /// The order was deleted before it could be enriched; only its id is known.
+    pub const COMMANDE_INTROUVABLE: &str = "commande_introuvable";
+}
+
+/// The archive document's fields, by their stored names.
+pub mod field {
+    /// The order's `_id`, unchanged: what makes every write idempotent.
+    pub const ID: &str = "_id";
+    /// Copied from the order.
+    pub const NUMERO_COMMANDE: &str = "numero_commande";
+    /// Copied from the order.
+    pub const STATUS: &str = "status";
+    /// Copied from the order.
+    pub const DATE_COMMANDE: &str = "date_commande";
+    /// Copied from the order.
+    pub const DATE_LIVRAISON: &str = "date_livraison";
+    /// Copied from the order.
+    pub const MONTANT_TOTAL: &str = "montant_total";
+    /// The customer, or null when not found.
+    pub const CLIENT: &str = "client";
+    /// The courier, or null when not set or not found.
+    pub const LIVREUR: &str = "livreur";
+    /// The restaurant, or null when not found.
+    pub const RESTAURANT: &str = "restaurant";
+    /// The items, each with its menu entry.
+    pub const ITEMS: &str = "items";
+    /// When the document was written.
+    pub const ARCHIVED_AT: &str = "archived_at";
+    /// Which command wrote it ([`super::ArchiveSource`]).
+    pub const ARCHIVE_SOURCE: &str = "archive_source";
+    /// What could not be enriched ([`super::anomaly`]).
+    pub const ANOMALIES: &str = "anomalies";
+    /// Every field, in stored order.
+    pub const ALL: [&str; 13] = [
+        ID,
+        NUMERO_COMMANDE,
+        STATUS,
+        DATE_COMMANDE,
+        DATE_LIVRAISON,
+        MONTANT_TOTAL,
+        CLIENT,
+        LIVREUR,
+        RESTAURANT,
+        ITEMS,
+        ARCHIVED_AT,
+        ARCHIVE_SOURCE,
+        ANOMALIES,
+    ];
+}
+
+/// The fields of one entry of `items`, by their stored names.
+pub mod item_field {
+    /// The item's menu reference, as in the order.
+    pub const MENU_ID: &str = "menu_id";
+    /// The menu entry's name.
+    pub const NOM: &str = "nom";
+    /// The menu entry's price.
+    pub const PRIX: &str = "prix";
+    /// The quantity, as in the order.
+    pub const QUANTITE: &str = "quantite";
+    /// `prix × quantite` when both are numbers, else null.
+    pub const SOUS_TOTAL: &str = "sous_total";
+}
+
+/// The fields copied from the order, in stored order.
+const COPIED: [&str; 5] =
+    [field::NUMERO_COMMANDE, field::STATUS, field::DATE_COMMANDE, field::DATE_LIVRAISON, field::MONTANT_TOTAL];
+
+/// The joined references, in stored order.
+const JOINED: [&str; 3] = [field::CLIENT, field::LIVREUR, field::RESTAURANT];
+
+/// The order fields copied as they are, in stored order: (archive field, the order's field).
+pub fn copied_fields(f: &OrderFields) -> [(&'static str, &str); 5] {
+    let sources = [&f.numero_commande, &f.status, &f.date_commande, &f.date_livraison, &f.montant_total];
+    [0, 1, 2, 3, 4].map(|i| (COPIED[i], sources[i].as_str()))
+}
+
+/// The joined references, in stored order: (archive field, how it is found).
+pub fn references(l: &Lookups) -> [(&'static str, &LookupDef); 3] {
+    let defs = [&l.client, &l.livreur, &l.restaurant];
+    [0, 1, 2].map(|i| (JOINED[i], defs[i]))
+}
+
+/// What an anomaly checks; each enricher evaluates it its own way (an expression on the server,
+/// a test in the client), on the fields of the archive document being built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The field is not a string.
+    NotString(&'static str),
+    /// The field is not a date.
+    NotDate(&'static str),
+    /// The field is set (not null) but not a number.
+    SetButNotNumber(&'static str),
+    /// The reference was not found.
+    NotFound(&'static str),
+    /// The reference was not found although the order names one (an unassigned courier is not
+    /// an anomaly).
+    NamedButNotFound(&'static str),
+    /// The order's items are not an array.
+    ItemsNotArray,
+    /// An item's menu entry was not found.
+    MenuEntryNotFound,
+    /// An item's quantity is not a number.
+    QuantityNotNumber,
+}
+
+/// The anomalies and their checks, in the order they are listed in `anomalies`.
+pub const ANOMALY_CHECKS: [(&str, Check); 9] = [
+    (anomaly::NUMERO_COMMANDE_INVALIDE, Check::NotString(field::NUMERO_COMMANDE)),
+    (anomaly::DATE_COMMANDE_INVALIDE, Check::NotDate(field::DATE_COMMANDE)),
+    (anomaly::MONTANT_TOTAL_INVALIDE, Check::SetButNotNumber(field::MONTANT_TOTAL)),
+    (anomaly::CLIENT_INTROUVABLE, Check::NotFound(field::CLIENT)),
+    (anomaly::LIVREUR_INTROUVABLE, Check::NamedButNotFound(field::LIVREUR)),
+    (anomaly::RESTAURANT_INTROUVABLE, Check::NotFound(field::RESTAURANT)),
+    (anomaly::ITEMS_INVALIDES, Check::ItemsNotArray),
+    (anomaly::MENU_INTROUVABLE, Check::MenuEntryNotFound),
+    (anomaly::QUANTITE_INVALIDE, Check::QuantityNotNumber),
+];
+
+/// The values of one archive document, put in stored order by [`Parts::into_document`]: what the
+/// client-side join and the vanished-order shape build (the server pipeline builds the same
+/// fields from [`copied_fields`], [`references`] and [`ANOMALY_CHECKS`]).
+#[derive(Debug, Clone)]
+pub struct Parts {
+    /// The order's `_id`.
+    pub id: Bson,
+    /// The values of [`copied_fields`], in their order.
+    pub copied: [Bson; 5],
+    /// The values of [`references`], in their order.
+    pub references: [Bson; 3],
+    /// The shaped items.
+    pub items: Vec<Bson>,
+    /// When the document is written.
+    pub archived_at: mongodb::bson::DateTime,
+    /// Which command writes it.
+    pub source: ArchiveSource,
+    /// The names of the anomalies found.
+    pub anomalies: Vec<Bson>,
+}
+
+impl Parts {
+    /// The value of a copied or referenced field, by its archive name (null for any other).
+    pub fn get(&self, name: &str) -> &Bson {
+        if let Some(i) = COPIED.iter().position(|n| *n == name) {
+            return &self.copied[i];
+        }
+        match JOINED.iter().position(|n| *n == name) {
+            Some(i) => &self.references[i],
+            None => &Bson::Null,
+        }
+    }
+
+    /// The archive document.
+    pub fn into_document(self) -> Document {
+        let mut document = Document::new();
+        document.insert(field::ID, self.id);
+        for (name, value) in COPIED.into_iter().zip(self.copied) {
+            document.insert(name, value);
+        }
+        for (name, value) in JOINED.into_iter().zip(self.references) {
+            document.insert(name, value);
+        }
+        document.insert(field::ITEMS, self.items);
+        document.insert(field::ARCHIVED_AT, self.archived_at);
+        document.insert(field::ARCHIVE_SOURCE, self.source.as_str());
+        document.insert(field::ANOMALIES, self.anomalies);
+        document
+    }
+}
+
+/// The archive document for an order that vanished before it could be enriched: never drop a
+/// delivered order silently, even when all that is left of it is its id.
+pub fn vanished_order_document(id: Bson, delivered_status: &str, source: ArchiveSource) -> Document {
+    Parts {
+        id,
+        copied: [Bson::Null, Bson::from(delivered_status), Bson::Null, Bson::Null, Bson::Null],
+        references: [Bson::Null, Bson::Null, Bson::Null],
+        items: Vec::new(),
+        archived_at: mongodb::bson::DateTime::now(),
+        source,
+        anomalies: vec![Bson::from(anomaly::COMMANDE_INTROUVABLE)],
+    }
+    .into_document()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_order_is_the_declared_one() {
+        let d = vanished_order_document(Bson::Int32(7), "livrée", ArchiveSource::Batch);
+        assert_eq!(d.keys().map(String::as_str).collect::<Vec<_>>(), field::ALL);
+        let f = OrderFields::default();
+        let copied: Vec<&str> = copied_fields(&f).iter().map(|(name, _)| *name).collect();
+        assert_eq!(copied, field::ALL[1..6]);
+        let l = Lookups::default();
+        let joined: Vec<&str> = references(&l).iter().map(|(name, _)| *name).collect();
+        assert_eq!(joined, field::ALL[6..9]);
+    }
+
+    #[test]
+    fn vanished_order_is_flagged() {
+        let d = vanished_order_document(Bson::Int32(7), "livrée", ArchiveSource::Watch);
+        assert_eq!(d.get_array("anomalies").unwrap(), &vec![Bson::from("commande_introuvable")]);
+        assert_eq!(d.get_str("archive_source").unwrap(), "watch");
+    }
+}

@@ -1,0 +1,39 @@
+//! The Prometheus metrics of `watch`, registered once.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// The metrics `watch` updates.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Change events received (after the server-side filter).
+    pub events_received: Counter,
+    /// Archive documents created.
+    pub orders_archived: Counter,
+    /// Orders found already archived (replays, overlaps).
+    pub orders_already_archived: Counter,
+    /// Archive documents written with anomalies.
+    pub anomalies: Counter,
+    /// Orders recorded in the dead-letter collection.
+    pub dead_letters: Counter,
+    /// Failed batch writes (each is retried).
+    pub write_errors: Counter,
+    /// Retries after transient errors.
+    pub retries: Counter,
+    /// Stream reopenings after an error.
+    pub reconnects: Counter,
+    /// Times the saved position had fallen out of the oplog.
+    pub history_lost: Counter,
+    /// Batches archived.
+    pub batches: Counter,
+    /// Leaderships taken over from another instance.
+    pub takeovers: Counter,
+    pub leader: Gauge,
+    /// Time to enrich and write a batch.
+    pub batch_duration: Histogram,
+    /// Event time (cluster wall time) to archive write.
+    pub lag: Histogram,
+    pub seconds_since_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub token_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}

@@ -1,0 +1,328 @@
+//! What operators see of a running `watch`: HTTP probes (`/health/live`, `/health/ready`,
+//! `/health/startup`) in [`http`], Prometheus metrics in [`metrics`], and systemd notifications
+//! (READY, STOPPING, WATCHDOG) in [`notify`]. The state behind them ([`Telemetry`]) is what the
+//! pipeline reports into; this module knows nothing of the pipeline itself.
+
+mod http;
+mod metrics;
+mod notify;
+
+pub use http::serve;
+pub use metrics::Metrics;
+pub use notify::spawn_watchdog;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Shared state of the probes and metrics.
+#[derive(Debug)]
+pub struct Telemetry {
+    /// The metrics.
+    pub metrics: Metrics,
+    registry: Registry,
+    started: AtomicBool,
+    stream_open: AtomicBool,
+    healthy_writes: AtomicBool,
+    stopping: AtomicBool,
+    /// Unix millis of the last checkpoint save, 0 if none.
+    last_checkpoint_ms: AtomicI64,
+    /// Unix millis of the position the saved token stands for, 0 if unknown.
+    token_time_ms: AtomicI64,
+    reason: Mutex<&'static str>,
+    role: Mutex<Role>,
+    /// Unix millis since when work has been waiting (a batch received, a failed write to
+    /// retry), 0 when none: liveness is about progress on pending work, not about idleness.
+    pending_since_ms: AtomicI64,
+    /// Unix millis of the last step forward (a batch archived, a retry attempted).
+    progress_ms: AtomicI64,
+    /// How long pending work may see no progress before the process counts as stuck.
+    liveness_timeout_ms: AtomicI64,
+}
+
+/// Whether this process writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The only writer, without a lease (file checkpoints).
+    Single,
+    /// Holds the lease and writes.
+    Leader,
+    /// Waits for the lease.
+    Standby,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("archiver");
+        let metrics = Metrics {
+            events_received: Counter::default(),
+            orders_archived: Counter::default(),
+            orders_already_archived: Counter::default(),
+            anomalies: Counter::default(),
+            dead_letters: Counter::default(),
+            write_errors: Counter::default(),
+            retries: Counter::default(),
+            reconnects: Counter::default(),
+            history_lost: Counter::default(),
+            batches: Counter::default(),
+            takeovers: Counter::default(),
+            leader: Gauge::default(),
+            batch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            lag: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            seconds_since_checkpoint: Gauge::default(),
+            token_age: Gauge::default(),
+        };
+        metrics.leader.set(1);
+        let m = &metrics;
+        registry.register("events_received", "Change events received", m.events_received.clone());
+        registry.register("orders_archived", "Archive documents created", m.orders_archived.clone());
+        registry.register(
+            "orders_already_archived",
+            "Orders found already archived",
+            m.orders_already_archived.clone(),
+        );
+        registry.register("anomalies", "Archive documents written with anomalies", m.anomalies.clone());
+        registry.register("dead_letters", "Orders recorded in the dead-letter collection", m.dead_letters.clone());
+        registry.register("write_errors", "Failed archive writes", m.write_errors.clone());
+        registry.register("retries", "Retries after transient errors", m.retries.clone());
+        registry.register("reconnects", "Change stream reopenings", m.reconnects.clone());
+        registry.register(
+            "history_lost",
+            "Saved positions found outside the oplog (gap-filled)",
+            m.history_lost.clone(),
+        );
+        registry.register("batches", "Batches archived", m.batches.clone());
+        registry.register("takeovers", "Leaderships taken over from another instance", m.takeovers.clone());
+        registry.register("leader", "1 when this process writes (leader or single), 0 as a standby", m.leader.clone());
+        registry.register("batch_duration_seconds", "Time to enrich and write a batch", m.batch_duration.clone());
+        registry.register("lag_seconds", "Event time to archive write", m.lag.clone());
+        registry.register(
+            "seconds_since_last_checkpoint",
+            "Seconds since the resume token was last saved",
+            m.seconds_since_checkpoint.clone(),
+        );
+        registry.register(
+            "resume_token_age_seconds",
+            "Age of the position the saved token stands for",
+            m.token_age.clone(),
+        );
+        let build: Family<Vec<(String, String)>, Gauge> = Family::default();
+        build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        registry.register("build_info", "Build information", build);
+        Telemetry {
+            metrics,
+            registry,
+            started: AtomicBool::new(false),
+            stream_open: AtomicBool::new(false),
+            healthy_writes: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+            last_checkpoint_ms: AtomicI64::new(0),
+            token_time_ms: AtomicI64::new(0),
+            reason: Mutex::new("starting"),
+            role: Mutex::new(Role::Single),
+            pending_since_ms: AtomicI64::new(0),
+            progress_ms: AtomicI64::new(0),
+            liveness_timeout_ms: AtomicI64::new(120_000),
+        }
+    }
+
+    /// Sets the role shown by the probes and the `archiver_leader` gauge.
+    pub fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+        self.metrics.leader.set(i64::from(role != Role::Standby));
+        if role == Role::Standby {
+            self.started.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_reason(&self, reason: &'static str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// The stream is open: started and ready.
+    pub fn stream_opened(&self) {
+        self.started.store(true, Ordering::SeqCst);
+        self.stream_open.store(true, Ordering::SeqCst);
+        self.set_reason("streaming");
+        notify::send(&[notify::Notice::Ready, notify::Notice::Status("streaming")]);
+    }
+
+    /// The stream failed and is being reopened (or the process is filling a gap).
+    pub fn stream_lost(&self, reason: &'static str) {
+        self.stream_open.store(false, Ordering::SeqCst);
+        self.set_reason(reason);
+        notify::send(&[notify::Notice::Status(reason)]);
+    }
+
+    /// A batch write failed or succeeded.
+    pub fn write_result(&self, ok: bool) {
+        self.healthy_writes.store(ok, Ordering::SeqCst);
+        if !ok {
+            self.metrics.write_errors.inc();
+        }
+    }
+
+    /// A checkpoint was saved for a position at `position_ms` (Unix millis, if known).
+    pub fn checkpoint_saved(&self, position_ms: Option<i64>) {
+        self.last_checkpoint_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+        if let Some(ms) = position_ms {
+            self.token_time_ms.store(ms, Ordering::SeqCst);
+        }
+    }
+
+    /// Sets how long pending work may go without progress before the process counts as stuck.
+    pub fn set_liveness_timeout(&self, timeout: Duration) {
+        self.liveness_timeout_ms.store(timeout.as_millis().min(i64::MAX as u128) as i64, Ordering::SeqCst);
+    }
+
+    /// Work is waiting to be done (kept from the first call until [`Telemetry::work_done`]).
+    pub fn work_pending(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let _ = self.pending_since_ms.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// A step forward on pending work that did not finish it (a retry attempted).
+    pub fn progressed(&self) {
+        self.progress_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+    }
+
+    /// Nothing is waiting any more.
+    pub fn work_done(&self) {
+        self.progressed();
+        self.pending_since_ms.store(0, Ordering::SeqCst);
+    }
+
+    /// How long pending work has gone without progress, when that is longer than allowed.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let pending_since = self.pending_since_ms.load(Ordering::SeqCst);
+        if pending_since == 0 {
+            return None;
+        }
+        let last = pending_since.max(self.progress_ms.load(Ordering::SeqCst));
+        let quiet = chrono::Utc::now().timestamp_millis() - last;
+        (quiet > self.liveness_timeout_ms.load(Ordering::SeqCst)).then(|| Duration::from_millis(quiet as u64))
+    }
+
+    /// Shutting down: not ready any more.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stream_open.store(false, Ordering::SeqCst);
+        self.set_reason("shutting down");
+        notify::send(&[notify::Notice::Stopping]);
+    }
+
+    /// Ready: stream open, last write fine, not stopping.
+    pub fn is_ready(&self) -> (bool, &'static str) {
+        let ready = self.stream_open.load(Ordering::SeqCst)
+            && self.healthy_writes.load(Ordering::SeqCst)
+            && !self.stopping.load(Ordering::SeqCst);
+        let reason = *self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        (ready, if !ready && reason == "streaming" { "last write failed" } else { reason })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let now = chrono::Utc::now().timestamp_millis();
+        let age = |ms: i64| if ms == 0 { f64::NAN } else { (now - ms) as f64 / 1000.0 };
+        self.metrics.seconds_since_checkpoint.set(age(self.last_checkpoint_ms.load(Ordering::SeqCst)));
+        self.metrics.token_age.set(age(self.token_time_ms.load(Ordering::SeqCst)));
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_stream_and_writes() {
+        let t = Telemetry::new();
+        assert_eq!(t.is_ready(), (false, "starting"));
+        t.stream_opened();
+        assert!(t.is_ready().0);
+        t.write_result(false);
+        assert_eq!(t.is_ready(), (false, "last write failed"));
+        t.write_result(true);
+        t.stream_lost("reconnecting");
+        assert_eq!(t.is_ready(), (false, "reconnecting"));
+        t.stream_opened();
+        t.stopping();
+        assert_eq!(t.is_ready(), (false, "shutting down"));
+    }
+
+    #[test]
+    fn liveness_means_progress_on_pending_work() {
+        let t = Telemetry::new();
+        t.set_liveness_timeout(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.stalled_for(), None, "idle is not stalled");
+        t.work_pending();
+        assert_eq!(t.stalled_for(), None, "just pending");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(t.stalled_for().is_some(), "pending without progress");
+        t.progressed();
+        assert_eq!(t.stalled_for(), None, "a retry is progress");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(t.stalled_for().is_some());
+        t.work_done();
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.stalled_for(), None, "nothing pending any more");
+    }
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let t = Telemetry::new();
+        t.metrics.orders_archived.inc_by(3);
+        t.checkpoint_saved(Some(chrono::Utc::now().timestamp_millis() - 2000));
+        let text = t.render();
+        for name in [
+            "archiver_events_received_total",
+            "archiver_orders_archived_total 3",
+            "archiver_anomalies_total",
+            "archiver_dead_letters_total",
+            "archiver_write_errors_total",
+            "archiver_retries_total",
+            "archiver_reconnects_total",
+            "archiver_batches_total",
+            "archiver_batch_duration_seconds_bucket",
+            "archiver_lag_seconds_bucket",
+            "archiver_seconds_since_last_checkpoint",
+            "archiver_resume_token_age_seconds",
+            "archiver_build_info{version=",
+            "archiver_history_lost_total",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
