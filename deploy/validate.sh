@@ -3,7 +3,7 @@
 # checked, what needs a tool that is absent is skipped with a message, and any real failure makes
 # the script exit 1. Run from anywhere:
 #
-#   bash deploy/validate.sh            # the checks below (about 10 seconds)
+#   bash deploy/validate.sh            # the checks below (about 15 seconds)
 #   bash deploy/validate.sh --build    # also replay the Dockerfile's build stage (~15 minutes)
 #
 # What it checks, when the tool it needs is there:
@@ -25,6 +25,12 @@
 #   Windows   the PowerShell scripts parse (pwsh if present, else the tree-sitter PowerShell
 #             grammar if installed), are ASCII (Windows PowerShell 5.1 reads BOM-less files as
 #             ANSI), use only NSSM settings that exist, and keep exit codes 2-5 from restarting.
+#   monitoring  promtool check rules and test rules on deploy/prometheus/ (promtool fetched from
+#             the Debian/Ubuntu package prometheus when missing: apt-get download + dpkg -x into
+#             ~/.cache, no server installed; a failure to fetch it fails under CI=true); every
+#             alert has for:, severity, annotations, a runbook heading in docs/operating.md, a
+#             firing and a quiet test; the Grafana dashboard's JSON structure, its queries parsed
+#             by promtool; the metrics both name are exported by src/ (or announced) and documented.
 #   config    the configuration each target ships (archiver.toml in the ConfigMap, the env
 #             example, compose's and the image's environment) loads in the real binary without a
 #             configuration error (needs a binary: --build, $ARCHIVER_BIN, or target/*/archiver).
@@ -98,6 +104,9 @@ EXPECTED_FILES=(
   deploy/kubernetes/service.yaml
   deploy/kubernetes/cronjob.yaml
   deploy/kubernetes/kustomization.yaml
+  deploy/prometheus/alerts.yml
+  deploy/prometheus/alerts.test.yml
+  deploy/grafana/archiver.json
 )
 missing=0
 for f in "${EXPECTED_FILES[@]}"; do
@@ -812,6 +821,274 @@ extra = sorted(set(archiver_names) - DOCUMENTED)
 if extra:
     info(f"beyond the documented list, read by src/cli.rs: {', '.join(extra)}")
 PYEOF
+fi
+
+# ----------------------------------------------------------------------------------------------
+section "monitoring: Prometheus rules, Grafana dashboard"
+# promtool comes from Debian's (or Ubuntu's) `prometheus` package. Installing that package would
+# also install, and on a machine run by systemd start, a Prometheus server: the .deb is fetched
+# with `apt-get download` and unpacked with `dpkg -x` into a cache directory instead, for its
+# promtool alone (a statically linked Go binary). About 20 MB, a few seconds.
+PROMTOOL_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/archiver-deploy/prometheus"
+fetch_promtool() {
+  command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1 || return 1
+  local dl="$SCRATCH/prometheus-deb" started=$SECONDS
+  mkdir -p "$dl"
+  # apt's sandbox user must be able to write there, or apt warns and downloads as root anyway.
+  chmod 777 "$dl"
+  if ! (cd "$dl" && apt-get download -qq prometheus) >"$SCRATCH/promtool-fetch.log" 2>&1; then
+    # A clean machine has no package lists yet: fetch them (root, or sudo without a password).
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+    "${sudo[@]}" apt-get update -qq >>"$SCRATCH/promtool-fetch.log" 2>&1 || return 1
+    (cd "$dl" && apt-get download -qq prometheus) >>"$SCRATCH/promtool-fetch.log" 2>&1 || return 1
+  fi
+  rm -rf "$PROMTOOL_DIR"
+  mkdir -p "$PROMTOOL_DIR"
+  dpkg -x "$dl"/prometheus_*.deb "$PROMTOOL_DIR" >>"$SCRATCH/promtool-fetch.log" 2>&1 || return 1
+  [ -x "$PROMTOOL_DIR/usr/bin/promtool" ] || return 1
+  info "promtool fetched from the prometheus package ($(basename "$dl"/prometheus_*.deb)) in $((SECONDS - started)) s"
+}
+PROMTOOL="${PROMTOOL:-$(command -v promtool || true)}"
+if [ -z "$PROMTOOL" ] && [ -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+  PROMTOOL="$PROMTOOL_DIR/usr/bin/promtool"
+fi
+if [ -z "$PROMTOOL" ]; then
+  info "promtool missing: apt-get download prometheus, unpacked into $PROMTOOL_DIR"
+  if fetch_promtool; then
+    PROMTOOL="$PROMTOOL_DIR/usr/bin/promtool"
+  else
+    indent < "$SCRATCH/promtool-fetch.log"
+  fi
+fi
+if [ -n "$PROMTOOL" ] && "$PROMTOOL" --version >/dev/null 2>&1; then
+  info "$("$PROMTOOL" --version 2>&1 | head -1)"
+  if out="$("$PROMTOOL" check rules deploy/prometheus/alerts.yml 2>&1)"; then
+    pass "promtool check rules deploy/prometheus/alerts.yml: $(printf '%s\n' "$out" | grep -o '[0-9]* rules found')"
+  else
+    fail "promtool check rules deploy/prometheus/alerts.yml:"; printf '%s\n' "$out" | indent
+  fi
+  if out="$("$PROMTOOL" test rules deploy/prometheus/alerts.test.yml 2>&1)"; then
+    pass "promtool test rules deploy/prometheus/alerts.test.yml ($(grep -c '^  - name:' deploy/prometheus/alerts.test.yml) cases)"
+  else
+    fail "promtool test rules deploy/prometheus/alerts.test.yml:"; printf '%s\n' "$out" | indent
+  fi
+else
+  PROMTOOL=""
+  # CI must not pass without the rules checked; a developer without apt gets a skip.
+  if [ -n "${CI:-}" ]; then
+    fail "promtool not found and not installable: alerting rules not checked (apt-get download prometheus)"
+  else
+    skip "promtool not found and not installable: alerting rules not checked (Debian/Ubuntu package prometheus)"
+  fi
+fi
+# Structure of the rules and the dashboard, and the metric names both use. The dashboard's
+# queries are also written out as recording rules, so that promtool parses them below.
+if [ -n "$PY" ]; then
+  "$PY" - <<'PYEOF' || fail "the monitoring checks crashed (see the traceback above)"
+import glob, json, os, re
+import yaml
+
+RESULTS, SCRATCH = os.environ["RESULTS"], os.environ["SCRATCH"]
+def record(kind, message):
+    print(f"{kind:<5} {message}")
+    with open(RESULTS, "a") as f:
+        f.write(kind + "\n")
+def check(condition, message, failure=None):
+    record("PASS" if condition else "FAIL", message if condition else (failure or f"not true: {message}"))
+    return bool(condition)
+def info(message): print(f"      {message}")
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+# ------------------------------------------------ which metrics exist
+# Exported by archiver: the names registered in src/ (prometheus-client prefixes "archiver_",
+# appends "_total" to counters; histograms add _bucket, _sum, _count). Announced gauges, read from
+# the oplog when the user may read `local`, that src/ may not export yet. Other exporters' metrics
+# the rules rely on: Prometheus's own `up`, the blackbox exporter's `probe_success`.
+ANNOUNCED = {"archiver_oplog_window_seconds", "archiver_oplog_headroom_seconds"}
+EXTERNAL = {"up", "probe_success"}
+SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+def base(name):
+    for s in SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)]
+    return name
+registered = set()
+for path in glob.glob("src/**/*.rs", recursive=True):
+    registered |= {f"archiver_{n}" for n in re.findall(r'\bregister\(\s*"([a-z0-9_]+)"', read(path))}
+docs_text = "\n".join(read(p) for p in ["README.md"] + sorted(glob.glob("docs/*.md")) if os.path.exists(p))
+documented = set(re.findall(r"\barchiver_[a-z0-9_]+", docs_text))
+if registered:
+    info(f"src/ registers {len(registered)} metrics")
+    pending = sorted(ANNOUNCED - {base(n) for n in registered})
+    if pending:
+        info(f"announced, not exported by src/ yet (alerts ignore their absence): {', '.join(pending)}")
+else:
+    record("SKIP", "no metric registration found in src/: metric names checked against the documentation only")
+
+def known(name):
+    if name in EXTERNAL:
+        return True
+    exported = not registered or base(name) in registered or name in registered or base(name) in ANNOUNCED
+    return exported and (name in documented or base(name) in documented)
+
+PROMQL_WORDS = {"and", "or", "unless", "offset", "bool", "inf", "nan"}
+def metric_names(expr):
+    """Metric names in a PromQL expression (Grafana variables allowed)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                  # strings (label values)
+    e = re.sub(r"\{[^}]*\}", "", e)                                  # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)                                 # ranges
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    e = re.sub(r"\$\{?\w+\}?", "", e)                               # Grafana variables
+    e = re.sub(r"\b[a-zA-Z_][a-zA-Z0-9_]*\s*\(", "(", e)             # functions, aggregations
+    e = re.sub(r"\b\d[\w.+-]*", "", e)                               # numbers, durations
+    return {t for t in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e) if t.lower() not in PROMQL_WORDS}
+
+def slug(heading):
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+runbook = "docs/operating.md"
+anchors = {slug(h) for h in re.findall(r"^#+\s+(.*)$", read(runbook), re.M)} if os.path.exists(runbook) else set()
+
+# ------------------------------------------------ alerting rules
+rules_doc = yaml.safe_load(read("deploy/prometheus/alerts.yml")) or {}
+alerts = [r for g in rules_doc.get("groups") or [] for r in g.get("rules") or [] if "alert" in r]
+check(alerts, f"alerts.yml: {len(alerts)} alerts: {', '.join(a['alert'] for a in alerts)}")
+problems, used = [], {}
+for a in alerts:
+    name, ann, labels = a["alert"], a.get("annotations") or {}, a.get("labels") or {}
+    if "for" not in a:
+        problems.append(f"{name}: no `for:`")
+    if labels.get("severity") not in ("warning", "critical"):
+        problems.append(f"{name}: severity {labels.get('severity')!r}, not warning or critical")
+    for key in ("summary", "description", "runbook_url"):
+        if not ann.get(key):
+            problems.append(f"{name}: no {key} annotation")
+    url = ann.get("runbook_url", "")
+    path, _, anchor = url.partition("#")
+    if path != runbook or anchor not in anchors:
+        problems.append(f"{name}: runbook_url {url!r} is not a heading of {runbook}")
+    if re.search(r"https?://", " ".join(map(str, ann.values()))):
+        problems.append(f"{name}: an annotation links outside the repository")
+    if re.search(r"absent(_over_time)?\(\s*archiver_oplog_", a["expr"]):
+        problems.append(f"{name}: fires on an absent oplog gauge (absent when the user may not read `local`)")
+    for m in metric_names(a["expr"]):
+        used.setdefault(m, set()).add(f"alert {name}")
+check(not problems, "alerts.yml: every alert has for:, a warning/critical severity, summary, description, "
+      f"and a runbook_url to a heading of {runbook}; none fires on an absent oplog gauge",
+      "alerts.yml: " + "; ".join(problems))
+
+tests_doc = yaml.safe_load(read("deploy/prometheus/alerts.test.yml")) or {}
+fires, quiet = set(), set()
+for t in tests_doc.get("tests") or []:
+    for case in t.get("alert_rule_test") or []:
+        (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+names = {a["alert"] for a in alerts}
+check(names <= fires and names <= quiet, "alerts.test.yml: every alert has a case where it fires and one where it does not",
+      f"alerts.test.yml: no firing case for {sorted(names - fires)}, no quiet case for {sorted(names - quiet)}")
+check(fires | quiet <= names, "alerts.test.yml: tests only alerts that exist",
+      f"alerts.test.yml: tests unknown alerts {sorted((fires | quiet) - names)}")
+
+# ------------------------------------------------ dashboard
+path = "deploy/grafana/archiver.json"
+try:
+    dash = json.loads(read(path))
+except ValueError as e:
+    dash = None
+    check(False, "", f"{path} is not valid JSON: {e}")
+if dash is not None:
+    check(True, f"{path} is valid JSON")
+    DS = "${DS_PROMETHEUS}"
+    problems = []
+    inputs = [i for i in dash.get("__inputs") or [] if i.get("name") == "DS_PROMETHEUS"]
+    if not (inputs and inputs[0].get("type") == "datasource" and inputs[0].get("pluginId") == "prometheus"):
+        problems.append("no __inputs entry DS_PROMETHEUS (datasource, prometheus)")
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 36:
+        problems.append(f"schemaVersion {dash.get('schemaVersion')!r} (want 36 or more)")
+    for key in ("title", "uid"):
+        if not dash.get(key):
+            problems.append(f"no {key}")
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+    for v in variables.values():
+        if v.get("type") == "query" and (v.get("datasource") or {}).get("uid") != DS:
+            problems.append(f"variable {v.get('name')}: datasource is not {DS}")
+    builtins = {"__rate_interval", "__interval", "__range", "__range_s", "__interval_ms"}
+    panels = [p for top in dash.get("panels") or [] for p in [top] + (top.get("panels") or [])]
+    ids = [p.get("id") for p in panels]
+    if len(ids) != len(set(ids)) or None in ids:
+        problems.append(f"panel ids missing or repeated: {ids}")
+    cells, queries, panel_metrics = {}, [], {}
+    for p in panels:
+        g, where = p.get("gridPos") or {}, f"panel {p.get('id')} {p.get('title')!r}"
+        if not all(isinstance(g.get(k), int) for k in "hwxy") or g["x"] + g["w"] > 24:
+            problems.append(f"{where}: gridPos {g}")
+            continue
+        for x in range(g["x"], g["x"] + g["w"]):
+            for yy in range(g["y"], g["y"] + g["h"]):
+                if (x, yy) in cells:
+                    problems.append(f"{where} overlaps panel {cells[(x, yy)]}")
+                    break
+                cells[(x, yy)] = p.get("id")
+            else:
+                continue
+            break
+        if p.get("type") == "row":
+            continue
+        if (p.get("datasource") or {}).get("uid") != DS:
+            problems.append(f"{where}: datasource is not {DS}")
+        targets = p.get("targets") or []
+        if not targets:
+            problems.append(f"{where}: no query")
+        refs = [t.get("refId") for t in targets]
+        if len(refs) != len(set(refs)):
+            problems.append(f"{where}: repeated refId")
+        for t in targets:
+            expr = t.get("expr") or ""
+            if not expr or (t.get("datasource") or {}).get("uid") != DS:
+                problems.append(f"{where} {t.get('refId')}: no expr, or a datasource other than {DS}")
+                continue
+            for var in re.findall(r"\$\{?(\w+)", expr):
+                if var not in variables and var not in builtins:
+                    problems.append(f"{where}: unknown variable ${var}")
+            for m in metric_names(expr):
+                used.setdefault(m, set()).add(f"panel {p.get('title')!r}")
+                panel_metrics.setdefault(m, set()).add(p.get("type"))
+            queries.append((p.get("id"), t.get("refId"), expr))
+    check(not problems, f"{path}: {len(panels)} panels, {len(queries)} queries, all on {DS}, ids unique, "
+          f"grid without overlap, variables {', '.join(variables)} defined",
+          f"{path}: " + "; ".join(problems))
+    # What the dashboard is for: each topic has a panel.
+    topics = {"throughput": "archiver_orders_archived_total", "lag histogram": "archiver_lag_seconds_bucket",
+              "batch duration": "archiver_batch_duration_seconds_bucket", "headroom": "archiver_oplog_headroom_seconds",
+              "leader": "archiver_leader", "dead letters": "archiver_dead_letters_total"}
+    missing = [t for t, m in topics.items() if m not in panel_metrics]
+    check(not missing and "heatmap" in panel_metrics.get("archiver_lag_seconds_bucket", ()),
+          f"{path}: panels for {', '.join(topics)} (lag as a heatmap)",
+          f"{path}: no panel for {missing} (or the lag histogram is not a heatmap)")
+    # The queries as recording rules, for promtool to parse; Grafana's variables given values.
+    subst = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
+    def concrete(expr):
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: subst.get(m.group(1), ".*"), expr)
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:panel{pid}_{ref}", "expr": concrete(e)} for pid, ref, e in queries]}]}
+    with open(os.path.join(SCRATCH, "dashboard-queries.yml"), "w") as f:
+        yaml.safe_dump(rules, f)
+
+unknown = {m: w for m, w in used.items() if not known(m)}
+check(not unknown, f"alerts and dashboard use {len(used)} metrics, each exported by archiver (or announced: "
+      f"{', '.join(sorted(ANNOUNCED))}) and documented, or {' / '.join(sorted(EXTERNAL))}",
+      "metrics neither exported by src/ and documented, nor known: "
+      + "; ".join(f"{m} ({', '.join(sorted(w))})" for m, w in sorted(unknown.items())))
+PYEOF
+fi
+if [ -n "$PROMTOOL" ] && [ -f "$SCRATCH/dashboard-queries.yml" ]; then
+  if out="$("$PROMTOOL" check rules "$SCRATCH/dashboard-queries.yml" 2>&1)"; then
+    pass "promtool parses the dashboard's $(printf '%s\n' "$out" | grep -o '[0-9]* rules found' | cut -d' ' -f1) queries (Grafana variables substituted)"
+  else
+    fail "promtool cannot parse some dashboard queries:"; printf '%s\n' "$out" | indent
+  fi
 fi
 
 # ----------------------------------------------------------------------------------------------
