@@ -59,7 +59,7 @@ async fn lost_history_is_filled_automatically() {
 #[tokio::test(flavor = "multi_thread")]
 async fn database_restart_mid_stream_loses_nothing() {
     let server = OwnServer::start("");
-    let t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
+    let mut t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
     let refs = t.seed_references().await;
     let mut watch = t.start_watch(&[("RETRY_MAX_ATTEMPTS", "30"), ("RETRY_MAX_DELAY_MS", "1000")]).await;
     t.orders().insert_many((0..10).map(|n| order(&refs, n, "livrée"))).await.unwrap();
@@ -67,8 +67,7 @@ async fn database_restart_mid_stream_loses_nothing() {
     server.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart();
-    let t2 = TestEnv { client: mongodb::Client::with_uri_str(&server.uri).await.unwrap(), ..t };
-    let t = TestEnv { db: t2.client.database(&t2.db_name), ..t2 };
+    t.reconnect().await;
     t.orders().insert_many((10..30).map(|n| order(&refs, n, "livrée"))).await.unwrap();
     t.wait_archived(30).await;
     t.assert_archive_matches_delivered().await;
