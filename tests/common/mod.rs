@@ -639,37 +639,3 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
 }
-
-/// The former ways to start `watch`, kept while the tests move to `TestEnv::watch`.
-impl TestEnv {
-    pub async fn start_watch(&self, extra_env: &[(&str, &str)]) -> Watcher {
-        self.watch().envs(extra_env).start().await
-    }
-
-    pub async fn start_watch_args(&self, args: &[&str]) -> Watcher {
-        self.watch().args(args.iter().copied()).start().await
-    }
-
-    pub async fn spawn_watch(&self, args: &[&str], extra_env: &[(&str, &str)], marker: &str) -> Watcher {
-        self.watch().args(args.iter().copied()).envs(extra_env).until(marker).await
-    }
-}
-
-/// The former steady load, kept while the tests move to `Load`.
-pub fn deliver_steadily(
-    t: &TestEnv,
-    refs: Refs,
-    every: Duration,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<u32> {
-    let orders = t.orders();
-    tokio::spawn(async move {
-        let mut n = 0u32;
-        while !stop.is_cancelled() {
-            orders.insert_one(order(&refs, n, "livrée")).await.unwrap();
-            n += 1;
-            tokio::time::sleep(every).await;
-        }
-        n
-    })
-}
