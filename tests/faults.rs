@@ -5,23 +5,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, order, OwnServer, TestEnv};
+use common::{eventually, order, Delivery, Load, OwnServer, Pace, TestEnv};
 use mongodb::bson::{doc, Document};
-
-/// Archive count.
-async fn archived(t: &TestEnv) -> u64 {
-    t.archive().count_documents(doc! {}).await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_history_is_filled_automatically() {
     let server = OwnServer::start("--oplog-max-entries 50");
     let t = TestEnv::with_uri("lost", server.uri.clone()).await;
     let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
-    t.orders().insert_many((0..5).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, 0..5).await;
     t.wait_archived(5).await;
-    assert!(watch.stop().await.success());
+    watch.stop_ok().await;
 
     // While it is down, far more changes than the oplog keeps, some of them deliveries.
     let pending: Vec<Document> = (100..160).map(|n| order(&refs, n, "en_livraison")).collect();
@@ -38,154 +33,112 @@ async fn lost_history_is_filled_automatically() {
     for n in 0..100 {
         t.db.collection::<Document>("noise").insert_one(doc! { "n": n }).await.unwrap();
     }
-    t.client.database("admin").run_command(doc! { "secantusAdmin.pruneOplog": 1 }).await.unwrap();
+    t.prune_oplog().await;
 
-    let mut watch = t.start_watch(&[]).await;
-    t.wait_archived(35).await;
-    t.assert_archive_matches_delivered().await;
+    let mut watch = t.watch().start().await;
+    t.wait_all_archived(35).await;
     assert!(watch.log_contains("HISTORY LOST"), "{}", watch.stderr());
     assert!(watch.log_contains("archive filled"), "{}", watch.stderr());
     // And it streams again afterwards, from a position it can resume.
-    t.orders().insert_one(order(&refs, 500, "livrée")).await.unwrap();
+    t.deliver(&refs, [500]).await;
     t.wait_archived(36).await;
-    assert!(watch.stop().await.success());
-    let mut watch = t.start_watch(&[]).await;
-    t.orders().insert_one(order(&refs, 501, "livrée")).await.unwrap();
-    t.wait_archived(37).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
+    watch.stop_ok().await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, [501]).await;
+    t.wait_all_archived(37).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn database_restart_mid_stream_loses_nothing() {
     let server = OwnServer::start("");
-    let t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
+    let mut t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
     let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[("RETRY_MAX_ATTEMPTS", "30"), ("RETRY_MAX_DELAY_MS", "1000")]).await;
-    t.orders().insert_many((0..10).map(|n| order(&refs, n, "livrée"))).await.unwrap();
+    let mut watch = t.watch().envs(&[("RETRY_MAX_ATTEMPTS", "30"), ("RETRY_MAX_DELAY_MS", "1000")]).start().await;
+    t.deliver(&refs, 0..10).await;
     t.wait_archived(10).await;
     server.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.restart();
-    let t2 = TestEnv { client: mongodb::Client::with_uri_str(&server.uri).await.unwrap(), ..t };
-    let t = TestEnv { db: t2.client.database(&t2.db_name), ..t2 };
-    t.orders().insert_many((10..30).map(|n| order(&refs, n, "livrée"))).await.unwrap();
-    t.wait_archived(30).await;
-    t.assert_archive_matches_delivered().await;
+    t.reconnect().await;
+    t.deliver(&refs, 10..30).await;
+    t.wait_all_archived(30).await;
     // The driver's own resume or our backoff may absorb the outage; either way watch stays up.
-    assert!(watch.child.try_wait().unwrap().is_none(), "watch must survive the restart: {}", watch.stderr());
-    assert!(watch.stop().await.success());
+    assert!(watch.is_running(), "watch must survive the restart: {}", watch.stderr());
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_sigkills_during_steady_deliveries_lose_and_duplicate_nothing() {
-    let t = TestEnv::new("kills").await;
-    let refs = t.seed_references().await;
+    let (t, refs) = TestEnv::seeded("kills").await;
     // The first start records the position; every delivery after it must be archived.
-    let mut first = t.start_watch(&[]).await;
-    assert!(first.stop().await.success());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let writer = {
-        let orders = t.orders();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.is_cancelled() {
-                let o = order(&refs, n, "en_livraison");
-                let id = o.get_object_id("_id").unwrap();
-                orders.insert_one(o).await.unwrap();
-                orders.update_one(doc! { "_id": id }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            n
-        })
-    };
+    t.watch().start().await.stop_ok().await;
+    let load = Load::start(&t, refs, Delivery::Updated, Pace::Pause(Duration::from_millis(5)));
     for round in 0..20u64 {
-        let mut watch = t.start_watch(&[("BATCH_SIZE", "20")]).await;
+        let mut watch = t.watch().env("BATCH_SIZE", "20").start().await;
         tokio::time::sleep(Duration::from_millis(100 + (round * 37) % 300)).await;
-        watch.signal("KILL");
-        watch.wait(Duration::from_secs(10)).await;
+        watch.kill().await;
     }
-    stop.cancel();
-    let delivered = writer.await.unwrap();
+    let delivered = load.finish().await;
     assert!(delivered > 100, "only {delivered} deliveries during the test");
-    let mut watch = t.start_watch(&[]).await;
-    t.wait_archived(u64::from(delivered)).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    let mut watch = t.watch().start().await;
+    t.wait_all_archived(u64::from(delivered)).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unwritable_token_never_runs_ahead_of_the_archive() {
-    let t = TestEnv::new("unwritable").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
-    t.orders().insert_one(order(&refs, 1, "livrée")).await.unwrap();
+    let (t, refs) = TestEnv::seeded("unwritable").await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, [1]).await;
     t.wait_archived(1).await;
     let saved = std::fs::read_to_string(t.token_file()).unwrap();
-    // The token's directory moved away and a plain file in its place: every save fails, as on
-    // a full or read-only disk, whoever runs the test (root ignores permissions). (The temp
-    // file's name is random, so it cannot be blocked by taking that name.)
-    let state = t.token_file().parent().unwrap().to_path_buf();
-    let moved = state.with_file_name("state.moved");
-    std::fs::rename(&state, &moved).unwrap();
-    std::fs::write(&state, "not a directory").unwrap();
-    t.orders().insert_one(order(&refs, 2, "livrée")).await.unwrap();
+    let moved = t.block_token_saves();
+    t.deliver(&refs, [2]).await;
     let status = watch.wait(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(3), "{}", watch.stderr());
     assert!(watch.log_contains("cannot write the resume token file"), "{}", watch.stderr());
     assert!(watch.log_contains("holding new batches"), "retries first: {}", watch.stderr());
     let kept = moved.join(t.token_file().file_name().unwrap());
     assert_eq!(std::fs::read_to_string(kept).unwrap(), saved, "token must not advance");
-    assert_eq!(archived(&t).await, 2, "the batch itself was archived before the save");
+    assert_eq!(t.archive_len().await, 2, "the batch itself was archived before the save");
 
-    std::fs::remove_file(&state).unwrap();
-    std::fs::rename(&moved, &state).unwrap();
-    let mut watch = t.start_watch(&[]).await;
-    t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
-    t.wait_archived(3).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    t.unblock_token_saves();
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, [3]).await;
+    t.wait_all_archived(3).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_instance_on_the_same_token_file_refuses_to_start() {
     let t = TestEnv::new("twice").await;
-    let mut first = t.start_watch(&[]).await;
+    let mut first = t.watch().start().await;
     let second = t.run(&["watch"]);
     assert_eq!(second.status.code(), Some(5), "{}", second.stderr);
     assert!(second.stderr.contains("already running"), "{}", second.stderr);
-    assert!(first.child.try_wait().unwrap().is_none());
-    assert!(first.stop().await.success());
-    t.cleanup().await;
+    assert!(first.is_running());
+    first.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_the_collection_stops_with_exit_code_4() {
-    let t = TestEnv::new("invalidate").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
-    t.orders().insert_one(order(&refs, 1, "livrée")).await.unwrap();
+    let (t, refs) = TestEnv::seeded("invalidate").await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, [1]).await;
     t.wait_archived(1).await;
     t.orders().drop().await.unwrap();
     let status = watch.wait(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(4), "{}", watch.stderr());
     assert!(watch.log_contains("invalidated"), "{}", watch.stderr());
-    t.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn start_positions_are_explicit() {
-    let t = TestEnv::new("start").await;
-    let refs = t.seed_references().await;
-    let before = order(&refs, 1, "livrée");
-    t.orders().insert_one(before).await.unwrap();
+    let (t, refs) = TestEnv::seeded("start").await;
+    t.deliver(&refs, [1]).await;
     // A token exists: --start-at is refused rather than silently ignored.
-    let mut watch = t.start_watch(&[]).await;
-    assert!(watch.stop().await.success());
+    t.watch().start().await.stop_ok().await;
     let out = t.run(&["watch", "--start-at", "now"]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("--reset-token"), "{}", out.stderr);
@@ -193,25 +146,22 @@ async fn start_positions_are_explicit() {
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
 
     // Delivered while stopped, then an explicit reset: those are skipped, as asked...
-    t.orders().insert_one(order(&refs, 2, "livrée")).await.unwrap();
-    let mut watch = t.start_watch_args(&["--reset-token"]).await;
+    t.deliver(&refs, [2]).await;
+    let mut watch = t.watch().args(["--reset-token"]).start().await;
     assert!(watch.log_contains("resume token reset"), "{}", watch.stderr());
-    t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
+    t.deliver(&refs, [3]).await;
     t.wait_archived(1).await;
-    assert!(watch.stop().await.success());
+    watch.stop_ok().await;
     // ...and --catch-up archives every delivered order still missing.
-    let mut watch = t.start_watch_args(&["--catch-up"]).await;
-    t.wait_archived(3).await;
-    t.assert_archive_matches_delivered().await;
+    let mut watch = t.watch().args(["--catch-up"]).start().await;
+    t.wait_all_archived(3).await;
     assert!(watch.log_contains("catch-up"), "{}", watch.stderr());
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() {
-    let t = TestEnv::new("deadletter").await;
-    let refs = t.seed_references().await;
+    let (t, refs) = TestEnv::seeded("deadletter").await;
     // An archive-side rule the malformed order breaks.
     t.db.run_command(doc! {
         "create": "Commandes_archive",
@@ -219,7 +169,7 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     })
     .await
     .unwrap();
-    let mut watch = t.start_watch(&[]).await;
+    let mut watch = t.watch().start().await;
     let mut refused = order(&refs, 1, "livrée");
     refused.remove("numero_commande");
     let refused_id = refused.get_object_id("_id").unwrap();
@@ -233,24 +183,22 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     assert!(letter.get_str("reason").is_ok());
     assert!(letter.get_i32("attempts").unwrap() >= 1);
     assert!(letter.get_datetime("event_time").is_ok(), "the delivery event's time: {letter}");
-    t.orders().insert_one(order(&refs, 4, "livrée")).await.unwrap();
+    t.deliver(&refs, [4]).await;
     t.wait_archived(3).await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_orders_are_archived_or_dead_lettered_never_dropped() {
     use mongodb::bson::{oid::ObjectId, Bson};
-    let t = TestEnv::new("huge").await;
-    let refs = t.seed_references().await;
+    let (t, refs) = TestEnv::seeded("huge").await;
     // A dish whose long description makes each enriched item ~400 bytes.
     let long_dish = ObjectId::new();
     t.db.collection::<Document>("Menu")
         .insert_one(doc! { "_id": long_dish, "nom": "x".repeat(350), "prix": 1.0 })
         .await
         .unwrap();
-    let mut watch = t.start_watch(&[]).await;
+    let mut watch = t.watch().start().await;
     // 5,000 items: large but fine.
     let mut big = order(&refs, 1, "livrée");
     big.insert(
@@ -275,9 +223,8 @@ async fn huge_orders_are_archived_or_dead_lettered_never_dropped() {
     assert_eq!(archived.get_array("items").unwrap().len(), 5000);
     assert!(archived.get_array("anomalies").unwrap().is_empty());
     // The stream goes on past it.
-    t.orders().insert_one(order(&refs, 4, "livrée")).await.unwrap();
+    t.deliver(&refs, [4]).await;
     t.wait_archived(3).await;
     assert!(watch.log_contains("dead-letter"), "{}", watch.stderr());
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }

@@ -8,14 +8,14 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
-use common::{eventually, health_addr, order, Refs, TestEnv, Watcher};
+use common::{eventually, health_addr, Delivery, Load, Pace, Refs, TestEnv, WatchRun, Watcher};
 use mongodb::bson::{doc, Document};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 /// Enough retries to ride out the outages below; a short cap so recovery follows the heal
 /// quickly (the backoff cap is not what these tests are about).
@@ -34,65 +34,36 @@ const DEFAULTS: &[(&str, &str)] =
 /// README promises about 10 s (`STREAM_TIMEOUT_MS`); this leaves room for the probe's polling.
 const READINESS_BOUND: Duration = Duration::from_secs(15);
 
-fn env<'a>(parts: &[&[(&'a str, &'a str)]]) -> Vec<(&'a str, &'a str)> {
-    parts.concat()
+/// A test's seeded database and a proxy in front of its server (`proxy.uri(&t.uri)` reaches
+/// it through the proxy).
+async fn behind_proxy(name: &str) -> (TestEnv, Refs, Arc<Proxy>) {
+    let (t, refs) = TestEnv::seeded(name).await;
+    let proxy = Proxy::for_uri(&t.uri).await;
+    (t, refs, proxy)
 }
 
-/// Steady deliveries from the test's own (direct) client while faults come and go.
-struct Load {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<u32>,
+/// A `watch` of `t` whose archive is reached through `proxy`, riding out outages.
+fn archiving_through<'a>(t: &'a TestEnv, proxy: &Proxy) -> WatchRun<'a> {
+    t.watch().envs(RIDE_OUT).env("ARCHIVE_URI", proxy.uri(&t.uri))
 }
 
-impl Load {
-    /// About `per_sec` deliveries a second: half inserted delivered, half inserted in delivery
-    /// and then updated, so both kinds of change event are in the stream.
-    fn start(t: &TestEnv, refs: Refs, per_sec: u32) -> Load {
-        let orders = t.orders();
-        let stop = CancellationToken::new();
-        let task = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1) / per_sec);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut n = 0u32;
-                while !stop.is_cancelled() {
-                    tick.tick().await;
-                    if n.is_multiple_of(2) {
-                        orders.insert_one(order(&refs, n, "livrée")).await.expect("deliver an order");
-                    } else {
-                        let o = order(&refs, n, "en_livraison");
-                        let id = o.get_object_id("_id").unwrap();
-                        orders.insert_one(o).await.expect("insert an order");
-                        orders
-                            .update_one(
-                                doc! { "_id": id },
-                                doc! { "$set": {
-                                "status": "livrée", "date_livraison": mongodb::bson::DateTime::now() } },
-                            )
-                            .await
-                            .expect("deliver an order");
-                    }
-                    n += 1;
-                }
-                n
-            })
-        };
-        Load { stop, task }
-    }
-
-    /// Stops delivering; how many orders were delivered.
-    async fn finish(self) -> u32 {
-        self.stop.cancel();
-        self.task.await.expect("load task")
-    }
+/// Starts about 100 deliveries a second, half inserted delivered and half updated to delivered
+/// (both kinds of change event), and waits until `watch` archives them and is ready. Its probe
+/// address, and the load.
+async fn under_load(t: &TestEnv, refs: Refs, watch: &Watcher) -> (String, Load) {
+    let addr = health_addr(watch);
+    let load = Load::start(t, refs, Delivery::Alternating, Pace::PerSecond(100));
+    wait_streaming(t, watch, &addr).await;
+    (addr, load)
 }
 
-/// The last lines of a watcher's log, for failure messages.
-fn tail(watcher: &Watcher) -> String {
-    let log = watcher.stderr();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+/// Stops the load and waits up to a minute until `watch` archived every delivered order,
+/// exactly once: how many, and how long the catching up took.
+async fn drain(t: &TestEnv, load: Load, watch: &Watcher) -> (u32, Duration) {
+    let delivered = load.finish().await;
+    let caught_up = all_archived(t, watch, delivered, Duration::from_secs(60)).await;
+    t.assert_archive_matches_delivered().await;
+    (delivered, caught_up)
 }
 
 /// The warnings and errors of a watcher's log: what it noticed of a fault, and when.
@@ -147,15 +118,11 @@ async fn faults_counted(addr: &str) -> f64 {
         + metric(addr, "archiver_write_errors_total").await
 }
 
-async fn archived(t: &TestEnv) -> u64 {
-    t.archive().count_documents(doc! {}).await.unwrap()
-}
-
 /// Waits until the archive holds `n` documents, for up to `within`; how long that took.
 async fn all_archived(t: &TestEnv, watcher: &Watcher, n: u32, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let count = archived(t).await;
+        let count = t.archive_len().await;
         assert!(count <= u64::from(n), "archive holds {count} documents, only {n} delivered");
         if count == u64::from(n) {
             return started.elapsed();
@@ -163,7 +130,7 @@ async fn all_archived(t: &TestEnv, watcher: &Watcher, n: u32, within: Duration) 
         assert!(
             started.elapsed() < within,
             "archive holds {count} of {n} delivered orders {within:?} after the heal; watch log:\n{}",
-            tail(watcher)
+            watcher.tail()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -182,8 +149,8 @@ async fn hold_fault(addr: &str, longest: Duration, linger: Duration) -> Option<D
 /// Waits until the stream is archiving through the proxy before a fault starts.
 async fn wait_streaming(t: &TestEnv, watcher: &Watcher, addr: &str) {
     let started = Instant::now();
-    while archived(t).await == 0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "nothing archived before the fault:\n{}", tail(watcher));
+    while t.archive_len().await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "nothing archived before the fault:\n{}", watcher.tail());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready_turns(addr, 200, Duration::from_secs(10)).await.is_some(), "not ready before the fault");
@@ -310,56 +277,37 @@ async fn proxied_uris_keep_credentials_and_force_a_direct_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_archive_under_load_is_waited_out_and_archiving_resumes() {
-    let t = TestEnv::new("net_archive_silent").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let archive_uri = proxy.uri(&t.uri);
-    let mut watch = t
-        .spawn_watch(
-            &[],
-            &env(&[RIDE_OUT, QUICK_WRITE_TIMEOUT, &[("ARCHIVE_URI", &archive_uri)]]),
-            "change stream open",
-        )
-        .await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let (t, refs, proxy) = behind_proxy("net_archive_silent").await;
+    let mut watch = archiving_through(&t, &proxy).envs(QUICK_WRITE_TIMEOUT).until("change stream open").await;
+    let (addr, load) = under_load(&t, refs, &watch).await;
 
     proxy.set_mode(Mode::Blackhole);
     let outage = Duration::from_secs(20);
     let started = Instant::now();
     let detected = ready_turns(&addr, 503, outage).await;
     tokio::time::sleep_until((started + outage).into()).await;
-    let during = archived(&t).await;
+    let during = t.archive_len().await;
     proxy.set_mode(Mode::Pass);
     let healed = Instant::now();
     eprintln!("archive blackholed {outage:?}: readiness 503 after {detected:?}; {during} archived at the heal");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let delivered = load.finish().await;
-    all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
+    let (delivered, _) = drain(&t, load, &watch).await;
     let caught_up = healed.elapsed();
     let ready_again = ready_turns(&addr, 200, Duration::from_secs(30)).await.map(|_| healed.elapsed());
     eprintln!(
         "archive healed: all {delivered} archived {caught_up:?} after the heal; ready again {ready_again:?} after it"
     );
-    assert!(detected.is_some(), "/health/ready stayed 200 through a {outage:?} archive outage:\n{}", tail(&watch));
-    assert!(ready_again.is_some(), "/health/ready not 200 after the heal:\n{}", tail(&watch));
+    assert!(detected.is_some(), "/health/ready stayed 200 through a {outage:?} archive outage:\n{}", watch.tail());
+    assert!(ready_again.is_some(), "/health/ready not 200 after the heal:\n{}", watch.tail());
     assert!(faults_counted(&addr).await >= 1.0, "no retry, reconnect or write error counted");
-    t.assert_archive_matches_delivered().await;
-    assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_an_archive_outage_exits_0_promptly_and_a_restart_loses_nothing() {
-    let t = TestEnv::new("net_archive_sigterm").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let archive_uri = proxy.uri(&t.uri);
-    let mut watch = t.spawn_watch(&[], &env(&[RIDE_OUT, &[("ARCHIVE_URI", &archive_uri)]]), "change stream open").await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let (t, refs, proxy) = behind_proxy("net_archive_sigterm").await;
+    let mut watch = archiving_through(&t, &proxy).until("change stream open").await;
+    let (_, load) = under_load(&t, refs, &watch).await;
     proxy.set_mode(Mode::Blackhole);
     // Long enough for a batch write to be caught in the outage.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -367,34 +315,22 @@ async fn sigterm_during_an_archive_outage_exits_0_promptly_and_a_restart_loses_n
     let asked = Instant::now();
     let status = watch.wait(Duration::from_secs(15)).await;
     eprintln!("SIGTERM during an archive outage: exited {status} after {:?}", asked.elapsed());
-    assert_eq!(status.code(), Some(0), "{}", tail(&watch));
+    assert_eq!(status.code(), Some(0), "{}", watch.tail());
 
     proxy.set_mode(Mode::Pass);
-    let delivered = load.finish().await;
     // The saved position never runs ahead of the archive: a plain restart archives the rest.
-    let mut again = t.spawn_watch(&[], RIDE_OUT, "change stream open").await;
+    let delivered = load.finish().await;
+    let mut again = t.watch().envs(RIDE_OUT).until("change stream open").await;
     all_archived(&t, &again, delivered, Duration::from_secs(60)).await;
     t.assert_archive_matches_delivered().await;
-    assert_eq!(again.stop().await.code(), Some(0));
-    t.cleanup().await;
+    again.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_archive_that_resets_or_refuses_under_load_is_waited_out() {
-    let t = TestEnv::new("net_archive_reset").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let archive_uri = proxy.uri(&t.uri);
-    let mut watch = t
-        .spawn_watch(
-            &[],
-            &env(&[RIDE_OUT, QUICK_WRITE_TIMEOUT, &[("ARCHIVE_URI", &archive_uri)]]),
-            "change stream open",
-        )
-        .await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let (t, refs, proxy) = behind_proxy("net_archive_reset").await;
+    let mut watch = archiving_through(&t, &proxy).envs(QUICK_WRITE_TIMEOUT).until("change stream open").await;
+    let (addr, load) = under_load(&t, refs, &watch).await;
 
     for fault in [Mode::Reset, Mode::Refuse] {
         proxy.set_mode(fault);
@@ -402,39 +338,31 @@ async fn an_archive_that_resets_or_refuses_under_load_is_waited_out() {
         proxy.set_mode(Mode::Pass);
         let recovered = ready_turns(&addr, 200, Duration::from_secs(30)).await;
         eprintln!("archive {fault:?}: readiness 503 after {detected:?}, 200 again {recovered:?} after the heal");
-        assert!(detected.is_some(), "/health/ready stayed 200 while the archive was {fault:?}:\n{}", tail(&watch));
-        assert!(recovered.is_some(), "/health/ready not 200 after the archive {fault:?}:\n{}", tail(&watch));
-        assert!(watch.child.try_wait().unwrap().is_none(), "watch exited:\n{}", tail(&watch));
+        assert!(detected.is_some(), "/health/ready stayed 200 while the archive was {fault:?}:\n{}", watch.tail());
+        assert!(recovered.is_some(), "/health/ready not 200 after the archive {fault:?}:\n{}", watch.tail());
+        assert!(watch.is_running(), "watch exited:\n{}", watch.tail());
     }
-    let delivered = load.finish().await;
-    let caught_up = all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
+    let (delivered, caught_up) = drain(&t, load, &watch).await;
     eprintln!("archive reset and refused: all {delivered} archived {caught_up:?} after the load stopped");
-    t.assert_archive_matches_delivered().await;
     assert!(faults_counted(&addr).await >= 2.0, "the two faults were not counted");
-    assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 // --- source faults ---
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out() {
-    let t = TestEnv::new("net_source").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let source_uri = proxy.uri(&t.uri);
+    let (t, refs, proxy) = behind_proxy("net_source").await;
     // The archive stays reachable (its own client, direct); only the source goes through the
     // proxy. Default settings, since the readiness bound is documented for them.
     let mut watch = t
-        .spawn_watch(
-            &[],
-            &env(&[DEFAULTS, &[("MONGODB_URI", &source_uri), ("ARCHIVE_URI", &t.uri)]]),
-            "change stream open",
-        )
+        .watch()
+        .envs(DEFAULTS)
+        .env("MONGODB_URI", proxy.uri(&t.uri))
+        .env("ARCHIVE_URI", &t.uri)
+        .until("change stream open")
         .await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let (addr, load) = under_load(&t, refs, &watch).await;
 
     let mut silent_detection = None;
     for fault in [Mode::Blackhole, Mode::Reset] {
@@ -444,42 +372,31 @@ async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out(
         proxy.set_mode(Mode::Pass);
         let healed = Instant::now();
         let recovered = ready_turns(&addr, 200, Duration::from_secs(60)).await;
-        let backlog = archived(&t).await;
+        let backlog = t.archive_len().await;
         eprintln!(
             "source {fault:?}: readiness 503 after {detected:?}, 200 again {recovered:?} after the heal \
              ({backlog} archived {:?} after it)",
             healed.elapsed()
         );
-        assert!(detected.is_some(), "/health/ready stayed 200 while the source was {fault:?}:\n{}", tail(&watch));
-        assert!(recovered.is_some(), "/health/ready not 200 after the source {fault:?}:\n{}", tail(&watch));
+        assert!(detected.is_some(), "/health/ready stayed 200 while the source was {fault:?}:\n{}", watch.tail());
+        assert!(recovered.is_some(), "/health/ready not 200 after the source {fault:?}:\n{}", watch.tail());
         if fault == Mode::Blackhole {
             silent_detection = detected;
         }
     }
-    let delivered = load.finish().await;
-    all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
-    t.assert_archive_matches_delivered().await;
+    drain(&t, load, &watch).await;
     // The silent stream is reopened by archiver; a reset one the driver may resume by itself.
     assert!(metric(&addr, "archiver_reconnects_total").await >= 1.0, "the stream was never reopened");
-    assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
+    watch.stop_ok().await;
     let silent_detection = silent_detection.unwrap();
     assert!(
         silent_detection <= READINESS_BOUND,
         "a silent source was reported after {silent_detection:?}, more than {READINESS_BOUND:?}:\n{}",
         warnings(&watch)
     );
-    t.cleanup().await;
 }
 
 // --- shared checkpoint store and leadership ---
-
-const SHARED: &[(&str, &str)] = &[
-    ("CHECKPOINT_STORE", "mongodb"),
-    // A renewal must answer within 60 % of the TTL less the renewal interval (1.3 s here): on
-    // two shared cores under load, a 2 s TTL made leaders step down for slowness alone.
-    ("LEASE_TTL_MS", "3000"),
-    ("LEASE_RENEW_MS", "500"),
-];
 
 async fn shared_checkpoint(t: &TestEnv) -> Document {
     t.db.collection::<Document>("archiver_checkpoints").find_one(doc! {}).await.unwrap().expect("a shared checkpoint")
@@ -492,27 +409,22 @@ fn positions(log: &str, needle: &str) -> Vec<usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_resume() {
-    let t = TestEnv::new("net_store").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let archive_uri = proxy.uri(&t.uri);
+    let (t, refs, proxy) = behind_proxy("net_store").await;
     // The shared checkpoint and the lease live in the archive database, behind the proxy.
     let mut watch = t
-        .spawn_watch(
-            &[],
-            &env(&[SHARED, QUICK_WRITE_TIMEOUT, &[("INSTANCE_ID", "solo"), ("ARCHIVE_URI", &archive_uri)]]),
-            "change stream open",
-        )
+        .watch()
+        .shared_store("solo")
+        .envs(QUICK_WRITE_TIMEOUT)
+        .env("ARCHIVE_URI", proxy.uri(&t.uri))
+        .until("change stream open")
         .await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let (addr, load) = under_load(&t, refs, &watch).await;
 
     proxy.set_mode(Mode::Blackhole);
     let started = Instant::now();
     // The lease cannot be renewed either: the promise is to stop writing before it expires
     // (src/watch.rs, keep_lease), rather than to exit.
-    eventually(15, "the leader to step down", || async { watch.log_contains("stepping down") }).await;
+    watch.wait_for_log(15, "stepping down").await;
     let stepped_down = started.elapsed();
     let mut not_leading = None;
     while started.elapsed() < Duration::from_secs(15) {
@@ -524,51 +436,36 @@ async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_res
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep_until((started + Duration::from_secs(15)).into()).await;
-    assert!(watch.child.try_wait().unwrap().is_none(), "watch exited during the outage:\n{}", tail(&watch));
+    assert!(watch.is_running(), "watch exited during the outage:\n{}", watch.tail());
     proxy.set_mode(Mode::Pass);
     let healed = Instant::now();
     eventually(30, "leadership taken again", || async { positions(&watch.stderr(), "leadership acquired").len() >= 2 })
         .await;
     let relead = healed.elapsed();
-    let delivered = load.finish().await;
-    all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
+    drain(&t, load, &watch).await;
     eprintln!(
         "checkpoint store blackholed: stepped down after {stepped_down:?}, not leading per /health/ready \
          after {not_leading:?}, leader again {relead:?} after the heal"
     );
-    assert!(not_leading.is_some(), "still ready as leader during the outage:\n{}", tail(&watch));
-    t.assert_archive_matches_delivered().await;
+    assert!(not_leading.is_some(), "still ready as leader during the outage:\n{}", watch.tail());
     let checkpoint = shared_checkpoint(&t).await;
     assert!(checkpoint.get_i64("epoch").unwrap() >= 2, "{checkpoint}");
-    assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
-    let t = TestEnv::new("net_leader").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
-    let leader_uri = proxy.uri(&t.uri);
+    let (t, refs, proxy) = behind_proxy("net_leader").await;
     // The leader reaches source and archive through the proxy; the standby directly.
-    let mut leader = t
-        .spawn_watch(
-            &[],
-            &env(&[SHARED, &[("INSTANCE_ID", "leader"), ("MONGODB_URI", &leader_uri)]]),
-            "change stream open",
-        )
-        .await;
-    let mut standby = t
-        .spawn_watch(&[], &env(&[SHARED, &[("INSTANCE_ID", "standby")]]), "standby: another instance holds the lease")
-        .await;
-    let leader_addr = health_addr(&leader);
+    let mut leader =
+        t.watch().shared_store("leader").env("MONGODB_URI", proxy.uri(&t.uri)).until("change stream open").await;
+    let mut standby = t.watch().shared_store("standby").until("standby: another instance holds the lease").await;
     let standby_addr = health_addr(&standby);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &leader, &leader_addr).await;
+    let (leader_addr, load) = under_load(&t, refs, &leader).await;
 
     proxy.set_mode(Mode::Blackhole);
     let cut = Instant::now();
-    eventually(20, "the standby to take over", || async { standby.log_contains("leadership acquired") }).await;
+    standby.wait_for_log(20, "leadership acquired").await;
     let takeover = cut.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.set_mode(Mode::Pass);
@@ -582,58 +479,47 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let delivered = load.finish().await;
-    all_archived(&t, &standby, delivered, Duration::from_secs(60)).await;
+    drain(&t, load, &standby).await;
     eprintln!(
         "leader cut off: standby took over after {takeover:?}; old leader standing by {standing_by:?} after the heal"
     );
-    t.assert_archive_matches_delivered().await;
-    assert!(standing_by.is_some(), "the old leader does not stand by after the heal:\n{}", tail(&leader));
+    assert!(standing_by.is_some(), "the old leader does not stand by after the heal:\n{}", leader.tail());
     // It wrote nothing after it learnt it had lost the lease.
     let log = leader.stderr();
     let lost = ["stepping down", "the lease was taken over", "leadership lost"]
         .iter()
         .filter_map(|needle| positions(&log, needle).first().copied())
         .min()
-        .unwrap_or_else(|| panic!("the old leader never noticed it lost the lease:\n{}", tail(&leader)));
+        .unwrap_or_else(|| panic!("the old leader never noticed it lost the lease:\n{}", leader.tail()));
     assert!(
         !log[lost..].contains("batch archived"),
         "the old leader archived after losing the lease:\n{}\nthe standby:\n{}",
-        tail(&leader),
-        tail(&standby)
+        leader.tail(),
+        standby.tail()
     );
     let checkpoint = shared_checkpoint(&t).await;
     assert_eq!(checkpoint.get_i64("epoch").unwrap(), 2, "{checkpoint}");
     let (_, metrics) = probe(&standby_addr, "/metrics").await.unwrap();
     assert!(metrics.contains("archiver_takeovers_total 1"), "{metrics}");
     assert_eq!(metric(&leader_addr, "archiver_leader").await, 0.0);
-    assert_eq!(leader.stop().await.code(), Some(0), "{}", tail(&leader));
-    assert_eq!(standby.stop().await.code(), Some(0), "{}", tail(&standby));
-    t.cleanup().await;
+    leader.stop_ok().await;
+    standby.stop_ok().await;
 }
 
 // --- slow networks ---
 
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trips_of_200_ms_under_load_lose_and_duplicate_nothing() {
-    let t = TestEnv::new("net_latency").await;
-    let refs = t.seed_references().await;
-    let proxy = Proxy::for_uri(&t.uri).await;
+    let (t, refs, proxy) = behind_proxy("net_latency").await;
     // 100 ms each way: every round trip to the source and the archive takes 200 ms more.
     proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
-    let slow_uri = proxy.uri(&t.uri);
-    let mut watch = t.spawn_watch(&[], &[("MONGODB_URI", &slow_uri)], "change stream open").await;
-    let addr = health_addr(&watch);
-    let load = Load::start(&t, refs, 100);
-    wait_streaming(&t, &watch, &addr).await;
+    let mut watch = t.watch().env("MONGODB_URI", proxy.uri(&t.uri)).until("change stream open").await;
+    let (addr, load) = under_load(&t, refs, &watch).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let delivered = load.finish().await;
-    let caught_up = all_archived(&t, &watch, delivered, Duration::from_secs(60)).await;
+    let (delivered, caught_up) = drain(&t, load, &watch).await;
     let batches = metric(&addr, "archiver_batches_total").await;
     eprintln!("200 ms round trips: {delivered} delivered, all archived {caught_up:?} after the load stopped, in {batches} batches");
-    t.assert_archive_matches_delivered().await;
     assert!(probe(&addr, "/health/ready").await.is_some_and(|(code, _)| code == 200), "not ready under latency");
     assert_eq!(metric(&addr, "archiver_orders_already_archived_total").await, 0.0, "replays under mere latency");
-    assert_eq!(watch.stop().await.code(), Some(0), "{}", tail(&watch));
-    t.cleanup().await;
+    watch.stop_ok().await;
 }

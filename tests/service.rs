@@ -9,9 +9,8 @@ use mongodb::bson::doc;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn probes_and_metrics_report_the_stream() {
-    let t = TestEnv::new("probes").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
+    let (t, refs) = TestEnv::seeded("probes").await;
+    let mut watch = t.watch().start().await;
     let addr = health_addr(&watch);
     assert_eq!(http_get(&addr, "/health/live").0, 200);
     assert_eq!(http_get(&addr, "/health/startup").0, 200);
@@ -39,8 +38,7 @@ async fn probes_and_metrics_report_the_stream() {
         assert!(metrics.contains(expected), "{expected} not in:\n{metrics}");
     }
     assert_eq!(http_get(&addr, "/nope").0, 404);
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -49,7 +47,7 @@ async fn readiness_goes_503_while_the_database_is_down_and_back() {
     let uri = format!("{}&serverSelectionTimeoutMS=1000", server.uri);
     let t = TestEnv::with_uri("ready", uri).await;
     let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[("RETRY_MAX_ATTEMPTS", "60"), ("RETRY_MAX_DELAY_MS", "500")]).await;
+    let mut watch = t.watch().envs(&[("RETRY_MAX_ATTEMPTS", "60"), ("RETRY_MAX_DELAY_MS", "500")]).start().await;
     let addr = health_addr(&watch);
     assert_eq!(http_get(&addr, "/health/ready").0, 200);
     server.stop();
@@ -67,13 +65,12 @@ async fn readiness_goes_503_while_the_database_is_down_and_back() {
     .await;
     let (_, metrics) = http_get(&addr, "/metrics");
     assert!(!metrics.contains("archiver_reconnects_total 0"), "{metrics}");
-    assert!(watch.stop().await.success());
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_command_reports_components_as_json() {
-    let t = TestEnv::new("health").await;
-    let refs = t.seed_references().await;
+    let (t, refs) = TestEnv::seeded("health").await;
     t.orders().insert_one(order(&refs, 1, "en_attente")).await.unwrap();
     let out = t.run(&["health"]);
     assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
@@ -86,8 +83,7 @@ async fn health_command_reports_components_as_json() {
     assert_eq!(report["archive"]["present"], false);
     assert_eq!(report["resume_token"]["status"], "missing");
 
-    let mut watch = t.start_watch(&[]).await;
-    assert!(watch.stop().await.success());
+    t.watch().start().await.stop_ok().await;
     let out = t.run(&["health"]);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["resume_token"]["status"], "ok");
@@ -114,7 +110,6 @@ async fn health_command_reports_components_as_json() {
         "{stdout}"
     );
     assert!(!stdout.contains("T0pS3cret") && !String::from_utf8_lossy(&out.stderr).contains("T0pS3cret"));
-    t.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -123,8 +118,8 @@ async fn systemd_notifications_ready_watchdog_stopping() {
     let socket_path = t.dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let socket_str = socket_path.to_str().unwrap().to_owned();
-    let mut watch = t.start_watch(&[("NOTIFY_SOCKET", socket_str.as_str()), ("WATCHDOG_USEC", "400000")]).await;
+    let mut watch =
+        t.watch().env("NOTIFY_SOCKET", socket_path.to_str().unwrap()).env("WATCHDOG_USEC", "400000").start().await;
     let mut seen = String::new();
     let mut buf = [0u8; 512];
     while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
@@ -138,7 +133,6 @@ async fn systemd_notifications_ready_watchdog_stopping() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(watch.wait(Duration::from_secs(20)).await.success());
-    t.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -167,5 +161,4 @@ async fn connection_settings_are_applied_and_validated_at_start() {
     let stderr = String::from_utf8_lossy(&bad_uri.stderr);
     assert_eq!(bad_uri.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("invalid connection string") && !stderr.contains(":pw@"), "{stderr}");
-    t.cleanup().await;
 }

@@ -10,12 +10,11 @@ use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delivered_update_replace_and_insert_are_archived_enriched() {
-    let t = TestEnv::new("kinds").await;
-    let refs = t.seed_references().await;
+    let (t, refs) = TestEnv::seeded("kinds").await;
     let updated = order(&refs, 1, "en_livraison");
     let replaced = order(&refs, 2, "en_preparation");
     t.orders().insert_many([updated.clone(), replaced.clone()]).await.unwrap();
-    let mut watch = t.start_watch(&[]).await;
+    let mut watch = t.watch().start().await;
 
     let id_updated = updated.get_object_id("_id").unwrap();
     t.orders()
@@ -76,15 +75,13 @@ async fn delivered_update_replace_and_insert_are_archived_enriched() {
         ]
     );
     t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn non_delivered_changes_and_later_edits_are_not_archived() {
-    let t = TestEnv::new("filter").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
+    let (t, refs) = TestEnv::seeded("filter").await;
+    let mut watch = t.watch().start().await;
     let pending = order(&refs, 1, "en_attente");
     let id = pending.get_object_id("_id").unwrap();
     t.orders().insert_one(pending).await.unwrap();
@@ -103,45 +100,36 @@ async fn non_delivered_changes_and_later_edits_are_not_archived() {
     t.orders().insert_one(order(&refs, 3, "livrée")).await.unwrap();
     t.wait_archived(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    t.wait_archived(2).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    t.wait_all_archived(2).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_resumes_after_saved_token_without_gap_or_duplicate() {
-    let t = TestEnv::new("restart").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
-    let batch1: Vec<Document> = (0..20).map(|n| order(&refs, n, "livrée")).collect();
-    t.orders().insert_many(batch1).await.unwrap();
+    let (t, refs) = TestEnv::seeded("restart").await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, 0..20).await;
     t.wait_archived(20).await;
-    let status = watch.stop().await;
-    assert!(status.success(), "SIGTERM must exit 0, got {status}: {}", watch.stderr());
-    assert!(watch.log_contains("watch stopped"), "{}", watch.stderr());
+    let log = watch.stop_ok().await;
+    assert!(log.contains("watch stopped"), "{log}");
 
     // While it is down: deliveries it must not miss.
-    let batch2: Vec<Document> = (20..50).map(|n| order(&refs, n, "livrée")).collect();
-    t.orders().insert_many(batch2).await.unwrap();
+    t.deliver(&refs, 20..50).await;
     let pending = order(&refs, 99, "en_livraison");
     let pending_id = pending.get_object_id("_id").unwrap();
     t.orders().insert_one(pending).await.unwrap();
     t.orders().update_one(doc! { "_id": pending_id }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
 
-    let mut watch = t.start_watch(&[]).await;
+    let mut watch = t.watch().start().await;
     assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
-    t.wait_archived(51).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    t.wait_all_archived(51).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_during_a_burst_loses_nothing() {
-    let t = TestEnv::new("sigkill").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[("BATCH_SIZE", "50")]).await;
+    let (t, refs) = TestEnv::seeded("sigkill").await;
+    let mut watch = t.watch().env("BATCH_SIZE", "50").start().await;
     let writer = {
         let orders = t.orders();
         tokio::spawn(async move {
@@ -154,18 +142,15 @@ async fn sigkill_during_a_burst_loses_nothing() {
     };
     // Kill it while the burst is being archived.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while t.archive().count_documents(doc! {}).await.unwrap() < 100 {
+    while t.archive_len().await < 100 {
         assert!(std::time::Instant::now() < deadline, "nothing archived: {}", watch.stderr());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    watch.signal("KILL");
-    watch.wait(Duration::from_secs(10)).await;
+    watch.kill().await;
     writer.await.unwrap();
-    let mut watch = t.start_watch(&[]).await;
-    t.wait_archived(1000).await;
-    t.assert_archive_matches_delivered().await;
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    let mut watch = t.watch().start().await;
+    t.wait_all_archived(1000).await;
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,14 +164,12 @@ async fn corrupt_token_file_fails_clearly_and_is_left_untouched() {
     assert!(out.stderr.contains(&path.display().to_string()), "{}", out.stderr);
     assert!(out.stderr.contains("corrupt"), "{}", out.stderr);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"version\": 1, \"resume_token\": ");
-    t.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_stream_still_advances_the_saved_token() {
-    let t = TestEnv::new("idle").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
+    let (t, refs) = TestEnv::seeded("idle").await;
+    let mut watch = t.watch().start().await;
     let before = std::fs::read_to_string(t.token_file()).unwrap();
     // Changes the filter drops: the stream stays idle for `watch`, but the oplog moves on.
     let pending = order(&refs, 1, "en_attente");
@@ -205,16 +188,14 @@ async fn idle_stream_still_advances_the_saved_token() {
         }
         assert!(std::time::Instant::now() < deadline, "token never advanced: {now}");
     }
-    assert_eq!(t.archive().count_documents(doc! {}).await.unwrap(), 0);
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    assert_eq!(t.archive_len().await, 0);
+    watch.stop_ok().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_references_are_flagged_not_dropped() {
-    let t = TestEnv::new("anomalies").await;
-    let refs = t.seed_references().await;
-    let mut watch = t.start_watch(&[]).await;
+    let (t, refs) = TestEnv::seeded("anomalies").await;
+    let mut watch = t.watch().start().await;
     let mut broken = order(&refs, 1, "livrée");
     broken.insert("client_id", ObjectId::new());
     broken.insert("livreur_id", ObjectId::new());
@@ -239,8 +220,7 @@ async fn missing_references_are_flagged_not_dropped() {
     let anomalies: Vec<&str> = doc2.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect();
     assert_eq!(anomalies, ["numero_commande_invalide", "restaurant_introuvable", "items_invalides"]);
     assert!(doc2.get_array("items").unwrap().is_empty());
-    assert!(watch.stop().await.success());
-    t.cleanup().await;
+    watch.stop_ok().await;
 }
 
 /// `watch` is a service: an unreachable server is retried without end (readiness 503 meanwhile)
@@ -251,7 +231,7 @@ async fn unreachable_server_is_retried_without_end_and_without_leaking_the_passw
     let t = TestEnv::new("unreachable").await;
     let uri = "mongodb://archivist:Sup3rS3cret@127.0.0.1:1/?serverSelectionTimeoutMS=200";
     let env = [("MONGODB_URI", uri), ("RETRY_MAX_ATTEMPTS", "1"), ("RETRY_MAX_ELAPSED_MS", "1")];
-    let mut watch = t.spawn_watch(&[], &env, "health and metrics served").await;
+    let mut watch = t.watch().envs(&env).until("health and metrics served").await;
     let addr = common::health_addr(&watch);
     // Well past both bounds (one retry, 1 ms), it is still trying, and says so.
     common::eventually(30, "a third attempt", || async { watch.log_contains("attempt=3") }).await;
@@ -268,7 +248,7 @@ async fn unreachable_server_is_retried_without_end_and_without_leaking_the_passw
     assert!(!file.contains("Sup3rS3cret"));
 
     // JSON logs for shippers: one object per line, with structured fields.
-    let mut watch = t.spawn_watch(&[], &[("MONGODB_URI", uri), ("LOG_FORMAT", "json")], "\"attempt\":2").await;
+    let mut watch = t.watch().envs(&[("MONGODB_URI", uri), ("LOG_FORMAT", "json")]).until("\"attempt\":2").await;
     assert!(watch.stop().await.success());
     let stderr = watch.stderr();
     let events: Vec<serde_json::Value> = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();

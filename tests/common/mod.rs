@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use mongodb::{Client, Collection, Database};
+use tokio_util::sync::CancellationToken;
 
 /// The server under test.
 pub fn server_uri() -> String {
@@ -22,13 +23,22 @@ pub fn server_uri() -> String {
     })
 }
 
-/// One test's isolated database, working directory and binary environment.
+/// The shared checkpoint store and its lease. A renewal must answer within 60 % of the TTL less
+/// the renewal interval (1.3 s here): on two shared cores under load, a 2 s TTL made leaders step
+/// down for slowness alone.
+pub const SHARED_STORE: &[(&str, &str)] =
+    &[("CHECKPOINT_STORE", "mongodb"), ("LEASE_TTL_MS", "3000"), ("LEASE_RENEW_MS", "500")];
+
+/// One test's isolated database, working directory and binary environment. Dropping it drops
+/// the database, also when the test fails, so a failed run leaves nothing on the server; the
+/// directory goes with its `TempDir`.
 pub struct TestEnv {
     pub client: Client,
     pub db: Database,
     pub db_name: String,
     pub dir: tempfile::TempDir,
     pub uri: String,
+    dropped: bool,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -44,7 +54,20 @@ impl TestEnv {
         let client = Client::with_uri_str(&uri).await.expect("test client");
         let db = client.database(&db_name);
         db.drop().await.ok();
-        TestEnv { client, db, db_name, dir: tempfile::tempdir().unwrap(), uri }
+        TestEnv { client, db, db_name, dir: tempfile::tempdir().unwrap(), uri, dropped: false }
+    }
+
+    /// A fresh database on the server under test, with the references of `seed_references`.
+    pub async fn seeded(name: &str) -> (TestEnv, Refs) {
+        let t = Self::new(name).await;
+        let refs = t.seed_references().await;
+        (t, refs)
+    }
+
+    /// A new client to the same server and database, after the server restarted.
+    pub async fn reconnect(&mut self) {
+        self.client = Client::with_uri_str(&self.uri).await.expect("test client");
+        self.db = self.client.database(&self.db_name);
     }
 
     pub fn orders(&self) -> Collection<Document> {
@@ -55,8 +78,32 @@ impl TestEnv {
         self.db.collection("Commandes_archive")
     }
 
+    /// How many documents the archive holds.
+    pub async fn archive_len(&self) -> u64 {
+        self.archive().count_documents(doc! {}).await.unwrap()
+    }
+
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("state/resume_token.json")
+    }
+
+    /// Makes every save of the token file fail, as on a full or read-only disk, whoever runs the
+    /// test (root ignores permissions): its directory moves away and a plain file takes its
+    /// place. Returns where the directory went. (The temp file's name is random, so a save
+    /// cannot be blocked by taking that name.)
+    pub fn block_token_saves(&self) -> PathBuf {
+        let state = self.token_file().parent().unwrap().to_path_buf();
+        let moved = state.with_file_name("state.moved");
+        std::fs::rename(&state, &moved).unwrap();
+        std::fs::write(&state, "not a directory").unwrap();
+        moved
+    }
+
+    /// Undoes `block_token_saves`.
+    pub fn unblock_token_saves(&self) {
+        let state = self.token_file().parent().unwrap().to_path_buf();
+        std::fs::remove_file(&state).unwrap();
+        std::fs::rename(state.with_file_name("state.moved"), &state).unwrap();
     }
 
     /// A command for the real binary, isolated in this test's directory and database.
@@ -88,49 +135,9 @@ impl TestEnv {
         }
     }
 
-    /// Starts `archiver watch` and waits until its stream is open (the token file exists).
-    pub async fn start_watch(&self, extra_env: &[(&str, &str)]) -> Watcher {
-        self.start_watch_with(&[], extra_env).await
-    }
-
-    /// `start_watch` with extra arguments.
-    pub async fn start_watch_args(&self, args: &[&str]) -> Watcher {
-        self.start_watch_with(args, &[]).await
-    }
-
-    async fn start_watch_with(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Watcher {
-        let watcher = self.spawn_watch(args, extra_env, "change stream open").await;
-        let token = self.token_file();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !token.exists() {
-            assert!(Instant::now() < deadline, "no token file: {}", watcher.stderr());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        watcher
-    }
-
-    /// Starts `archiver watch` and waits until its log says `marker`.
-    pub async fn spawn_watch(&self, args: &[&str], extra_env: &[(&str, &str)], marker: &str) -> Watcher {
-        let log = self.dir.path().join(format!("watch-{}.stderr", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        let mut cmd = self.archiver(&[&["watch"][..], args].concat());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn archiver watch");
-        let mut watcher = Watcher { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !watcher.log_contains(marker) {
-            if let Some(status) = watcher.child.try_wait().unwrap() {
-                panic!("watch exited early with {status}: {}", watcher.stderr());
-            }
-            assert!(Instant::now() < deadline, "watch never logged {marker:?}: {}", watcher.stderr());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        watcher
+    /// An `archiver watch` of this test, to configure and start.
+    pub fn watch(&self) -> WatchRun<'_> {
+        WatchRun { t: self, args: Vec::new(), vars: Vec::new() }
     }
 
     /// Reference documents: one client, courier, restaurant and two dishes.
@@ -188,9 +195,14 @@ impl TestEnv {
 
     /// Asserts every delivered order in the source is archived exactly once, and nothing else is.
     pub async fn assert_archive_matches_delivered(&self) {
+        self.assert_delivered_in(&self.archive()).await;
+    }
+
+    /// `assert_archive_matches_delivered` for an archive collection elsewhere.
+    pub async fn assert_delivered_in(&self, archive: &Collection<Document>) {
         let delivered: Vec<Bson> = self.orders().distinct("_id", doc! { "status": "livrée" }).await.unwrap();
-        let archived: Vec<Bson> = self.archive().distinct("_id", doc! {}).await.unwrap();
-        let total = self.archive().count_documents(doc! {}).await.unwrap();
+        let archived: Vec<Bson> = archive.distinct("_id", doc! {}).await.unwrap();
+        let total = archive.count_documents(doc! {}).await.unwrap();
         assert_eq!(total as usize, archived.len(), "duplicate archive documents");
         let mut d: Vec<String> = delivered.iter().map(|b| b.to_string()).collect();
         let mut a: Vec<String> = archived.iter().map(|b| b.to_string()).collect();
@@ -199,8 +211,125 @@ impl TestEnv {
         assert_eq!(a, d, "archive ids differ from delivered ids");
     }
 
-    pub async fn cleanup(self) {
+    /// Drops what the server's oplog holds (a SecantusDB admin command, for the lost-history
+    /// tests on a server of their own).
+    pub async fn prune_oplog(&self) {
+        self.client.database("admin").run_command(doc! { "secantusAdmin.pruneOplog": 1 }).await.unwrap();
+    }
+
+    /// Inserts the orders numbered `numbers`, delivered.
+    pub async fn deliver(&self, refs: &Refs, numbers: impl IntoIterator<Item = u32>) {
+        self.orders().insert_many(numbers.into_iter().map(|n| order(refs, n, "livrée"))).await.unwrap();
+    }
+
+    /// Waits until the archive holds `n` documents, then asserts they are exactly the delivered
+    /// orders.
+    pub async fn wait_all_archived(&self, n: u64) {
+        self.wait_archived(n).await;
+        self.assert_archive_matches_delivered().await;
+    }
+
+    /// Drops the database now (dropping the `TestEnv` does it otherwise).
+    pub async fn cleanup(mut self) {
         self.db.drop().await.ok();
+        self.dropped = true;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        // Drop cannot await, and the test's runtime may be gone or single-threaded: a thread of
+        // its own with a client of its own. A short server selection, since the server may be
+        // the one a failed test left stopped.
+        let (uri, db_name) = (self.uri.clone(), self.db_name.clone());
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let mut options = mongodb::options::ClientOptions::parse(&uri).await.ok()?;
+                options.server_selection_timeout = Some(Duration::from_secs(2));
+                let client = Client::with_options(options).ok()?;
+                client.database(&db_name).drop().await.ok()
+            })
+        });
+        let _ = dropping.join();
+    }
+}
+
+/// An `archiver watch` being configured: the test's environment plus these arguments and
+/// variables (later ones win).
+pub struct WatchRun<'a> {
+    t: &'a TestEnv,
+    args: Vec<String>,
+    vars: Vec<(String, String)>,
+}
+
+impl WatchRun<'_> {
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.vars.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        self.vars.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// The shared checkpoint store (`SHARED_STORE`), as instance `instance`.
+    pub fn shared_store(self, instance: &str) -> Self {
+        self.envs(SHARED_STORE).env("INSTANCE_ID", instance)
+    }
+
+    /// Its own token file, in the test's directory.
+    pub fn token_file(self, name: &str) -> Self {
+        let path = self.t.dir.path().join(name);
+        self.env("RESUME_TOKEN_FILE", path.to_str().unwrap())
+    }
+
+    /// Partition `partition` of `partitions`.
+    pub fn partition(self, partition: u32, partitions: u32) -> Self {
+        self.env("PARTITIONS", partitions.to_string()).env("PARTITION", partition.to_string())
+    }
+
+    /// Starts it and waits until its stream is open and the token file saved.
+    pub async fn start(self) -> Watcher {
+        let token = self.t.token_file();
+        let watcher = self.until("change stream open").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !token.exists() {
+            assert!(Instant::now() < deadline, "no token file: {}", watcher.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        watcher
+    }
+
+    /// Starts it and waits until its log says `marker`.
+    pub async fn until(self, marker: &str) -> Watcher {
+        let log = self.t.dir.path().join(format!("watch-{}.stderr", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let mut cmd = self.t.archiver(&["watch"]);
+        cmd.args(&self.args).envs(self.vars);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn archiver watch");
+        let mut watcher = Watcher { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !watcher.log_contains(marker) {
+            if let Some(status) = watcher.child.try_wait().unwrap() {
+                panic!("watch exited early with {status}: {}", watcher.stderr());
+            }
+            assert!(Instant::now() < deadline, "watch never logged {marker:?}: {}", watcher.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        watcher
     }
 }
 
@@ -241,7 +370,8 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// A running `archiver watch`.
+/// A running `archiver watch`, killed if it is still running when dropped (a failed test
+/// leaves no process behind).
 pub struct Watcher {
     pub child: Child,
     pub log: PathBuf,
@@ -254,6 +384,36 @@ impl Watcher {
 
     pub fn log_contains(&self, needle: &str) -> bool {
         self.stderr().contains(needle)
+    }
+
+    /// The last 40 lines of its log, for failure messages.
+    pub fn tail(&self) -> String {
+        let log = self.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Waits until its log says `needle`, for up to `secs` seconds.
+    pub async fn wait_for_log(&self, secs: u64, needle: &str) {
+        eventually(secs, needle, || async { self.log_contains(needle) }).await;
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The values of field `name` in its "batch archived" lines, each of which must carry it.
+    pub fn batch_field(&self, name: &str) -> Vec<u64> {
+        let log = self.stderr();
+        let field = format!(" {name}=");
+        log.lines()
+            .filter(|l| l.contains("batch archived"))
+            .map(|l| {
+                let value = l.split(&field).nth(1).unwrap_or_else(|| panic!("no {name} in: {l}"));
+                value.split_whitespace().next().unwrap().parse().unwrap_or_else(|_| panic!("{name} in: {l}"))
+            })
+            .collect()
     }
 
     pub fn signal(&self, signal: &str) {
@@ -281,6 +441,19 @@ impl Watcher {
     pub async fn stop(&mut self) -> ExitStatus {
         self.signal("TERM");
         self.wait(Duration::from_secs(20)).await
+    }
+
+    /// SIGTERM; asserts a clean exit (0) and returns the log.
+    pub async fn stop_ok(&mut self) -> String {
+        let status = self.stop().await;
+        assert_eq!(status.code(), Some(0), "watch exited with {status}:\n{}", self.tail());
+        self.stderr()
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub async fn kill(&mut self) {
+        self.signal("KILL");
+        self.wait(Duration::from_secs(10)).await;
     }
 }
 
@@ -327,9 +500,13 @@ impl OwnServer {
     }
 
     pub fn stop(&self) {
+        assert!(self.try_stop(), "scripts/secantusd.sh stop failed");
+    }
+
+    fn try_stop(&self) -> bool {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/secantusd.sh");
-        let ok = Command::new("bash").arg(script).args(["stop", self.dir.path().to_str().unwrap()]).status().unwrap();
-        assert!(ok.success());
+        let stopped = Command::new("bash").arg(script).args(["stop", self.dir.path().to_str().unwrap()]).status();
+        stopped.is_ok_and(|status| status.success())
     }
 
     /// Starts again on the same data and port.
@@ -341,27 +518,92 @@ impl OwnServer {
 
 impl Drop for OwnServer {
     fn drop(&mut self) {
-        self.stop();
+        // No assertion here: a panic while a failed test unwinds would abort the whole binary.
+        self.try_stop();
     }
 }
 
-/// Delivers an order every `every` until `stop` is cancelled; returns how many.
-pub fn deliver_steadily(
-    t: &TestEnv,
-    refs: Refs,
-    every: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<u32> {
-    let orders = t.orders();
-    tokio::spawn(async move {
-        let mut n = 0u32;
-        while !stop.is_cancelled() {
-            orders.insert_one(order(&refs, n, "livrée")).await.unwrap();
-            n += 1;
-            tokio::time::sleep(every).await;
-        }
-        n
-    })
+/// How the orders of a `Load` get delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Inserted already delivered.
+    Inserted,
+    /// Inserted in delivery, then updated to delivered: an update event in the stream.
+    Updated,
+    /// One of each in turn, so both kinds of change event are in the stream.
+    Alternating,
+}
+
+/// How a `Load` paces its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// A pause of this long after each delivery.
+    Pause(Duration),
+    /// About this many deliveries a second, whatever each one takes.
+    PerSecond(u32),
+}
+
+/// Steady deliveries from the test's own client while the test does something else. Stopped
+/// when dropped, so a failed test does not write on into a database being dropped.
+pub struct Load {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<u32>,
+}
+
+impl Load {
+    pub fn start(t: &TestEnv, refs: Refs, delivery: Delivery, pace: Pace) -> Load {
+        let orders = t.orders();
+        let stop = CancellationToken::new();
+        let running = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = match pace {
+                Pace::PerSecond(n) => Some(tokio::time::interval(Duration::from_secs(1) / n)),
+                Pace::Pause(_) => None,
+            };
+            if let Some(tick) = &mut tick {
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            let mut n = 0u32;
+            while !running.is_cancelled() {
+                if let Some(tick) = &mut tick {
+                    tick.tick().await;
+                }
+                let by_update = match delivery {
+                    Delivery::Inserted => false,
+                    Delivery::Updated => true,
+                    Delivery::Alternating => !n.is_multiple_of(2),
+                };
+                if by_update {
+                    let o = order(&refs, n, "en_livraison");
+                    let id = o.get_object_id("_id").unwrap();
+                    orders.insert_one(o).await.expect("insert an order");
+                    let delivered = doc! { "$set": { "status": "livrée", "date_livraison": DateTime::now() } };
+                    orders.update_one(doc! { "_id": id }, delivered).await.expect("deliver an order");
+                } else {
+                    orders.insert_one(order(&refs, n, "livrée")).await.expect("deliver an order");
+                }
+                n += 1;
+                if let Pace::Pause(pause) = pace {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            n
+        });
+        Load { stop, task }
+    }
+
+    /// Stops delivering; how many orders were delivered.
+    pub async fn finish(mut self) -> u32 {
+        self.stop.cancel();
+        (&mut self.task).await.expect("load task")
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
+    }
 }
 
 /// Polls `check` until it holds, for up to `secs` seconds.
