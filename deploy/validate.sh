@@ -750,6 +750,7 @@ section("environment variable names")
 DOCUMENTED = {
     "MONGODB_URI", "MONGODB_DB", "ARCHIVE_URI", "ARCHIVE_DB", "ARCHIVE_COLLECTION", "ORDERS_COLLECTION",
     "RESUME_TOKEN_FILE", "BATCH_SIZE", "BATCH_MAX_WAIT_MS", "RETRY_MAX_ATTEMPTS", "RETRY_MAX_DELAY_MS",
+    "RETRY_MAX_ELAPSED_MS",
     "LOG_DIR", "LOG_FORMAT", "LOG_LEVEL", "RUST_LOG", "ARCHIVER_CONFIG", "HTTP_ADDR",
 }
 # Not archiver's settings: cron's own variables, and the sd_notify protocol (archiver sends
