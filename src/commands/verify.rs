@@ -7,7 +7,7 @@
 //! most one chunk of ids, far below the 16 MB limit of a command. Ids are compared as MongoDB
 //! compares them ([`equality_key`]): an order archived under `NumberLong(1)` is the order `1`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::db;
 use crate::db::RetryPolicy;
 use crate::pipeline::document::ArchiveSource;
-use crate::pipeline::order_id::equality_key;
+use crate::pipeline::order_id::{equality_key, present_among};
 use crate::pipeline::scan::{delivered_in_range, DateRange};
 use crate::pipeline::sink::Archiver;
 
@@ -77,22 +77,31 @@ fn id_text(id: &Bson) -> String {
 fn day_of(doc: &Document, field: &str) -> String {
     doc.get_datetime(field)
         .ok()
-        .and_then(|d| DateTime::from_timestamp_millis(d.timestamp_millis()))
+        .map(|d| d.to_chrono())
         .map(|d| d.date_naive().to_string())
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// The ids among `ids` found in `collection` with `extra` conditions, by [`equality_key`].
-/// One query: callers pass at most [`CHUNK`] ids.
-async fn present(
-    collection: &Collection<Document>,
-    ids: &[Bson],
-    extra: &Document,
-) -> mongodb::error::Result<HashSet<String>> {
-    let mut filter = extra.clone();
-    filter.insert("_id", doc! { "$in": ids });
-    let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
-    Ok(found.iter().filter_map(|d| d.get("_id")).map(equality_key).collect())
+/// Reads the ids (and days) of `documents` in chunks and asks `counterpart`, chunk by chunk,
+/// which of them it holds in a document matching `filter`; `tally` gets each id, its day, and
+/// whether it is held. The one scan both sides of the reconciliation use.
+async fn reconcile(
+    documents: mongodb::Cursor<Document>,
+    day_field: &str,
+    counterpart: &Collection<Document>,
+    filter: &Document,
+    mut tally: impl FnMut(Bson, String, bool),
+) -> mongodb::error::Result<()> {
+    let mut chunks = std::pin::pin!(documents.try_chunks(CHUNK));
+    while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+        let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
+        let held = present_among(counterpart, &ids, filter.clone()).await?;
+        for (id, d) in ids.into_iter().zip(&chunk) {
+            let is_held = held.contains(&equality_key(&id));
+            tally(id, day_of(d, day_field), is_held);
+        }
+    }
+    Ok(())
 }
 
 /// Runs the reconciliation.
@@ -115,73 +124,50 @@ pub async fn run(
     // Source side: every delivered order of the range must be in the archive (by id).
     let mut missing_ids: Vec<Bson> = Vec::new();
     let mut source_delivered = 0u64;
-    let mut cursor = orders
+    let cursor = orders
         .find(delivered_in_range(config, range))
         .projection(doc! { "_id": 1, date_field.clone(): 1 })
         .await
         .context("reading the delivered orders")?;
-    let mut chunk: Vec<(Bson, String)> = Vec::with_capacity(CHUNK);
-    loop {
-        let next = cursor.try_next().await.context("reading the delivered orders")?;
-        if let Some(d) = &next {
-            chunk.push((d.get("_id").cloned().unwrap_or(Bson::Null), day_of(d, &date_field)));
+    reconcile(cursor, &date_field, &archive, &doc! {}, |id, day, archived| {
+        source_delivered += 1;
+        let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
+        entry.source += 1;
+        if !archived {
+            entry.missing += 1;
+            missing_ids.push(id);
         }
-        if chunk.len() == CHUNK || (next.is_none() && !chunk.is_empty()) {
-            let ids: Vec<Bson> = chunk.iter().map(|(id, _)| id.clone()).collect();
-            let archived = present(&archive, &ids, &doc! {}).await.context("checking the archive")?;
-            for (id, day) in chunk.drain(..) {
-                source_delivered += 1;
-                let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
-                entry.source += 1;
-                if !archived.contains(&equality_key(&id)) {
-                    entry.missing += 1;
-                    missing_ids.push(id);
-                }
-            }
-        }
-        if next.is_none() {
-            break;
-        }
-    }
+    })
+    .await
+    .context("comparing the delivered orders with the archive")?;
 
     // Archive side: every archive document of the range must have a delivered order behind it.
     let mut archive_range = doc! {};
-    let mut dates = doc! { "$gte": mongodb::bson::DateTime::from_millis(range.from.timestamp_millis()) };
+    let mut dates = doc! { "$gte": mongodb::bson::DateTime::from_chrono(range.from) };
     if let Some(to) = range.to {
-        dates.insert("$lt", mongodb::bson::DateTime::from_millis(to.timestamp_millis()));
+        dates.insert("$lt", mongodb::bson::DateTime::from_chrono(to));
     }
     archive_range.insert("date_commande", dates);
     let archive_range = crate::coordination::restrict_to_partition(config, archive_range, "$_id");
     let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
     let mut orphaned = Vec::new();
     let mut archived_total = 0u64;
-    let mut cursor = archive
+    let cursor = archive
         .find(archive_range)
         .projection(doc! { "_id": 1, "date_commande": 1 })
         .await
         .context("reading the archive")?;
-    loop {
-        let next = cursor.try_next().await.context("reading the archive")?;
-        if let Some(d) = &next {
-            chunk.push((d.get("_id").cloned().unwrap_or(Bson::Null), day_of(d, "date_commande")));
+    reconcile(cursor, "date_commande", &orders, &delivered, |id, day, delivered| {
+        archived_total += 1;
+        let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
+        entry.archive += 1;
+        if !delivered {
+            entry.orphaned += 1;
+            orphaned.push(id_text(&id));
         }
-        if chunk.len() == CHUNK || (next.is_none() && !chunk.is_empty()) {
-            let ids: Vec<Bson> = chunk.iter().map(|(id, _)| id.clone()).collect();
-            let in_source = present(&orders, &ids, &delivered).await.context("checking the source")?;
-            for (id, day) in chunk.drain(..) {
-                archived_total += 1;
-                let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
-                entry.archive += 1;
-                if !in_source.contains(&equality_key(&id)) {
-                    entry.orphaned += 1;
-                    orphaned.push(id_text(&id));
-                }
-            }
-        }
-        if next.is_none() {
-            break;
-        }
-    }
+    })
+    .await
+    .context("comparing the archive with the delivered orders")?;
 
     let mut repaired = 0;
     if repair && !missing_ids.is_empty() {
@@ -192,7 +178,7 @@ pub async fn run(
         for ids in missing_ids.chunks(CHUNK) {
             let outcome = archiver.archive_missing_ids(ids).await.context("repairing")?;
             repaired += outcome.inserted;
-            let archived = present(&archive, ids, &doc! {}).await.context("checking the repair")?;
+            let archived = present_among(&archive, ids, doc! {}).await.context("checking the repair")?;
             still_missing.extend(ids.iter().filter(|id| !archived.contains(&equality_key(id))).cloned());
         }
         tracing::info!(repaired, still_missing = still_missing.len(), "missing orders archived (--repair)");

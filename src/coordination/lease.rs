@@ -97,11 +97,7 @@ impl Lease {
                 .and_then(Bson::as_i64)
                 .or_else(|| d.get_i32("epoch").ok().map(i64::from))
                 .unwrap_or(0),
-            expires_at: d
-                .get_datetime("expires_at")
-                .ok()
-                .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
-                .unwrap_or_default(),
+            expires_at: d.get_datetime("expires_at").ok().map(|t| t.to_chrono()).unwrap_or_default(),
         }))
     }
 

@@ -6,7 +6,12 @@
 //! finds the others), inside embedded documents and arrays too. A key that kept the type would
 //! report an order archived under another numeric type as both missing and orphaned.
 
-use mongodb::bson::Bson;
+use std::collections::HashSet;
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::Error;
+use mongodb::Collection;
 
 /// A key for `id` under MongoDB's equality: numerically equal ids of any numeric type (Int32,
 /// Int64, Double, Decimal128) share a key, as do documents and arrays whose members do; any
@@ -15,6 +20,23 @@ pub fn equality_key(id: &Bson) -> String {
     let mut key = String::new();
     push_key(&mut key, id);
     key
+}
+
+/// The ids among `ids` that `collection` holds in a document matching `filter`, as
+/// [`equality_key`]s: the one question "which of these orders are already archived" (or, for
+/// `verify`, still delivered in the source). One query: callers pass chunks of ids.
+pub async fn present_among(
+    collection: &Collection<Document>,
+    ids: &[Bson],
+    filter: Document,
+) -> Result<HashSet<String>, Error> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut filter = filter;
+    filter.insert("_id", doc! { "$in": ids });
+    let found: Vec<Document> = collection.find(filter).projection(doc! { "_id": 1 }).await?.try_collect().await?;
+    Ok(found.iter().filter_map(|d| d.get("_id")).map(equality_key).collect())
 }
 
 fn push_key(key: &mut String, value: &Bson) {

@@ -86,9 +86,9 @@ impl DateRange {
 /// The query of the delivered orders of a range.
 pub fn delivered_in_range(config: &Config, range: DateRange) -> Document {
     let f = &config.orders.fields;
-    let mut dates = doc! { "$gte": mongodb::bson::DateTime::from_millis(range.from.timestamp_millis()) };
+    let mut dates = doc! { "$gte": mongodb::bson::DateTime::from_chrono(range.from) };
     if let Some(to) = range.to {
-        dates.insert("$lt", mongodb::bson::DateTime::from_millis(to.timestamp_millis()));
+        dates.insert("$lt", mongodb::bson::DateTime::from_chrono(to));
     }
     let filter = doc! { f.status.clone(): &config.orders.delivered_status, f.date_commande.clone(): dates };
     crate::coordination::restrict_to_partition(config, filter, "$_id")

@@ -2,6 +2,8 @@
 //! inserted only if absent, so replaying an event or re-running a date range never makes a second
 //! document. Orders the archive refuses go to a dead-letter collection, never silently away.
 
+use std::collections::HashSet;
+
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{Error, ErrorKind};
@@ -9,24 +11,21 @@ use mongodb::options::{IndexOptions, UpdateOptions};
 use mongodb::Collection;
 use mongodb::IndexModel;
 
+use super::document::{vanished_order_document, ArchiveSource};
+use super::join::Joiner;
+use super::lookup::enrichment_stages;
+use super::order_id::{equality_key, present_among};
 use crate::config::{Config, EnrichMode};
-use crate::db::{error_code, is_transient, Databases};
-use crate::pipeline::document::{vanished_order_document, ArchiveSource};
-use crate::pipeline::join::Joiner;
-use crate::pipeline::lookup::enrichment_stages;
-use crate::pipeline::order_id::equality_key;
+use crate::db::{error_code, is_transient, Databases, DUPLICATE_KEY};
 
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
 
 /// The keys of the `_id`s of `docs`.
-fn id_keys(docs: &[Document]) -> std::collections::HashSet<String> {
+fn id_keys(docs: &[Document]) -> HashSet<String> {
     docs.iter().filter_map(|d| d.get("_id")).map(equality_key).collect()
 }
-
-/// Server code of a duplicate key: the order is already archived.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// What one archive write did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -154,11 +153,6 @@ impl Archiver {
         );
     }
 
-    /// A session on the archive's deployment, for transactions.
-    pub async fn start_session(&self) -> Result<mongodb::ClientSession, Error> {
-        self.archive.client().start_session().await
-    }
-
     /// The enrichment stages, for callers that build their own pipelines around them.
     pub fn stages(&self) -> &[Document] {
         &self.stages
@@ -268,35 +262,6 @@ impl Archiver {
         Ok(outcome)
     }
 
-    /// Inserts the documents not yet archived, inside `session`'s transaction, so that the
-    /// caller can commit them together with a checkpoint. Any write error aborts the whole.
-    pub async fn insert_missing_in(
-        &self,
-        docs: Vec<Document>,
-        session: &mut mongodb::ClientSession,
-    ) -> Result<WriteOutcome, Error> {
-        let ids: Vec<&Bson> = docs.iter().filter_map(|d| d.get("_id")).collect();
-        let found: Vec<Document> = self
-            .archive
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "_id": 1 })
-            .session(&mut *session)
-            .await?
-            .stream(&mut *session)
-            .try_collect()
-            .await?;
-        let archived = id_keys(&found);
-        let total = docs.len() as u64;
-        let missing: Vec<Document> =
-            docs.into_iter().filter(|d| d.get("_id").is_some_and(|id| !archived.contains(&equality_key(id)))).collect();
-        let anomalies = missing.iter().filter(|d| d.get_array("anomalies").is_ok_and(|a| !a.is_empty())).count() as u64;
-        let inserted = missing.len() as u64;
-        if !missing.is_empty() {
-            self.archive.insert_many(missing).session(&mut *session).await?;
-        }
-        Ok(WriteOutcome { inserted, already_archived: total - inserted, anomalies, dead_lettered: 0 })
-    }
-
     /// The archive documents of these orders (one per id, flagged if the order vanished).
     pub async fn enrich(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
         if ids.is_empty() {
@@ -393,19 +358,9 @@ impl Archiver {
         Ok(outcome)
     }
 
-    /// The keys of those of `ids` that have an archive document.
-    async fn archived_among(&self, ids: &[Bson]) -> Result<std::collections::HashSet<String>, Error> {
-        if ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let found: Vec<Document> = self
-            .archive
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "_id": 1 })
-            .await?
-            .try_collect()
-            .await?;
-        Ok(id_keys(&found))
+    /// The ids among `ids` already in the archive.
+    async fn archived_among(&self, ids: &[Bson]) -> Result<HashSet<String>, Error> {
+        present_among(&self.archive, ids, doc! {}).await
     }
 
     /// Records (or updates) the dead letter of one order.

@@ -151,7 +151,7 @@ pub(super) fn object_id(rng: &mut StdRng, at: DateTime<Utc>) -> ObjectId {
 }
 
 pub(super) fn bson_date(at: DateTime<Utc>) -> Bson {
-    Bson::DateTime(mongodb::bson::DateTime::from_millis(at.timestamp_millis()))
+    Bson::DateTime(mongodb::bson::DateTime::from_chrono(at))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -188,11 +188,8 @@ pub(super) async fn load_in_flight(orders: &Collection<Document>, config: &Confi
         .into_iter()
         .filter_map(|d| {
             let stage = Stage::in_flight(d.get_str(&f.status).ok()?)?;
-            let placed_at = d
-                .get_datetime(&f.date_commande)
-                .ok()
-                .and_then(|t| DateTime::from_timestamp_millis(t.timestamp_millis()))
-                .unwrap_or(DateTime::UNIX_EPOCH);
+            let placed_at =
+                d.get_datetime(&f.date_commande).ok().map(|t| t.to_chrono()).unwrap_or(DateTime::UNIX_EPOCH);
             let livreur = d.get(livreur_field).filter(|b| !matches!(b, Bson::Null)).cloned();
             Some(InFlight { id: d.get("_id")?.clone(), stage, livreur, placed_at })
         })

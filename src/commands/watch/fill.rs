@@ -21,7 +21,7 @@ use crate::pipeline::sink::Archiver;
 /// delivered since then by their own delivery date, and those whose delivery date is unknown.
 pub(super) fn gap_filter(config: &Config, since: DateTime<Utc>) -> Document {
     let f = &config.orders.fields;
-    let since = mongodb::bson::DateTime::from_millis(since.timestamp_millis());
+    let since = mongodb::bson::DateTime::from_chrono(since);
     let filter = doc! {
         f.status.clone(): &config.orders.delivered_status,
         "$or": [
