@@ -217,7 +217,7 @@ impl Bench {
         }
 
         let mut config = Config::default();
-        config.mongodb.uri = settings.uri.clone();
+        config.mongodb.uri = archiver::redact::SecretUri::new(settings.uri.clone());
         config.mongodb.database = settings.database.clone();
         let dbs = archiver::db::connect(&config, &archiver::db::RetryPolicy::bounded(&config.retry)).await?;
         // Built once, untimed, with batch's own definitions: otherwise the first timed run

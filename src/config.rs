@@ -8,7 +8,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::redact::{has_unencoded_user_info, redact_invalid_uri};
+use crate::redact::{has_unencoded_user_info, redact_invalid_uri, SecretUri};
 
 /// Largest number of partitions (the partition key has 256 values).
 pub const MAX_PARTITIONS: u32 = 256;
@@ -174,7 +174,7 @@ pub const CONNECTION_ENV: &[(&str, &str)] = &[
 #[serde(default, deny_unknown_fields)]
 pub struct MongoSettings {
     /// Connection string (`MONGODB_URI`). Never displayed unredacted.
-    pub uri: String,
+    pub uri: SecretUri,
     /// Database holding the orders and reference collections (`MONGODB_DB`).
     pub database: String,
 }
@@ -184,7 +184,7 @@ pub struct MongoSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct ArchiveSettings {
     /// Another deployment for the archive (`ARCHIVE_URI`); the source one when unset.
-    pub uri: Option<String>,
+    pub uri: Option<SecretUri>,
     /// Archive database (`ARCHIVE_DB`); the source database when unset.
     pub database: Option<String>,
     /// Archive collection (`ARCHIVE_COLLECTION`).
@@ -359,7 +359,7 @@ pub enum LogFormat {
 
 impl Default for MongoSettings {
     fn default() -> Self {
-        MongoSettings { uri: "mongodb://localhost:27017".to_owned(), database: "livraison".to_owned() }
+        MongoSettings { uri: SecretUri::new("mongodb://localhost:27017"), database: "livraison".to_owned() }
     }
 }
 
@@ -544,9 +544,9 @@ impl Config {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        check_uri("MONGODB_URI", &self.mongodb.uri)?;
+        check_uri("MONGODB_URI", self.mongodb.uri.expose())?;
         if let Some(uri) = &self.archive.uri {
-            check_uri("ARCHIVE_URI", uri)?;
+            check_uri("ARCHIVE_URI", uri.expose())?;
         }
         let names = [
             ("mongodb.database", &self.mongodb.database),
@@ -786,19 +786,19 @@ mod tests {
             ),
         ] {
             let mut config = Config::default();
-            config.mongodb.uri = uri.to_owned();
+            config.mongodb.uri = SecretUri::new(uri);
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("MONGODB_URI"), "{err}");
             for secret in secrets {
                 assert!(!err.contains(secret), "{secret} shown in {err}");
             }
             let mut config = Config::default();
-            config.archive.uri = Some(uri.to_owned());
+            config.archive.uri = Some(SecretUri::new(uri));
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("ARCHIVE_URI") && !err.contains(secrets[0]), "{err}");
         }
         let mut config = Config::default();
-        config.mongodb.uri = "mongodb://u:Pw9?xQz@h:1/db".to_owned();
+        config.mongodb.uri = SecretUri::new("mongodb://u:Pw9?xQz@h:1/db");
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("mongodb://h:1") && err.contains("percent-encoded"), "{err}");
     }

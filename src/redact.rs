@@ -180,6 +180,37 @@ pub fn redact_uri(uri: &str) -> String {
     out
 }
 
+/// A connection string, which may carry a password: its `Debug` and `Display` show it redacted
+/// ([`redact_uri`]), so a configuration printed whole (a `{:?}` in a log, a panic message) never
+/// shows the password. Only [`SecretUri::expose`] gives the text, for the driver.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct SecretUri(String);
+
+impl SecretUri {
+    /// Wraps `uri`.
+    pub fn new(uri: impl Into<String>) -> Self {
+        SecretUri(uri.into())
+    }
+
+    /// The connection string itself, credentials included: for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_uri(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_uri(&self.0))
+    }
+}
+
 /// Shows a URI that was rejected (by the driver or by validation): only its scheme and host list,
 /// since how it was cut into user info, path and options is exactly what is in doubt.
 pub fn redact_invalid_uri(uri: &str) -> String {
@@ -309,6 +340,16 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_uri_prints_redacted_whatever_the_format() {
+        let uri = SecretUri::new("mongodb://app:Hunter2x@db1:27017/?tls=true");
+        for shown in [format!("{uri}"), format!("{uri:?}"), format!("{:#?}", Some(&uri))] {
+            assert!(!shown.contains("Hunter2x"), "{shown}");
+            assert!(shown.contains("app:***@db1:27017"), "{shown}");
+        }
+        assert_eq!(uri.expose(), "mongodb://app:Hunter2x@db1:27017/?tls=true");
+    }
 
     #[test]
     fn redacts_password_and_keeps_the_rest() {

@@ -67,7 +67,7 @@ fn fixture() -> &'static Fixture {
             db.collection::<Document>("Menu").insert_many(menus).await.unwrap();
 
             let mut config = Config::default();
-            config.mongodb.uri = env.uri.clone();
+            config.mongodb.uri = archiver::redact::SecretUri::new(env.uri.clone());
             config.mongodb.database = env.db_name.clone();
             let dbs = archiver::db::connect(&config, &archiver::db::RetryPolicy::bounded(&config.retry)).await.unwrap();
             let join = Archiver::new(&config, &dbs, ArchiveSource::Batch);

@@ -10,7 +10,7 @@ use crate::checkpoint::{Checkpoint, CheckpointFile, StoreError};
 use crate::config::{CheckpointStoreKind, Config};
 use crate::coordination::{self, Lease};
 use crate::db;
-use crate::redact::{redact_uri, scrub};
+use crate::redact::scrub;
 
 /// What the one-shot check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,7 @@ async fn source_report(config: &Config, source: &mongodb::Database, healthy: &mu
         (Ok(h), Ok(n)) => (h, n),
         (Err(e), _) | (_, Err(e)) => {
             *healthy = false;
-            return json!({ "status": "error", "uri": redact_uri(&config.mongodb.uri), "error": scrub(&e.to_string()) });
+            return json!({ "status": "error", "uri": config.mongodb.uri.to_string(), "error": scrub(&e.to_string()) });
         }
     };
     let set_name = hello.get_str("setName").ok().map(str::to_owned);
@@ -86,7 +86,7 @@ async fn source_report(config: &Config, source: &mongodb::Database, healthy: &mu
         wanted.iter().map(|c| ((*c).clone(), Value::Bool(names.contains(c)))).collect();
     json!({
         "status": if set_name.is_some() { "ok" } else { "error" },
-        "uri": redact_uri(&config.mongodb.uri),
+        "uri": config.mongodb.uri.to_string(),
         "database": config.mongodb.database,
         "server_version": build.ok().and_then(|b: Document| b.get_str("version").ok().map(str::to_owned)),
         "replica_set": set_name,
@@ -108,7 +108,7 @@ async fn archive_report(config: &Config, archive: &mongodb::Database, healthy: &
         archive.collection::<Document>(&config.archive.errors_collection).estimated_document_count().await.unwrap_or(0);
     json!({
         "status": "ok",
-        "uri": redact_uri(config.archive.uri.as_deref().unwrap_or(&config.mongodb.uri)),
+        "uri": config.archive.uri.as_ref().unwrap_or(&config.mongodb.uri).to_string(),
         "database": config.archive_database(),
         "collection": config.archive.collection,
         "present": names.contains(&config.archive.collection),

@@ -315,12 +315,12 @@ pub async fn ping_with_retry(client: &Client, uri: &str, policy: &RetryPolicy) -
 /// Connects to the source and archive deployments and checks that both answer, retrying as
 /// `policy` allows.
 pub async fn connect(config: &Config, policy: &RetryPolicy) -> Result<Databases, ConnectError> {
-    let source_client = client_for(&config.mongodb.uri, &config.connection).await?;
-    ping_with_retry(&source_client, &config.mongodb.uri, policy).await?;
+    let source_client = client_for(config.mongodb.uri.expose(), &config.connection).await?;
+    ping_with_retry(&source_client, config.mongodb.uri.expose(), policy).await?;
     let archive_client = match &config.archive.uri {
         Some(uri) if !config.archive_on_source_cluster() => {
-            let client = client_for(uri, &config.connection).await?;
-            ping_with_retry(&client, uri, policy).await?;
+            let client = client_for(uri.expose(), &config.connection).await?;
+            ping_with_retry(&client, uri.expose(), policy).await?;
             client
         }
         _ => source_client.clone(),
