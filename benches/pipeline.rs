@@ -52,7 +52,7 @@ use serde::Serialize;
 use archiver::commands::watch::delivered_filter;
 use archiver::config::Config;
 use archiver::pipeline::document::ArchiveSource;
-use archiver::pipeline::lookup::enrichment_stages;
+use archiver::pipeline::lookup::{enrichment_stages, finish, ORDER_AS_STORED};
 use archiver::pipeline::scan::{delivered_in_range, DateRange};
 
 use support::load::{self, delivery, undelivery, Updater};
@@ -317,6 +317,8 @@ impl Bench {
         let mut pipeline = vec![doc! { "$match": self.delivered_filter.clone() }];
         pipeline.extend(limit);
         pipeline.extend_from_slice(stages);
+        // As batch's server path: the order passed through for its digest is not written.
+        pipeline.push(doc! { "$project": { ORDER_AS_STORED: 0 } });
         pipeline.push(doc! { "$merge": {
             "into": { "db": self.config.archive_database(), "coll": into },
             "on": "_id",
@@ -379,7 +381,9 @@ impl Bench {
                 for (i, id) in ids.iter().enumerate() {
                     let mut pipeline = vec![doc! { "$match": { "_id": id } }];
                     pipeline.extend(stages.iter().cloned());
-                    pending.extend(self.orders.aggregate(pipeline).await?.try_collect::<Vec<_>>().await?);
+                    let mut enriched: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
+                    enriched.iter_mut().for_each(finish);
+                    pending.extend(enriched);
                     if pending.len() >= NAIVE_INSERT_BATCH || i + 1 == ids.len() {
                         self.archive.insert_many(std::mem::take(&mut pending)).ordered(false).await?;
                     }

@@ -71,7 +71,8 @@ async fn delivered_update_replace_and_insert_are_archived_enriched() {
             "items",
             "archived_at",
             "archive_source",
-            "anomalies"
+            "anomalies",
+            "source_digest"
         ]
     );
     t.assert_archive_matches_delivered().await;

@@ -121,7 +121,8 @@ async fn enriched_samples(
     }
     let mut pipeline = vec![doc! { "$match": filter.clone() }, doc! { "$limit": n as i64 }];
     pipeline.extend(archiver.stages().iter().cloned());
-    let docs = orders.aggregate(pipeline).await?.try_collect().await.context("enriching samples")?;
+    let mut docs: Vec<Document> = orders.aggregate(pipeline).await?.try_collect().await.context("enriching samples")?;
+    docs.iter_mut().for_each(crate::pipeline::lookup::finish);
     Ok(docs)
 }
 

@@ -77,8 +77,11 @@ pub mod field {
     pub const ARCHIVE_SOURCE: &str = "archive_source";
     /// What could not be enriched ([`super::anomaly`]).
     pub const ANOMALIES: &str = "anomalies";
+    /// A digest of the order as archived ([`super::source_digest`]): what `purge` checks the
+    /// order against before it deletes it.
+    pub const SOURCE_DIGEST: &str = "source_digest";
     /// Every field, in stored order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ID,
         NUMERO_COMMANDE,
         STATUS,
@@ -92,6 +95,7 @@ pub mod field {
         ARCHIVED_AT,
         ARCHIVE_SOURCE,
         ANOMALIES,
+        SOURCE_DIGEST,
     ];
 }
 
@@ -183,6 +187,8 @@ pub struct Parts {
     pub source: ArchiveSource,
     /// The names of the anomalies found.
     pub anomalies: Vec<Bson>,
+    /// [`source_digest`] of the order (null for a vanished order).
+    pub source_digest: Bson,
 }
 
 impl Parts {
@@ -211,6 +217,7 @@ impl Parts {
         document.insert(field::ARCHIVED_AT, self.archived_at);
         document.insert(field::ARCHIVE_SOURCE, self.source.as_str());
         document.insert(field::ANOMALIES, self.anomalies);
+        document.insert(field::SOURCE_DIGEST, self.source_digest);
         document
     }
 }
@@ -226,8 +233,29 @@ pub fn vanished_order_document(id: Bson, delivered_status: &str, source: Archive
         archived_at: mongodb::bson::DateTime::now(),
         source,
         anomalies: vec![Bson::from(anomaly::COMMANDE_INTROUVABLE)],
+        source_digest: Bson::Null,
     }
     .into_document()
+}
+
+/// A digest of an order as stored: SHA-256 of its BSON bytes (field order and types included),
+/// as `sha256:<hex>`. Stored in the archive document when it is written, it lets `purge` tell
+/// an order unchanged since it was archived from one edited since, without storing the order
+/// twice.
+pub fn source_digest(order: &Document) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    // Serializing a document read from the server gives back its stored bytes; a document that
+    // cannot be serialized (never the case for one read from the server) gets a digest that
+    // matches nothing.
+    let bytes = mongodb::bson::to_vec(order).unwrap_or_default();
+    let hash = Sha256::digest(&bytes);
+    let mut text = String::with_capacity(7 + 64);
+    text.push_str("sha256:");
+    for byte in hash {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -244,6 +272,19 @@ mod tests {
         let l = Lookups::default();
         let joined: Vec<&str> = references(&l).iter().map(|(name, _)| *name).collect();
         assert_eq!(joined, field::ALL[6..9]);
+    }
+
+    #[test]
+    fn the_digest_follows_every_byte_of_the_order() {
+        let order = mongodb::bson::doc! { "_id": 1, "status": "livrée", "montant_total": 12.5 };
+        let digest = source_digest(&order);
+        assert!(digest.starts_with("sha256:") && digest.len() == 7 + 64, "{digest}");
+        assert_eq!(digest, source_digest(&order.clone()));
+        let edited = mongodb::bson::doc! { "_id": 1, "status": "livrée", "montant_total": 12.6 };
+        assert_ne!(digest, source_digest(&edited));
+        // The same value under another type is another order as stored.
+        let retyped = mongodb::bson::doc! { "_id": 1_i64, "status": "livrée", "montant_total": 12.5 };
+        assert_ne!(digest, source_digest(&retyped));
     }
 
     #[test]

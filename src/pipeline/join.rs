@@ -14,7 +14,9 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::Error;
 use mongodb::{Collection, Database};
 
-use super::document::{copied_fields, item_field, references, ArchiveSource, Check, Parts, ANOMALY_CHECKS};
+use super::document::{
+    copied_fields, item_field, references, source_digest, ArchiveSource, Check, Parts, ANOMALY_CHECKS,
+};
 use crate::config::{Config, LookupDef};
 
 /// A key under which equal references meet: MongoDB compares numbers by value across types.
@@ -255,6 +257,7 @@ impl Joiner {
             archived_at: now,
             source: self.source,
             anomalies: Vec::new(),
+            source_digest: Bson::String(source_digest(order)),
         };
         let named = |name: &str| {
             let def = references(l).into_iter().find(|(n, _)| *n == name).map(|(_, def)| def);

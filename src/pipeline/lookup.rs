@@ -18,6 +18,20 @@ const TMP_MENU_MISSING: &str = "__archiver_menu_missing";
 const TMP_QTY_INVALID: &str = "__archiver_qty_invalid";
 const TMP_ITEMS_OK: &str = "__archiver_items_ok";
 
+/// The order as stored, passed through the stages so that the client can compute its
+/// [`document::source_digest`] (no server operator computes a digest, on every supported
+/// version). [`finish`] replaces it; a pipeline that writes on the server drops it.
+pub const ORDER_AS_STORED: &str = "__archiver_order";
+
+/// Completes a document of the stages on the client: the order as stored becomes its digest.
+pub fn finish(document: &mut Document) {
+    let digest = match document.remove(ORDER_AS_STORED) {
+        Some(Bson::Document(order)) => Bson::String(document::source_digest(&order)),
+        _ => Bson::Null,
+    };
+    document.insert(document::field::SOURCE_DIGEST, digest);
+}
+
 /// Where the references of archive field `name` are joined.
 fn joined_into(name: &str) -> String {
     format!("__archiver_{name}")
@@ -131,6 +145,7 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
     );
     shape.insert(document::field::ARCHIVED_AT, "$$NOW");
     shape.insert(document::field::ARCHIVE_SOURCE, doc! { "$literal": source.as_str() });
+    shape.insert(ORDER_AS_STORED, 1);
     // What the anomaly checks read besides the document's own fields.
     let mut temporary = vec![TMP_MENU_MISSING.to_owned(), TMP_QTY_INVALID.to_owned(), TMP_ITEMS_OK.to_owned()];
     for (name, def) in references(l) {
@@ -174,10 +189,11 @@ pub fn enrichment_stages(config: &Config, source: ArchiveSource) -> Vec<Document
         "input": items_array_for_ids, "as": "it", "in": &menu_ref,
     } } } };
 
-    let mut stages: Vec<Document> = references(l)
-        .iter()
-        .map(|(name, def)| lookup_stage(&def.collection, &def.local_field, &joined_into(name)))
-        .collect();
+    // The order as stored, before any stage adds to it.
+    let mut stages = vec![doc! { "$addFields": { ORDER_AS_STORED: "$$ROOT" } }];
+    stages.extend(
+        references(l).iter().map(|(name, def)| lookup_stage(&def.collection, &def.local_field, &joined_into(name))),
+    );
     stages.extend([menu_ids, lookup_stage(&l.menu.collection, TMP_MENU_IDS, TMP_MENU), shape, anomalies, cleanup]);
     stages
 }
@@ -203,7 +219,7 @@ mod tests {
     #[test]
     fn archive_fields_are_those_of_the_data_model() {
         let stages = enrichment_stages(&Config::default(), ArchiveSource::Watch);
-        let shape = stages[5].get_document("$project").unwrap();
+        let shape = stages[6].get_document("$project").unwrap();
         let public: Vec<&str> = shape.keys().map(String::as_str).filter(|k| !k.starts_with("__")).collect();
         assert_eq!(
             public,

@@ -13,7 +13,7 @@ use mongodb::IndexModel;
 
 use super::document::{vanished_order_document, ArchiveSource};
 use super::join::Joiner;
-use super::lookup::enrichment_stages;
+use super::lookup::{self, enrichment_stages};
 use super::order_id::{equality_key, present_among};
 use crate::config::{Config, EnrichMode};
 use crate::db::{error_code, is_transient, Databases, DUPLICATE_KEY};
@@ -298,7 +298,9 @@ impl Archiver {
         let mut pipeline = Vec::with_capacity(self.stages.len() + 1);
         pipeline.push(doc! { "$match": { "_id": { "$in": ids } } });
         pipeline.extend(self.stages.iter().cloned());
-        self.orders.aggregate(pipeline).await?.try_collect().await
+        let mut docs: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
+        docs.iter_mut().for_each(lookup::finish);
+        Ok(docs)
     }
 
     /// Inserts already-enriched documents, keeping any that are already archived; orders the
