@@ -12,7 +12,7 @@ use crate::checkpoint::StoreError;
 use crate::cli::{Cli, Command};
 use crate::commands::health::Verdict;
 use crate::commands::watch::{self, StartPosition, WatchError, WatchOptions};
-use crate::commands::{batch, health, simulate, verify};
+use crate::commands::{batch, health, purge, simulate, verify};
 use crate::config::{Config, ConfigError};
 use crate::db::{cause_in_one_line, ConnectError};
 use crate::error::UsageError;
@@ -32,6 +32,8 @@ pub const CHECKPOINT: u8 = 3;
 pub const INVALIDATED: u8 = 4;
 /// Another instance holds the token file.
 pub const LOCKED: u8 = 5;
+/// `purge` finished, but kept some orders: changed since archived, or missing from the archive.
+pub const KEPT: u8 = 6;
 /// Killed by a second interrupt before the in-flight batch finished.
 pub const INTERRUPTED: u8 = 130;
 
@@ -165,6 +167,11 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
                 Verdict::Misconfigured => USAGE,
             })
         }
+        Command::Purge(args) => match purge::run(&config, &args, shutdown).await {
+            Ok(summary) if summary.skipped_any() => ExitCode::from(KEPT),
+            Ok(_) => ExitCode::from(OK),
+            Err(e) => report_failure("purge", &e),
+        },
         Command::Simulate(args) => match simulate::run(&config, &args, shutdown).await {
             Ok(_) => ExitCode::from(OK),
             Err(e) => report_failure("simulate", &e),

@@ -118,6 +118,49 @@ pub enum Command {
     /// Check the source, the archive and the token file once; print a JSON report. Exit codes:
     /// 0 healthy, 1 not.
     Health(HealthArgs),
+    /// Delete from the orders collection the delivered orders older than a bound whose archive
+    /// copy exists and still matches them (a verified move). Exit codes: 0 done, 6 done but some
+    /// orders were kept (changed since archived, or missing from the archive), 1 failure, 2 usage
+    /// error. Run it with --dry-run first.
+    #[command(after_long_help = PURGE_HELP)]
+    Purge(PurgeArgs),
+}
+
+const PURGE_HELP: &str = "Examples:
+  archiver purge --older-than 90d --dry-run          # what would be deleted, and what kept
+  archiver purge --older-than 90d --backup purged.jsonl
+  archiver purge --older-than 2026-01-01 --date-from 2025-01-01 --max-per-sec 200
+The bound applies to date_commande, like batch's range. Only orders whose archive document
+exists and matches them are deleted, each re-checked in its own delete filter; the others are
+reported, never deleted (verify --repair archives the missing ones, --rearchive replaces the
+archive copy of changed ones first).";
+
+/// `archiver purge`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Delete orders placed before this: a span before now (90d, 24h) or a date (YYYY-MM-DD,
+    /// RFC 3339). Never in the future.
+    #[arg(long, value_name = "SPAN|DATE")]
+    pub older_than: String,
+    /// Only orders placed on or after this date [default: no lower bound].
+    #[arg(long, value_name = "DATE")]
+    pub date_from: Option<String>,
+    /// Count and list what would be deleted and what kept; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Orders verified and deleted at once.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Most deletions per second, on average (0: no limit), so that the primary is not hammered.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_per_sec: u64,
+    /// Append the deleted orders to FILE first, as JSON Lines in canonical extended JSON,
+    /// fsynced before each delete.
+    #[arg(long, value_name = "FILE")]
+    pub backup: Option<PathBuf>,
+    /// Replace the archive copy of an order changed since it was archived, then purge it.
+    #[arg(long)]
+    pub rearchive: bool,
 }
 
 /// `archiver health`.
@@ -349,7 +392,7 @@ impl Cli {
                 o.set("coordination.checkpoint_store", h.checkpoint_store);
                 o.set("coordination.stream_name", h.stream_name.clone());
             }
-            Command::Simulate(_) | Command::Verify(_) => {}
+            Command::Simulate(_) | Command::Verify(_) | Command::Purge(_) => {}
         }
         o
     }

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod health;
+pub mod purge;
 pub mod simulate;
 pub mod verify;
 pub mod watch;

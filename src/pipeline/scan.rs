@@ -120,7 +120,7 @@ pub async fn archive_matching(
         .batch_size(chunk_size.min(100_000) as u32)
         .await
         .context("reading the orders to archive")?;
-    let progress = Progress::new(matched);
+    let progress = Progress::new(matched, "batch progress");
     let policy = RetryPolicy::bounded(&config.retry);
     let no_events = EventTimes::new();
     let chunks = orders_read
@@ -183,7 +183,9 @@ async fn merge_chunk(
 }
 
 /// A progress bar on a terminal, periodic log lines otherwise.
-struct Progress {
+pub struct Progress {
+    /// The log message of a progress line.
+    what: &'static str,
     bar: Option<indicatif::ProgressBar>,
     done: std::sync::atomic::AtomicU64,
     total: u64,
@@ -194,7 +196,8 @@ struct Progress {
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress {
-    fn new(total: u64) -> Self {
+    /// Progress towards `total` orders, logged as `what` when not on a terminal.
+    pub fn new(total: u64, what: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) =
@@ -205,6 +208,7 @@ impl Progress {
             bar
         });
         Progress {
+            what,
             bar,
             done: 0.into(),
             total,
@@ -213,7 +217,8 @@ impl Progress {
         }
     }
 
-    fn add(&self, n: u64) {
+    /// `n` more orders done.
+    pub fn add(&self, n: u64) {
         let done = self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         if let Some(bar) = &self.bar {
             bar.set_position(done);
@@ -223,11 +228,12 @@ impl Progress {
         if last.elapsed() >= LOG_EVERY {
             *last = Instant::now();
             let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(done, total = self.total, orders_per_sec = rate.round() as u64, "batch progress");
+            tracing::info!(done, total = self.total, orders_per_sec = rate.round() as u64, "{}", self.what);
         }
     }
 
-    fn finish(&self) {
+    /// Clears the bar.
+    pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

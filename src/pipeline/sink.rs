@@ -262,6 +262,19 @@ impl Archiver {
         Ok(outcome)
     }
 
+    /// Replaces the archive copies of these orders with documents enriched now (written when
+    /// absent); returns how many were written. For an order changed since it was archived, when
+    /// asked to (`purge --rearchive`).
+    pub async fn rearchive(&self, ids: &[Bson]) -> Result<u64, Error> {
+        let mut written = 0;
+        for document in self.enrich(ids).await? {
+            let Some(id) = document.get("_id").cloned() else { continue };
+            self.archive.replace_one(doc! { "_id": id }, document).upsert(true).await?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
     /// The archive documents of these orders (one per id, flagged if the order vanished).
     pub async fn enrich(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
         if ids.is_empty() {
