@@ -385,8 +385,16 @@ async fn a_source_that_goes_silent_or_resets_is_detected_in_time_and_waited_out(
         }
     }
     drain(&t, load, &watch).await;
-    // The silent stream is reopened by archiver; a reset one the driver may resume by itself.
-    assert!(metric(&addr, "archiver_reconnects_total").await >= 1.0, "the stream was never reopened");
+    // After the silence, the stream was reopened by archiver (silent six times STREAM_TIMEOUT_MS,
+    // or failed as the driver saw the connection die), or it answered again by itself once the
+    // network healed (what the proxy held back was delivered late); a reset one the driver may
+    // resume by itself. Either way the silence ended in one of these, not in a stall.
+    let reopened = metric(&addr, "archiver_reconnects_total").await >= 1.0;
+    assert!(
+        reopened || watch.log_contains("the change stream answers again"),
+        "no reopening, no late answer:\n{}",
+        watch.tail()
+    );
     watch.stop_ok().await;
     let silent_detection = silent_detection.unwrap();
     assert!(
