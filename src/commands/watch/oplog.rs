@@ -19,6 +19,9 @@ use crate::telemetry::Telemetry;
 /// small queries.
 const READ_EVERY: Duration = Duration::from_secs(60);
 
+/// Longest wait for one reading of the window.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How often the headroom is compared with the threshold: a new saved position, or the first
 /// one after a start, is noticed within this time without reading the oplog again.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -33,28 +36,36 @@ pub(super) async fn monitor(source: Client, telemetry: Arc<Telemetry>, warn_belo
     loop {
         if Instant::now() >= next_read {
             next_read = Instant::now() + READ_EVERY;
-            match read_window(&source).await {
-                Ok(Some(window)) => {
+            // Bounded, and dropped at shutdown: a silent network must not hold this task.
+            let reading = tokio::select! {
+                reading = tokio::time::timeout(READ_TIMEOUT, read_window(&source)) => reading,
+                _ = stop.cancelled() => return,
+            };
+            let failure = match reading {
+                Ok(Ok(Some(window))) => {
                     read_failing = false;
                     telemetry.oplog_window_read(&window);
+                    None
                 }
-                Ok(None) => {
+                Ok(Ok(None)) => {
                     telemetry.oplog_window_unknown();
                     tracing::warn!("the source has no oplog to read: oplog metrics disabled");
                     return;
                 }
-                Err(OplogError::Refused { reason, .. }) => {
+                Ok(Err(OplogError::Refused { reason, .. })) => {
                     telemetry.oplog_window_unknown();
                     tracing::warn!(reason = %reason, "cannot read the oplog window: oplog metrics disabled");
                     return;
                 }
-                Err(OplogError::Transient(e)) => {
-                    // The stream meets the same outage and says so; one line per outage here.
-                    if !read_failing {
-                        tracing::info!(error = %scrub(&e.to_string()), "cannot read the oplog window for now; trying again in a minute");
-                    }
-                    read_failing = true;
+                Ok(Err(OplogError::Transient(e))) => Some(scrub(&e.to_string())),
+                Err(_) => Some(format!("no answer within {} s", READ_TIMEOUT.as_secs())),
+            };
+            if let Some(error) = failure {
+                // The stream meets the same outage and says so; one line per outage here.
+                if !read_failing {
+                    tracing::info!(error = %error, "cannot read the oplog window for now; trying again in a minute");
                 }
+                read_failing = true;
             }
         }
         if let Some(headroom) = telemetry.oplog_headroom_seconds() {
