@@ -176,6 +176,10 @@ pub struct HealthArgs {
     /// Name of the stream in the shared store, as given to `watch`.
     #[arg(long, env = "STREAM_NAME", value_name = "NAME")]
     pub stream_name: Option<String>,
+    /// Report a warning when the saved position would leave the source oplog within this many
+    /// seconds [default: 21600].
+    #[arg(long, env = "OPLOG_HEADROOM_WARN_SECS", value_name = "SECS")]
+    pub oplog_headroom_warn_secs: Option<u64>,
 }
 
 /// `archiver verify`.
@@ -259,6 +263,10 @@ pub struct WatchArgs {
     /// systemd watchdog stops being pinged, in milliseconds [default: 120000].
     #[arg(long, env = "LIVENESS_TIMEOUT_MS", value_name = "MS")]
     pub liveness_timeout_ms: Option<u64>,
+    /// Warn when the saved position would leave the source oplog within this many seconds of a
+    /// stop [default: 21600].
+    #[arg(long, env = "OPLOG_HEADROOM_WARN_SECS", value_name = "SECS")]
+    pub oplog_headroom_warn_secs: Option<u64>,
     /// Where to start when there is no resume token: `now` or an RFC 3339 time (within the
     /// oplog window). Refused when a token exists, unless --reset-token is given too.
     #[arg(long, value_name = "now|TIME")]
@@ -375,6 +383,7 @@ impl Cli {
                 o.set("watch.stream_timeout_ms", w.stream_timeout_ms);
                 o.set("watch.write_timeout_ms", w.write_timeout_ms);
                 o.set("watch.liveness_timeout_ms", w.liveness_timeout_ms);
+                o.set("watch.oplog_headroom_warn_secs", w.oplog_headroom_warn_secs);
                 o.set("coordination.checkpoint_store", w.checkpoint_store);
                 o.set("coordination.stream_name", w.stream_name.clone());
                 o.set("coordination.instance_id", w.instance_id.clone());
@@ -391,6 +400,7 @@ impl Cli {
                 o.set("watch.resume_token_file", h.resume_token_file.clone());
                 o.set("coordination.checkpoint_store", h.checkpoint_store);
                 o.set("coordination.stream_name", h.stream_name.clone());
+                o.set("watch.oplog_headroom_warn_secs", h.oplog_headroom_warn_secs);
             }
             Command::Simulate(_) | Command::Verify(_) | Command::Purge(_) => {}
         }

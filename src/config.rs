@@ -294,6 +294,10 @@ pub struct WatchSettings {
     /// process (`LIVENESS_TIMEOUT_MS`). Keep it above `write_timeout_ms` and the retry delay
     /// cap, which bound the time between two steps of a healthy pipeline.
     pub liveness_timeout_ms: u64,
+    /// Below this much oplog headroom (how much longer `watch` could stop before its saved
+    /// position leaves the source oplog), `watch` logs a warning and `health` reports it
+    /// (`OPLOG_HEADROOM_WARN_SECS`).
+    pub oplog_headroom_warn_secs: u64,
 }
 
 /// How `batch` writes the archive.
@@ -436,6 +440,7 @@ impl Default for WatchSettings {
             stream_timeout_ms: 10_000,
             write_timeout_ms: 60_000,
             liveness_timeout_ms: 120_000,
+            oplog_headroom_warn_secs: 6 * 3600,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `archiver health`: a one-shot report on the source, the archive and the checkpoint that
 //! `watch` would resume from — the token file, or with `CHECKPOINT_STORE=mongodb` the shared
-//! checkpoint document and the lease of the stream, for the configured partition.
+//! checkpoint document and the lease of the stream, for the configured partition — and the source
+//! oplog's window with the checkpoint's headroom in it.
 
+use chrono::{DateTime, Utc};
 use mongodb::bson::{doc, Document};
 use serde_json::{json, Value};
 
@@ -10,6 +12,7 @@ use crate::checkpoint::{Checkpoint, CheckpointFile, StoreError};
 use crate::config::{CheckpointStoreKind, Config};
 use crate::coordination::{self, Lease};
 use crate::db;
+use crate::db::oplog::{read_window, OplogError};
 use crate::redact::scrub;
 
 /// What the one-shot check found.
@@ -43,13 +46,19 @@ pub async fn run(config: &Config) -> (Value, Verdict) {
             (error.clone(), error, None)
         }
     };
-    let token = token_report(config, dbs.as_ref(), &mut healthy).await;
+    let mut position = None;
+    let token = token_report(config, dbs.as_ref(), &mut healthy, &mut position).await;
+    let oplog = match &dbs {
+        Some(dbs) => oplog_report(config, &dbs.source_client, position).await,
+        None => json!({ "status": "error", "error": "the source is unreachable" }),
+    };
     let report = json!({
         "status": if healthy { "healthy" } else { "unhealthy" },
         "version": env!("CARGO_PKG_VERSION"),
         "source": source,
         "archive": archive,
         "resume_token": token,
+        "oplog": oplog,
     });
     let verdict = match (healthy, misconfigured) {
         (_, true) => Verdict::Misconfigured,
@@ -118,12 +127,18 @@ async fn archive_report(config: &Config, archive: &mongodb::Database, healthy: &
 
 /// The checkpoint `watch` resumes from: the same store and the same stream name (with the
 /// partition) as `watch` itself, so a partitioned worker's checkpoint is found and checked.
-async fn token_report(config: &Config, dbs: Option<&db::Databases>, healthy: &mut bool) -> Value {
+/// `position` receives the time the checkpoint stands for, when there is one.
+async fn token_report(
+    config: &Config,
+    dbs: Option<&db::Databases>,
+    healthy: &mut bool,
+    position: &mut Option<DateTime<Utc>>,
+) -> Value {
     let stream = coordination::stream_name(config);
     let mut report = match config.coordination.checkpoint_store {
-        CheckpointStoreKind::File => file_token(config, &stream, healthy),
+        CheckpointStoreKind::File => file_token(config, &stream, healthy, position),
         CheckpointStoreKind::Mongodb => match dbs {
-            Some(dbs) => shared_token(config, dbs, &stream, healthy).await,
+            Some(dbs) => shared_token(config, dbs, &stream, healthy, position).await,
             None => {
                 *healthy = false;
                 json!({ "status": "error", "error": "the archive database is unreachable" })
@@ -136,20 +151,26 @@ async fn token_report(config: &Config, dbs: Option<&db::Databases>, healthy: &mu
     report
 }
 
-fn file_token(config: &Config, stream: &str, healthy: &mut bool) -> Value {
+fn file_token(config: &Config, stream: &str, healthy: &mut bool, position: &mut Option<DateTime<Utc>>) -> Value {
     let path = &config.watch.resume_token_file;
     let file = path.display().to_string();
     // `watch` records its stream name in the file and refuses a file of another stream.
-    let mut report = checkpoint_report(CheckpointFile::new(path).load(stream), healthy);
+    let mut report = checkpoint_report(CheckpointFile::new(path).load(stream), healthy, position);
     report["store"] = Value::from("file");
     report["file"] = Value::from(file);
     report
 }
 
-async fn shared_token(config: &Config, dbs: &db::Databases, stream: &str, healthy: &mut bool) -> Value {
+async fn shared_token(
+    config: &Config,
+    dbs: &db::Databases,
+    stream: &str,
+    healthy: &mut bool,
+    position: &mut Option<DateTime<Utc>>,
+) -> Value {
     // The epoch only matters to writers; this store is only read.
     let mut store = MongoCheckpoints::new(&dbs.archive, config, stream, 0);
-    let mut report = checkpoint_report(store.load().await, healthy);
+    let mut report = checkpoint_report(store.load().await, healthy, position);
     report["store"] = Value::from("mongodb");
     report["collection"] = Value::from(config.coordination.checkpoint_collection.clone());
     let leases = Lease::collection(&dbs.archive, config);
@@ -170,10 +191,15 @@ async fn shared_token(config: &Config, dbs: &db::Databases, stream: &str, health
     report
 }
 
-fn checkpoint_report(loaded: Result<Option<Checkpoint>, StoreError>, healthy: &mut bool) -> Value {
+fn checkpoint_report(
+    loaded: Result<Option<Checkpoint>, StoreError>,
+    healthy: &mut bool,
+    position_out: &mut Option<DateTime<Utc>>,
+) -> Value {
     match loaded {
         Ok(Some(cp)) => {
             let position = cp.last_event_wall_time.unwrap_or(cp.saved_at);
+            *position_out = Some(position);
             let now = chrono::Utc::now();
             json!({
                 "status": "ok",
@@ -189,4 +215,54 @@ fn checkpoint_report(loaded: Result<Option<Checkpoint>, StoreError>, healthy: &m
             json!({ "status": "error", "error": scrub(&e.to_string()) })
         }
     }
+}
+
+/// The source oplog's window, and how much longer `watch` could stay stopped before the
+/// checkpoint's position leaves it. Advisory: it never makes the report unhealthy, because the
+/// archive does not depend on it (lost history is filled), and a user may lack the privilege.
+async fn oplog_report(config: &Config, source: &mongodb::Client, position: Option<DateTime<Utc>>) -> Value {
+    let window = match read_window(source).await {
+        Ok(Some(window)) => window,
+        Ok(None) => return json!({ "status": "unavailable", "reason": "the source has no oplog" }),
+        Err(OplogError::Refused { reason, .. }) => {
+            return json!({
+                "status": "unavailable",
+                "reason": scrub(&reason),
+                "note": "grant the user read access to the local database to see the oplog window",
+            })
+        }
+        Err(e @ OplogError::Transient(_)) => {
+            let cause = std::error::Error::source(&e).map(|c| scrub(&c.to_string())).unwrap_or_default();
+            return json!({ "status": "error", "error": format!("{e}: {cause}") });
+        }
+    };
+    let warn_below = config.watch.oplog_headroom_warn_secs;
+    let headroom = position.map(|p| window.headroom_seconds(p));
+    let mut report = json!({
+        "status": "ok",
+        "first": window.first,
+        "last": window.last,
+        "window_seconds": window.seconds(),
+        "headroom_seconds": headroom,
+        "warn_below_seconds": warn_below,
+    });
+    match headroom {
+        Some(h) if h < 0.0 => {
+            report["status"] = Value::from("warning");
+            report["warning"] = Value::from(
+                "the checkpoint's position has left the oplog: at its next start watch fills the gap \
+                 from the orders collection (lost history)",
+            );
+        }
+        Some(h) if h < warn_below as f64 => {
+            report["status"] = Value::from("warning");
+            report["warning"] = Value::from(format!(
+                "a stop longer than {} s would take the checkpoint's position out of the oplog",
+                h.floor()
+            ));
+        }
+        Some(_) => {}
+        None => report["note"] = Value::from("no checkpoint: no headroom to measure"),
+    }
+    report
 }

@@ -1,6 +1,8 @@
 //! Connections, the classification of database errors into transient (retry with backoff) and
-//! permanent (fail clearly), time bounds on operations, and the one retry helper ([`retry`]).
+//! permanent (fail clearly), time bounds on operations, the one retry helper ([`retry`]), and the
+//! source's oplog window ([`oplog`]).
 
+pub mod oplog;
 pub mod retry;
 
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! The Prometheus metrics of `watch`, registered once.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -36,4 +37,9 @@ pub struct Metrics {
     pub lag: Histogram,
     pub seconds_since_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub token_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The source oplog's time window. A family with no label, so that the series is absent
+    /// (not 0) until it has been read, and when it cannot be.
+    pub oplog_window: Family<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// How much longer the saved position stays in the oplog; absent while unknown, as above.
+    pub oplog_headroom: Family<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }

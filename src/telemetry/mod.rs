@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::db::oplog::OplogWindow;
+
 /// Shared state of the probes and metrics.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -36,6 +38,8 @@ pub struct Telemetry {
     last_checkpoint_ms: AtomicI64,
     /// Unix millis of the position the saved token stands for, 0 if unknown.
     token_time_ms: AtomicI64,
+    /// Unix millis of the oldest oplog entry at the last reading, 0 if unknown.
+    oplog_first_ms: AtomicI64,
     reason: Mutex<&'static str>,
     role: Mutex<Role>,
     /// Unix millis since when work has been waiting (a batch received, a failed write to
@@ -95,6 +99,8 @@ impl Telemetry {
             lag: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             seconds_since_checkpoint: Gauge::default(),
             token_age: Gauge::default(),
+            oplog_window: Family::default(),
+            oplog_headroom: Family::default(),
         };
         metrics.leader.set(1);
         let m = &metrics;
@@ -130,6 +136,12 @@ impl Telemetry {
             "Age of the position the saved token stands for",
             m.token_age.clone(),
         );
+        registry.register("oplog_window_seconds", "Time window of the source oplog", m.oplog_window.clone());
+        registry.register(
+            "oplog_headroom_seconds",
+            "How much longer watch could stop before its saved position leaves the oplog",
+            m.oplog_headroom.clone(),
+        );
         let build: Family<Vec<(String, String)>, Gauge> = Family::default();
         build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
         registry.register("build_info", "Build information", build);
@@ -142,6 +154,7 @@ impl Telemetry {
             stopping: AtomicBool::new(false),
             last_checkpoint_ms: AtomicI64::new(0),
             token_time_ms: AtomicI64::new(0),
+            oplog_first_ms: AtomicI64::new(0),
             reason: Mutex::new("starting"),
             role: Mutex::new(Role::Single),
             pending_since_ms: AtomicI64::new(0),
@@ -197,6 +210,34 @@ impl Telemetry {
         if let Some(ms) = position_ms {
             self.token_time_ms.store(ms, Ordering::SeqCst);
         }
+    }
+
+    /// The checkpoint read at the start of a leadership stands for `position_ms` (Unix millis):
+    /// its age and oplog headroom are known before the first save.
+    pub fn checkpoint_loaded(&self, position_ms: i64) {
+        self.token_time_ms.store(position_ms, Ordering::SeqCst);
+    }
+
+    /// The source oplog's window was read.
+    pub fn oplog_window_read(&self, window: &OplogWindow) {
+        self.oplog_first_ms.store(window.first.timestamp_millis(), Ordering::SeqCst);
+        self.metrics.oplog_window.get_or_create(&Vec::new()).set(window.seconds());
+    }
+
+    /// The oplog window cannot be read: both oplog gauges are withdrawn.
+    pub fn oplog_window_unknown(&self) {
+        self.oplog_first_ms.store(0, Ordering::SeqCst);
+        self.metrics.oplog_window.clear();
+        self.metrics.oplog_headroom.clear();
+    }
+
+    /// How much longer the saved position stays in the oplog, in seconds (negative once it has
+    /// left it): known to the writer once both the position and the oplog window are; a
+    /// standby's last position is not its own any more.
+    pub fn oplog_headroom_seconds(&self) -> Option<f64> {
+        let first = self.oplog_first_ms.load(Ordering::SeqCst);
+        let position = self.token_time_ms.load(Ordering::SeqCst);
+        (first != 0 && position != 0 && self.role() != Role::Standby).then(|| (position - first) as f64 / 1000.0)
     }
 
     /// Sets how long pending work may go without progress before the process counts as stuck.
@@ -255,6 +296,12 @@ impl Telemetry {
         let age = |ms: i64| if ms == 0 { f64::NAN } else { (now - ms) as f64 / 1000.0 };
         self.metrics.seconds_since_checkpoint.set(age(self.last_checkpoint_ms.load(Ordering::SeqCst)));
         self.metrics.token_age.set(age(self.token_time_ms.load(Ordering::SeqCst)));
+        match self.oplog_headroom_seconds() {
+            Some(headroom) => {
+                self.metrics.oplog_headroom.get_or_create(&Vec::new()).set(headroom);
+            }
+            None => self.metrics.oplog_headroom.clear(),
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
@@ -305,6 +352,8 @@ mod tests {
         let t = Telemetry::new();
         t.metrics.orders_archived.inc_by(3);
         t.checkpoint_saved(Some(chrono::Utc::now().timestamp_millis() - 2000));
+        let first = chrono::Utc::now() - chrono::Duration::hours(1);
+        t.oplog_window_read(&OplogWindow { first, last: chrono::Utc::now() });
         let text = t.render();
         for name in [
             "archiver_events_received_total",
@@ -321,8 +370,38 @@ mod tests {
             "archiver_resume_token_age_seconds",
             "archiver_build_info{version=",
             "archiver_history_lost_total",
+            "archiver_oplog_window_seconds ",
+            "archiver_oplog_headroom_seconds ",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn oplog_gauges_are_absent_until_known() {
+        let sample = |text: &str, name: &str| {
+            text.lines().find(|l| l.starts_with(name)).map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        };
+        let t = Telemetry::new();
+        let text = t.render();
+        assert!(!text.contains("archiver_oplog"), "not even a HELP line before a reading: {text}");
+
+        let first = chrono::Utc::now() - chrono::Duration::hours(2);
+        t.oplog_window_read(&OplogWindow { first, last: first + chrono::Duration::hours(2) });
+        let text = t.render();
+        assert_eq!(sample(&text, "archiver_oplog_window_seconds"), Some(7200.0), "{text}");
+        assert_eq!(sample(&text, "archiver_oplog_headroom_seconds"), None, "no checkpoint yet: {text}");
+
+        t.checkpoint_saved(Some((first + chrono::Duration::minutes(90)).timestamp_millis()));
+        assert_eq!(sample(&t.render(), "archiver_oplog_headroom_seconds"), Some(5400.0));
+        t.set_role(Role::Standby);
+        assert_eq!(sample(&t.render(), "archiver_oplog_headroom_seconds"), None, "a standby's position is stale");
+        t.set_role(Role::Leader);
+        assert!(sample(&t.render(), "archiver_oplog_headroom_seconds").is_some());
+
+        t.oplog_window_unknown();
+        let text = t.render();
+        assert_eq!(sample(&text, "archiver_oplog_window_seconds"), None, "{text}");
+        assert_eq!(sample(&text, "archiver_oplog_headroom_seconds"), None, "{text}");
     }
 }

@@ -3,11 +3,12 @@
 //! This module owns the run and its leadership: which checkpoint store is used, standby and
 //! takeover with the shared store, and the loop that reopens the stream after a transient error
 //! or fills the archive after lost history. The stream reader ([`stream`]), the writer
-//! ([`writer`]) and the fills ([`fill`]) are its parts. On a transient error reader and writer
+//! ([`writer`]), the fills ([`fill`]) and the oplog headroom watch ([`oplog`]) are its parts. On a transient error reader and writer
 //! are torn down and the stream reopens after the last saved token: events after it are
 //! replayed, and the idempotent archive absorbs the replay.
 
 mod fill;
+mod oplog;
 mod stream;
 mod writer;
 
@@ -123,6 +124,7 @@ pub async fn run(
                 dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
             let store = Store::File(CheckpointFile::new(&token_path));
             lead(config, &dbs, store, &options, &telemetry, &shutdown).await
         }
@@ -131,9 +133,17 @@ pub async fn run(
                 dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
                 _ = shutdown.cancelled() => return Ok(()),
             };
+            spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
             follow_lease(config, &dbs, options, &telemetry, &shutdown).await
         }
     }
+}
+
+/// Watches the source oplog's headroom for as long as the process runs (whatever its role: the
+/// telemetry only reports a headroom while this process writes).
+fn spawn_oplog_monitor(config: &Config, dbs: &Databases, telemetry: &Arc<Telemetry>, shutdown: &CancellationToken) {
+    let warn_below = Duration::from_secs(config.watch.oplog_headroom_warn_secs);
+    tokio::spawn(oplog::monitor(dbs.source_client.clone(), telemetry.clone(), warn_below, shutdown.clone()));
 }
 
 /// With the shared store: wait as a standby until the lease is ours, lead while it stays ours,
@@ -300,6 +310,9 @@ async fn lead(
              discard it, or drop --start-at to resume from it",
             store.describe()
         )));
+    }
+    if let Some(cp) = &saved {
+        telemetry.checkpoint_loaded(cp.last_event_wall_time.unwrap_or(cp.saved_at).timestamp_millis());
     }
     match &saved {
         Some(cp) => tracing::info!(store = %store.describe(), saved_at = %cp.saved_at,

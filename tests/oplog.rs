@@ -1,0 +1,171 @@
+//! Oplog headroom: `watch` exports the source oplog's window and how much longer it could stop
+//! before its saved position leaves it, warns once when that falls under the threshold, and
+//! `health` shows both; without the privilege to read `local`, it says so once and carries on.
+//! Each test runs its own server with a small oplog (50 entries), as the lost-history test does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, health_addr, http_get, OwnServer, TestEnv, Watcher};
+use mongodb::bson::{doc, Document};
+use mongodb::Client;
+use serde_json::Value;
+
+const CAPPED: &str = "--oplog-max-entries 50";
+
+/// The value of the sample `name` in watch's /metrics, if it is there.
+fn gauge(watch: &Watcher, name: &str) -> Option<f64> {
+    let (status, body) = http_get(&health_addr(watch), "/metrics");
+    assert_eq!(status, 200);
+    // A series without labels, written `name{} value` by the exposition.
+    let sample = |l: &str| l.strip_prefix(name)?.trim_start_matches("{}").strip_prefix(' ').map(str::to_owned);
+    body.lines().find_map(sample).map(|v| v.trim().parse().unwrap())
+}
+
+/// `archiver health` with `vars`: its exit code and JSON report.
+fn health(t: &TestEnv, vars: &[(&str, &str)]) -> (Option<i32>, Value) {
+    let out = t.archiver(&["health"]).envs(vars.iter().copied()).output().unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("health printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), report)
+}
+
+/// Writes that have nothing to do with orders, enough to roll a 50-entry oplog over.
+async fn noise(t: &TestEnv, n: i32) {
+    for i in 0..n {
+        t.db.collection::<Document>("noise").insert_one(doc! { "n": i }).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_exports_the_window_and_headroom_and_health_shows_them() {
+    let server = OwnServer::start(CAPPED);
+    let t = TestEnv::with_uri("oplog_gauges", server.uri.clone()).await;
+    let refs = t.seed_references().await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, 0..3).await;
+    t.wait_archived(3).await;
+    eventually(15, "both oplog gauges on /metrics", || async {
+        gauge(&watch, "archiver_oplog_headroom_seconds").is_some()
+    })
+    .await;
+    let window = gauge(&watch, "archiver_oplog_window_seconds").expect("window gauge");
+    let headroom = gauge(&watch, "archiver_oplog_headroom_seconds").expect("headroom gauge");
+    assert!(window >= 0.0, "window {window}");
+    // The position was saved a moment ago, after the oplog's first entry and before its last
+    // (to within the second of `hello`'s last write date, and the time since the reading).
+    assert!((0.0..=window + 5.0).contains(&headroom), "headroom {headroom}, window {window}");
+    assert!(!watch.log_contains("OPLOG HEADROOM LOW"), "far from the 6 h default: {}", watch.tail());
+    watch.stop_ok().await;
+
+    let (code, report) = health(&t, &[("OPLOG_HEADROOM_WARN_SECS", "0")]);
+    assert_eq!(code, Some(0), "{report:#}");
+    let oplog = &report["oplog"];
+    assert_eq!(oplog["status"], "ok", "{report:#}");
+    let window = oplog["window_seconds"].as_f64().expect("window_seconds");
+    let headroom = oplog["headroom_seconds"].as_f64().expect("headroom_seconds");
+    assert!(window >= 0.0 && (0.0..=window + 5.0).contains(&headroom), "{oplog:#}");
+    let first = oplog["first"].as_str().expect("first").parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let last = oplog["last"].as_str().expect("last").parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    assert!(first <= last, "{oplog:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headroom_under_the_threshold_is_warned_once() {
+    let server = OwnServer::start(CAPPED);
+    let t = TestEnv::with_uri("oplog_warn", server.uri.clone()).await;
+    let refs = t.seed_references().await;
+    // No oplog of 50 entries covers 11 days: below the threshold from the first reading on.
+    let mut watch = t.watch().env("OPLOG_HEADROOM_WARN_SECS", "999999").start().await;
+    watch.wait_for_log(15, "OPLOG HEADROOM LOW").await;
+    // New positions, and several more comparisons with the threshold, still below it.
+    t.deliver(&refs, 0..3).await;
+    t.wait_archived(3).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = watch.stop_ok().await;
+    assert_eq!(log.matches("OPLOG HEADROOM LOW").count(), 1, "one warning per crossing:\n{log}");
+    let line = log.lines().find(|l| l.contains("OPLOG HEADROOM LOW")).unwrap();
+    assert!(line.contains("WARN") && line.contains("threshold_secs=999999"), "{line}");
+
+    let (code, report) = health(&t, &[("OPLOG_HEADROOM_WARN_SECS", "999999")]);
+    assert_eq!(code, Some(0), "a warning does not make the report unhealthy: {report:#}");
+    assert_eq!(report["status"], "healthy", "{report:#}");
+    assert_eq!(report["oplog"]["status"], "warning", "{report:#}");
+    assert_eq!(report["oplog"]["warn_below_seconds"], 999999, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headroom_shrinks_while_watch_is_stopped_until_the_position_leaves_the_oplog() {
+    let server = OwnServer::start(CAPPED);
+    let t = TestEnv::with_uri("oplog_shrinks", server.uri.clone()).await;
+    let refs = t.seed_references().await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, 0..3).await;
+    t.wait_archived(3).await;
+    watch.stop_ok().await;
+    let (_, before) = health(&t, &[]);
+    let before = before["oplog"]["headroom_seconds"].as_f64().unwrap_or_else(|| panic!("{before:#}"));
+
+    // Stopped: the oplog rolls on past the saved position.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    noise(&t, 100).await;
+    t.prune_oplog().await;
+    let (code, after) = health(&t, &[]);
+    assert_eq!(code, Some(0), "{after:#}");
+    let oplog = &after["oplog"];
+    let headroom = oplog["headroom_seconds"].as_f64().unwrap_or_else(|| panic!("{after:#}"));
+    assert!(headroom < before, "headroom {headroom} s after the oplog rolled, {before} s before");
+    assert!(headroom < 0.0, "the position is out of a 50-entry oplog after 100 writes: {oplog:#}");
+    assert_eq!(oplog["status"], "warning", "{oplog:#}");
+    assert!(oplog["warning"].as_str().unwrap_or_default().contains("left the oplog"), "{oplog:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_privilege_to_read_local_watch_says_so_once_and_archives_on() {
+    let server = OwnServer::start("--auth");
+    // The first user is created through the localhost exception; the archiver's own user may
+    // only read and write its database.
+    let admin = Client::with_uri_str(&server.uri).await.unwrap();
+    admin
+        .database("admin")
+        .run_command(doc! { "createUser": "admin", "pwd": "admin-pw", "roles": [{ "role": "root", "db": "admin" }] })
+        .await
+        .unwrap();
+    let with_user = |user: &str, pwd: &str, source: &str| {
+        server.uri.replacen("mongodb://", &format!("mongodb://{user}:{pwd}@"), 1).replacen(
+            "/?",
+            &format!("/?authSource={source}&"),
+            1,
+        )
+    };
+    let t = TestEnv::with_uri("oplog_noauth", with_user("admin", "admin-pw", "admin")).await;
+    t.db.run_command(
+        doc! { "createUser": "archiver", "pwd": "archiver-pw", "roles": [{ "role": "readWrite", "db": &t.db_name }] },
+    )
+    .await
+    .unwrap();
+    let restricted = with_user("archiver", "archiver-pw", &t.db_name);
+    let refs = t.seed_references().await;
+
+    let mut watch =
+        t.watch().env("MONGODB_URI", restricted.as_str()).env("OPLOG_HEADROOM_WARN_SECS", "999999").start().await;
+    watch.wait_for_log(15, "cannot read the oplog window").await;
+    t.deliver(&refs, 0..3).await;
+    t.wait_all_archived(3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, metrics) = http_get(&health_addr(&watch), "/metrics");
+    assert!(!metrics.contains("archiver_oplog"), "no oplog series without the privilege:\n{metrics}");
+    assert!(metrics.contains("archiver_orders_archived_total 3"), "{metrics}");
+    let log = watch.stop_ok().await;
+    assert_eq!(log.matches("cannot read the oplog window").count(), 1, "said once:\n{log}");
+    assert!(log.contains("no privilege to read local.oplog.rs"), "{log}");
+    assert!(!log.contains("OPLOG HEADROOM LOW"), "no headroom to warn about:\n{log}");
+
+    let (code, report) = health(&t, &[("MONGODB_URI", restricted.as_str())]);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["status"], "healthy", "{report:#}");
+    assert_eq!(report["oplog"]["status"], "unavailable", "{report:#}");
+    assert_eq!(report["oplog"]["reason"], "no privilege to read local.oplog.rs", "{report:#}");
+    assert!(!report.to_string().contains("archiver-pw"), "no password in the report");
+}
