@@ -169,3 +169,22 @@ async fn without_the_privilege_to_read_local_watch_says_so_once_and_archives_on(
     assert_eq!(report["oplog"]["reason"], "no privilege to read local.oplog.rs", "{report:#}");
     assert!(!report.to_string().contains("archiver-pw"), "no password in the report");
 }
+
+/// A quiet stream is not about to leave the oplog: its saved token advances with the oplog
+/// (other collections' writes here; the servers' own no-op writes in production), so the token's
+/// age stays small however long ago the last delivery was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_stream_keeps_its_position_current() {
+    let t = TestEnv::new("oplog_quiet").await;
+    let refs = t.seed_references().await;
+    let watch = t.watch().start().await;
+    t.deliver(&refs, 0..1).await;
+    t.wait_archived(1).await;
+    // Seven seconds without a delivery, while the oplog moves on.
+    for i in 0..35 {
+        t.db.collection::<Document>("noise").insert_one(doc! { "n": i }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let age = gauge(&watch, "archiver_resume_token_age_seconds").expect("token age");
+    assert!(age < 4.0, "the token's age counts from the last delivery ({age} s): {}", watch.tail());
+}

@@ -138,6 +138,8 @@ pub(super) async fn write_batch(
             persist(state, token, cluster_time, wall_time, shutdown).await?;
         }
     } else if let Some(token) = batch.token.clone() {
+        // The last event's times stay: a gap-fill after lost history starts from the last
+        // archived delivery, never later.
         let (ct, wt) = state
             .checkpoint
             .as_ref()
@@ -146,6 +148,10 @@ pub(super) async fn write_batch(
         if persist(state, token, ct, wt, shutdown).await? {
             tracing::debug!("idle stream: resume token advanced");
         }
+        // But the token itself now stands for the present: the stream read everything up to
+        // now. The token's age and the oplog headroom count from here, not from the last
+        // delivery, or a quiet stream would look about to fall out of the oplog.
+        state.telemetry.checkpoint_saved(Some(Utc::now().timestamp_millis()));
     }
     if let Some(operation) = batch.invalidated {
         return Err(StreamFailure::Fatal(WatchError::Invalidated { namespace: state.namespace.clone(), operation }));
