@@ -907,9 +907,9 @@ def read(path):
 # Exported by archiver: the names registered in src/ (prometheus-client prefixes "archiver_",
 # appends "_total" to counters; histograms add _bucket, _sum, _count). Announced gauges, read from
 # the oplog when the user may read `local`, that src/ may not export yet. Other exporters' metrics
-# the rules rely on: Prometheus's own `up`, the blackbox exporter's `probe_success`.
+# the rules rely on: Prometheus's own `up`.
 ANNOUNCED = {"archiver_oplog_window_seconds", "archiver_oplog_headroom_seconds"}
-EXTERNAL = {"up", "probe_success"}
+EXTERNAL = {"up"}
 SUFFIXES = ("_total", "_bucket", "_sum", "_count")
 def base(name):
     for s in SUFFIXES:

@@ -25,6 +25,7 @@ async fn probes_and_metrics_report_the_stream() {
     assert_eq!(code, 200);
     for expected in [
         "archiver_orders_archived_total 2",
+        "archiver_ready 1",
         "archiver_events_received_total 2",
         "archiver_anomalies_total 1",
         "archiver_batches_total",

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use super::{Role, Telemetry};
+use super::Telemetry;
 
 fn status(ok: bool, body: &str) -> Response {
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -33,8 +33,7 @@ async fn live(State(t): State<Arc<Telemetry>>) -> Response {
 async fn ready(State(t): State<Arc<Telemetry>>) -> Response {
     let role = t.role();
     // A standby is healthy and ready to take over; it reports so, with its role.
-    let (ok, reason) =
-        if role == Role::Standby && !t.stopping.load(Ordering::SeqCst) { (true, "ready") } else { t.is_ready() };
+    let (ok, reason) = t.readiness();
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({ "status": if ok { "ready" } else { reason }, "role": role.as_str() });
     (code, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n")).into_response()

@@ -30,12 +30,18 @@ pub struct Metrics {
     pub batches: Counter,
     /// Leaderships taken over from another instance.
     pub takeovers: Counter,
+    /// 1 when this process writes (leader or single), 0 as a standby.
     pub leader: Gauge,
+    /// 1 when `/health/ready` would answer 200, 0 otherwise: set at each scrape, so that an
+    /// alert needs no HTTP probe of its own.
+    pub ready: Gauge,
     /// Time to enrich and write a batch.
     pub batch_duration: Histogram,
     /// Event time (cluster wall time) to archive write.
     pub lag: Histogram,
+    /// Seconds since the last checkpoint save.
     pub seconds_since_checkpoint: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Age of the position the saved token stands for.
     pub token_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The source oplog's time window. A family with no label, so that the series is absent
     /// (not 0) until it has been read, and when it cannot be.

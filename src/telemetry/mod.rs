@@ -95,6 +95,7 @@ impl Telemetry {
             batches: Counter::default(),
             takeovers: Counter::default(),
             leader: Gauge::default(),
+            ready: Gauge::default(),
             batch_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             lag: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             seconds_since_checkpoint: Gauge::default(),
@@ -124,6 +125,7 @@ impl Telemetry {
         registry.register("batches", "Batches archived", m.batches.clone());
         registry.register("takeovers", "Leaderships taken over from another instance", m.takeovers.clone());
         registry.register("leader", "1 when this process writes (leader or single), 0 as a standby", m.leader.clone());
+        registry.register("ready", "1 when /health/ready answers 200, 0 otherwise", m.ready.clone());
         registry.register("batch_duration_seconds", "Time to enrich and write a batch", m.batch_duration.clone());
         registry.register("lag_seconds", "Event time to archive write", m.lag.clone());
         registry.register(
@@ -290,12 +292,23 @@ impl Telemetry {
         (ready, if !ready && reason == "streaming" { "last write failed" } else { reason })
     }
 
+    /// What `/health/ready` answers: a standby is healthy and ready to take over (while not
+    /// stopping); any other role is ready as [`Telemetry::is_ready`] says.
+    pub fn readiness(&self) -> (bool, &'static str) {
+        if self.role() == Role::Standby && !self.stopping.load(Ordering::SeqCst) {
+            (true, "ready")
+        } else {
+            self.is_ready()
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let now = chrono::Utc::now().timestamp_millis();
         let age = |ms: i64| if ms == 0 { f64::NAN } else { (now - ms) as f64 / 1000.0 };
         self.metrics.seconds_since_checkpoint.set(age(self.last_checkpoint_ms.load(Ordering::SeqCst)));
         self.metrics.token_age.set(age(self.token_time_ms.load(Ordering::SeqCst)));
+        self.metrics.ready.set(i64::from(self.readiness().0));
         match self.oplog_headroom_seconds() {
             Some(headroom) => {
                 self.metrics.oplog_headroom.get_or_create(&Vec::new()).set(headroom);
@@ -367,6 +380,7 @@ mod tests {
             "archiver_batch_duration_seconds_bucket",
             "archiver_lag_seconds_bucket",
             "archiver_seconds_since_last_checkpoint",
+            "archiver_ready 0",
             "archiver_resume_token_age_seconds",
             "archiver_build_info{version=",
             "archiver_history_lost_total",
