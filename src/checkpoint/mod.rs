@@ -252,3 +252,22 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database outage while a leader reads or fences the shared checkpoint is ridden out (it
+    /// used to exit 3, as if the checkpoint were corrupt); a fenced save or a bad document is not.
+    #[test]
+    fn only_a_transient_database_error_of_the_store_is_retried() {
+        let outage: mongodb::error::Error =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused").into();
+        assert!(StoreError::Database { context: "reading the checkpoint", source: outage }.is_transient());
+        let refused = mongodb::error::Error::custom("not authorized");
+        assert!(!StoreError::Database { context: "reading the checkpoint", source: refused }.is_transient());
+        assert!(!StoreError::Fenced("s".to_owned()).is_transient());
+        let corrupt = StoreError::CorruptDocument { stream: "s".to_owned(), reason: "no saved_at".to_owned() };
+        assert!(!corrupt.is_transient() && corrupt.is_corrupt());
+    }
+}
