@@ -431,7 +431,7 @@ async fn a_checkpoint_store_that_goes_silent_makes_the_leader_step_down_then_res
     proxy.set_mode(Mode::Blackhole);
     let started = Instant::now();
     // The lease cannot be renewed either: the promise is to stop writing before it expires
-    // (src/watch.rs, keep_lease), rather than to exit.
+    // (src/coordination/leadership.rs, keep), rather than to exit.
     watch.wait_for_log(15, "stepping down").await;
     let stepped_down = started.elapsed();
     let mut not_leading = None;
