@@ -86,6 +86,11 @@ async fn purge_deletes_exactly_the_archived_unchanged_old_orders_and_keeps_the_r
     assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("1 purged of 1 eligible"), "{}", out.stdout);
     assert_eq!(ids(&t, doc! {}).await.len(), 5, "recent, future and undelivered orders remain");
+    // The archive copies of purged orders are not orphans: verify stays consistent.
+    let out = t.run(&["verify", "--date-from", "2020-01-01"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("purged: 10 archive documents"), "{}", out.stdout);
+    assert_eq!(t.archive().count_documents(doc! { "purged_at": { "$exists": true } }).await.unwrap(), 10);
     t.cleanup().await;
 }
 
@@ -117,6 +122,9 @@ async fn an_edit_during_the_purge_is_never_lost() {
     let left = ids(&t, doc! {}).await;
     let lost: Vec<&String> = edited.difference(&left).collect();
     assert!(lost.is_empty(), "edits lost with their orders: {lost:?}");
+    // Only the copies of orders actually deleted are marked purged.
+    let marked = t.archive().count_documents(doc! { "purged_at": { "$exists": true } }).await.unwrap();
+    assert_eq!(marked as usize, orders.len() - left.len());
     // The race was real: some orders were purged before their edit, some edited before the purge.
     assert!(!edited.is_empty() && left.len() < orders.len(), "edited {}, left {}", edited.len(), left.len());
     t.cleanup().await;
@@ -158,6 +166,7 @@ async fn a_killed_purge_loses_nothing_and_a_rerun_finishes() {
     assert!(out.stdout.contains(&format!("{left} purged of {left} eligible")), "{}", out.stdout);
     assert_eq!(t.orders().count_documents(doc! {}).await.unwrap(), 0);
     assert_eq!(t.archive_len().await, 400);
+    assert_eq!(t.archive().count_documents(doc! { "purged_at": { "$exists": true } }).await.unwrap(), 400);
     t.cleanup().await;
 }
 

@@ -50,11 +50,11 @@ async fn reports_missing_and_orphaned_ids_per_day_and_repairs() {
     assert_eq!(orphans, expected);
     assert_eq!(
         report["days"][0],
-        serde_json::json!({"day": "2026-05-01", "source": 2, "archive": 1, "missing": 1, "orphaned": 0})
+        serde_json::json!({"day": "2026-05-01", "source": 2, "archive": 1, "missing": 1, "orphaned": 0, "purged": 0})
     );
     assert_eq!(
         report["days"][1],
-        serde_json::json!({"day": "2026-05-02", "source": 0, "archive": 2, "missing": 0, "orphaned": 2})
+        serde_json::json!({"day": "2026-05-02", "source": 0, "archive": 2, "missing": 0, "orphaned": 2, "purged": 0})
     );
 
     let human = t.run(&[&["verify"][..], &range].concat());

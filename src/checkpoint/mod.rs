@@ -75,11 +75,12 @@ pub enum StoreError {
     #[error("the checkpoint of stream {0} belongs to a newer leader (fenced)")]
     Fenced(String),
     /// The shared store's database failed.
-    #[error("{context} in the shared checkpoint collection: {source}")]
+    #[error("{context} in the shared checkpoint collection")]
     Database {
         /// What was being done.
         context: &'static str,
         /// The driver's error.
+        #[source]
         source: mongodb::error::Error,
     },
     /// The shared checkpoint document cannot be understood.

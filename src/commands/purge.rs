@@ -6,9 +6,11 @@
 //! Safe by construction:
 //! - an order missing from the archive, or changed since it was archived, is never deleted: it
 //!   is counted and reported (`--rearchive` first replaces the archive copy of a changed order);
-//! - each delete re-checks, in its own filter, that the order is still exactly the document that
-//!   was verified (`$expr` comparing `$$ROOT` with it), so an edit made between the check and the
-//!   delete is never lost: that order stays;
+//! - each delete re-checks, in its own filter, that the order still equals the document that was
+//!   verified (`$expr` comparing `$$ROOT` with it, as MongoDB compares values), so an edit made
+//!   between the check and the delete is never lost: that order stays;
+//! - the archive copy of a purged order is marked `purged_at` (before the delete, unmarked if the
+//!   order stays), so that `verify` does not take it for an orphan;
 //! - deletes go in batches (`--batch-size`) under a rate limit (`--max-per-sec`), each batch
 //!   first written to `--backup` (JSON Lines, canonical extended JSON, fsynced) when asked;
 //! - a crash at any point leaves only orders that were archived and verified deleted; a rerun
@@ -37,6 +39,10 @@ use crate::pipeline::sink::Archiver;
 
 /// How many ids a dry run lists per kind of skipped order.
 const SAMPLE_IDS: usize = 10;
+
+/// Most orders verified and deleted at once: the delete's filter carries each in full, and a
+/// command may not exceed 16 MB.
+const MAX_BATCH_SIZE: usize = 5_000;
 
 /// What a purge did (or, with `--dry-run`, would do).
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -105,9 +111,10 @@ pub fn archived_as_is(config: &Config, order: &Document, archived: &Document) ->
         (Some(Bson::Array(items)), Some(Bson::Array(copies))) => {
             items.len() == copies.len()
                 && items.iter().zip(copies).all(|(item, copy)| {
-                    let (Some(item), Some(copy)) = (item.as_document(), copy.as_document()) else {
-                        return item.as_document().is_none() && copy.as_document().is_some();
-                    };
+                    // An item that is not a document is archived with null fields.
+                    let empty = Document::new();
+                    let item = item.as_document().unwrap_or(&empty);
+                    let Some(copy) = copy.as_document() else { return false };
                     value(item, &f.item_menu_id) == value(copy, item_field::MENU_ID)
                         && value(item, &f.item_quantite) == value(copy, item_field::QUANTITE)
                 })
@@ -121,8 +128,9 @@ pub fn archived_as_is(config: &Config, order: &Document, archived: &Document) ->
 /// Runs `archiver purge`.
 pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken) -> anyhow::Result<PurgeSummary> {
     let range = purge_range(args, Utc::now())?;
-    if args.batch_size == 0 {
-        bail!(UsageError("--batch-size must be at least 1".to_owned()));
+    if !(1..=MAX_BATCH_SIZE).contains(&args.batch_size) {
+        // Each delete carries its orders in full: a 16 MB command holds a few thousand.
+        bail!(UsageError(format!("--batch-size must be between 1 and {MAX_BATCH_SIZE}")));
     }
     let policy = RetryPolicy::bounded(&config.retry);
     let dbs = tokio::select! {
@@ -166,13 +174,25 @@ pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken)
         if let Some(backup) = &mut backup {
             backup.append(&eligible).context("writing the backup")?;
         }
+        // The archive copies are marked first, so that `verify` tells a purged order from an
+        // orphan whatever instant a crash comes at: a mark whose order still exists is harmless.
+        let ids: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        let now = mongodb::bson::DateTime::now();
+        archive
+            .update_many(doc! { "_id": { "$in": &ids } }, doc! { "$set": { field::PURGED_AT: now } })
+            .await
+            .context("marking the archive copies as purged")?;
         let deleted = delete_unchanged(&orders, &eligible).await.context("deleting archived orders")?;
         summary.purged += deleted;
         if deleted < eligible.len() as u64 {
             // Edited between the check and the delete: kept, and reported as changed.
-            let ids: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
             let still = crate::pipeline::order_id::present_among(&orders, &ids, doc! {}).await?;
             eligible.retain(|d| d.get("_id").is_some_and(|id| still.contains(&equality_key(id))));
+            let kept: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
+            archive
+                .update_many(doc! { "_id": { "$in": kept } }, doc! { "$unset": { field::PURGED_AT: "" } })
+                .await
+                .context("unmarking the archive copies of kept orders")?;
             for order in &eligible {
                 tracing::warn!(order_id = %id_text(order), "order changed during the purge; kept");
                 note(&mut summary.changed_ids, order);

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db;
 use crate::db::RetryPolicy;
-use crate::pipeline::document::ArchiveSource;
+use crate::pipeline::document::{field, ArchiveSource};
 use crate::pipeline::order_id::{equality_key, present_among};
 use crate::pipeline::scan::{delivered_in_range, DateRange};
 use crate::pipeline::sink::Archiver;
@@ -38,6 +38,8 @@ pub struct DayReport {
     pub missing: u64,
     /// Archive documents without a delivered order.
     pub orphaned: u64,
+    /// Archive documents whose order `purge` deleted from the source (not orphans).
+    pub purged: u64,
 }
 
 /// The whole report (also the `--json` output).
@@ -55,8 +57,12 @@ pub struct VerifyReport {
     pub archived: u64,
     /// Ids of delivered orders not in the archive (after any repair).
     pub missing: Vec<String>,
-    /// Ids of archive documents whose order is gone or no longer delivered.
+    /// Ids of archive documents whose order is gone or no longer delivered, other than those
+    /// `purge` deleted.
     pub orphaned: Vec<String>,
+    /// Archive documents whose order `archiver purge` deleted from the source, after verifying
+    /// the copy: expected, not an inconsistency.
+    pub purged: u64,
     /// Orders archived by `--repair`.
     pub repaired: u64,
     /// Per-day counts.
@@ -90,7 +96,7 @@ async fn reconcile(
     day_field: &str,
     counterpart: &Collection<Document>,
     filter: &Document,
-    mut tally: impl FnMut(Bson, String, bool),
+    mut tally: impl FnMut(Bson, String, bool, &Document),
 ) -> mongodb::error::Result<()> {
     let mut chunks = std::pin::pin!(documents.try_chunks(CHUNK));
     while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
@@ -98,7 +104,7 @@ async fn reconcile(
         let held = present_among(counterpart, &ids, filter.clone()).await?;
         for (id, d) in ids.into_iter().zip(&chunk) {
             let is_held = held.contains(&equality_key(&id));
-            tally(id, day_of(d, day_field), is_held);
+            tally(id, day_of(d, day_field), is_held, d);
         }
     }
     Ok(())
@@ -129,7 +135,7 @@ pub async fn run(
         .projection(doc! { "_id": 1, date_field.clone(): 1 })
         .await
         .context("reading the delivered orders")?;
-    reconcile(cursor, &date_field, &archive, &doc! {}, |id, day, archived| {
+    reconcile(cursor, &date_field, &archive, &doc! {}, |id, day, archived, _| {
         source_delivered += 1;
         let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
         entry.source += 1;
@@ -152,16 +158,20 @@ pub async fn run(
     let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
     let mut orphaned = Vec::new();
     let mut archived_total = 0u64;
+    let mut purged = 0u64;
     let cursor = archive
         .find(archive_range)
-        .projection(doc! { "_id": 1, "date_commande": 1 })
+        .projection(doc! { "_id": 1, "date_commande": 1, field::PURGED_AT: 1 })
         .await
         .context("reading the archive")?;
-    reconcile(cursor, "date_commande", &orders, &delivered, |id, day, delivered| {
+    reconcile(cursor, "date_commande", &orders, &delivered, |id, day, delivered, copy| {
         archived_total += 1;
         let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
         entry.archive += 1;
-        if !delivered {
+        if !delivered && copy.contains_key(field::PURGED_AT) {
+            entry.purged += 1;
+            purged += 1;
+        } else if !delivered {
             entry.orphaned += 1;
             orphaned.push(id_text(&id));
         }
@@ -191,6 +201,7 @@ pub async fn run(
         consistent: missing.is_empty() && orphaned.is_empty(),
         source_delivered,
         archived: archived_total,
+        purged,
         missing,
         orphaned,
         repaired,
@@ -232,6 +243,10 @@ pub fn render(report: &VerifyReport) -> String {
     }
     if report.repaired > 0 {
         let _ = writeln!(out, "repaired: {} orders archived", report.repaired);
+    }
+    if report.purged > 0 {
+        let _ =
+            writeln!(out, "purged: {} archive documents whose order archiver purge deleted (expected)", report.purged);
     }
     let _ = writeln!(out, "{}", if report.consistent { "consistent" } else { "DIFFERENT" });
     out

@@ -31,8 +31,8 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The configured bounds (`RETRY_MAX_ATTEMPTS`, `RETRY_MAX_ELAPSED_MS`; 0 means no limit):
-    /// for commands that must end.
+    /// The configured bounds (`RETRY_MAX_ATTEMPTS`, where 0 means no retry at all, and
+    /// `RETRY_MAX_ELAPSED_MS`, where 0 means no time limit): for commands that must end.
     pub fn bounded(settings: &RetrySettings) -> Self {
         RetryPolicy {
             max_retries: Some(settings.max_attempts),

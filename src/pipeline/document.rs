@@ -80,6 +80,9 @@ pub mod field {
     /// A digest of the order as archived ([`super::source_digest`]): what `purge` checks the
     /// order against before it deletes it.
     pub const SOURCE_DIGEST: &str = "source_digest";
+    /// Set by `purge` when it deletes the order from the source: the archive copy is then the
+    /// only one, and not an orphan. Not part of a document as written ([`ALL`]).
+    pub const PURGED_AT: &str = "purged_at";
     /// Every field, in stored order.
     pub const ALL: [&str; 14] = [
         ID,

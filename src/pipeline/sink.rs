@@ -263,12 +263,20 @@ impl Archiver {
     }
 
     /// Replaces the archive copies of these orders with documents enriched now (written when
-    /// absent); returns how many were written. For an order changed since it was archived, when
+    /// absent), for the orders still in the source and still delivered; returns how many were
+    /// written. For an order changed since it was archived, when
     /// asked to (`purge --rearchive`).
     pub async fn rearchive(&self, ids: &[Bson]) -> Result<u64, Error> {
         let mut written = 0;
         for document in self.enrich(ids).await? {
             let Some(id) = document.get("_id").cloned() else { continue };
+            // An order gone from the source (a concurrent purge took it) or no longer delivered
+            // keeps the copy it has: a placeholder or an undelivered order must never replace it.
+            let vanished = document.get(super::document::field::SOURCE_DIGEST).is_none_or(|d| *d == Bson::Null);
+            let delivered = document.get_str(super::document::field::STATUS).is_ok_and(|s| s == self.delivered_status);
+            if vanished || !delivered {
+                continue;
+            }
             self.archive.replace_one(doc! { "_id": id }, document).upsert(true).await?;
             written += 1;
         }
