@@ -135,7 +135,7 @@ pub async fn archive_matching(
                 (WritePath::Client, false) => archiver.archive_ids(&ids, &no_events).await,
                 (WritePath::Server, false) => merge_chunk(config, dbs, archiver, &ids).await,
             };
-            let outcome = db::retry(&policy, "archiving a chunk", is_transient, None, archive_chunk)
+            let outcome = db::retry(&policy, "archiving a chunk", is_transient, Some(shutdown), archive_chunk)
                 .await
                 .map_err(|failed| failed.error)
                 .context("archiving a chunk")?;
