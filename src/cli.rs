@@ -91,6 +91,10 @@ pub struct GlobalArgs {
     /// or `lookup` (the server's $lookup pipeline) [default: join].
     #[arg(long, env = "ENRICH_MODE", global = true, value_enum)]
     pub enrich_mode: Option<crate::config::EnrichMode>,
+    /// Most references `batch` keeps once read, for the chunks that follow; 0: read them for
+    /// every chunk [default: 100000].
+    #[arg(long, env = "REFERENCE_CACHE_ENTRIES", global = true, value_name = "N")]
+    pub reference_cache_entries: Option<usize>,
     /// Split the orders into N partitions by id; this worker handles --partition (watch, batch).
     #[arg(long, env = "PARTITIONS", global = true, value_name = "N")]
     pub partitions: Option<u32>,
@@ -371,6 +375,7 @@ impl Cli {
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());
         o.set("enrich.mode", g.enrich_mode);
+        o.set("enrich.reference_cache_entries", g.reference_cache_entries);
         o.set("coordination.partitions", g.partitions);
         o.set("coordination.partition", g.partition);
         match &self.command {

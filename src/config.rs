@@ -56,12 +56,22 @@ pub enum EnrichMode {
 }
 
 /// Enrichment settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EnrichSettings {
     /// `join` or `lookup` (`ENRICH_MODE`). The server path of `batch` ($merge) always uses the
     /// pipeline.
     pub mode: EnrichMode,
+    /// Most references (customers, couriers, restaurants, menu entries) that `batch` keeps
+    /// once read, for the chunks that follow (`REFERENCE_CACHE_ENTRIES`); 0 reads them for
+    /// every chunk. `watch` always reads them afresh.
+    pub reference_cache_entries: usize,
+}
+
+impl Default for EnrichSettings {
+    fn default() -> Self {
+        EnrichSettings { mode: EnrichMode::default(), reference_cache_entries: 100_000 }
+    }
 }
 
 /// Where `watch` keeps its checkpoint.

@@ -12,7 +12,7 @@ use archiver::pipeline::document::ArchiveSource;
 use archiver::pipeline::join::Joiner;
 use archiver::pipeline::sink::Archiver;
 use common::TestEnv;
-use mongodb::bson::{doc, oid::ObjectId, Bson, Decimal128, Document};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Decimal128, Document, RawDocumentBuf};
 use proptest::prelude::*;
 
 /// One runtime and one seeded database for every case.
@@ -21,6 +21,8 @@ struct Fixture {
     env: TestEnv,
     join: Archiver,
     joiner: Joiner,
+    /// The join with a reference cache so small that it starts over within a case.
+    cached: Joiner,
     lookup: Archiver,
 }
 
@@ -48,7 +50,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let (env, join, joiner, lookup) = runtime.block_on(async {
+        let (env, join, joiner, cached, lookup) = runtime.block_on(async {
             let env = TestEnv::new("enrichprops").await;
             let db = &env.db;
             let adresse = doc! { "rue": "1 place Bellecour", "ville": "Lyon", "code_postal": "69002" };
@@ -72,11 +74,12 @@ fn fixture() -> &'static Fixture {
             let dbs = archiver::db::connect(&config, &archiver::db::RetryPolicy::bounded(&config.retry)).await.unwrap();
             let join = Archiver::new(&config, &dbs, ArchiveSource::Batch);
             let joiner = Joiner::new(&config, &dbs.source, ArchiveSource::Batch).expect("the join applies");
+            let cached = joiner.clone().with_cache(5);
             config.enrich.mode = EnrichMode::Lookup;
             let lookup = Archiver::new(&config, &dbs, ArchiveSource::Batch);
-            (env, join, joiner, lookup)
+            (env, join, joiner, cached, lookup)
         });
-        Fixture { runtime, env, join, joiner, lookup }
+        Fixture { runtime, env, join, joiner, cached, lookup }
     })
 }
 
@@ -181,10 +184,11 @@ fn order() -> impl Strategy<Value = Document> {
 }
 
 /// The documents by id, without the time of archiving.
-fn comparable(mut docs: Vec<Document>) -> Vec<(String, Document)> {
+fn comparable(docs: Vec<RawDocumentBuf>) -> Vec<(String, Document)> {
     let mut keyed: Vec<(String, Document)> = docs
-        .drain(..)
-        .map(|mut d| {
+        .iter()
+        .map(|d| {
+            let mut d = d.to_document().expect("archive documents are valid BSON");
             d.remove("archived_at");
             (archiver::pipeline::order_id::equality_key(d.get("_id").unwrap_or(&Bson::Null)), d)
         })
@@ -200,7 +204,7 @@ proptest! {
     fn join_and_lookup_enrich_odd_orders_alike(orders in proptest::collection::vec(order(), 1..12)) {
         let f = fixture();
         let ids: Vec<Bson> = orders.iter().map(|o| o.get("_id").unwrap().clone()).collect();
-        let (archived, joined, looked_up) = f.runtime.block_on(async {
+        let (archived, joined, cached, looked_up) = f.runtime.block_on(async {
             f.env.orders().insert_many(orders.clone()).await.unwrap();
             // What `watch` and `batch` do: the join where it applies, else the pipeline.
             let archived = f.join.enrich(&ids).await.expect("enrichment fails on these orders");
@@ -208,21 +212,31 @@ proptest! {
             // the pipeline), batched together so shared and duplicated references meet.
             let mut joinable = Vec::new();
             for o in &orders {
-                if f.joiner.enrich(std::slice::from_ref(o)).await.unwrap().is_some() {
-                    joinable.push(o.clone());
+                let o = RawDocumentBuf::from_document(o).unwrap();
+                if f.joiner.enrich(std::slice::from_ref(&o)).await.unwrap().is_some() {
+                    joinable.push(o);
                 }
             }
             let joined = f.joiner.enrich(&joinable).await.unwrap().expect("each order joins, so all do");
+            // The cached join, twice: from what it read, then from what it kept.
+            let mut cached = Vec::new();
+            for _ in 0..2 {
+                cached.push(f.cached.enrich(&joinable).await.unwrap().expect("each order joins, so all do"));
+            }
             let looked_up = f.lookup.enrich(&ids).await.expect("the pipeline fails on these orders");
             f.env.orders().delete_many(doc! { "_id": { "$in": &ids } }).await.unwrap();
-            (archived, joined, looked_up)
+            (archived, joined, cached, looked_up)
         });
         prop_assert_eq!(archived.len(), orders.len());
         let looked_up = comparable(looked_up);
         prop_assert_eq!(&comparable(archived), &looked_up, "join-or-pipeline (left) and $lookup (right) differ");
-        for (key, joined) in comparable(joined) {
-            let (_, expected) = looked_up.iter().find(|(k, _)| *k == key).expect("the same ids");
-            prop_assert_eq!(&joined, expected, "join (left) and $lookup (right) differ");
+        let joined = comparable(joined);
+        for (key, joined) in &joined {
+            let (_, expected) = looked_up.iter().find(|(k, _)| k == key).expect("the same ids");
+            prop_assert_eq!(joined, expected, "join (left) and $lookup (right) differ");
+        }
+        for run in cached {
+            prop_assert_eq!(&comparable(run), &joined, "cached join (left) and join (right) differ");
         }
     }
 }

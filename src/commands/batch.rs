@@ -54,7 +54,8 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
     };
     let filter = delivered_in_range(config, range);
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
-    let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
+    let archiver =
+        Archiver::new(config, &dbs, ArchiveSource::Batch).with_reference_cache(config.enrich.reference_cache_entries);
     let started = Instant::now();
 
     tracing::info!(date_from = %range.from, date_to = ?range.to.map(|t| t.to_rfc3339()),

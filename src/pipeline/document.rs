@@ -2,7 +2,7 @@
 //! shape of an order that vanished before it could be enriched. Defined once here; the two
 //! enrichers ([`super::lookup`], [`super::join`]) build it from these definitions.
 
-use mongodb::bson::{Bson, Document};
+use mongodb::bson::{Bson, Document, RawArrayBuf, RawBson, RawBsonRef, RawDocumentBuf};
 
 use crate::config::{LookupDef, Lookups, OrderFields};
 
@@ -171,74 +171,83 @@ pub const ANOMALY_CHECKS: [(&str, Check); 9] = [
     (anomaly::QUANTITE_INVALIDE, Check::QuantityNotNumber),
 ];
 
-/// The values of one archive document, put in stored order by [`Parts::into_document`]: what the
+/// The values of one archive document, put in stored order by [`Parts::into_raw`]: what the
 /// client-side join and the vanished-order shape build (the server pipeline builds the same
-/// fields from [`copied_fields`], [`references`] and [`ANOMALY_CHECKS`]).
+/// fields from [`copied_fields`], [`references`] and [`ANOMALY_CHECKS`]). Values are borrowed
+/// from the order and the references as read: the document is written straight into BSON.
 #[derive(Debug, Clone)]
-pub struct Parts {
+pub struct Parts<'a> {
     /// The order's `_id`.
-    pub id: Bson,
-    /// The values of [`copied_fields`], in their order.
-    pub copied: [Bson; 5],
-    /// The values of [`references`], in their order.
-    pub references: [Bson; 3],
+    pub id: RawBsonRef<'a>,
+    /// The values of [`copied_fields`], in their order (null when missing).
+    pub copied: [RawBsonRef<'a>; 5],
+    /// The values of [`references`], in their order (null when not found).
+    pub references: [RawBsonRef<'a>; 3],
     /// The shaped items.
-    pub items: Vec<Bson>,
+    pub items: RawArrayBuf,
     /// When the document is written.
     pub archived_at: mongodb::bson::DateTime,
     /// Which command writes it.
     pub source: ArchiveSource,
     /// The names of the anomalies found.
-    pub anomalies: Vec<Bson>,
-    /// [`source_digest`] of the order (null for a vanished order).
-    pub source_digest: Bson,
+    pub anomalies: Vec<&'static str>,
+    /// [`source_digest`] of the order (`None` for a vanished order: null).
+    pub source_digest: Option<&'a str>,
 }
 
-impl Parts {
+impl<'a> Parts<'a> {
     /// The value of a copied or referenced field, by its archive name (null for any other).
-    pub fn get(&self, name: &str) -> &Bson {
+    pub fn get(&self, name: &str) -> RawBsonRef<'a> {
         if let Some(i) = COPIED.iter().position(|n| *n == name) {
-            return &self.copied[i];
+            return self.copied[i];
         }
         match JOINED.iter().position(|n| *n == name) {
-            Some(i) => &self.references[i],
-            None => &Bson::Null,
+            Some(i) => self.references[i],
+            None => RawBsonRef::Null,
         }
     }
 
-    /// The archive document.
-    pub fn into_document(self) -> Document {
-        let mut document = Document::new();
-        document.insert(field::ID, self.id);
+    /// The archive document, as BSON.
+    pub fn into_raw(self) -> RawDocumentBuf {
+        let mut document = RawDocumentBuf::new();
+        document.append_ref(field::ID, self.id);
         for (name, value) in COPIED.into_iter().zip(self.copied) {
-            document.insert(name, value);
+            document.append_ref(name, value);
         }
         for (name, value) in JOINED.into_iter().zip(self.references) {
-            document.insert(name, value);
+            document.append_ref(name, value);
         }
-        document.insert(field::ITEMS, self.items);
-        document.insert(field::ARCHIVED_AT, self.archived_at);
-        document.insert(field::ARCHIVE_SOURCE, self.source.as_str());
-        document.insert(field::ANOMALIES, self.anomalies);
-        document.insert(field::SOURCE_DIGEST, self.source_digest);
+        document.append_ref(field::ITEMS, &self.items);
+        document.append_ref(field::ARCHIVED_AT, RawBsonRef::DateTime(self.archived_at));
+        document.append_ref(field::ARCHIVE_SOURCE, self.source.as_str());
+        let mut anomalies = RawArrayBuf::new();
+        for name in self.anomalies {
+            anomalies.push(name);
+        }
+        document.append_ref(field::ANOMALIES, &anomalies);
+        document.append_ref(field::SOURCE_DIGEST, self.source_digest.map_or(RawBsonRef::Null, RawBsonRef::String));
         document
     }
 }
 
 /// The archive document for an order that vanished before it could be enriched: never drop a
 /// delivered order silently, even when all that is left of it is its id.
-pub fn vanished_order_document(id: Bson, delivered_status: &str, source: ArchiveSource) -> Document {
+pub fn vanished_order_document(id: &Bson, delivered_status: &str, source: ArchiveSource) -> RawDocumentBuf {
+    // Every `_id` read from the server converts; anything else is archived under a null id
+    // and refused by the archive, which dead-letters it.
+    let id = RawBson::try_from(id.clone()).unwrap_or(RawBson::Null);
+    let null = RawBsonRef::Null;
     Parts {
-        id,
-        copied: [Bson::Null, Bson::from(delivered_status), Bson::Null, Bson::Null, Bson::Null],
-        references: [Bson::Null, Bson::Null, Bson::Null],
-        items: Vec::new(),
+        id: id.as_raw_bson_ref(),
+        copied: [null, RawBsonRef::String(delivered_status), null, null, null],
+        references: [null; 3],
+        items: RawArrayBuf::new(),
         archived_at: mongodb::bson::DateTime::now(),
         source,
-        anomalies: vec![Bson::from(anomaly::COMMANDE_INTROUVABLE)],
-        source_digest: Bson::Null,
+        anomalies: vec![anomaly::COMMANDE_INTROUVABLE],
+        source_digest: None,
     }
-    .into_document()
+    .into_raw()
 }
 
 /// A digest of an order as stored: SHA-256 of its BSON bytes (field order and types included),
@@ -246,17 +255,22 @@ pub fn vanished_order_document(id: Bson, delivered_status: &str, source: Archive
 /// an order unchanged since it was archived from one edited since, without storing the order
 /// twice.
 pub fn source_digest(order: &Document) -> String {
-    use sha2::{Digest, Sha256};
-    use std::fmt::Write;
     // Serializing a document read from the server gives back its stored bytes; a document that
     // cannot be serialized (never the case for one read from the server) gets a digest that
     // matches nothing.
-    let bytes = mongodb::bson::to_vec(order).unwrap_or_default();
-    let hash = Sha256::digest(&bytes);
+    source_digest_of(&mongodb::bson::to_vec(order).unwrap_or_default())
+}
+
+/// [`source_digest`] of an order's BSON bytes, as read from the server.
+pub fn source_digest_of(order: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let hash = Sha256::digest(order);
     let mut text = String::with_capacity(7 + 64);
     text.push_str("sha256:");
     for byte in hash {
-        let _ = write!(text, "{byte:02x}");
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 0xf)]));
     }
     text
 }
@@ -267,7 +281,7 @@ mod tests {
 
     #[test]
     fn the_stored_order_is_the_declared_one() {
-        let d = vanished_order_document(Bson::Int32(7), "livrée", ArchiveSource::Batch);
+        let d = vanished_order_document(&Bson::Int32(7), "livrée", ArchiveSource::Batch).to_document().unwrap();
         assert_eq!(d.keys().map(String::as_str).collect::<Vec<_>>(), field::ALL);
         let f = OrderFields::default();
         let copied: Vec<&str> = copied_fields(&f).iter().map(|(name, _)| *name).collect();
@@ -288,11 +302,22 @@ mod tests {
         // The same value under another type is another order as stored.
         let retyped = mongodb::bson::doc! { "_id": 1_i64, "status": "livrée", "montant_total": 12.5 };
         assert_ne!(digest, source_digest(&retyped));
+        // The digest of the bytes as read is the digest of the document they parse into, and
+        // the one of SHA-256 written in hex.
+        let bytes = mongodb::bson::to_vec(&order).unwrap();
+        assert_eq!(source_digest_of(&bytes), digest);
+        assert_eq!(
+            source_digest_of(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "SHA-256 of nothing"
+        );
     }
 
     #[test]
     fn vanished_order_is_flagged() {
-        let d = vanished_order_document(Bson::Int32(7), "livrée", ArchiveSource::Watch);
+        let d = vanished_order_document(&Bson::Int32(7), "livrée", ArchiveSource::Watch).to_document().unwrap();
+        assert_eq!(d.get_i32("_id").unwrap(), 7);
+        assert_eq!(d.get("source_digest"), Some(&Bson::Null));
         assert_eq!(d.get_array("anomalies").unwrap(), &vec![Bson::from("commande_introuvable")]);
         assert_eq!(d.get_str("archive_source").unwrap(), "watch");
     }

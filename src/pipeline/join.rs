@@ -7,80 +7,142 @@
 //! pipeline); where their semantics could differ (array-valued references, decimals, dotted
 //! field names), the batch is handed back to the pipeline instead.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use futures_util::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf};
 use mongodb::error::Error;
 use mongodb::{Collection, Database};
 
 use super::document::{
-    copied_fields, item_field, references, source_digest, ArchiveSource, Check, Parts, ANOMALY_CHECKS,
+    copied_fields, field, item_field, references, source_digest_of, ArchiveSource, Check, Parts, ANOMALY_CHECKS,
 };
-use crate::config::{Config, LookupDef};
+use crate::config::Config;
+
+/// The maps of the join: keys are short and hashed several times per order, so a fast hash
+/// (the one `hashbrown` uses) rather than the DoS-resistant default; the keys come from the
+/// database, not from a network peer.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A key under which equal references meet: MongoDB compares numbers by value across types.
-fn join_key(value: &Bson) -> String {
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum JoinKey {
+    /// An integral number, whatever its BSON type.
+    Number(i64),
+    ObjectId([u8; 12]),
+    String(Box<str>),
+    /// Any other value, by its description (type included).
+    Other(String),
+}
+
+fn join_key(value: RawBsonRef<'_>) -> JoinKey {
     match value {
-        Bson::Int32(n) => format!("n:{n}"),
-        Bson::Int64(n) => format!("n:{n}"),
-        Bson::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => format!("n:{}", *d as i64),
-        other => format!("{other:?}"),
+        RawBsonRef::Int32(n) => JoinKey::Number(i64::from(n)),
+        RawBsonRef::Int64(n) => JoinKey::Number(n),
+        RawBsonRef::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => JoinKey::Number(d as i64),
+        RawBsonRef::ObjectId(id) => JoinKey::ObjectId(id.bytes()),
+        RawBsonRef::String(s) => JoinKey::String(s.into()),
+        other => JoinKey::Other(format!("{:?}", Bson::try_from(other).ok())),
     }
 }
 
-fn is_number(value: Option<&Bson>) -> bool {
-    matches!(value, Some(Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_)))
+/// The value of `key` in an order already checked to be readable ([`Joiner::needs_pipeline`]).
+fn get<'a>(document: &'a RawDocument, key: &str) -> Option<RawBsonRef<'a>> {
+    document.get(key).ok().flatten()
 }
 
-/// `value`, with missing and null both as null, as `$ifNull: [x, null]` does.
-fn or_null(value: Option<&Bson>) -> Bson {
-    value.cloned().unwrap_or(Bson::Null)
+/// `value` unless it is missing or null.
+fn set(value: Option<RawBsonRef<'_>>) -> Option<RawBsonRef<'_>> {
+    value.filter(|v| !matches!(v, RawBsonRef::Null))
+}
+
+fn is_number(value: Option<RawBsonRef<'_>>) -> bool {
+    matches!(
+        value,
+        Some(RawBsonRef::Int32(_) | RawBsonRef::Int64(_) | RawBsonRef::Double(_) | RawBsonRef::Decimal128(_))
+    )
 }
 
 /// `$multiply` of two numbers, with the server's result types (no decimals: see `needs_pipeline`).
-fn multiply(a: &Bson, b: &Bson) -> Bson {
-    let as_f64 = |v: &Bson| match v {
-        Bson::Int32(n) => *n as f64,
-        Bson::Int64(n) => *n as f64,
-        Bson::Double(d) => *d,
+fn multiply(a: RawBsonRef<'_>, b: RawBsonRef<'_>) -> RawBson {
+    let as_f64 = |v: RawBsonRef<'_>| match v {
+        RawBsonRef::Int32(n) => f64::from(n),
+        RawBsonRef::Int64(n) => n as f64,
+        RawBsonRef::Double(d) => d,
         _ => f64::NAN,
     };
-    let as_i64 = |v: &Bson| match v {
-        Bson::Int32(n) => Some(i64::from(*n)),
-        Bson::Int64(n) => Some(*n),
+    let as_i64 = |v: RawBsonRef<'_>| match v {
+        RawBsonRef::Int32(n) => Some(i64::from(n)),
+        RawBsonRef::Int64(n) => Some(n),
         _ => None,
     };
     match (as_i64(a), as_i64(b)) {
         (Some(x), Some(y)) => match x.checked_mul(y) {
-            Some(p) if matches!((a, b), (Bson::Int32(_), Bson::Int32(_))) && i32::try_from(p).is_ok() => {
-                Bson::Int32(p as i32)
+            Some(p) if matches!((a, b), (RawBsonRef::Int32(_), RawBsonRef::Int32(_))) && i32::try_from(p).is_ok() => {
+                RawBson::Int32(p as i32)
             }
-            Some(p) => Bson::Int64(p),
-            None => Bson::Double(as_f64(a) * as_f64(b)),
+            Some(p) => RawBson::Int64(p),
+            None => RawBson::Double(as_f64(a) * as_f64(b)),
         },
-        _ => Bson::Double(as_f64(a) * as_f64(b)),
+        _ => RawBson::Double(as_f64(a) * as_f64(b)),
     }
 }
+
+/// Which reference collection an entry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Client,
+    Livreur,
+    Restaurant,
+    Menu,
+}
+
+/// A reference as joined: for customers, couriers and restaurants, the shaped sub-document
+/// (the configured fields, in order, null when missing); for menu entries, the entry as read.
+/// `None`: there is no such reference.
+type Entry = Option<Arc<RawDocumentBuf>>;
+
+/// References already read by this joiner, when it keeps them (`batch`): each customer,
+/// courier, restaurant and menu entry is then read once per run instead of once per chunk. At
+/// most `capacity` entries; when full it starts over, so memory stays bounded whatever the
+/// number of references.
+#[derive(Debug)]
+struct ReferenceCache {
+    capacity: usize,
+    entries: Mutex<HashMap<(Kind, JoinKey), Entry>>,
+}
+
+impl ReferenceCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Kind, JoinKey), Entry>> {
+        // A panic while holding the lock left a map of complete entries: still usable.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The references of one batch, by kind and key; found ones only.
+type Refs = HashMap<(Kind, JoinKey), Arc<RawDocumentBuf>>;
+
+/// The references a batch names, by key: one value for each (equal numbers of several types
+/// meet under one key).
+type Wanted<'a> = HashMap<JoinKey, RawBsonRef<'a>>;
 
 /// The joiner, built once per archiver.
 #[derive(Debug, Clone)]
 pub struct Joiner {
-    clients: Collection<Document>,
-    livreurs: Collection<Document>,
-    restaurants: Collection<Document>,
-    menus: Collection<Document>,
+    clients: Collection<RawDocumentBuf>,
+    livreurs: Collection<RawDocumentBuf>,
+    restaurants: Collection<RawDocumentBuf>,
+    menus: Collection<RawDocumentBuf>,
     config: Config,
     source: ArchiveSource,
+    cache: Option<Arc<ReferenceCache>>,
 }
-
-/// The reference documents of one batch, by join key.
-type Refs = HashMap<String, Document>;
 
 impl Joiner {
     /// The four reference collections, as read.
     #[cfg(test)]
-    pub(crate) fn reference_collections(&self) -> [&Collection<Document>; 4] {
+    pub(crate) fn reference_collections(&self) -> [&Collection<RawDocumentBuf>; 4] {
         [&self.clients, &self.livreurs, &self.restaurants, &self.menus]
     }
 
@@ -116,171 +178,285 @@ impl Joiner {
             menus: source_db.collection(&l.menu.collection),
             config: config.clone(),
             source,
+            cache: None,
         })
     }
 
-    /// Whether an order has a value whose `$lookup`/`$multiply` semantics the join does not
-    /// reproduce exactly.
-    fn needs_pipeline(&self, order: &Document) -> bool {
-        let f = &self.config.orders.fields;
-        let l = &self.config.lookups;
-        let refs = [&l.client.local_field, &l.livreur.local_field, &l.restaurant.local_field];
-        if refs.iter().any(|r| matches!(order.get(r.as_str()), Some(Bson::Array(_)))) {
-            return true;
-        }
-        if matches!(order.get(&f.montant_total), Some(Bson::Decimal128(_))) {
-            return true;
-        }
-        let Some(Bson::Array(items)) = order.get(&f.items) else { return false };
-        items.iter().any(|it| match it {
-            Bson::Document(it) => {
-                matches!(it.get(&f.item_menu_id), Some(Bson::Array(_)))
-                    || matches!(it.get(&f.item_quantite), Some(Bson::Decimal128(_)))
-            }
-            _ => false,
-        })
+    /// The same joiner, keeping up to `capacity` references it has read for the batches that
+    /// follow (0: none kept). For a run over a range (`batch`), where "the references as of
+    /// archiving" means as of the run: an edit of a reference during the run may show in the
+    /// orders archived after it or not.
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache =
+            (capacity > 0).then(|| Arc::new(ReferenceCache { capacity, entries: Mutex::new(HashMap::default()) }));
+        self
     }
 
-    async fn fetch(collection: &Collection<Document>, ids: Vec<Bson>, fields: &[String]) -> Result<Refs, Error> {
-        if ids.is_empty() {
-            return Ok(Refs::new());
+    fn collection(&self, kind: Kind) -> &Collection<RawDocumentBuf> {
+        match kind {
+            Kind::Client => &self.clients,
+            Kind::Livreur => &self.livreurs,
+            Kind::Restaurant => &self.restaurants,
+            Kind::Menu => &self.menus,
         }
-        let mut projection = doc! {};
-        for f in fields {
-            projection.insert(f.clone(), 1);
-        }
-        let docs: Vec<Document> =
-            collection.find(doc! { "_id": { "$in": ids } }).projection(projection).await?.try_collect().await?;
-        Ok(docs.into_iter().filter_map(|d| Some((join_key(d.get("_id")?), d))).collect())
     }
 
-    /// The archive documents of `orders`, or `None` when this batch needs the pipeline.
-    pub async fn enrich(&self, orders: &[Document]) -> Result<Option<Vec<Document>>, Error> {
-        if orders.iter().any(|o| self.needs_pipeline(o)) {
-            return Ok(None);
-        }
-        let f = &self.config.orders.fields;
+    /// The fields read of a reference of `kind`, and whether the entry is shaped from them.
+    fn fields(&self, kind: Kind) -> (Vec<&str>, bool) {
         let l = &self.config.lookups;
-        let wanted = |local: &str| -> Vec<Bson> {
-            let mut seen = std::collections::HashSet::new();
-            orders
-                .iter()
-                .filter_map(|o| o.get(local))
-                .filter(|v| !matches!(v, Bson::Null))
-                .filter(|v| seen.insert(join_key(v)))
-                .cloned()
-                .collect()
+        let def = match kind {
+            Kind::Client => &l.client,
+            Kind::Livreur => &l.livreur,
+            Kind::Restaurant => &l.restaurant,
+            Kind::Menu => return (vec![l.menu.nom_field.as_str(), l.menu.prix_field.as_str()], false),
         };
-        let mut seen = std::collections::HashSet::new();
-        let menu_ids: Vec<Bson> = orders
-            .iter()
-            .filter_map(|o| o.get_array(&f.items).ok())
-            .flatten()
-            .filter_map(|it| it.as_document().and_then(|it| it.get(&f.item_menu_id)))
-            .filter(|v| !matches!(v, Bson::Null) && seen.insert(join_key(v)))
-            .cloned()
-            .collect();
-        let menu_fields = [l.menu.nom_field.clone(), l.menu.prix_field.clone()];
-        let (clients, livreurs, restaurants, menus) = futures_util::try_join!(
-            Self::fetch(&self.clients, wanted(&l.client.local_field), &l.client.fields),
-            Self::fetch(&self.livreurs, wanted(&l.livreur.local_field), &l.livreur.fields),
-            Self::fetch(&self.restaurants, wanted(&l.restaurant.local_field), &l.restaurant.fields),
-            Self::fetch(&self.menus, menu_ids, &menu_fields),
+        (def.fields.iter().map(String::as_str).collect(), true)
+    }
+
+    /// The fields of `order` the join uses, read in one pass; `None` when the order has a value
+    /// whose `$lookup`/`$multiply` semantics the join does not reproduce exactly, or one it
+    /// cannot read (the pipeline then reports it).
+    fn view<'a>(&self, order: &'a RawDocument) -> Option<OrderView<'a>> {
+        let f = &self.config.orders.fields;
+        let l = &self.config.lookups;
+        let copied = copied_fields(f).map(|(_, name)| name);
+        let local = references(l).map(|(_, def)| def.local_field.as_str());
+        let names: [&str; VIEWED] =
+            ["_id", copied[0], copied[1], copied[2], copied[3], copied[4], local[0], local[1], local[2], &f.items];
+        let values = scan(order, &names)?;
+        let mut view = OrderView {
+            bytes: order.as_bytes(),
+            id: values[0],
+            copied: [values[1], values[2], values[3], values[4], values[5]],
+            references: [values[6], values[7], values[8]],
+            items: None,
+        };
+        if view.references.iter().any(|r| matches!(r, Some(RawBsonRef::Array(_)))) {
+            return None;
+        }
+        let total = copied_fields(f).iter().position(|(name, _)| *name == field::MONTANT_TOTAL);
+        if matches!(total.and_then(|i| view.copied[i]), Some(RawBsonRef::Decimal128(_))) {
+            return None;
+        }
+        if let Some(RawBsonRef::Array(list)) = values[9] {
+            let mut items = Vec::new();
+            for item in list {
+                let item = match item.ok()? {
+                    RawBsonRef::Document(item) => {
+                        let [menu_id, quantite] = scan(item, &[&f.item_menu_id, &f.item_quantite])?;
+                        if matches!(menu_id, Some(RawBsonRef::Array(_)))
+                            || matches!(quantite, Some(RawBsonRef::Decimal128(_)))
+                        {
+                            return None;
+                        }
+                        Item { menu_id, quantite }
+                    }
+                    // Not a document: neither a menu entry nor a quantity.
+                    _ => Item { menu_id: None, quantite: None },
+                };
+                items.push(item);
+            }
+            view.items = Some(items);
+        }
+        Some(view)
+    }
+
+    /// Reads the references of `kind` with these keys and values into `refs`, from the cache
+    /// where it has them.
+    async fn fetch(&self, kind: Kind, wanted: Wanted<'_>, refs: &mut Refs) -> Result<(), Error> {
+        let mut missing: Vec<(JoinKey, RawBsonRef<'_>)> = Vec::with_capacity(wanted.len());
+        match &self.cache {
+            Some(cache) => {
+                let cached = cache.lock();
+                for (key, value) in wanted {
+                    match cached.get(&(kind, key.clone())) {
+                        Some(Some(found)) => {
+                            refs.insert((kind, key), found.clone());
+                        }
+                        Some(None) => {}
+                        None => missing.push((key, value)),
+                    }
+                }
+            }
+            None => missing.extend(wanted),
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (fields, shaped) = self.fields(kind);
+        let mut projection = doc! {};
+        for field in &fields {
+            projection.insert(*field, 1);
+        }
+        // Every value read from the server converts.
+        let ids: Vec<Bson> = missing.iter().filter_map(|(_, value)| Bson::try_from(*value).ok()).collect();
+        let mut cursor = self.collection(kind).find(doc! { "_id": { "$in": ids } }).projection(projection).await?;
+        let mut found: HashMap<JoinKey, Arc<RawDocumentBuf>> = HashMap::default();
+        while let Some(reference) = cursor.try_next().await? {
+            let Some(id) = get(&reference, "_id") else { continue };
+            let key = join_key(id);
+            let entry = if shaped { shape_reference(&reference, &fields) } else { reference };
+            found.insert(key, Arc::new(entry));
+        }
+        if let Some(cache) = &self.cache {
+            let mut cached = cache.lock();
+            if cached.len() + missing.len() > cache.capacity {
+                cached.clear();
+            }
+            for (key, _) in &missing {
+                cached.insert((kind, key.clone()), found.get(key).cloned());
+            }
+        }
+        refs.extend(found.into_iter().map(|(key, entry)| ((kind, key), entry)));
+        Ok(())
+    }
+
+    /// The archive documents of `orders` (as read from the server), or `None` when this batch
+    /// needs the pipeline.
+    pub async fn enrich(&self, orders: &[RawDocumentBuf]) -> Result<Option<Vec<RawDocumentBuf>>, Error> {
+        let Some(views) = orders.iter().map(|o| self.view(o)).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let local = |i: usize| wanted(views.iter().map(|v| v.references[i]));
+        let menu_ids = wanted(views.iter().flat_map(|v| v.items.iter().flatten()).map(|it| it.menu_id));
+        let (mut clients, mut livreurs, mut restaurants, mut menus) =
+            (Refs::default(), Refs::default(), Refs::default(), Refs::default());
+        futures_util::try_join!(
+            self.fetch(Kind::Client, local(0), &mut clients),
+            self.fetch(Kind::Livreur, local(1), &mut livreurs),
+            self.fetch(Kind::Restaurant, local(2), &mut restaurants),
+            self.fetch(Kind::Menu, menu_ids, &mut menus),
         )?;
-        if menus.values().any(|m| matches!(m.get(&l.menu.prix_field), Some(Bson::Decimal128(_)))) {
+        let prix = &self.config.lookups.menu.prix_field;
+        if menus.values().any(|m| matches!(get(m, prix), Some(RawBsonRef::Decimal128(_)))) {
             return Ok(None);
         }
+        let mut refs = clients;
+        refs.extend(livreurs);
+        refs.extend(restaurants);
+        refs.extend(menus);
         let now = mongodb::bson::DateTime::now();
-        Ok(Some(orders.iter().map(|o| self.shape(o, &clients, &livreurs, &restaurants, &menus, now)).collect()))
+        Ok(Some(views.iter().map(|v| self.shape(v, &refs, now)).collect()))
     }
 
     /// One archive document, field for field as the pipeline's `$project` and `$addFields`.
-    fn shape(
-        &self,
-        order: &Document,
-        clients: &Refs,
-        livreurs: &Refs,
-        restaurants: &Refs,
-        menus: &Refs,
-        now: mongodb::bson::DateTime,
-    ) -> Document {
-        let f = &self.config.orders.fields;
-        let l = &self.config.lookups;
-        let joined = |refs: &Refs, def: &LookupDef| -> Bson {
-            let found =
-                order.get(&def.local_field).filter(|v| !matches!(v, Bson::Null)).and_then(|v| refs.get(&join_key(v)));
-            match found {
-                Some(d) => {
-                    let mut shaped = Document::new();
-                    for field in &def.fields {
-                        shaped.insert(field.clone(), or_null(d.get(field)));
-                    }
-                    Bson::Document(shaped)
-                }
-                None => Bson::Null,
-            }
+    fn shape(&self, order: &OrderView<'_>, refs: &Refs, now: mongodb::bson::DateTime) -> RawDocumentBuf {
+        let menu = &self.config.lookups.menu;
+        let found = |kind: Kind, value: Option<RawBsonRef<'_>>| {
+            set(value).and_then(|v| refs.get(&(kind, join_key(v)))).map(|entry| entry.as_ref().as_ref())
         };
-        let (items, items_ok, menu_missing, qty_invalid) = match order.get(&f.items) {
-            Some(Bson::Array(items)) => {
-                let mut shaped = Vec::with_capacity(items.len());
-                let (mut menu_missing, mut qty_invalid) = (false, false);
-                for it in items {
-                    let it = it.as_document();
-                    let menu_ref = it.and_then(|it| it.get(&f.item_menu_id)).filter(|v| !matches!(v, Bson::Null));
-                    let qty = it.and_then(|it| it.get(&f.item_quantite));
-                    let menu = menu_ref.and_then(|r| menus.get(&join_key(r)));
-                    menu_missing |= menu.is_none();
-                    qty_invalid |= !is_number(qty);
-                    let price = menu.and_then(|m| m.get(&l.menu.prix_field));
-                    let sous_total = match (price, qty) {
-                        (Some(p), Some(q)) if is_number(Some(p)) && is_number(Some(q)) => multiply(p, q),
-                        _ => Bson::Null,
-                    };
-                    shaped.push(Bson::Document(doc! {
-                        item_field::MENU_ID: or_null(menu_ref),
-                        item_field::NOM: or_null(menu.and_then(|m| m.get(&l.menu.nom_field))),
-                        item_field::PRIX: or_null(price),
-                        item_field::QUANTITE: or_null(qty),
-                        item_field::SOUS_TOTAL: sous_total,
-                    }));
-                }
-                (shaped, true, menu_missing, qty_invalid)
-            }
-            _ => (Vec::new(), false, false, false),
-        };
-        let refs = [clients, livreurs, restaurants];
+        let mut items = RawArrayBuf::new();
+        let (mut menu_missing, mut qty_invalid) = (false, false);
+        let null = RawBsonRef::Null;
+        for it in order.items.iter().flatten() {
+            let menu_ref = set(it.menu_id);
+            let entry = found(Kind::Menu, menu_ref);
+            menu_missing |= entry.is_none();
+            qty_invalid |= !is_number(it.quantite);
+            let price = entry.and_then(|m| get(m, &menu.prix_field));
+            let sous_total = match (price, it.quantite) {
+                (Some(p), Some(q)) if is_number(Some(p)) && is_number(Some(q)) => multiply(p, q),
+                _ => RawBson::Null,
+            };
+            let mut item = RawDocumentBuf::new();
+            item.append_ref(item_field::MENU_ID, menu_ref.unwrap_or(null));
+            item.append_ref(item_field::NOM, entry.and_then(|m| get(m, &menu.nom_field)).unwrap_or(null));
+            item.append_ref(item_field::PRIX, price.unwrap_or(null));
+            item.append_ref(item_field::QUANTITE, it.quantite.unwrap_or(null));
+            item.append_ref(item_field::SOUS_TOTAL, sous_total.as_raw_bson_ref());
+            items.push(item);
+        }
+        let kinds = [Kind::Client, Kind::Livreur, Kind::Restaurant];
+        let digest = source_digest_of(order.bytes);
         let mut parts = Parts {
-            id: or_null(order.get("_id")),
-            copied: copied_fields(f).map(|(_, order_field)| or_null(order.get(order_field))),
-            references: [0, 1, 2].map(|i| joined(refs[i], references(l)[i].1)),
+            id: order.id.unwrap_or(null),
+            copied: order.copied.map(|v| v.unwrap_or(null)),
+            references: [0, 1, 2].map(|i| found(kinds[i], order.references[i]).map_or(null, RawBsonRef::Document)),
             items,
             archived_at: now,
             source: self.source,
             anomalies: Vec::new(),
-            source_digest: Bson::String(source_digest(order)),
+            source_digest: Some(&digest),
         };
         let named = |name: &str| {
-            let def = references(l).into_iter().find(|(n, _)| *n == name).map(|(_, def)| def);
-            def.and_then(|def| order.get(&def.local_field)).is_some_and(|v| !matches!(v, Bson::Null))
+            let i = references(&self.config.lookups).iter().position(|(n, _)| *n == name);
+            i.is_some_and(|i| set(order.references[i]).is_some())
         };
         parts.anomalies = ANOMALY_CHECKS
             .iter()
             .filter(|(_, check)| match *check {
-                Check::NotString(name) => !matches!(parts.get(name), Bson::String(_)),
-                Check::NotDate(name) => !matches!(parts.get(name), Bson::DateTime(_)),
+                Check::NotString(name) => !matches!(parts.get(name), RawBsonRef::String(_)),
+                Check::NotDate(name) => !matches!(parts.get(name), RawBsonRef::DateTime(_)),
                 Check::SetButNotNumber(name) => {
-                    !matches!(parts.get(name), Bson::Null) && !is_number(Some(parts.get(name)))
+                    !matches!(parts.get(name), RawBsonRef::Null) && !is_number(Some(parts.get(name)))
                 }
-                Check::NotFound(name) => matches!(parts.get(name), Bson::Null),
-                Check::NamedButNotFound(name) => matches!(parts.get(name), Bson::Null) && named(name),
-                Check::ItemsNotArray => !items_ok,
+                Check::NotFound(name) => matches!(parts.get(name), RawBsonRef::Null),
+                Check::NamedButNotFound(name) => matches!(parts.get(name), RawBsonRef::Null) && named(name),
+                Check::ItemsNotArray => order.items.is_none(),
                 Check::MenuEntryNotFound => menu_missing,
                 Check::QuantityNotNumber => qty_invalid,
             })
-            .map(|(anomaly, _)| Bson::from(*anomaly))
+            .map(|(anomaly, _)| *anomaly)
             .collect();
-        parts.into_document()
+        parts.into_raw()
     }
+}
+
+/// How many fields of an order [`Joiner::view`] reads.
+const VIEWED: usize = 10;
+
+/// The fields of an order the join uses, borrowed from its BSON.
+struct OrderView<'a> {
+    /// The order as stored, for its digest.
+    bytes: &'a [u8],
+    id: Option<RawBsonRef<'a>>,
+    /// The values of [`copied_fields`], in their order.
+    copied: [Option<RawBsonRef<'a>>; 5],
+    /// The order's own references, in the order of [`references`].
+    references: [Option<RawBsonRef<'a>>; 3],
+    /// `None` when `items` is missing or not an array.
+    items: Option<Vec<Item<'a>>>,
+}
+
+/// What the join uses of one entry of `items`.
+struct Item<'a> {
+    menu_id: Option<RawBsonRef<'a>>,
+    quantite: Option<RawBsonRef<'a>>,
+}
+
+/// The values of `names` in `document`, in one pass (the first of a repeated name); `None` when
+/// an element cannot be read.
+fn scan<'a, const N: usize>(document: &'a RawDocument, names: &[&str; N]) -> Option<[Option<RawBsonRef<'a>>; N]> {
+    let mut values = [None; N];
+    for element in document {
+        let (key, value) = element.ok()?;
+        for (slot, name) in values.iter_mut().zip(names) {
+            if slot.is_none() && *name == key {
+                *slot = Some(value);
+            }
+        }
+    }
+    Some(values)
+}
+
+/// The references named among `values` (missing and null ones left out).
+fn wanted<'a>(values: impl Iterator<Item = Option<RawBsonRef<'a>>>) -> Wanted<'a> {
+    let mut wanted = Wanted::default();
+    for value in values.filter_map(set) {
+        wanted.entry(join_key(value)).or_insert(value);
+    }
+    wanted
+}
+
+/// A customer, courier or restaurant as joined: `fields` in their order, null when missing
+/// (as the pipeline's `$ifNull`), each once.
+fn shape_reference(reference: &RawDocument, fields: &[&str]) -> RawDocumentBuf {
+    let mut shaped = RawDocumentBuf::new();
+    let mut seen = HashSet::with_capacity(fields.len());
+    for field in fields.iter().filter(|f| seen.insert(**f)) {
+        shaped.append_ref(*field, get(reference, field).unwrap_or(RawBsonRef::Null));
+    }
+    shaped
 }
 
 #[cfg(test)]
@@ -289,16 +465,23 @@ mod tests {
 
     #[test]
     fn multiply_keeps_the_servers_result_types() {
-        assert_eq!(multiply(&Bson::Int32(3), &Bson::Int32(4)), Bson::Int32(12));
-        assert_eq!(multiply(&Bson::Int32(i32::MAX), &Bson::Int32(2)), Bson::Int64(2 * i64::from(i32::MAX)));
-        assert_eq!(multiply(&Bson::Int64(3), &Bson::Int32(4)), Bson::Int64(12));
-        assert_eq!(multiply(&Bson::Double(12.5), &Bson::Int32(2)), Bson::Double(25.0));
+        use RawBsonRef::{Double, Int32, Int64};
+        assert_eq!(multiply(Int32(3), Int32(4)), RawBson::Int32(12));
+        assert_eq!(multiply(Int32(i32::MAX), Int32(2)), RawBson::Int64(2 * i64::from(i32::MAX)));
+        assert_eq!(multiply(Int64(3), Int32(4)), RawBson::Int64(12));
+        assert_eq!(multiply(Double(12.5), Int32(2)), RawBson::Double(25.0));
     }
 
     #[test]
     fn numbers_join_by_value_across_types() {
-        assert_eq!(join_key(&Bson::Int32(7)), join_key(&Bson::Int64(7)));
-        assert_eq!(join_key(&Bson::Int32(7)), join_key(&Bson::Double(7.0)));
-        assert_ne!(join_key(&Bson::Int32(7)), join_key(&Bson::String("7".into())));
+        use RawBsonRef::{Double, Int32, Int64};
+        assert_eq!(join_key(Int32(7)), join_key(Int64(7)));
+        assert_eq!(join_key(Int32(7)), join_key(Double(7.0)));
+        assert_ne!(join_key(Int32(7)), join_key(RawBsonRef::String("7")));
+        assert_ne!(join_key(Double(7.5)), join_key(Double(7.0)));
+        assert_eq!(join_key(Double(7.5)), join_key(Double(7.5)));
+        let id = mongodb::bson::oid::ObjectId::new();
+        assert_eq!(join_key(RawBsonRef::ObjectId(id)), join_key(RawBsonRef::ObjectId(id)));
+        assert_ne!(join_key(RawBsonRef::ObjectId(id)), join_key(RawBsonRef::String(&id.to_hex())));
     }
 }

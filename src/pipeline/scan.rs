@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
 use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
 use super::lookup::ORDER_AS_STORED;
-use super::sink::{Archiver, EventTimes, WriteOutcome};
+use super::sink::{id_of, Archiver, EventTimes, WriteOutcome};
 use crate::config::{Config, WritePath};
 use crate::db::{self, is_transient, Databases, RetryPolicy};
 use crate::error::UsageError;
@@ -114,7 +114,9 @@ pub async fn archive_matching(
     // otherwise only ids are streamed and each chunk is enriched by the pipeline.
     let whole_orders = archiver.joins() && write_path == WritePath::Client && !only_missing;
     let projection = (!whole_orders).then(|| doc! { "_id": 1 });
+    // Read as stored: the join works on the BSON as it comes, without parsing it into documents.
     let orders_read = orders
+        .clone_with_type::<RawDocumentBuf>()
         .find(filter.clone())
         .with_options(mongodb::options::FindOptions::builder().projection(projection).build())
         .batch_size(chunk_size.min(100_000) as u32)
@@ -127,8 +129,8 @@ pub async fn archive_matching(
         .try_chunks(chunk_size)
         .take_until(shutdown.cancelled())
         .map(|chunk| async {
-            let chunk: Vec<Document> = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
-            let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
+            let chunk: Vec<RawDocumentBuf> = chunk.map_err(|e| e.1).context("reading the orders to archive")?;
+            let ids: Vec<Bson> = chunk.iter().map(|d| id_of(d)).collect();
             let archive_chunk = async || match (write_path, only_missing) {
                 _ if whole_orders => archiver.archive_orders(&chunk).await,
                 (_, true) => archiver.archive_missing_ids(&ids).await,

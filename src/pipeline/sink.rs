@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use futures_util::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
 use mongodb::error::{Error, ErrorKind};
 use mongodb::options::{IndexOptions, UpdateOptions};
 use mongodb::Collection;
@@ -22,9 +22,14 @@ use crate::db::{error_code, is_transient, Databases, DUPLICATE_KEY};
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
 
+/// The `_id` of a document read from the server or built by `archiver` (null if it has none).
+pub fn id_of(document: &RawDocument) -> Bson {
+    document.get("_id").ok().flatten().and_then(|id| Bson::try_from(id).ok()).unwrap_or(Bson::Null)
+}
+
 /// The keys of the `_id`s of `docs`.
-fn id_keys(docs: &[Document]) -> HashSet<String> {
-    docs.iter().filter_map(|d| d.get("_id")).map(equality_key).collect()
+fn id_keys(docs: &[RawDocumentBuf]) -> HashSet<String> {
+    docs.iter().map(|d| equality_key(&id_of(d))).collect()
 }
 
 /// What one archive write did.
@@ -84,28 +89,25 @@ fn may_be_an_orders_fault(err: &Error) -> bool {
     !error_code(err).is_some_and(|c| NOT_AN_ORDERS_FAULT.contains(&c))
 }
 
-fn has_anomalies(doc: &Document) -> bool {
-    doc.get_array("anomalies").is_ok_and(|a| !a.is_empty())
+fn has_anomalies(doc: &RawDocument) -> bool {
+    doc.get_array(super::document::field::ANOMALIES).is_ok_and(|a| a.into_iter().next().is_some())
 }
 
 /// Enriches orders and writes them to the archive.
 #[derive(Debug, Clone)]
 pub struct Archiver {
     orders: Collection<Document>,
-    archive: Collection<Document>,
+    archive: Collection<RawDocumentBuf>,
     dead_letters: Collection<Document>,
     stages: Vec<Document>,
     /// The client-side join, when configured and possible for this configuration.
     joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
-    /// Average size in bytes of the archive documents written (a moving average over a sample
-    /// of them; 0 until the first write), so that callers can bound the bytes of a batch.
+    /// Average size in bytes of the archive documents written (a moving average over the
+    /// batches; 0 until the first write), so that callers can bound the bytes of a batch.
     document_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
-
-/// One archive document in this many is measured for [`Archiver::document_bytes`].
-const SIZE_SAMPLE_EVERY: usize = 8;
 
 impl Archiver {
     /// An archiver for `source` documents.
@@ -129,23 +131,24 @@ impl Archiver {
         }
     }
 
+    /// The same archiver, keeping up to `capacity` references it has read for the orders that
+    /// follow, when it joins (see [`Joiner::with_cache`]): for runs over a range.
+    pub fn with_reference_cache(mut self, capacity: usize) -> Self {
+        self.joiner = self.joiner.map(|joiner| joiner.with_cache(capacity));
+        self
+    }
+
     /// The average size of the archive documents written so far, once any was.
     pub fn document_bytes(&self) -> Option<u64> {
         Some(self.document_bytes.load(std::sync::atomic::Ordering::Relaxed)).filter(|b| *b > 0)
     }
 
-    /// Folds the sizes of a sample of `docs` into [`Archiver::document_bytes`].
-    fn measure(&self, docs: &[Document]) {
-        let sizes: Vec<u64> = docs
-            .iter()
-            .step_by(SIZE_SAMPLE_EVERY)
-            .filter_map(|d| mongodb::bson::to_vec(d).ok())
-            .map(|bytes| bytes.len() as u64)
-            .collect();
-        if sizes.is_empty() {
+    /// Folds the average size of `docs` into [`Archiver::document_bytes`].
+    fn measure(&self, docs: &[RawDocumentBuf]) {
+        if docs.is_empty() {
             return;
         }
-        let sample = sizes.iter().sum::<u64>() / sizes.len() as u64;
+        let sample = docs.iter().map(|d| d.as_bytes().len() as u64).sum::<u64>() / docs.len() as u64;
         let _ = self.document_bytes.fetch_update(
             std::sync::atomic::Ordering::Relaxed,
             std::sync::atomic::Ordering::Relaxed,
@@ -237,8 +240,8 @@ impl Archiver {
 
     /// Archives orders already read (by `batch`, which streams them): joined on the client, with
     /// the same fallbacks as [`Archiver::archive_ids`] when the join or the write cannot do them.
-    pub async fn archive_orders(&self, orders: &[Document]) -> Result<WriteOutcome, Error> {
-        let ids: Vec<Bson> = orders.iter().filter_map(|o| o.get("_id").cloned()).collect();
+    pub async fn archive_orders(&self, orders: &[RawDocumentBuf]) -> Result<WriteOutcome, Error> {
+        let ids: Vec<Bson> = orders.iter().map(|o| id_of(o)).collect();
         let no_events = EventTimes::new();
         let Some(joiner) = &self.joiner else { return self.archive_ids(&ids, &no_events).await };
         let Some(docs) = joiner.enrich(orders).await? else {
@@ -269,10 +272,11 @@ impl Archiver {
     pub async fn rearchive(&self, ids: &[Bson]) -> Result<u64, Error> {
         let mut written = 0;
         for document in self.enrich(ids).await? {
-            let Some(id) = document.get("_id").cloned() else { continue };
+            let id = id_of(&document);
             // An order gone from the source (a concurrent purge took it) or no longer delivered
             // keeps the copy it has: a placeholder or an undelivered order must never replace it.
-            let vanished = document.get(super::document::field::SOURCE_DIGEST).is_none_or(|d| *d == Bson::Null);
+            let vanished =
+                !matches!(document.get(super::document::field::SOURCE_DIGEST), Ok(Some(RawBsonRef::String(_))));
             let delivered = document.get_str(super::document::field::STATUS).is_ok_and(|s| s == self.delivered_status);
             if vanished || !delivered {
                 continue;
@@ -284,7 +288,7 @@ impl Archiver {
     }
 
     /// The archive documents of these orders (one per id, flagged if the order vanished).
-    pub async fn enrich(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
+    pub async fn enrich(&self, ids: &[Bson]) -> Result<Vec<RawDocumentBuf>, Error> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -292,15 +296,15 @@ impl Archiver {
         if docs.len() < ids.len() {
             // Deleted between delivery and enrichment: archive what is known, flagged.
             let found = id_keys(&docs);
-            let vanished: Vec<Document> = ids
+            let vanished: Vec<RawDocumentBuf> = ids
                 .iter()
                 .filter(|id| !found.contains(&equality_key(id)))
-                .map(|id| vanished_order_document(id.clone(), &self.delivered_status, self.source))
+                .map(|id| {
+                    tracing::warn!(order_id = %id,
+                        "delivered order no longer exists; archiving its id with anomaly commande_introuvable");
+                    vanished_order_document(id, &self.delivered_status, self.source)
+                })
                 .collect();
-            for d in &vanished {
-                tracing::warn!(order_id = %d.get("_id").map(|b| b.to_string()).unwrap_or_default(),
-                    "delivered order no longer exists; archiving its id with anomaly commande_introuvable");
-            }
             docs.extend(vanished);
         }
         Ok(docs)
@@ -308,9 +312,15 @@ impl Archiver {
 
     /// The archive documents of the orders that still exist: joined on the client when
     /// configured (and possible for these orders), else by the `$lookup` pipeline.
-    async fn enrich_found(&self, ids: &[Bson]) -> Result<Vec<Document>, Error> {
+    async fn enrich_found(&self, ids: &[Bson]) -> Result<Vec<RawDocumentBuf>, Error> {
         if let Some(joiner) = &self.joiner {
-            let orders: Vec<Document> = self.orders.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+            let orders: Vec<RawDocumentBuf> = self
+                .orders
+                .clone_with_type::<RawDocumentBuf>()
+                .find(doc! { "_id": { "$in": ids } })
+                .await?
+                .try_collect()
+                .await?;
             if let Some(docs) = joiner.enrich(&orders).await? {
                 return Ok(docs);
             }
@@ -321,12 +331,12 @@ impl Archiver {
         pipeline.extend(self.stages.iter().cloned());
         let mut docs: Vec<Document> = self.orders.aggregate(pipeline).await?.try_collect().await?;
         docs.iter_mut().for_each(lookup::finish);
-        Ok(docs)
+        Ok(docs.iter().map(RawDocumentBuf::from_document).collect::<Result<_, _>>()?)
     }
 
     /// Inserts already-enriched documents, keeping any that are already archived; orders the
     /// archive refuses are dead-lettered (see [`Archiver::archive_ids`] for when they are not).
-    pub async fn write(&self, docs: Vec<Document>, times: &EventTimes) -> Result<WriteOutcome, Error> {
+    pub async fn write(&self, docs: Vec<RawDocumentBuf>, times: &EventTimes) -> Result<WriteOutcome, Error> {
         let total = docs.len();
         let mut refused = Vec::new();
         let outcome = self.write_collecting(docs, &mut refused).await?;
@@ -337,13 +347,17 @@ impl Archiver {
     /// per-document refusal (validation, a duplicate on another unique index, a bad value) is
     /// collected in `refused`; a transient per-document error (a shard's failover) fails the
     /// whole call so that it is retried.
-    async fn write_collecting(&self, docs: Vec<Document>, refused: &mut Vec<Refusal>) -> Result<WriteOutcome, Error> {
+    async fn write_collecting(
+        &self,
+        docs: Vec<RawDocumentBuf>,
+        refused: &mut Vec<Refusal>,
+    ) -> Result<WriteOutcome, Error> {
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
         self.measure(&docs);
-        let flagged: Vec<bool> = docs.iter().map(has_anomalies).collect();
-        let ids: Vec<Bson> = docs.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
+        let flagged: Vec<bool> = docs.iter().map(|d| has_anomalies(d)).collect();
+        let ids: Vec<Bson> = docs.iter().map(|d| id_of(d)).collect();
         let error = match self.archive.insert_many(docs).ordered(false).await {
             Ok(_) => {
                 let anomalies = flagged.iter().filter(|f| **f).count() as u64;
@@ -383,7 +397,7 @@ impl Archiver {
 
     /// The ids among `ids` already in the archive.
     async fn archived_among(&self, ids: &[Bson]) -> Result<HashSet<String>, Error> {
-        present_among(&self.archive, ids, doc! {}).await
+        present_among(&self.archive.clone_with_type(), ids, doc! {}).await
     }
 
     /// Records (or updates) the dead letter of one order.

@@ -181,14 +181,19 @@ impl TestEnv {
 
     /// Waits until the archive holds `n` documents (and checks it does not go past).
     pub async fn wait_archived(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_archived_within(n, 30).await;
+    }
+
+    /// [`TestEnv::wait_archived`], for work that takes longer than usual on a loaded machine.
+    pub async fn wait_archived_within(&self, n: u64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let count = self.archive().count_documents(doc! {}).await.unwrap();
             assert!(count <= n, "archive holds {count} documents, expected {n}");
             if count == n {
                 return;
             }
-            assert!(Instant::now() < deadline, "archive holds {count} documents after 30 s, expected {n}");
+            assert!(Instant::now() < deadline, "archive holds {count} documents after {secs} s, expected {n}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
