@@ -1,13 +1,16 @@
 //! Runs the real `archiver` binary, as production would: one-shot commands (`simulate`, `batch`)
-//! timed by wall clock, and a long-running `watch` whose memory and CPU are read from `/proc`.
+//! timed by wall clock, with their own CPU time and peak memory from `wait4`, and a long-running
+//! `watch` whose memory and CPU are read from `/proc`.
 //!
 //! Every process gets a cleared environment holding only what the bench sets, and runs in the
 //! bench's scratch directory: a developer's `.env`, `config/archiver.toml` or `BATCH_SIZE` must
 //! not change the figures.
 
+use std::ffi::{c_int, c_long};
 use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -70,16 +73,28 @@ impl Archiver {
     /// Runs `archiver ARGS` to completion and returns its wall time (process start to exit,
     /// as a cron job would see it). A non-zero exit is an error quoting the end of its output.
     pub async fn run(&self, label: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Duration> {
+        self.run_measured(label, args, env).await.map(|(elapsed, _)| elapsed)
+    }
+
+    /// As [`Archiver::run`], and also returns what the `archiver` process itself used (its own
+    /// CPU time and peak RSS, from the kernel's accounting of that one child when it is reaped):
+    /// neither the bench's share nor the server's.
+    pub async fn run_measured(
+        &self,
+        label: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<(Duration, Resources)> {
         let (mut command, log) = self.command(label, args, env)?;
         let started = Instant::now();
-        let status = tokio::task::spawn_blocking(move || command.status())
-            .await?
-            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let child = command.spawn().with_context(|| format!("starting {}", self.binary.display()))?;
+        let (status, resources) =
+            tokio::task::spawn_blocking(move || reap(child)).await?.context("waiting for archiver")?;
         let elapsed = started.elapsed();
         if !status.success() {
             bail!("archiver {} failed ({status}):\n{}", args.join(" "), tail(&log));
         }
-        Ok(elapsed)
+        Ok((elapsed, resources))
     }
 
     /// Starts `archiver watch` with its own resume token file (removed first, so the stream
@@ -107,7 +122,8 @@ impl Archiver {
     }
 }
 
-/// Resources used by a process so far, from `/proc`.
+/// Resources used by a process: so far, from `/proc` (a running `watch`), or in all, from its
+/// rusage when reaped (a one-shot command).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Resources {
     /// Peak resident set size (`VmHWM`), in bytes.
@@ -247,6 +263,61 @@ fn clock_ticks_per_sec() -> f64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// `struct timeval` and `struct rusage` as 64-bit Linux lays them out (`time_t`, `suseconds_t`
+/// and the counters are all `long`): the bench reads `/proc` anyway, so it is Linux-only.
+#[repr(C)]
+#[derive(Default)]
+struct TimeVal {
+    seconds: c_long,
+    microseconds: c_long,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RUsage {
+    user: TimeVal,
+    system: TimeVal,
+    /// Peak resident set size, in KiB on Linux.
+    max_rss_kib: c_long,
+    /// ixrss … nivcsw: not read, but part of the struct the kernel fills.
+    _others: [c_long; 13],
+}
+
+extern "C" {
+    // From the C library std already links: the crate has no `libc` dependency of its own,
+    // and std offers no way to get a child's rusage.
+    fn wait4(pid: c_int, status: *mut c_int, options: c_int, rusage: *mut RUsage) -> c_int;
+}
+
+/// Waits for `child` with `wait4`, which reaps it and returns its own rusage: exact CPU time
+/// and peak RSS of that process alone, which `/proc` cannot give once it has exited (polling
+/// `VmHWM` would miss a peak just before exit). The kernel still adds it to this process's
+/// children's times, so [`CpuMeter`] counts it as before. Blocks: run it off the runtime.
+fn reap(child: Child) -> anyhow::Result<(ExitStatus, Resources)> {
+    let pid = c_int::try_from(child.id()).context("pid out of range")?;
+    let (mut status, mut usage): (c_int, RUsage) = (0, RUsage::default());
+    loop {
+        // SAFETY: both pointers are to live locals of the types wait4 expects, and `pid` is
+        // our own unreaped child (std only reaps in `wait`/`try_wait`, which are not called:
+        // `child` is dropped unwaited, which neither kills nor waits).
+        let reaped = unsafe { wait4(pid, &mut status, 0, &mut usage) };
+        if reaped == pid {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error).context("wait4");
+        }
+    }
+    drop(child);
+    let secs = |t: &TimeVal| t.seconds as f64 + t.microseconds as f64 / 1e6;
+    let resources = Resources {
+        peak_rss_bytes: u64::try_from(usage.max_rss_kib).unwrap_or(0) * 1024,
+        cpu_secs: secs(&usage.user) + secs(&usage.system),
+    };
+    Ok((ExitStatus::from_raw(status), resources))
 }
 
 /// The last lines of a process's output, for error messages.

@@ -145,10 +145,17 @@ impl Report {
             let spread = format!("{}–{}", number(s.min), number(s.max));
             let us = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{} µs/ord", number(v)));
             let cpu = row.cpu_per_order;
+            // A name too long for its column gets a line of its own, the figures the next.
+            let name = if row.name.chars().count() > 46 {
+                let _ = writeln!(out, "  {}", row.name);
+                ""
+            } else {
+                &row.name
+            };
             let _ = writeln!(
                 out,
                 "  {:<46} {:>10} {:>19}  {:<9} {:>3} {:>13} {:>13}",
-                row.name,
+                name,
                 number(s.median),
                 spread,
                 row.unit,
@@ -170,7 +177,8 @@ impl Report {
                     Goal::AtLeast => "≥",
                     Goal::AtMost => "≤",
                 };
-                let verdict = if t.measured.is_nan() {
+                // n/a: the case giving the figure was not run (or measured nothing).
+                let verdict = if !t.measured.is_finite() {
                     "n/a "
                 } else if t.pass {
                     "PASS"
@@ -179,7 +187,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "  {verdict}  {:<38} {:>10} {:<12} target {goal} {} {}",
+                    "  {verdict}  {:<44} {:>10} {:<12} target {goal} {} {}",
                     t.name,
                     number(t.measured),
                     t.unit,
