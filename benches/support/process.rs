@@ -6,7 +6,6 @@
 //! bench's scratch directory: a developer's `.env`, `config/archiver.toml` or `BATCH_SIZE` must
 //! not change the figures.
 
-use std::ffi::{c_int, c_long};
 use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -265,44 +264,20 @@ fn clock_ticks_per_sec() -> f64 {
     })
 }
 
-/// `struct timeval` and `struct rusage` as 64-bit Linux lays them out (`time_t`, `suseconds_t`
-/// and the counters are all `long`): the bench reads `/proc` anyway, so it is Linux-only.
-#[repr(C)]
-#[derive(Default)]
-struct TimeVal {
-    seconds: c_long,
-    microseconds: c_long,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct RUsage {
-    user: TimeVal,
-    system: TimeVal,
-    /// Peak resident set size, in KiB on Linux.
-    max_rss_kib: c_long,
-    /// ixrss … nivcsw: not read, but part of the struct the kernel fills.
-    _others: [c_long; 13],
-}
-
-extern "C" {
-    // From the C library std already links: the crate has no `libc` dependency of its own,
-    // and std offers no way to get a child's rusage.
-    fn wait4(pid: c_int, status: *mut c_int, options: c_int, rusage: *mut RUsage) -> c_int;
-}
-
 /// Waits for `child` with `wait4`, which reaps it and returns its own rusage: exact CPU time
 /// and peak RSS of that process alone, which `/proc` cannot give once it has exited (polling
 /// `VmHWM` would miss a peak just before exit). The kernel still adds it to this process's
 /// children's times, so [`CpuMeter`] counts it as before. Blocks: run it off the runtime.
 fn reap(child: Child) -> anyhow::Result<(ExitStatus, Resources)> {
-    let pid = c_int::try_from(child.id()).context("pid out of range")?;
-    let (mut status, mut usage): (c_int, RUsage) = (0, RUsage::default());
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
         // SAFETY: both pointers are to live locals of the types wait4 expects, and `pid` is
         // our own unreaped child (std only reaps in `wait`/`try_wait`, which are not called:
         // `child` is dropped unwaited, which neither kills nor waits).
-        let reaped = unsafe { wait4(pid, &mut status, 0, &mut usage) };
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         if reaped == pid {
             break;
         }
@@ -312,10 +287,11 @@ fn reap(child: Child) -> anyhow::Result<(ExitStatus, Resources)> {
         }
     }
     drop(child);
-    let secs = |t: &TimeVal| t.seconds as f64 + t.microseconds as f64 / 1e6;
+    let secs = |t: &libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let resources = Resources {
-        peak_rss_bytes: u64::try_from(usage.max_rss_kib).unwrap_or(0) * 1024,
-        cpu_secs: secs(&usage.user) + secs(&usage.system),
+        // In KiB on Linux.
+        peak_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+        cpu_secs: secs(&usage.ru_utime) + secs(&usage.ru_stime),
     };
     Ok((ExitStatus::from_raw(status), resources))
 }
