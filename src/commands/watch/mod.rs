@@ -12,6 +12,7 @@ mod oplog;
 mod stream;
 mod writer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -432,6 +433,7 @@ async fn run_stream(
             }
         }
         let (tx, mut rx) = mpsc::channel::<Result<StreamBatch, Error>>(2);
+        let writer_idle = Arc::new(AtomicBool::new(true));
         let reader_stop = shutdown.child_token();
         let reader = tokio::spawn(read_batches(
             stream,
@@ -439,16 +441,19 @@ async fn run_stream(
             config.watch.batch_size,
             Duration::from_millis(config.watch.batch_max_wait_ms),
             open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
+            writer_idle.clone(),
             state.telemetry.clone(),
             reader_stop.clone(),
         ));
         let _stop_reader = reader_stop.clone().drop_guard();
         let outcome = loop {
+            writer_idle.store(rx.is_empty(), Ordering::Release);
             let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 message = rx.recv() => message,
             };
+            writer_idle.store(false, Ordering::Release);
             let Some(message) = message else { break Ok(()) };
             let batch = match message {
                 Ok(batch) => batch,

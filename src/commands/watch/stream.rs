@@ -1,6 +1,7 @@
 //! The change stream: its server-side filter, where it starts, and the reader that cuts its
 //! events into batches for the writer. It knows nothing of how a batch is archived.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,15 +177,20 @@ async fn next_within(
     }
 }
 
-/// Pulls events and cuts them into batches until stopped or the stream fails. A stream that
-/// stays silent for `silence_limit` (beyond the server's await time, which already bounds an
-/// idle getMore) is taken for a network fault and reported as a transient error.
+/// Pulls events and cuts them into batches until stopped or the stream fails. A batch is cut
+/// as soon as the writer waits for one (`writer_idle`): a delivery is archived without waiting
+/// for others when there is capacity to spare, and batches grow by themselves while the writer
+/// is busy. Otherwise it is cut at `batch_size` events or `max_wait` after its first. A stream
+/// that stays silent for `silence_limit` (beyond the server's await time, which already bounds
+/// an idle getMore) is taken for a network fault and reported as a transient error.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn read_batches(
     mut stream: ChangeStream<StreamEvent>,
     tx: mpsc::Sender<Result<StreamBatch, Error>>,
     batch_size: usize,
     max_wait: Duration,
     silence_limit: Duration,
+    writer_idle: Arc<AtomicBool>,
     telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) {
@@ -223,7 +229,7 @@ pub(super) async fn read_batches(
                 Ok(Some(event)) => {
                     events.push(event);
                     first_event_at.get_or_insert_with(Instant::now);
-                    if events.len() >= batch_size {
+                    if events.len() >= batch_size || writer_idle.load(Ordering::Acquire) {
                         break;
                     }
                 }
