@@ -209,7 +209,11 @@ impl<'a> Parts<'a> {
 
     /// The archive document, as BSON.
     pub fn into_raw(self) -> RawDocumentBuf {
-        let mut document = RawDocumentBuf::new();
+        // Sized once for what is known to go in, and the names and small values on top: the
+        // buffer would otherwise be copied several times as it grows.
+        let references: usize =
+            self.references.iter().map(|r| if let RawBsonRef::Document(d) = r { d.as_bytes().len() } else { 0 }).sum();
+        let mut document = raw_document_with_capacity(512 + references + self.items.as_bytes().len());
         document.append_ref(field::ID, self.id);
         for (name, value) in COPIED.into_iter().zip(self.copied) {
             document.append_ref(name, value);
@@ -228,6 +232,14 @@ impl<'a> Parts<'a> {
         document.append_ref(field::SOURCE_DIGEST, self.source_digest.map_or(RawBsonRef::Null, RawBsonRef::String));
         document
     }
+}
+
+/// An empty BSON document whose buffer holds `capacity` bytes before it grows.
+pub fn raw_document_with_capacity(capacity: usize) -> RawDocumentBuf {
+    let mut bytes = Vec::with_capacity(capacity.max(5));
+    // The empty document: its length (5, little-endian) and the terminating zero.
+    bytes.extend_from_slice(&[5, 0, 0, 0, 0]);
+    RawDocumentBuf::from_bytes(bytes).unwrap_or_default()
 }
 
 /// The archive document for an order that vanished before it could be enriched: never drop a
@@ -278,6 +290,14 @@ pub fn source_digest_of(order: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_presized_document_is_an_empty_document() {
+        let mut d = raw_document_with_capacity(1000);
+        assert_eq!(d.as_bytes(), RawDocumentBuf::new().as_bytes());
+        d.append("a", 1);
+        assert_eq!(d.to_document().unwrap(), mongodb::bson::doc! { "a": 1 });
+    }
 
     #[test]
     fn the_stored_order_is_the_declared_one() {

@@ -16,7 +16,8 @@ use mongodb::error::Error;
 use mongodb::{Collection, Database};
 
 use super::document::{
-    copied_fields, field, item_field, references, source_digest_of, ArchiveSource, Check, Parts, ANOMALY_CHECKS,
+    copied_fields, field, item_field, raw_document_with_capacity, references, source_digest_of, ArchiveSource, Check,
+    Parts, ANOMALY_CHECKS,
 };
 use crate::config::Config;
 
@@ -358,7 +359,7 @@ impl Joiner {
                 (Some(p), Some(q)) if is_number(Some(p)) && is_number(Some(q)) => multiply(p, q),
                 _ => RawBson::Null,
             };
-            let mut item = RawDocumentBuf::new();
+            let mut item = raw_document_with_capacity(ITEM_BYTES);
             item.append_ref(item_field::MENU_ID, menu_ref.unwrap_or(null));
             item.append_ref(item_field::NOM, entry.and_then(|m| get(m, &menu.nom_field)).unwrap_or(null));
             item.append_ref(item_field::PRIX, price.unwrap_or(null));
@@ -401,6 +402,9 @@ impl Joiner {
         parts.into_raw()
     }
 }
+
+/// Room for one shaped item (five names and values, a dish name) before its buffer grows.
+const ITEM_BYTES: usize = 192;
 
 /// How many fields of an order [`Joiner::view`] reads.
 const VIEWED: usize = 10;
