@@ -121,6 +121,12 @@ impl ReferenceCache {
     }
 }
 
+/// The reference collections, in the order the join reads them.
+const KINDS: [Kind; 4] = [Kind::Client, Kind::Livreur, Kind::Restaurant, Kind::Menu];
+
+/// The references of one kind read from the server, by key.
+type Found = HashMap<JoinKey, Arc<RawDocumentBuf>>;
+
 /// The references of one batch, by kind and key; found ones only.
 type Refs = HashMap<(Kind, JoinKey), Arc<RawDocumentBuf>>;
 
@@ -262,27 +268,11 @@ impl Joiner {
         Some(view)
     }
 
-    /// Reads the references of `kind` with these keys and values into `refs`, from the cache
-    /// where it has them.
-    async fn fetch(&self, kind: Kind, wanted: Wanted<'_>, refs: &mut Refs) -> Result<(), Error> {
-        let mut missing: Vec<(JoinKey, RawBsonRef<'_>)> = Vec::with_capacity(wanted.len());
-        match &self.cache {
-            Some(cache) => {
-                let cached = cache.lock();
-                for (key, value) in wanted {
-                    match cached.get(&(kind, key.clone())) {
-                        Some(Some(found)) => {
-                            refs.insert((kind, key), found.clone());
-                        }
-                        Some(None) => {}
-                        None => missing.push((key, value)),
-                    }
-                }
-            }
-            None => missing.extend(wanted),
-        }
+    /// Reads the references of `kind` with these keys and values, all missing from the cache.
+    async fn fetch(&self, kind: Kind, missing: &[(JoinKey, RawBsonRef<'_>)]) -> Result<Found, Error> {
+        let mut found = Found::default();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(found);
         }
         let (fields, shaped) = self.fields(kind);
         let mut projection = doc! {};
@@ -292,24 +282,12 @@ impl Joiner {
         // Every value read from the server converts.
         let ids: Vec<Bson> = missing.iter().filter_map(|(_, value)| Bson::try_from(*value).ok()).collect();
         let mut cursor = self.collection(kind).find(doc! { "_id": { "$in": ids } }).projection(projection).await?;
-        let mut found: HashMap<JoinKey, Arc<RawDocumentBuf>> = HashMap::default();
         while let Some(reference) = cursor.try_next().await? {
-            let Some(id) = get(&reference, "_id") else { continue };
-            let key = join_key(id);
+            let Some(key) = get(&reference, "_id").map(join_key) else { continue };
             let entry = if shaped { shape_reference(&reference, &fields) } else { reference };
             found.insert(key, Arc::new(entry));
         }
-        if let Some(cache) = &self.cache {
-            let mut cached = cache.lock();
-            if cached.len() + missing.len() > cache.capacity {
-                cached.clear();
-            }
-            for (key, _) in &missing {
-                cached.insert((kind, key.clone()), found.get(key).cloned());
-            }
-        }
-        refs.extend(found.into_iter().map(|(key, entry)| ((kind, key), entry)));
-        Ok(())
+        Ok(found)
     }
 
     /// The archive documents of `orders` (as read from the server), or `None` when this batch
@@ -320,22 +298,61 @@ impl Joiner {
         };
         let local = |i: usize| wanted(views.iter().map(|v| v.references[i]));
         let menu_ids = wanted(views.iter().flat_map(|v| v.items.iter().flatten()).map(|it| it.menu_id));
-        let (mut clients, mut livreurs, mut restaurants, mut menus) =
-            (Refs::default(), Refs::default(), Refs::default(), Refs::default());
-        futures_util::try_join!(
-            self.fetch(Kind::Client, local(0), &mut clients),
-            self.fetch(Kind::Livreur, local(1), &mut livreurs),
-            self.fetch(Kind::Restaurant, local(2), &mut restaurants),
-            self.fetch(Kind::Menu, menu_ids, &mut menus),
+        let wanted = [local(0), local(1), local(2), menu_ids];
+        // What the cache has goes straight into this batch's references; the rest is read.
+        let mut refs = Refs::default();
+        let mut missing: [Vec<(JoinKey, RawBsonRef<'_>)>; 4] = Default::default();
+        match &self.cache {
+            Some(cache) => {
+                let cached = cache.lock();
+                for ((kind, wanted), missing) in KINDS.into_iter().zip(wanted).zip(&mut missing) {
+                    for (key, value) in wanted {
+                        let key = (kind, key);
+                        match cached.get(&key) {
+                            Some(Some(entry)) => {
+                                refs.insert(key, entry.clone());
+                            }
+                            Some(None) => {}
+                            None => missing.push((key.1, value)),
+                        }
+                    }
+                }
+            }
+            None => {
+                for (wanted, missing) in wanted.into_iter().zip(&mut missing) {
+                    missing.extend(wanted);
+                }
+            }
+        }
+        let found = futures_util::try_join!(
+            self.fetch(KINDS[0], &missing[0]),
+            self.fetch(KINDS[1], &missing[1]),
+            self.fetch(KINDS[2], &missing[2]),
+            self.fetch(KINDS[3], &missing[3]),
         )?;
+        let found = [found.0, found.1, found.2, found.3];
+        if let Some(cache) = &self.cache {
+            let mut cached = cache.lock();
+            let added: usize = missing.iter().map(Vec::len).sum();
+            if cached.len() + added > cache.capacity {
+                cached.clear();
+            }
+            for ((kind, missing), found) in KINDS.into_iter().zip(&missing).zip(&found) {
+                for (key, _) in missing {
+                    cached.insert((kind, key.clone()), found.get(key).cloned());
+                }
+            }
+        }
+        for (kind, found) in KINDS.into_iter().zip(found) {
+            refs.extend(found.into_iter().map(|(key, entry)| ((kind, key), entry)));
+        }
         let prix = &self.config.lookups.menu.prix_field;
-        if menus.values().any(|m| matches!(get(m, prix), Some(RawBsonRef::Decimal128(_)))) {
+        let decimal_price = |((kind, _), m): (&(Kind, JoinKey), &Arc<RawDocumentBuf>)| {
+            *kind == Kind::Menu && matches!(get(m, prix), Some(RawBsonRef::Decimal128(_)))
+        };
+        if refs.iter().any(decimal_price) {
             return Ok(None);
         }
-        let mut refs = clients;
-        refs.extend(livreurs);
-        refs.extend(restaurants);
-        refs.extend(menus);
         let now = mongodb::bson::DateTime::now();
         Ok(Some(views.iter().map(|v| self.shape(v, &refs, now)).collect()))
     }
