@@ -277,7 +277,9 @@ impl Telemetry {
 
     /// Shutting down: not ready any more.
     pub fn stopping(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.stream_open.store(false, Ordering::SeqCst);
         self.set_reason("shutting down");
         notify::send(&[notify::Notice::Stopping]);

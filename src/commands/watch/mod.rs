@@ -117,27 +117,36 @@ pub async fn run(
     }
     // A service rides out a database outage instead of exiting: see `db::retry`.
     let keep_trying = RetryPolicy::unbounded(&config.retry);
-    match config.coordination.checkpoint_store {
-        CheckpointStoreKind::File => {
-            let token_path = config.watch.resume_token_file.clone();
-            let _lock = lock_token_file(&token_path)?;
-            let dbs = tokio::select! {
-                dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
-            let store = Store::File(CheckpointFile::new(&token_path));
-            lead(config, &dbs, store, &options, &telemetry, &shutdown).await
-        }
-        CheckpointStoreKind::Mongodb => {
-            let dbs = tokio::select! {
-                dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
-            follow_lease(config, &dbs, options, &telemetry, &shutdown).await
+    let result = async {
+        match config.coordination.checkpoint_store {
+            CheckpointStoreKind::File => {
+                let token_path = config.watch.resume_token_file.clone();
+                let _lock = lock_token_file(&token_path)?;
+                let dbs = tokio::select! {
+                    dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
+                let store = Store::File(CheckpointFile::new(&token_path));
+                lead(config, &dbs, store, &options, &telemetry, &shutdown).await
+            }
+            CheckpointStoreKind::Mongodb => {
+                let dbs = tokio::select! {
+                    dbs = db::connect(config, &keep_trying) => dbs?.reading_from_primary(),
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                spawn_oplog_monitor(config, &dbs, &telemetry, &shutdown);
+                follow_lease(config, &dbs, options, &telemetry, &shutdown).await
+            }
         }
     }
+    .await;
+    // Said before returning too: the task above may not run before the process exits, and
+    // systemd must hear STOPPING (sent once whichever comes first).
+    if shutdown.is_cancelled() {
+        telemetry.stopping();
+    }
+    result
 }
 
 /// Watches the source oplog's headroom for as long as the process runs (whatever its role: the
