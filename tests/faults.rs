@@ -5,14 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, order, Delivery, Load, OwnServer, Pace, TestEnv};
+use common::{eventually, order, Delivery, Load, Pace, TestEnv};
 use mongodb::bson::{doc, Document};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_history_is_filled_automatically() {
-    let server = OwnServer::start("--oplog-max-entries 50");
-    let t = TestEnv::with_uri("lost", server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("lost", "--oplog-max-entries 50").await;
     let mut watch = t.watch().start().await;
     t.deliver(&refs, 0..5).await;
     t.wait_archived(5).await;
@@ -51,9 +49,7 @@ async fn lost_history_is_filled_automatically() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn database_restart_mid_stream_loses_nothing() {
-    let server = OwnServer::start("");
-    let mut t = TestEnv::with_uri("dbrestart", server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (server, mut t, refs) = TestEnv::seeded_on_own_server("dbrestart", "").await;
     let mut watch = t.watch().envs(&[("RETRY_MAX_ATTEMPTS", "30"), ("RETRY_MAX_DELAY_MS", "1000")]).start().await;
     t.deliver(&refs, 0..10).await;
     t.wait_archived(10).await;

@@ -40,9 +40,7 @@ async fn noise(t: &TestEnv, n: i32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_exports_the_window_and_headroom_and_health_shows_them() {
-    let server = OwnServer::start(CAPPED);
-    let t = TestEnv::with_uri("oplog_gauges", server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("oplog_gauges", CAPPED).await;
     // This server's oplog is seconds old, so any headroom is below the 6 h default: a zero
     // threshold is never crossed by a position inside the oplog.
     let mut watch = t.watch().env("OPLOG_HEADROOM_WARN_SECS", "0").start().await;
@@ -77,9 +75,7 @@ async fn watch_exports_the_window_and_headroom_and_health_shows_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn headroom_under_the_threshold_is_warned_once() {
-    let server = OwnServer::start(CAPPED);
-    let t = TestEnv::with_uri("oplog_warn", server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("oplog_warn", CAPPED).await;
     // No oplog of 50 entries covers 11 days: below the threshold from the first reading on.
     let mut watch = t.watch().env("OPLOG_HEADROOM_WARN_SECS", "999999").start().await;
     watch.wait_for_log(15, "OPLOG HEADROOM LOW").await;
@@ -101,9 +97,7 @@ async fn headroom_under_the_threshold_is_warned_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn headroom_shrinks_while_watch_is_stopped_until_the_position_leaves_the_oplog() {
-    let server = OwnServer::start(CAPPED);
-    let t = TestEnv::with_uri("oplog_shrinks", server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("oplog_shrinks", CAPPED).await;
     let mut watch = t.watch().start().await;
     t.deliver(&refs, 0..3).await;
     t.wait_archived(3).await;

@@ -21,6 +21,16 @@ async fn ids(t: &TestEnv, filter: Document) -> HashSet<String> {
     found.iter().map(|d| d.get_object_id("_id").unwrap().to_hex()).collect()
 }
 
+/// A fresh database with `n` delivered orders from before [`OLDER_THAN`], all archived by
+/// `batch`.
+async fn archived_orders(name: &str, n: u32) -> (TestEnv, Vec<Document>) {
+    let (t, refs) = TestEnv::seeded(name).await;
+    let orders: Vec<Document> = (0..n).map(|n| order(&refs, n, "livrée")).collect();
+    t.orders().insert_many(&orders).await.unwrap();
+    assert!(t.run(&["batch", "--date-from", "2020-01-01"]).status.success());
+    (t, orders)
+}
+
 fn id_of(d: &Document) -> String {
     d.get_object_id("_id").unwrap().to_hex()
 }
@@ -96,10 +106,7 @@ async fn purge_deletes_exactly_the_archived_unchanged_old_orders_and_keeps_the_r
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_edit_during_the_purge_is_never_lost() {
-    let (t, refs) = TestEnv::seeded("purge_concurrent").await;
-    let orders: Vec<Document> = (0..300).map(|n| order(&refs, n, "livrée")).collect();
-    t.orders().insert_many(&orders).await.unwrap();
-    assert!(t.run(&["batch", "--date-from", "2020-01-01"]).status.success());
+    let (t, orders) = archived_orders("purge_concurrent", 300).await;
 
     // A slow purge (about 3 s), and edits of every order, in another order, meanwhile.
     let purge = t
@@ -132,10 +139,7 @@ async fn an_edit_during_the_purge_is_never_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_purge_loses_nothing_and_a_rerun_finishes() {
-    let (t, refs) = TestEnv::seeded("purge_kill").await;
-    let orders: Vec<Document> = (0..400).map(|n| order(&refs, n, "livrée")).collect();
-    t.orders().insert_many(&orders).await.unwrap();
-    assert!(t.run(&["batch", "--date-from", "2020-01-01"]).status.success());
+    let (t, orders) = archived_orders("purge_kill", 400).await;
 
     let mut purge = t
         .archiver(&["purge", "--older-than", OLDER_THAN, "--batch-size", "20", "--max-per-sec", "200"])

@@ -230,9 +230,7 @@ async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_le
 /// A server of its own keeping only 50 oplog entries, where a `watch` archived one order and
 /// stopped: what is delivered next can be pruned from its history.
 async fn archived_once_on_a_short_oplog(name: &str) -> (OwnServer, TestEnv, Refs) {
-    let server = OwnServer::start("--oplog-max-entries 50");
-    let t = TestEnv::with_uri(name, server.uri.clone()).await;
-    let refs = t.seed_references().await;
+    let (server, t, refs) = TestEnv::seeded_on_own_server(name, "--oplog-max-entries 50").await;
     let mut watch = t.watch().start().await;
     t.deliver(&refs, [0]).await;
     t.wait_archived(1).await;

@@ -57,6 +57,16 @@ impl TestEnv {
         TestEnv { client, db, db_name, dir: tempfile::tempdir().unwrap(), uri, dropped: false }
     }
 
+    /// A server of its own started with `server_args`, and on it a fresh database with the
+    /// references of `seed_references`; the server stops when the first value is dropped.
+    #[allow(dead_code)]
+    pub async fn seeded_on_own_server(name: &str, server_args: &str) -> (OwnServer, TestEnv, Refs) {
+        let server = OwnServer::start(server_args);
+        let t = TestEnv::with_uri(name, server.uri.clone()).await;
+        let refs = t.seed_references().await;
+        (server, t, refs)
+    }
+
     /// A fresh database on the server under test, with the references of `seed_references`.
     pub async fn seeded(name: &str) -> (TestEnv, Refs) {
         let t = Self::new(name).await;
