@@ -541,17 +541,28 @@ impl Config {
             }
             None => {}
         }
-        figment = figment
-            .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
-            .merge(Env::raw().only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>()).map(|var| {
-                let key = CONNECTION_ENV
-                    .iter()
-                    .find(|(v, _)| var.as_str().eq_ignore_ascii_case(v))
-                    .map_or("", |(_, key)| key);
-                key.into()
-            }))
-            .merge(Serialized::defaults(overrides.0));
-        let config: Config = figment.extract().map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))?;
+        // figment's parser of environment values panics on some malformed escapes (a `\`
+        // before a multi-byte character): a bad value must be a clear error, not a crash.
+        let extracted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            figment
+                .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
+                .merge(Env::raw().only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>()).map(|var| {
+                    let key = CONNECTION_ENV
+                        .iter()
+                        .find(|(v, _)| var.as_str().eq_ignore_ascii_case(v))
+                        .map_or("", |(_, key)| key);
+                    key.into()
+                }))
+                .merge(Serialized::defaults(overrides.0))
+                .extract::<Config>()
+                .map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))
+        }));
+        let config = extracted.map_err(|_| {
+            ConfigError(
+                "a configuration value cannot be parsed (check the escapes in the ARCHIVER_* and MONGODB_* variables)"
+                    .to_owned(),
+            )
+        })??;
         config.validate()?;
         Ok(config)
     }
