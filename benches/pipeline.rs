@@ -563,7 +563,7 @@ impl Bench {
         let w = &self.config.watch;
         let reader = load::count_stream_events(
             &self.orders,
-            delivered_filter(&self.config),
+            delivered_filter(&self.config, &[]),
             ids.len() as u64,
             w.batch_size as u32,
             Duration::from_millis(w.batch_max_wait_ms),

@@ -261,3 +261,88 @@ async fn unreachable_server_is_retried_without_end_and_without_leaking_the_passw
     assert!(retry["message"].as_str().unwrap().contains("mongodb://127.0.0.1:1"), "{retry}");
     assert!(!stderr.contains("Sup3rS3cret"));
 }
+
+/// The archived document of the order numbered `n`.
+async fn archived(t: &TestEnv, n: u32) -> Document {
+    let numero = format!("CMD-{n:06}");
+    t.archive().find_one(doc! { "numero_commande": &numero }).await.unwrap().unwrap_or_else(|| panic!("{numero}"))
+}
+
+fn anomalies(archived: &Document) -> Vec<&str> {
+    archived.get_array("anomalies").unwrap().iter().filter_map(Bson::as_str).collect()
+}
+
+/// `watch` keeps the references it has read, and its stream carries their changes, so an order
+/// delivered after a change sees it: an edited customer, a customer inserted after an order
+/// named it in vain, a deleted courier, a dropped menu.
+#[tokio::test(flavor = "multi_thread")]
+async fn references_changed_while_watching_show_in_the_orders_delivered_after() {
+    let (t, refs) = TestEnv::seeded("refchange").await;
+    let mut watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    let clients = t.db.collection::<Document>("Client");
+    t.deliver(&refs, [1]).await;
+    t.wait_archived(1).await;
+
+    clients.update_one(doc! { "_id": refs.client }, doc! { "$set": { "nom": "Bernard" } }).await.unwrap();
+    t.deliver(&refs, [2]).await;
+    t.wait_archived(2).await;
+
+    let newcomer = ObjectId::new();
+    let mut early = order(&refs, 3, "livrée");
+    early.insert("client_id", newcomer);
+    t.orders().insert_one(early).await.unwrap();
+    t.wait_archived(3).await;
+    clients.insert_one(doc! { "_id": newcomer, "nom": "Petit", "prenom": "Léa" }).await.unwrap();
+    let mut late = order(&refs, 4, "livrée");
+    late.insert("client_id", newcomer);
+    t.orders().insert_one(late).await.unwrap();
+    t.wait_archived(4).await;
+
+    t.db.collection::<Document>("Livreur").delete_one(doc! { "_id": refs.livreur }).await.unwrap();
+    t.deliver(&refs, [5]).await;
+    t.wait_archived(5).await;
+    t.db.collection::<Document>("Menu").drop().await.unwrap();
+    t.deliver(&refs, [6]).await;
+    t.wait_archived(6).await;
+    watch.stop_ok().await;
+
+    let client_name = |d: &Document| d.get_document("client").unwrap().get_str("nom").unwrap().to_owned();
+    assert_eq!(client_name(&archived(&t, 1).await), "Martin");
+    assert_eq!(client_name(&archived(&t, 2).await), "Bernard", "an edit shows in the orders after it");
+    assert_eq!(anomalies(&archived(&t, 3).await), ["client_introuvable"]);
+    assert_eq!(client_name(&archived(&t, 4).await), "Petit", "an insert shows in the orders after it");
+    let fifth = archived(&t, 5).await;
+    assert_eq!(fifth.get("livreur"), Some(&Bson::Null), "a deletion shows in the orders after it");
+    assert_eq!(anomalies(&fifth), ["livreur_introuvable"]);
+    assert_eq!(anomalies(&archived(&t, 6).await), ["livreur_introuvable", "menu_introuvable"]);
+    t.assert_archive_matches_delivered().await;
+}
+
+/// A token saved by a stream of the orders collection alone (`REFERENCE_CACHE_ENTRIES=0`, or a
+/// version before references were kept) resumes the stream of the whole database: nothing
+/// delivered in between is missed or filled again, and the reverse holds too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_of_either_stream_resumes_the_other() {
+    let (t, refs) = TestEnv::seeded("tokenkinds").await;
+    let mut watch = t.watch().env("REFERENCE_CACHE_ENTRIES", "0").start().await;
+    assert!(watch.log_contains("references_kept=false"), "{}", watch.stderr());
+    t.deliver(&refs, 0..5).await;
+    t.wait_archived(5).await;
+    watch.stop_ok().await;
+    t.deliver(&refs, 5..10).await;
+
+    let mut watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    t.wait_all_archived(10).await;
+    t.deliver(&refs, 10..15).await;
+    t.wait_all_archived(15).await;
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("HISTORY LOST"), "{log}");
+    t.deliver(&refs, 15..20).await;
+
+    let mut watch = t.watch().env("REFERENCE_CACHE_ENTRIES", "0").start().await;
+    t.wait_all_archived(20).await;
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("HISTORY LOST"), "{log}");
+}

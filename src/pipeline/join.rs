@@ -190,13 +190,50 @@ impl Joiner {
     }
 
     /// The same joiner, keeping up to `capacity` references it has read for the batches that
-    /// follow (0: none kept). For a run over a range (`batch`), where "the references as of
-    /// archiving" means as of the run: an edit of a reference during the run may show in the
-    /// orders archived after it or not.
+    /// follow (0: none kept). For a run over a range (`batch`), "the references as of archiving"
+    /// means as of the run: an edit of a reference during the run may show in the orders archived
+    /// after it or not. `watch` keeps the cache exact with [`Joiner::forget`], fed by its stream.
     pub fn with_cache(mut self, capacity: usize) -> Self {
         self.cache =
             (capacity > 0).then(|| Arc::new(ReferenceCache { capacity, entries: Mutex::new(HashMap::default()) }));
         self
+    }
+
+    /// The reference collections whose documents this joiner keeps; none without a cache.
+    pub fn cached_collections(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.cache {
+            Some(_) => KINDS.iter().map(|kind| self.collection(*kind).name().to_owned()).collect(),
+            None => Vec::new(),
+        };
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Forgets what was read of the document `id` of `collection` (every document of it when
+    /// `id` is `None`), so that it is read again when next named: it changed. A miss is
+    /// forgotten too (the document was inserted).
+    pub fn forget(&self, collection: &str, id: Option<&Bson>) {
+        let Some(cache) = &self.cache else { return };
+        let kinds: Vec<Kind> = KINDS.into_iter().filter(|kind| self.collection(*kind).name() == collection).collect();
+        let mut cached = cache.lock();
+        match id.map(|id| RawBson::try_from(id.clone())) {
+            Some(Ok(id)) => {
+                let key = join_key(id.as_raw_bson_ref());
+                for kind in kinds {
+                    cached.remove(&(kind, key.clone()));
+                }
+            }
+            // No id, or one that does not convert: the whole collection.
+            _ => cached.retain(|(kind, _), _| !kinds.contains(kind)),
+        }
+    }
+
+    /// Forgets every reference kept.
+    pub fn forget_all(&self) {
+        if let Some(cache) = &self.cache {
+            cache.lock().clear();
+        }
     }
 
     fn collection(&self, kind: Kind) -> &Collection<RawDocumentBuf> {

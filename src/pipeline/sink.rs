@@ -138,6 +138,26 @@ impl Archiver {
         self
     }
 
+    /// The reference collections whose documents this archiver keeps (see
+    /// [`Joiner::cached_collections`]).
+    pub fn cached_reference_collections(&self) -> Vec<String> {
+        self.joiner.as_ref().map(Joiner::cached_collections).unwrap_or_default()
+    }
+
+    /// Forgets a changed reference (see [`Joiner::forget`]).
+    pub fn forget_reference(&self, collection: &str, id: Option<&Bson>) {
+        if let Some(joiner) = &self.joiner {
+            joiner.forget(collection, id);
+        }
+    }
+
+    /// Forgets every reference kept.
+    pub fn forget_references(&self) {
+        if let Some(joiner) = &self.joiner {
+            joiner.forget_all();
+        }
+    }
+
     /// The average size of the archive documents written so far, once any was.
     pub fn document_bytes(&self) -> Option<u64> {
         Some(self.document_bytes.load(std::sync::atomic::Ordering::Relaxed)).filter(|b| *b > 0)

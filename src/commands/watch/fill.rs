@@ -51,9 +51,9 @@ pub(super) async fn fill(
     let start_token = if keep_position {
         None
     } else {
-        let stream =
-            open_stream(config, dbs, None, StartPosition::Now).await.map_err(|e| WatchError::Fill(e.into()))?;
-        stream.resume_token()
+        let opened =
+            open_stream(config, dbs, None, StartPosition::Now, &[]).await.map_err(|e| WatchError::Fill(e.into()))?;
+        opened.stream.resume_token()
     };
     // A fill is long work of its own, bounded by its retries; the liveness clock is for batches.
     state.telemetry.work_done();

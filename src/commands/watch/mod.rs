@@ -330,6 +330,8 @@ async fn lead(
         None => tracing::info!(store = %store.describe(), "no resume token file; starting from now"),
     }
     let archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
+    // References kept between batches, exact as long as the stream carries their changes.
+    let caching = archiver.clone().with_reference_cache(config.enrich.reference_cache_entries);
     let mut state = StreamState {
         checkpoint: saved,
         store,
@@ -349,7 +351,7 @@ async fn lead(
     let mut delays = keep_trying.schedule();
     let mut attempts = 0usize;
     loop {
-        let (result, progressed) = run_stream(config, dbs, &archiver, &mut state, stop).await;
+        let (result, progressed) = run_stream(config, dbs, [&archiver, &caching], &mut state, stop).await;
         let error = match result {
             Ok(()) => {
                 tracing::info!(
@@ -415,11 +417,12 @@ async fn lead(
 }
 
 /// One life of the change stream. Returns whether any batch was archived, so that the caller
-/// can reset its backoff.
+/// can reset its backoff. `archivers`: one that reads the references for every batch, and one
+/// that keeps them, used when the stream carries their changes.
 async fn run_stream(
     config: &Config,
     dbs: &Databases,
-    archiver: &Archiver,
+    [archiver, caching]: [&Archiver; 2],
     state: &mut StreamState,
     shutdown: &CancellationToken,
 ) -> (Result<(), StreamFailure>, bool) {
@@ -427,10 +430,19 @@ async fn run_stream(
     let result = async {
         let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
         let opened_at = Utc::now();
-        let stream = open_stream(config, dbs, resume, state.start)
+        let opened = open_stream(config, dbs, resume, state.start, &caching.cached_reference_collections())
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
-        tracing::info!(namespace = %state.namespace, "change stream open");
+        let stream = opened.stream;
+        let archiver = if opened.follows_references {
+            // The changes made while no stream carried them are unknown: read everything afresh.
+            caching.forget_references();
+            caching
+        } else {
+            archiver
+        };
+        tracing::info!(namespace = %state.namespace, references_kept = opened.follows_references,
+            "change stream open");
         state.telemetry.stream_opened();
         // Whatever was pending is replayed by this stream: nothing waits until it delivers.
         state.telemetry.work_done();
@@ -451,6 +463,7 @@ async fn run_stream(
             Duration::from_millis(config.watch.batch_max_wait_ms),
             open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
             writer_idle.clone(),
+            config.orders.collection.clone(),
             state.telemetry.clone(),
             reader_stop.clone(),
         ));

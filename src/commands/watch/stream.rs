@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use mongodb::bson::{doc, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::Error;
@@ -20,8 +20,13 @@ use crate::db::{timed_out, Databases};
 use crate::error::UsageError;
 use crate::telemetry::Telemetry;
 
-/// Operation types after which a change stream cannot continue.
+/// Operation types after which a change stream cannot continue (`drop` and `rename` when they
+/// concern the orders collection).
 pub(super) const INVALIDATING_OPERATIONS: &[&str] = &["drop", "rename", "dropDatabase", "invalidate"];
+
+/// Operation types that change one reference document, named by its `_id`; any other event on a
+/// reference collection (drop, rename) may change any of them.
+const DOCUMENT_OPERATIONS: &[&str] = &["insert", "update", "replace", "delete"];
 
 /// Shortest `maxAwaitTimeMS`, so a zero batch wait does not turn into a busy loop.
 const MIN_AWAIT: Duration = Duration::from_millis(50);
@@ -42,6 +47,54 @@ pub(super) struct StreamEvent {
     pub(super) cluster_time: Option<Timestamp>,
     #[serde(rename = "wallTime", default)]
     pub(super) wall_time: Option<mongodb::bson::DateTime>,
+    #[serde(default)]
+    ns: Option<Namespace>,
+    #[serde(default)]
+    to: Option<Namespace>,
+}
+
+/// The collection of an event (and, for a rename, its new name).
+#[derive(Debug, Deserialize)]
+struct Namespace {
+    #[serde(default)]
+    coll: Option<String>,
+}
+
+/// What an event of the stream means for `watch`.
+enum Meaning {
+    /// An order was delivered.
+    Delivery,
+    /// The stream cannot go on (the orders collection or the database went away).
+    End,
+    /// A reference document changed: the joiner forgets what it read of it.
+    Reference(ReferenceChange),
+}
+
+impl StreamEvent {
+    fn collection(&self) -> Option<&str> {
+        self.ns.as_ref().and_then(|ns| ns.coll.as_deref())
+    }
+
+    fn meaning(&self, orders: &str) -> Meaning {
+        let operation = self.operation.as_str();
+        let renamed_to = self.to.as_ref().and_then(|ns| ns.coll.as_deref());
+        let collection = self.collection();
+        if INVALIDATING_OPERATIONS.contains(&operation)
+            && (collection.is_none_or(|c| c == orders) || renamed_to == Some(orders))
+        {
+            return Meaning::End;
+        }
+        match collection {
+            Some(c) if c != orders => Meaning::Reference(ReferenceChange {
+                collection: c.to_owned(),
+                id: DOCUMENT_OPERATIONS
+                    .contains(&operation)
+                    .then(|| self.document_key.as_ref().and_then(|k| k.get("_id")).cloned())
+                    .flatten(),
+            }),
+            _ => Meaning::Delivery,
+        }
+    }
 }
 
 /// What the reader hands the writer.
@@ -52,11 +105,16 @@ pub(super) struct StreamBatch {
     pub(super) token: Option<ResumeToken>,
     /// Set when the stream ended on a drop/rename/invalidate event.
     pub(super) invalidated: Option<String>,
+    /// Reference documents changed before the last of these events, in stream order: what the
+    /// joiner read of them is forgotten before the batch is enriched.
+    pub(super) references_changed: Vec<ReferenceChange>,
 }
 
 /// The change stream pipeline: only changes that leave an order delivered, plus the events that
-/// end the stream, with only the fields `watch` reads.
-pub fn delivered_filter(config: &Config) -> Vec<Document> {
+/// end the stream, with only the fields `watch` reads. With `references`, also every change of
+/// these reference collections (the stream is then opened on the database).
+pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document> {
+    let orders = &config.orders.collection;
     let status = &config.orders.fields.status;
     let delivered = &config.orders.delivered_status;
     let deliveries = doc! { "$or": [
@@ -71,12 +129,20 @@ pub fn delivered_filter(config: &Config) -> Vec<Document> {
     ] };
     // A partitioned worker only receives its share, filtered by the server.
     let deliveries = coordination::restrict_to_partition(config, deliveries, "$documentKey._id");
+    let mut events = vec![
+        Bson::Document(doc! { "$and": [{ "ns.coll": orders }, deliveries] }),
+        Bson::Document(doc! { "operationType": { "$in": ["drop", "rename"] }, "ns.coll": orders }),
+        Bson::Document(doc! { "operationType": "rename", "to.coll": orders }),
+        Bson::Document(doc! { "operationType": { "$in": ["dropDatabase", "invalidate"] } }),
+    ];
+    if !references.is_empty() {
+        events.push(Bson::Document(doc! { "ns.coll": { "$in": references } }));
+    }
     vec![
-        doc! { "$match": { "$or": [
-            deliveries,
-            { "operationType": { "$in": INVALIDATING_OPERATIONS } },
-        ] } },
-        doc! { "$project": { "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1 } },
+        doc! { "$match": { "$or": events } },
+        doc! { "$project": {
+            "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns.coll": 1, "to.coll": 1,
+        } },
     ]
 }
 
@@ -108,25 +174,71 @@ pub(super) fn open_stream_await(config: &Config) -> Duration {
     Duration::from_millis(config.watch.batch_max_wait_ms).max(MIN_AWAIT)
 }
 
-/// Opens the filtered stream after `resume`, or else at `start`.
+/// A change of a reference document (`id`), or of any document of its collection (`None`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ReferenceChange {
+    pub(super) collection: String,
+    pub(super) id: Option<Bson>,
+}
+
+/// An open stream, and whether it also carries the changes of the reference collections.
+pub(super) struct OpenStream {
+    pub(super) stream: ChangeStream<StreamEvent>,
+    pub(super) follows_references: bool,
+}
+
+/// Opens the filtered stream after `resume`, or else at `start`. With `references`, the stream
+/// is opened on the database and also carries their changes, so that the references the writer
+/// keeps stay exact; a user without the privilege to watch the whole database gets the stream
+/// of the orders collection alone (logged), and references are then read for every batch.
 pub(super) async fn open_stream(
     config: &Config,
     dbs: &Databases,
     resume: Option<&ResumeToken>,
     start: StartPosition,
+    references: &[String],
+) -> Result<OpenStream, Error> {
+    if !references.is_empty() {
+        match open(config, dbs, resume, start, references).await {
+            Err(e) if is_unauthorized(&e) => {
+                tracing::warn!(
+                    database = %dbs.source.name(), error = %crate::redact::scrub(&e.to_string()),
+                    "no privilege to watch the whole source database (changeStream and find on it, \
+                     e.g. the read role): watching the orders collection alone, and reading the \
+                     references afresh for every batch"
+                );
+            }
+            opened => return opened.map(|stream| OpenStream { stream, follows_references: true }),
+        }
+    }
+    let stream = open(config, dbs, resume, start, &[]).await?;
+    Ok(OpenStream { stream, follows_references: false })
+}
+
+async fn open(
+    config: &Config,
+    dbs: &Databases,
+    resume: Option<&ResumeToken>,
+    start: StartPosition,
+    references: &[String],
 ) -> Result<ChangeStream<StreamEvent>, Error> {
     let orders = dbs.source.collection::<Document>(&config.orders.collection);
-    let mut watch = orders
-        .watch()
-        .pipeline(delivered_filter(config))
+    let watch = if references.is_empty() { orders.watch() } else { dbs.source.watch() };
+    let watch = watch
+        .pipeline(delivered_filter(config, references))
         .max_await_time(open_stream_await(config))
         .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
-    watch = match (resume, start) {
-        (Some(token), _) => watch.resume_after(token.clone()),
-        (None, StartPosition::At(ts)) => watch.start_at_operation_time(ts),
-        (None, StartPosition::Now) => watch,
+    let stream = match (resume, start) {
+        (Some(token), _) => watch.resume_after(token.clone()).await?,
+        (None, StartPosition::At(ts)) => watch.start_at_operation_time(ts).await?,
+        (None, StartPosition::Now) => watch.await?,
     };
-    Ok(watch.await?.with_type::<StreamEvent>())
+    Ok(stream.with_type::<StreamEvent>())
+}
+
+/// The server refused for lack of privilege (`Unauthorized`, code 13).
+fn is_unauthorized(error: &Error) -> bool {
+    matches!(&*error.kind, mongodb::error::ErrorKind::Command(c) if c.code == 13)
 }
 
 /// Hands `message` to the writer unless stopped first; false when the reader should end (stopped,
@@ -191,6 +303,7 @@ pub(super) async fn read_batches(
     max_wait: Duration,
     silence_limit: Duration,
     writer_idle: Arc<AtomicBool>,
+    orders: String,
     telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) {
@@ -198,6 +311,7 @@ pub(super) async fn read_batches(
     let mut last_idle_save = Instant::now();
     loop {
         let mut events: Vec<StreamEvent> = Vec::new();
+        let mut references_changed = Vec::new();
         let mut first_event_at: Option<Instant> = None;
         let mut invalidated = None;
         loop {
@@ -214,7 +328,7 @@ pub(super) async fn read_batches(
                     // Hand over what was read first: it is valid, only unsaved.
                     if !events.is_empty() {
                         let token = events.last().map(|e| e.token.clone());
-                        let batch = StreamBatch { events, token, invalidated: None };
+                        let batch = StreamBatch { events, token, invalidated: None, references_changed };
                         if !hand_over(&tx, Ok(batch), &stop).await {
                             return;
                         }
@@ -222,14 +336,20 @@ pub(super) async fn read_batches(
                     hand_over(&tx, Err(e), &stop).await;
                     return;
                 }
-                Ok(Some(event)) if INVALIDATING_OPERATIONS.contains(&event.operation.as_str()) => {
-                    invalidated = Some(event.operation);
-                    break;
-                }
                 Ok(Some(event)) => {
-                    events.push(event);
+                    match event.meaning(&orders) {
+                        Meaning::End => {
+                            invalidated = Some(event.operation);
+                            break;
+                        }
+                        Meaning::Reference(change) => references_changed.push(change),
+                        Meaning::Delivery => events.push(event),
+                    }
                     first_event_at.get_or_insert_with(Instant::now);
-                    if events.len() >= batch_size || writer_idle.load(Ordering::Acquire) {
+                    if events.len() >= batch_size
+                        || references_changed.len() >= batch_size
+                        || writer_idle.load(Ordering::Acquire)
+                    {
                         break;
                     }
                 }
@@ -246,16 +366,23 @@ pub(super) async fn read_batches(
             stream.resume_token()
         };
         if events.is_empty() && invalidated.is_none() {
-            // Idle: pass the advancing position on now and then, so a quiet collection's token
-            // stays inside the oplog window.
+            // No delivery: pass the advancing position on now and then, so a quiet collection's
+            // token stays inside the oplog window; changed references go on at once, without it.
             if token == last_token || last_idle_save.elapsed() < IDLE_CHECKPOINT_EVERY {
+                if !references_changed.is_empty() {
+                    let batch = StreamBatch { events, token: None, invalidated, references_changed };
+                    if !hand_over(&tx, Ok(batch), &stop).await {
+                        return;
+                    }
+                }
                 continue;
             }
             last_idle_save = Instant::now();
         }
         last_token = token.clone();
         let done = invalidated.is_some();
-        if !hand_over(&tx, Ok(StreamBatch { events, token, invalidated }), &stop).await || done {
+        let batch = StreamBatch { events, token, invalidated, references_changed };
+        if !hand_over(&tx, Ok(batch), &stop).await || done {
             return;
         }
     }
@@ -270,17 +397,62 @@ mod tests {
         let mut config = Config::default();
         config.orders.fields.status = "etat".into();
         config.orders.delivered_status = "done".into();
-        let pipeline = delivered_filter(&config);
+        let pipeline = delivered_filter(&config, &[]);
         let or = pipeline[0].get_document("$match").unwrap().get_array("$or").unwrap();
-        let deliveries = or[0].as_document().unwrap().get_array("$or").unwrap();
+        assert_eq!(or.len(), 4, "deliveries and the three kinds of end, no reference");
+        let and = or[0].as_document().unwrap().get_array("$and").unwrap();
+        assert_eq!(and[0].as_document().unwrap().get_str("ns.coll").unwrap(), config.orders.collection);
+        let deliveries = and[1].as_document().unwrap().get_array("$or").unwrap();
         let insert = deliveries[0].as_document().unwrap();
         assert_eq!(insert.get_str("fullDocument.etat").unwrap(), "done");
         let update = deliveries[1].as_document().unwrap();
         assert_eq!(update.get_str("operationType").unwrap(), "update");
         assert_eq!(update.get_str("updateDescription.updatedFields.etat").unwrap(), "done");
-        let ends = or[1].as_document().unwrap().get_document("operationType").unwrap();
-        assert_eq!(ends.get_array("$in").unwrap().len(), INVALIDATING_OPERATIONS.len());
         let project = pipeline[1].get_document("$project").unwrap();
         assert!(!project.contains_key("fullDocument"), "full documents are not shipped");
+
+        let references = ["Client".to_owned(), "Menu".to_owned()];
+        let pipeline = delivered_filter(&config, &references);
+        let or = pipeline[0].get_document("$match").unwrap().get_array("$or").unwrap();
+        let followed = or[4].as_document().unwrap().get_document("ns.coll").unwrap().get_array("$in").unwrap();
+        assert_eq!(followed, &vec![Bson::from("Client"), Bson::from("Menu")]);
+    }
+
+    fn event(operation: &str, collection: Option<&str>, renamed_to: Option<&str>) -> StreamEvent {
+        let namespace = |coll: Option<&str>| coll.map(|c| doc! { "db": "d", "coll": c });
+        let mut event = doc! { "_id": { "_data": "00" }, "operationType": operation, "documentKey": { "_id": 7 } };
+        if let Some(ns) = namespace(collection) {
+            event.insert("ns", ns);
+        }
+        if let Some(to) = namespace(renamed_to) {
+            event.insert("to", to);
+        }
+        mongodb::bson::from_document(event).unwrap()
+    }
+
+    #[test]
+    fn events_are_told_apart_by_collection_and_operation() {
+        let orders = "Commandes";
+        let reference = |e: &StreamEvent| match e.meaning(orders) {
+            Meaning::Reference(change) => Some(change),
+            _ => None,
+        };
+        let ends = |e: &StreamEvent| matches!(e.meaning(orders), Meaning::End);
+        assert!(matches!(event("update", Some(orders), None).meaning(orders), Meaning::Delivery));
+        // A collection's own stream: the invalidate event names no collection.
+        assert!(ends(&event("invalidate", None, None)));
+        assert!(ends(&event("drop", Some(orders), None)));
+        assert!(ends(&event("rename", Some(orders), Some("Old"))));
+        assert!(ends(&event("rename", Some("Other"), Some(orders))));
+        assert!(ends(&event("dropDatabase", None, None)));
+        for operation in ["insert", "update", "replace", "delete"] {
+            let change = reference(&event(operation, Some("Client"), None)).unwrap();
+            assert_eq!(change, ReferenceChange { collection: "Client".into(), id: Some(Bson::Int32(7)) });
+        }
+        // Drop or rename of a reference collection: all of its documents.
+        for operation in ["drop", "rename"] {
+            let change = reference(&event(operation, Some("Menu"), Some("Carte"))).unwrap();
+            assert_eq!(change, ReferenceChange { collection: "Menu".into(), id: None });
+        }
     }
 }

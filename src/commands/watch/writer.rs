@@ -66,6 +66,13 @@ pub(super) async fn write_batch(
     progressed: &mut bool,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamFailure> {
+    // Changed references first: the orders of this batch were delivered after some of them.
+    for change in &batch.references_changed {
+        archiver.forget_reference(&change.collection, change.id.as_ref());
+    }
+    if !batch.references_changed.is_empty() {
+        tracing::debug!(changes = batch.references_changed.len(), "changed references forgotten");
+    }
     if !batch.events.is_empty() {
         let started = Instant::now();
         let mut times = EventTimes::with_capacity(batch.events.len());
