@@ -555,6 +555,31 @@ impl Bench {
         Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources, cpu })
     }
 
+    /// One watch catch-up run: the watch orders are delivered while `archiver watch` is stopped
+    /// (after it saved its position), then it is started again and the run lasts until the
+    /// archive holds them all. The same work per order as `batch`, plus the change stream, without
+    /// deliveries sharing the server.
+    async fn run_watch_catch_up(&self, label: &str) -> anyhow::Result<WatchRun> {
+        let ids = &self.watch_ids;
+        self.reset(ids).await?;
+        self.drop_archive().await?;
+        self.archiver.start_watch(label, &[]).await?.stop().await?;
+        let delivery_time = UPDATER.update_ids(&self.orders, ids, || delivery(&self.config)).await?;
+        let meter = CpuMeter::start(self.settings.server_pid);
+        let started = Instant::now();
+        let mut watch = self.archiver.resume_watch(label, &[]).await?;
+        let done = load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || {
+            watch.check_alive()
+        })
+        .await?;
+        let mut cpu = meter.stop();
+        let resources = watch.resources()?;
+        cpu.client_secs += resources.cpu_secs;
+        watch.stop().await?;
+        self.expect_archived(ids.len() as u64).await?;
+        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources, cpu })
+    }
+
     /// The limit of case 3: the same deliveries, read by a bare change-stream reader with
     /// watch's filter and cursor settings, counting events.
     async fn run_bare_reader(&self) -> anyhow::Result<WatchRun> {
@@ -731,6 +756,7 @@ struct Figures {
     watch_archiver_us: Option<f64>,
     naive: Option<f64>,
     watch: Option<f64>,
+    watch_catch_up: Option<f64>,
     bare_reader: Option<f64>,
     latency_p99_ms: Option<f64>,
     watch_peak_rss_mb: Option<f64>,
@@ -883,6 +909,9 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     let runs = b.settings.runs;
     let m = b.watch_ids.len();
     let watch = timed("watch", runs, |i| async move { b.run_watch(&format!("watch-{i}"), &[]).await }).await?;
+    let catch_up =
+        timed("watch catch-up", runs, |i| async move { b.run_watch_catch_up(&format!("watch-catch-up-{i}")).await })
+            .await?;
     let bare = timed("bare change-stream reader", runs, |_| b.run_bare_reader()).await?;
     let alone = timed("updater alone", runs, |_| b.run_updater_alone()).await?;
 
@@ -896,6 +925,8 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     report.row(&section, "updater during the watch runs", "orders/s", summarize(&watch, WatchRun::delivery_rate));
     report.row(&section, "updater during the bare-reader runs", "orders/s", summarize(&bare, WatchRun::delivery_rate));
     report.ratio("watch / bare reader", watch_rate, bare_rate);
+    let catch_up_rate = report.throughput(&section, "archiver watch catching up (delivered while stopped)", &catch_up);
+    report.row(&section, "  archiver's own CPU, catching up", "µs/order", summarize(&catch_up, WatchRun::archiver_us_per_order));
 
     let section = "5. watch memory and CPU (during case 3)";
     let rss = report.row(section, "peak RSS (VmHWM before SIGTERM)", "MB", summarize(&watch, WatchRun::peak_rss_mb));
@@ -908,6 +939,7 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     );
 
     figures.watch = Some(watch_rate);
+    figures.watch_catch_up = Some(catch_up_rate);
     figures.bare_reader = Some(bare_rate);
     figures.watch_peak_rss_mb = Some(rss);
     figures.watch_archiver_us = Some(own_cpu);
@@ -1011,7 +1043,8 @@ fn targets(report: &mut Report, f: &Figures) {
     report.target("batch (client) / L0", ratio(f.batch, f.l0), Goal::AtLeast, 0.3, "×");
     report.target("batch (client) / L0e", ratio(f.batch, f.l0e), Goal::AtLeast, 0.6, "×");
     report.target("watch / bare reader", ratio(f.watch, f.bare_reader), Goal::AtLeast, 0.7, "×");
-    report.target("watch / batch (client)", ratio(f.watch, f.batch), Goal::AtLeast, 0.9, "×");
+    report.target("watch, live / batch (client)", ratio(f.watch, f.batch), Goal::AtLeast, 0.9, "×");
+    report.target("watch, catching up / batch (client)", ratio(f.watch_catch_up, f.batch), Goal::AtLeast, 0.9, "×");
     let figure = |v: Option<f64>| v.unwrap_or(f64::NAN);
     report.target("archiver's own CPU, batch (defaults)", figure(f.batch_archiver_us), Goal::AtMost, 25.0, "µs/order");
     report.target("archiver's own CPU, watch", figure(f.watch_archiver_us), Goal::AtMost, 25.0, "µs/order");

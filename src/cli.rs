@@ -91,8 +91,8 @@ pub struct GlobalArgs {
     /// or `lookup` (the server's $lookup pipeline) [default: join].
     #[arg(long, env = "ENRICH_MODE", global = true, value_enum)]
     pub enrich_mode: Option<crate::config::EnrichMode>,
-    /// Most references `batch` keeps once read, for the chunks that follow; 0: read them for
-    /// every chunk [default: 100000].
+    /// Most references kept once read (batch: for the run; watch: until its stream says they
+    /// changed); 0: read them for every chunk or batch [default: 100000].
     #[arg(long, env = "REFERENCE_CACHE_ENTRIES", global = true, value_name = "N")]
     pub reference_cache_entries: Option<usize>,
     /// Split the orders into N partitions by id; this worker handles --partition (watch, batch).

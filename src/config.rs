@@ -62,9 +62,9 @@ pub struct EnrichSettings {
     /// `join` or `lookup` (`ENRICH_MODE`). The server path of `batch` ($merge) always uses the
     /// pipeline.
     pub mode: EnrichMode,
-    /// Most references (customers, couriers, restaurants, menu entries) that `batch` keeps
-    /// once read, for the chunks that follow (`REFERENCE_CACHE_ENTRIES`); 0 reads them for
-    /// every chunk. `watch` always reads them afresh.
+    /// Most references (customers, couriers, restaurants, menu entries) kept once read
+    /// (`REFERENCE_CACHE_ENTRIES`): by `batch` for the rest of its run, by `watch` until its
+    /// stream says they changed; 0 reads them for every chunk or batch.
     pub reference_cache_entries: usize,
 }
 

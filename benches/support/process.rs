@@ -96,12 +96,22 @@ impl Archiver {
         Ok((elapsed, resources))
     }
 
+    fn token_file(&self, label: &str) -> PathBuf {
+        self.scratch.join(format!("{label}.token.json"))
+    }
+
     /// Starts `archiver watch` with its own resume token file (removed first, so the stream
     /// starts from now) and returns once the stream is open: `watch` saves its starting
     /// position as soon as the stream opens, so the token file appearing is the signal.
     pub async fn start_watch(&self, label: &str, env: &[(&str, String)]) -> anyhow::Result<WatchProcess> {
-        let token = self.scratch.join(format!("{label}.token.json"));
-        let _ = std::fs::remove_file(&token);
+        let _ = std::fs::remove_file(self.token_file(label));
+        self.resume_watch(label, env).await
+    }
+
+    /// Starts `archiver watch` with the resume token file a run of the same `label` left: it
+    /// resumes after it.
+    pub async fn resume_watch(&self, label: &str, env: &[(&str, String)]) -> anyhow::Result<WatchProcess> {
+        let token = self.token_file(label);
         let mut env = env.to_vec();
         env.push(("RESUME_TOKEN_FILE", token.display().to_string()));
         let (mut command, log) = self.command(label, &["watch"], &env)?;
