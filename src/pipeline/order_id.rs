@@ -39,6 +39,8 @@ pub async fn present_among(
     Ok(found.iter().filter_map(|d| d.get("_id")).map(equality_key).collect())
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 fn push_key(key: &mut String, value: &Bson) {
     use std::fmt::Write;
     match value {
@@ -66,6 +68,14 @@ fn push_key(key: &mut String, value: &Bson) {
                 key.push(',');
             }
             key.push(']');
+        }
+        // The most common id: its type and hex digits, written without the formatter.
+        Bson::ObjectId(id) => {
+            key.push_str("oid:");
+            for byte in id.bytes() {
+                key.push(char::from(HEX[usize::from(byte >> 4)]));
+                key.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
         }
         // Other types compare within their own type only: the debug form keeps the type.
         other => {

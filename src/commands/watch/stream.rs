@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::bson::{doc, Bson, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::error::Error;
@@ -42,7 +42,7 @@ pub(super) struct StreamEvent {
     #[serde(rename = "operationType")]
     pub(super) operation: String,
     #[serde(rename = "documentKey", default)]
-    pub(super) document_key: Option<Document>,
+    pub(super) document_key: Option<RawDocumentBuf>,
     #[serde(rename = "clusterTime", default)]
     pub(super) cluster_time: Option<Timestamp>,
     #[serde(rename = "wallTime", default)]
@@ -71,6 +71,12 @@ enum Meaning {
 }
 
 impl StreamEvent {
+    /// The `_id` of the changed document, when the event names one.
+    pub(super) fn id(&self) -> Option<Bson> {
+        let id = self.document_key.as_ref()?.get("_id").ok()??;
+        Bson::try_from(id).ok()
+    }
+
     fn collection(&self) -> Option<&str> {
         self.ns.as_ref().and_then(|ns| ns.coll.as_deref())
     }
@@ -89,7 +95,7 @@ impl StreamEvent {
                 collection: c.to_owned(),
                 id: DOCUMENT_OPERATIONS
                     .contains(&operation)
-                    .then(|| self.document_key.as_ref().and_then(|k| k.get("_id")).cloned())
+                    .then(|| self.id())
                     .flatten(),
             }),
             _ => Meaning::Delivery,

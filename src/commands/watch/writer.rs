@@ -78,14 +78,14 @@ pub(super) async fn write_batch(
         let mut times = EventTimes::with_capacity(batch.events.len());
         let mut ids: Vec<Bson> = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
-            let Some(id) = event.document_key.as_ref().and_then(|k| k.get("_id")) else { continue };
+            let Some(id) = event.id() else { continue };
             let time = event.wall_time.or_else(|| {
                 event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
             });
             // A repeated id (delivered twice in one batch) is archived once.
-            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(equality_key(id)) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(equality_key(&id)) {
                 slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
-                ids.push(id.clone());
+                ids.push(id);
             }
         }
         let metrics = &state.telemetry.metrics;
