@@ -106,6 +106,9 @@ pub fn is_history_lost(err: &Error) -> bool {
 /// The server's code for a duplicate key.
 pub const DUPLICATE_KEY: i32 = 11000;
 
+/// The server's code for a command the user has no privilege to run.
+pub const UNAUTHORIZED: i32 = 13;
+
 /// Whether `err` is (or, for a bulk write, contains only) duplicate-key errors.
 pub fn is_duplicate_key(err: &Error) -> bool {
     match err.kind.as_ref() {

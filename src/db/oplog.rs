@@ -8,10 +8,9 @@ use mongodb::error::Error;
 use mongodb::options::{ReadPreference, SelectionCriteria};
 use mongodb::Client;
 
-use super::{cause_in_one_line, error_code, is_transient};
+use super::{cause_in_one_line, error_code, is_transient, UNAUTHORIZED};
 
 /// Server code of an operation the user's roles do not allow.
-const UNAUTHORIZED: i32 = 13;
 
 /// The oldest and newest entries of the oplog, by their wall-clock times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::coordination;
-use crate::db::{timed_out, Databases};
+use crate::db::{error_code, timed_out, Databases, UNAUTHORIZED};
 use crate::error::UsageError;
 use crate::telemetry::Telemetry;
 
@@ -206,7 +206,7 @@ pub(super) async fn open_stream(
 ) -> Result<OpenStream, Error> {
     if !references.is_empty() {
         match open(config, dbs, resume, start, references).await {
-            Err(e) if is_unauthorized(&e) => {
+            Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
                 tracing::warn!(
                     database = %dbs.source.name(), error = %crate::redact::scrub(&e.to_string()),
                     "no privilege to watch the whole source database (changeStream and find on it, \
@@ -240,11 +240,6 @@ async fn open(
         (None, StartPosition::Now) => watch.await?,
     };
     Ok(stream.with_type::<StreamEvent>())
-}
-
-/// The server refused for lack of privilege (`Unauthorized`, code 13).
-fn is_unauthorized(error: &Error) -> bool {
-    matches!(&*error.kind, mongodb::error::ErrorKind::Command(c) if c.code == 13)
 }
 
 /// Hands `message` to the writer unless stopped first; false when the reader should end (stopped,
