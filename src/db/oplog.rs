@@ -10,8 +10,6 @@ use mongodb::Client;
 
 use super::{cause_in_one_line, error_code, is_transient, UNAUTHORIZED};
 
-/// Server code of an operation the user's roles do not allow.
-
 /// The oldest and newest entries of the oplog, by their wall-clock times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OplogWindow {
