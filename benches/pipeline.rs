@@ -66,7 +66,7 @@ use archiver::pipeline::lookup::{enrichment_stages, finish, ORDER_AS_STORED};
 use archiver::pipeline::scan::{delivered_in_range, DateRange};
 
 use support::load::{self, delivery, undelivery, Updater};
-use support::process::{Archiver, CpuMeter, CpuTimes, Resources};
+use support::process::{Archiver, CpuMeter, CpuTimes, Resources, WatchProcess};
 use support::report::{Goal, Report};
 use support::stats::{percentile, rate, summarize, timed, Run, Summary, Throughput};
 
@@ -546,13 +546,26 @@ impl Bench {
                 watch.check_alive()
             });
         let (delivery_time, done) = tokio::try_join!(deliver, archived)?;
+        self.end_watch_run(watch, meter, done - started, delivery_time).await
+    }
+
+    /// Ends a watch run whose archive was complete `elapsed` after its start: the CPU of the
+    /// server and of the still running `watch` (read before it stops), then the stop and a check.
+    async fn end_watch_run(
+        &self,
+        watch: WatchProcess,
+        meter: CpuMeter,
+        elapsed: Duration,
+        delivery_time: Duration,
+    ) -> anyhow::Result<WatchRun> {
         let mut cpu = meter.stop();
         let resources = watch.resources()?;
         // The watch process is not waited for yet, so the meter did not count it.
         cpu.client_secs += resources.cpu_secs;
         watch.stop().await?;
-        self.expect_archived(ids.len() as u64).await?;
-        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources, cpu })
+        let orders = self.watch_ids.len() as u64;
+        self.expect_archived(orders).await?;
+        Ok(WatchRun { orders, elapsed, delivery_time, resources, cpu })
     }
 
     /// One watch catch-up run: the watch orders are delivered while `archiver watch` is stopped
@@ -572,12 +585,7 @@ impl Bench {
             watch.check_alive()
         })
         .await?;
-        let mut cpu = meter.stop();
-        let resources = watch.resources()?;
-        cpu.client_secs += resources.cpu_secs;
-        watch.stop().await?;
-        self.expect_archived(ids.len() as u64).await?;
-        Ok(WatchRun { orders: ids.len() as u64, elapsed: done - started, delivery_time, resources, cpu })
+        self.end_watch_run(watch, meter, done - started, delivery_time).await
     }
 
     /// The limit of case 3: the same deliveries, read by a bare change-stream reader with
