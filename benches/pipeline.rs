@@ -581,10 +581,11 @@ impl Bench {
         let meter = CpuMeter::start(self.settings.server_pid);
         let started = Instant::now();
         let mut watch = self.archiver.resume_watch(label, &[]).await?;
-        let done = load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || {
-            watch.check_alive()
-        })
-        .await?;
+        let done =
+            load::wait_for_count(&self.archive, ids.len() as u64, Self::catch_up_timeout(ids.len() as u64), || {
+                watch.check_alive()
+            })
+            .await?;
         self.end_watch_run(watch, meter, done - started, delivery_time).await
     }
 
@@ -934,7 +935,12 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     report.row(&section, "updater during the bare-reader runs", "orders/s", summarize(&bare, WatchRun::delivery_rate));
     report.ratio("watch / bare reader", watch_rate, bare_rate);
     let catch_up_rate = report.throughput(&section, "archiver watch catching up (delivered while stopped)", &catch_up);
-    report.row(&section, "  archiver's own CPU, catching up", "µs/order", summarize(&catch_up, WatchRun::archiver_us_per_order));
+    report.row(
+        &section,
+        "  archiver's own CPU, catching up",
+        "µs/order",
+        summarize(&catch_up, WatchRun::archiver_us_per_order),
+    );
 
     let section = "5. watch memory and CPU (during case 3)";
     let rss = report.row(section, "peak RSS (VmHWM before SIGTERM)", "MB", summarize(&watch, WatchRun::peak_rss_mb));

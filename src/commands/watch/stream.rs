@@ -93,10 +93,7 @@ impl StreamEvent {
         match collection {
             Some(c) if c != orders => Meaning::Reference(ReferenceChange {
                 collection: c.to_owned(),
-                id: DOCUMENT_OPERATIONS
-                    .contains(&operation)
-                    .then(|| self.id())
-                    .flatten(),
+                id: DOCUMENT_OPERATIONS.contains(&operation).then(|| self.id()).flatten(),
             }),
             _ => Meaning::Delivery,
         }
