@@ -274,7 +274,7 @@ fn anomalies(archived: &Document) -> Vec<&str> {
 
 /// `watch` keeps the references it has read, and its stream carries their changes, so an order
 /// delivered after a change sees it: an edited customer, a customer inserted after an order
-/// named it in vain, a deleted courier, a dropped menu.
+/// named it in vain, a deleted courier, a dropped menu, a menu rebuilt aside and renamed onto it.
 #[tokio::test(flavor = "multi_thread")]
 async fn references_changed_while_watching_show_in_the_orders_delivered_after() {
     let (t, refs) = TestEnv::seeded("refchange").await;
@@ -305,6 +305,23 @@ async fn references_changed_while_watching_show_in_the_orders_delivered_after() 
     t.db.collection::<Document>("Menu").drop().await.unwrap();
     t.deliver(&refs, [6]).await;
     t.wait_archived(6).await;
+    // A menu rebuilt aside, then renamed onto the reference collection (as `$out` does).
+    let rebuilt = t.db.collection::<Document>("Menu_rebuilt");
+    rebuilt
+        .insert_many([
+            doc! { "_id": refs.menu[0], "nom": "Pizza royale", "prix": 14.0 },
+            doc! { "_id": refs.menu[1], "nom": "Tiramisu", "prix": 6.0 },
+        ])
+        .await
+        .unwrap();
+    let rename = doc! {
+        "renameCollection": format!("{}.Menu_rebuilt", t.db_name),
+        "to": format!("{}.Menu", t.db_name),
+        "dropTarget": true,
+    };
+    t.client.database("admin").run_command(rename).await.unwrap();
+    t.deliver(&refs, [7]).await;
+    t.wait_archived(7).await;
     watch.stop_ok().await;
 
     let client_name = |d: &Document| d.get_document("client").unwrap().get_str("nom").unwrap().to_owned();
@@ -316,12 +333,17 @@ async fn references_changed_while_watching_show_in_the_orders_delivered_after() 
     assert_eq!(fifth.get("livreur"), Some(&Bson::Null), "a deletion shows in the orders after it");
     assert_eq!(anomalies(&fifth), ["livreur_introuvable"]);
     assert_eq!(anomalies(&archived(&t, 6).await), ["livreur_introuvable", "menu_introuvable"]);
+    let seventh = archived(&t, 7).await;
+    assert_eq!(anomalies(&seventh), ["livreur_introuvable"], "a collection renamed onto Menu shows");
+    let item = seventh.get_array("items").unwrap()[0].as_document().unwrap().clone();
+    assert_eq!(item.get_str("nom").unwrap(), "Pizza royale");
     t.assert_archive_matches_delivered().await;
 }
 
 /// A token saved by a stream of the orders collection alone (`REFERENCE_CACHE_ENTRIES=0`, or a
 /// version before references were kept) resumes the stream of the whole database: nothing
-/// delivered in between is missed or filled again, and the reverse holds too.
+/// delivered in between is missed or filled again, and the reverse holds too, also when the
+/// last events read were changes of references.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_of_either_stream_resumes_the_other() {
     let (t, refs) = TestEnv::seeded("tokenkinds").await;
@@ -337,6 +359,14 @@ async fn a_token_of_either_stream_resumes_the_other() {
     t.wait_all_archived(10).await;
     t.deliver(&refs, 10..15).await;
     t.wait_all_archived(15).await;
+    // The last events this stream reads are reference changes, which a stream of the orders
+    // collection alone does not carry: their position must not be the one saved.
+    let clients = t.db.collection::<Document>("Client");
+    for name in ["Bernard", "Petit"] {
+        clients.update_one(doc! { "_id": refs.client }, doc! { "$set": { "nom": name } }).await.unwrap();
+    }
+    // Past the once-a-second save of an idle stream's position.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let log = watch.stop_ok().await;
     assert!(!log.contains("HISTORY LOST"), "{log}");
     t.deliver(&refs, 15..20).await;

@@ -416,6 +416,34 @@ async fn lead(
     }
 }
 
+/// The reference collections whose changes the stream carries, so that `caching` may keep their
+/// documents: none (references read for every batch) when one is the orders collection itself,
+/// or a view, whose changes happen in another collection.
+async fn followed_references(config: &Config, dbs: &Databases, caching: &Archiver) -> Vec<String> {
+    let references = caching.cached_reference_collections();
+    if references.is_empty() {
+        return references;
+    }
+    if references.contains(&config.orders.collection) {
+        tracing::warn!("a reference collection is the orders collection: references are read for every batch");
+        return Vec::new();
+    }
+    let views =
+        dbs.source.list_collection_names().filter(doc! { "type": "view", "name": { "$in": &references } }).await;
+    match views {
+        Ok(views) if views.is_empty() => references,
+        Ok(views) => {
+            tracing::info!(?views, "reference collections that are views: references are read for every batch");
+            Vec::new()
+        }
+        // Not knowing, keep nothing; the stream's own opening tells whether the server answers.
+        Err(e) => {
+            tracing::warn!(error = %scrub(&e.to_string()), "cannot list the reference collections: references are read for every batch");
+            Vec::new()
+        }
+    }
+}
+
 /// One life of the change stream. Returns whether any batch was archived, so that the caller
 /// can reset its backoff. `archivers`: one that reads the references for every batch, and one
 /// that keeps them, used when the stream carries their changes.
@@ -430,7 +458,7 @@ async fn run_stream(
     let result = async {
         let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
         let opened_at = Utc::now();
-        let opened = open_stream(config, dbs, resume, state.start, &caching.cached_reference_collections())
+        let opened = open_stream(config, dbs, resume, state.start, &followed_references(config, dbs, caching).await)
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
         let stream = opened.stream;
@@ -463,7 +491,7 @@ async fn run_stream(
             Duration::from_millis(config.watch.batch_max_wait_ms),
             open_stream_await(config) + Duration::from_millis(config.watch.stream_timeout_ms),
             writer_idle.clone(),
-            config.orders.collection.clone(),
+            [dbs.source.name().to_owned(), config.orders.collection.clone()],
             state.telemetry.clone(),
             reader_stop.clone(),
         ));

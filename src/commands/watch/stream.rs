@@ -57,6 +57,8 @@ pub(super) struct StreamEvent {
 #[derive(Debug, Deserialize)]
 struct Namespace {
     #[serde(default)]
+    db: Option<String>,
+    #[serde(default)]
     coll: Option<String>,
 }
 
@@ -66,8 +68,9 @@ enum Meaning {
     Delivery,
     /// The stream cannot go on (the orders collection or the database went away).
     End,
-    /// A reference document changed: the joiner forgets what it read of it.
-    Reference(ReferenceChange),
+    /// Reference documents changed (for a rename: the collections on both sides): the joiner
+    /// forgets what it read of them.
+    References(Vec<ReferenceChange>),
 }
 
 impl StreamEvent {
@@ -81,9 +84,11 @@ impl StreamEvent {
         self.ns.as_ref().and_then(|ns| ns.coll.as_deref())
     }
 
-    fn meaning(&self, orders: &str) -> Meaning {
+    /// What the event means for a stream of the orders collection `orders` of database `db`.
+    fn meaning(&self, db: &str, orders: &str) -> Meaning {
         let operation = self.operation.as_str();
-        let renamed_to = self.to.as_ref().and_then(|ns| ns.coll.as_deref());
+        let renamed_to = self.to.as_ref().filter(|to| to.db.as_deref().is_none_or(|d| d == db));
+        let renamed_to = renamed_to.and_then(|to| to.coll.as_deref());
         let collection = self.collection();
         if INVALIDATING_OPERATIONS.contains(&operation)
             && (collection.is_none_or(|c| c == orders) || renamed_to == Some(orders))
@@ -91,10 +96,13 @@ impl StreamEvent {
             return Meaning::End;
         }
         match collection {
-            Some(c) if c != orders => Meaning::Reference(ReferenceChange {
-                collection: c.to_owned(),
-                id: DOCUMENT_OPERATIONS.contains(&operation).then(|| self.id()).flatten(),
-            }),
+            Some(c) if c != orders => {
+                let id = DOCUMENT_OPERATIONS.contains(&operation).then(|| self.id()).flatten();
+                let mut changes = vec![ReferenceChange { collection: c.to_owned(), id }];
+                // Renamed onto a reference collection (as `$out` does): all of it changed.
+                changes.extend(renamed_to.map(|to| ReferenceChange { collection: to.to_owned(), id: None }));
+                Meaning::References(changes)
+            }
             _ => Meaning::Delivery,
         }
     }
@@ -140,11 +148,12 @@ pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document>
     ];
     if !references.is_empty() {
         events.push(Bson::Document(doc! { "ns.coll": { "$in": references } }));
+        events.push(Bson::Document(doc! { "operationType": "rename", "to.coll": { "$in": references } }));
     }
     vec![
         doc! { "$match": { "$or": events } },
         doc! { "$project": {
-            "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns.coll": 1, "to.coll": 1,
+            "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns.coll": 1, "to": 1,
         } },
     ]
 }
@@ -301,12 +310,16 @@ pub(super) async fn read_batches(
     max_wait: Duration,
     silence_limit: Duration,
     writer_idle: Arc<AtomicBool>,
-    orders: String,
+    [db, orders]: [String; 2],
     telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) {
     let mut last_token = stream.resume_token();
     let mut last_idle_save = Instant::now();
+    // The token of the last reference change read, which is never saved: the stream of the
+    // orders collection alone (without the privilege, `REFERENCE_CACHE_ENTRIES=0`, an older
+    // version) could not resume from an event it does not carry.
+    let mut reference_token: Option<ResumeToken> = None;
     loop {
         let mut events: Vec<StreamEvent> = Vec::new();
         let mut references_changed = Vec::new();
@@ -335,12 +348,15 @@ pub(super) async fn read_batches(
                     return;
                 }
                 Ok(Some(event)) => {
-                    match event.meaning(&orders) {
+                    match event.meaning(&db, &orders) {
                         Meaning::End => {
                             invalidated = Some(event.operation);
                             break;
                         }
-                        Meaning::Reference(change) => references_changed.push(change),
+                        Meaning::References(changes) => {
+                            references_changed.extend(changes);
+                            reference_token = Some(event.token);
+                        }
                         Meaning::Delivery => events.push(event),
                     }
                     first_event_at.get_or_insert_with(Instant::now);
@@ -361,7 +377,12 @@ pub(super) async fn read_batches(
             // Never save the invalidating event's own token: it cannot be resumed after.
             events.last().map(|e| e.token.clone()).or_else(|| last_token.clone())
         } else {
-            stream.resume_token()
+            match stream.resume_token() {
+                // Cut right after a reference change: the last delivery's position instead (the
+                // changes after it are read again after a restart, harmlessly), or none.
+                token if token.is_some() && token == reference_token => events.last().map(|e| e.token.clone()),
+                token => token,
+            }
         };
         if events.is_empty() && invalidated.is_none() {
             // No delivery: pass the advancing position on now and then, so a quiet collection's
@@ -431,12 +452,12 @@ mod tests {
     #[test]
     fn events_are_told_apart_by_collection_and_operation() {
         let orders = "Commandes";
-        let reference = |e: &StreamEvent| match e.meaning(orders) {
-            Meaning::Reference(change) => Some(change),
+        let reference = |e: &StreamEvent| match e.meaning("d", orders) {
+            Meaning::References(changes) => Some(changes),
             _ => None,
         };
-        let ends = |e: &StreamEvent| matches!(e.meaning(orders), Meaning::End);
-        assert!(matches!(event("update", Some(orders), None).meaning(orders), Meaning::Delivery));
+        let ends = |e: &StreamEvent| matches!(e.meaning("d", orders), Meaning::End);
+        assert!(matches!(event("update", Some(orders), None).meaning("d", orders), Meaning::Delivery));
         // A collection's own stream: the invalidate event names no collection.
         assert!(ends(&event("invalidate", None, None)));
         assert!(ends(&event("drop", Some(orders), None)));
@@ -444,13 +465,19 @@ mod tests {
         assert!(ends(&event("rename", Some("Other"), Some(orders))));
         assert!(ends(&event("dropDatabase", None, None)));
         for operation in ["insert", "update", "replace", "delete"] {
-            let change = reference(&event(operation, Some("Client"), None)).unwrap();
-            assert_eq!(change, ReferenceChange { collection: "Client".into(), id: Some(Bson::Int32(7)) });
+            let changes = reference(&event(operation, Some("Client"), None)).unwrap();
+            assert_eq!(changes, [ReferenceChange { collection: "Client".into(), id: Some(Bson::Int32(7)) }]);
         }
-        // Drop or rename of a reference collection: all of its documents.
-        for operation in ["drop", "rename"] {
-            let change = reference(&event(operation, Some("Menu"), Some("Carte"))).unwrap();
-            assert_eq!(change, ReferenceChange { collection: "Menu".into(), id: None });
-        }
+        // Drop of a reference collection: all of its documents; a rename: both sides (a
+        // collection renamed onto a reference collection, as `$out` does, replaces it).
+        let whole = |c: &str| ReferenceChange { collection: c.into(), id: None };
+        assert_eq!(reference(&event("drop", Some("Menu"), None)).unwrap(), [whole("Menu")]);
+        assert_eq!(reference(&event("rename", Some("Menu"), Some("Carte"))).unwrap(), [whole("Menu"), whole("Carte")]);
+        let out = reference(&event("rename", Some("tmp.agg_out"), Some("Menu"))).unwrap();
+        assert_eq!(out, [whole("tmp.agg_out"), whole("Menu")]);
+        // A collection renamed to the orders' name in another database ends nothing here.
+        let mut elsewhere = event("rename", Some("Other"), None);
+        elsewhere.to = Some(Namespace { db: Some("e".into()), coll: Some(orders.into()) });
+        assert!(!ends(&elsewhere));
     }
 }
