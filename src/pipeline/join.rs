@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, RawArrayBuf, RawBson, RawBsonRef, RawDocument, RawDocumentBuf};
 use mongodb::error::Error;
+use mongodb::options::{CollectionOptions, ReadConcern};
 use mongodb::{Collection, Database};
 
 use super::document::{
@@ -144,6 +145,8 @@ pub struct Joiner {
     config: Config,
     source: ArchiveSource,
     cache: Option<Arc<ReferenceCache>>,
+    /// The database of the reference collections.
+    db: Database,
 }
 
 impl Joiner {
@@ -186,6 +189,7 @@ impl Joiner {
             config: config.clone(),
             source,
             cache: None,
+            db: source_db.clone(),
         })
     }
 
@@ -196,6 +200,19 @@ impl Joiner {
     pub fn with_cache(mut self, capacity: usize) -> Self {
         self.cache =
             (capacity > 0).then(|| Arc::new(ReferenceCache { capacity, entries: Mutex::new(HashMap::default()) }));
+        if self.cache.is_some() {
+            // What is kept is read at "majority": a value that a failover rolls back (and no
+            // change event would ever retract) is never read, let alone kept.
+            let majority = CollectionOptions::builder().read_concern(ReadConcern::majority()).build();
+            let l = &self.config.lookups;
+            let reread = |name: &str| self.db.collection_with_options(name, majority.clone());
+            (self.clients, self.livreurs, self.restaurants, self.menus) = (
+                reread(&l.client.collection),
+                reread(&l.livreur.collection),
+                reread(&l.restaurant.collection),
+                reread(&l.menu.collection),
+            );
+        }
         self
     }
 
