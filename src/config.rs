@@ -526,6 +526,9 @@ fn check_uri(var: &str, uri: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The largest `watch.gap_fill_margin_secs` accepted: 366 days.
+pub const MAX_GAP_FILL_MARGIN_SECS: u64 = 366 * 24 * 3600;
+
 impl Config {
     /// Merges the layers. `file` is the explicit `--config`; without it the default file is
     /// read when present.
@@ -543,7 +546,7 @@ impl Config {
         }
         // figment's parser of environment values panics on some malformed escapes (a `\`
         // before a multi-byte character): a bad value must be a clear error, not a crash.
-        let extracted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let extracted = crate::redact::quietly(|| {
             figment
                 .merge(Env::prefixed("ARCHIVER_").ignore(&["CONFIG"]).split("__"))
                 .merge(Env::raw().only(&CONNECTION_ENV.iter().map(|(var, _)| *var).collect::<Vec<_>>()).map(|var| {
@@ -556,7 +559,7 @@ impl Config {
                 .merge(Serialized::defaults(overrides.0))
                 .extract::<Config>()
                 .map_err(|e| ConfigError(crate::redact::scrub(&e.to_string())))
-        }));
+        });
         let config = extracted.map_err(|_| {
             ConfigError(
                 "a configuration value cannot be parsed (check the escapes in the ARCHIVER_* and MONGODB_* variables)"
@@ -613,6 +616,14 @@ impl Config {
             return fail(format!(
                 "watch.batch_max_bytes (BATCH_MAX_BYTES) must be between 65536 and 1073741824, got {}",
                 w.batch_max_bytes
+            ));
+        }
+        // A year is far beyond any oplog window; past about 292 billion years the subtraction
+        // from a date would overflow.
+        if w.gap_fill_margin_secs > MAX_GAP_FILL_MARGIN_SECS {
+            return fail(format!(
+                "watch.gap_fill_margin_secs must be at most {MAX_GAP_FILL_MARGIN_SECS} (366 days), got {}",
+                w.gap_fill_margin_secs
             ));
         }
         for (var, ms) in [
@@ -713,6 +724,17 @@ mod tests {
         assert_eq!(config.archive.collection, "Commandes_archive");
         assert_eq!(config.archive_database(), "livraison");
         assert!(config.archive_on_source_cluster());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_gap_fill_margin_that_would_overflow_is_refused_at_load() {
+        // It used to pass validation and panic when history was lost (date minus the margin).
+        let mut config = Config::default();
+        config.watch.gap_fill_margin_secs = u64::MAX;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("gap_fill_margin_secs"), "{error}");
+        config.watch.gap_fill_margin_secs = MAX_GAP_FILL_MARGIN_SECS;
         config.validate().unwrap();
     }
 

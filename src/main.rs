@@ -10,6 +10,8 @@ use archiver::config::Config;
 use archiver::logging;
 
 fn main() -> ExitCode {
+    // Before anything can panic: no panic message reaches the user unredacted.
+    archiver::redact::install_panic_hook();
     // A missing .env is normal; a broken one is worth a word but not a failure.
     if let Err(e) = dotenvy::dotenv() {
         if !e.not_found() {

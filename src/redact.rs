@@ -295,6 +295,39 @@ pub fn scrub(text: &str) -> String {
     out
 }
 
+thread_local! {
+    /// Set while a panic is expected and handled by the caller (see [`quietly`]).
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Replaces the default panic hook, which prints the panic message as it is: a message may hold
+/// a configuration value, a URI with its password for one. Ours prints it scrubbed (see
+/// [`scrub`]), and nothing for a panic that a caller expects and turns into an error.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        if QUIET_PANICS.with(std::cell::Cell::get) {
+            return;
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("archiver: internal error{location}: {}", scrub(&message));
+    }));
+}
+
+/// Runs `f`, catching a panic it may raise without anything printed: for third-party code known
+/// to panic on some input, whose message may quote that input.
+pub fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    result
+}
+
 /// Redacts every `mongodb://` or `mongodb+srv://` URI found inside free text. A URI runs to the
 /// next whitespace or quote; closing punctuation of the sentence around it is left out of it, so
 /// that `(at mongodb://h:1)` or `mongodb://h:1: refused` keeps its host visible.

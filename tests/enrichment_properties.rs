@@ -26,18 +26,79 @@ struct Fixture {
     lookup: Archiver,
 }
 
-/// Reference ids of every type the references use: found ones and missing ones.
+fn decimal(text: &str) -> Bson {
+    Bson::Decimal128(text.parse::<Decimal128>().unwrap())
+}
+
+/// The reference ids stored, of every type: the first three of the named ones, plus numbers
+/// that other numeric types name (see [`client_ids`]).
+fn stored(named: Vec<Bson>, extra: Vec<Bson>) -> Vec<Bson> {
+    named.into_iter().take(3).chain(extra).collect()
+}
+
+/// Reference ids as orders name them: ids that exist, the same numbers in other types (which
+/// `$lookup` matches: Decimal128, Int64 and Double against each other, doubles past 2^53,
+/// negative zero, numbers inside documents), numeric strings (which it does not), and missing
+/// ones.
 fn client_ids() -> Vec<Bson> {
-    vec![Bson::ObjectId(oid(1)), Bson::Int32(77), Bson::String("client-é".into()), Bson::ObjectId(oid(99))]
+    vec![
+        Bson::ObjectId(oid(1)),
+        Bson::Int32(77),
+        Bson::String("client-é".into()),
+        Bson::ObjectId(oid(99)),
+        Bson::Int32(7),
+        Bson::Double(7.0),
+        decimal("7.00"),
+        Bson::String("7".into()),
+        Bson::Document(doc! { "x": 1_i64 }),
+    ]
+}
+fn stored_client_ids() -> Vec<Bson> {
+    stored(client_ids(), vec![decimal("7"), Bson::Document(doc! { "x": 1 })])
 }
 fn restaurant_ids() -> Vec<Bson> {
-    vec![Bson::ObjectId(oid(2)), Bson::Int64(5), Bson::String("resto".into()), Bson::Int32(404)]
+    vec![
+        Bson::ObjectId(oid(2)),
+        Bson::Int64(5),
+        Bson::String("resto".into()),
+        Bson::Int32(404),
+        Bson::Double((1_i64 << 60) as f64),
+        decimal("1152921504606846976"),
+        Bson::Double(1e20),
+    ]
+}
+fn stored_restaurant_ids() -> Vec<Bson> {
+    stored(restaurant_ids(), vec![Bson::Int64(1 << 60), decimal("1E+20")])
 }
 fn livreur_ids() -> Vec<Bson> {
-    vec![Bson::ObjectId(oid(3)), Bson::String("liv-1".into()), Bson::Double(8.0), Bson::ObjectId(oid(98))]
+    vec![
+        Bson::ObjectId(oid(3)),
+        Bson::String("liv-1".into()),
+        Bson::Double(8.0),
+        Bson::ObjectId(oid(98)),
+        decimal("8.0"),
+        Bson::Int64(8),
+        Bson::Double(-0.0),
+        Bson::String("0".into()),
+    ]
+}
+fn stored_livreur_ids() -> Vec<Bson> {
+    stored(livreur_ids(), vec![Bson::Int32(0)])
 }
 fn menu_ids() -> Vec<Bson> {
-    vec![Bson::ObjectId(oid(4)), Bson::Int32(10), Bson::Int64(11), Bson::String("plat-ü".into()), Bson::Int32(12345)]
+    vec![
+        Bson::ObjectId(oid(4)),
+        Bson::Int32(10),
+        Bson::Int64(11),
+        Bson::String("plat-ü".into()),
+        Bson::Int32(12345),
+        decimal("2.50"),
+        Bson::Double(10.0),
+    ]
+}
+fn stored_menu_ids() -> Vec<Bson> {
+    // The first four: a priced menu entry each; then one whose id only a decimal names.
+    menu_ids().into_iter().take(4).chain([Bson::Double(2.5)]).collect()
 }
 
 fn oid(n: u8) -> ObjectId {
@@ -54,18 +115,19 @@ fn fixture() -> &'static Fixture {
             let env = TestEnv::new("enrichprops").await;
             let db = &env.db;
             let adresse = doc! { "rue": "1 place Bellecour", "ville": "Lyon", "code_postal": "69002" };
-            let clients = client_ids().into_iter().take(3).map(|id| {
+            let clients = stored_client_ids().into_iter().map(|id| {
                 doc! { "_id": id, "nom": "Lefèvre", "prenom": "Zoé", "email": "zoe@example.fr", "adresse": adresse.clone() }
             });
             db.collection::<Document>("Client").insert_many(clients).await.unwrap();
-            let restaurants = restaurant_ids().into_iter().take(3).map(|id| {
+            let restaurants = stored_restaurant_ids().into_iter().map(|id| {
                 doc! { "_id": id, "nom": "Le Bouchon 🍷", "cuisine": "lyonnaise", "adresse": adresse.clone() }
             });
             db.collection::<Document>("Restaurants").insert_many(restaurants).await.unwrap();
-            let livreurs = livreur_ids().into_iter().take(3).map(|id| doc! { "_id": id, "nom": "Nguyen", "vehicule": "vélo" });
+            let livreurs = stored_livreur_ids().into_iter().map(|id| doc! { "_id": id, "nom": "Nguyen", "vehicule": "vélo" });
             db.collection::<Document>("Livreur").insert_many(livreurs).await.unwrap();
-            let prices = [Bson::Double(12.5), Bson::Int32(7), Bson::Int64(3), Bson::String("9,90".into())];
-            let menus = menu_ids().into_iter().take(4).zip(prices).map(|(id, prix)| doc! { "_id": id, "nom": "Quenelle", "prix": prix });
+            let prices =
+                [Bson::Double(12.5), Bson::Int32(7), Bson::Int64(3), Bson::String("9,90".into()), Bson::Double(4.0)];
+            let menus = stored_menu_ids().into_iter().zip(prices).map(|(id, prix)| doc! { "_id": id, "nom": "Quenelle", "prix": prix });
             db.collection::<Document>("Menu").insert_many(menus).await.unwrap();
 
             let mut config = Config::default();

@@ -184,3 +184,38 @@ async fn a_bound_in_the_future_is_refused() {
     assert_eq!(t.orders().count_documents(doc! {}).await.unwrap(), 3);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rearchive_deletes_an_order_only_once_the_archive_holds_its_exact_copy() {
+    // A status stored in an array matches the delivered filter of the server: these orders are
+    // archived, then changed. Before the fix `purge --rearchive` judged them undelivered on the
+    // client, left their copies as they were, and deleted them anyway: the change was lost.
+    let (t, refs) = TestEnv::seeded("purge_rearchive_array").await;
+    let orders: Vec<Document> = (0..5)
+        .map(|n| {
+            let mut order = order(&refs, n, "livrée");
+            order.insert("status", vec!["livrée"]);
+            order.insert("montant_total", 42.0);
+            order
+        })
+        .collect();
+    t.orders().insert_many(&orders).await.unwrap();
+    assert!(t.run(&["batch", "--date-from", "2020-01-01"]).status.success());
+    assert_eq!(t.archive_len().await, 5);
+    t.orders().update_many(doc! {}, doc! { "$set": { "montant_total": 777.0 } }).await.unwrap();
+
+    let out = t.run(&["purge", "--older-than", OLDER_THAN, "--rearchive"]);
+    let source = t.orders().find(doc! {}).await.unwrap();
+    let left: Vec<Document> = futures_util::TryStreamExt::try_collect(source).await.unwrap();
+    let archive = t.archive().find(doc! {}).await.unwrap();
+    let copies: Vec<Document> = futures_util::TryStreamExt::try_collect(archive).await.unwrap();
+    for copy in &copies {
+        let id = copy.get("_id").unwrap();
+        let in_source = left.iter().any(|o| o.get("_id") == Some(id));
+        let amount = copy.get_f64("montant_total").unwrap();
+        assert!(in_source || amount == 777.0, "{id} deleted while its archive copy says {amount}: {}", out.stdout);
+    }
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(left.is_empty(), "archived again, then purged: {}", out.stdout);
+    t.cleanup().await;
+}

@@ -208,3 +208,25 @@ async fn a_malformed_env_file_is_reported_without_its_content() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_the_configuration_parser_panics_on_is_a_clear_error_without_the_value() {
+    // figment's environment parser panics on a backslash before a multi-byte character; the
+    // default panic hook printed the whole value, password included, before it was caught.
+    let t = TestEnv::new("redact_panic").await;
+    let out = t
+        .archiver(BATCH)
+        .env("ARCHIVER_MONGODB__URI", "\"mongodb://u:S3cretPanic€\\x@127.0.0.1:1/\"")
+        .output()
+        .expect("run archiver");
+    let out = Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_nothing_leaked(&t, "a value figment panics on", &out, &["S3cretPanic", "u:S3cret"]);
+    assert_eq!(out.status.code(), Some(2), "a configuration error: {out:?}");
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be parsed"), "{}", out.stderr);
+    t.cleanup().await;
+}

@@ -140,7 +140,12 @@ pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken)
     // The orders are read and deleted on the primary: what is verified is what is deleted.
     let source = db::on_primary(&dbs.source);
     let orders: Collection<Document> = source.collection(&config.orders.collection);
-    let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
+    // The archive copy that decides a delete is read at majority from the primary: a copy that a
+    // failover could still roll back must never justify deleting its order.
+    let archive: Collection<Document> = db::on_primary(&dbs.archive).collection_with_options(
+        &config.archive.collection,
+        mongodb::options::CollectionOptions::builder().read_concern(mongodb::options::ReadConcern::majority()).build(),
+    );
     let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
     let filter = delivered_in_range(config, range);
     let started = Instant::now();
@@ -220,10 +225,7 @@ async fn verify_chunk(
     summary: &mut PurgeSummary,
 ) -> anyhow::Result<Vec<Document>> {
     let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
-    let archived: Vec<Document> =
-        archive.find(doc! { "_id": { "$in": &ids } }).await?.try_collect().await.context("reading the archive")?;
-    let archived: std::collections::HashMap<String, Document> =
-        archived.into_iter().filter_map(|d| Some((equality_key(d.get("_id")?), d))).collect();
+    let archived = archived_copies(archive, &ids).await?;
     let mut eligible = Vec::with_capacity(chunk.len());
     let mut changed = Vec::new();
     for order in chunk {
@@ -245,7 +247,22 @@ async fn verify_chunk(
         let ids: Vec<Bson> = changed.iter().filter_map(|d| d.get("_id").cloned()).collect();
         summary.rearchived += archiver.rearchive(&ids).await.context("replacing archive copies")?;
         tracing::info!(orders = ids.len(), "changed orders archived again (--rearchive)");
-        eligible.extend(changed);
+        // Deleted only where the archive now holds a copy of exactly the order to delete: a copy
+        // the replace left as it was (the order no longer counts as delivered there, or vanished
+        // meanwhile) keeps its order in the source.
+        let copies = archived_copies(archive, &ids).await?;
+        for order in changed {
+            let key = order.get("_id").map(equality_key).unwrap_or_default();
+            let digest = copies.get(&key).and_then(|copy| copy.get_str(field::SOURCE_DIGEST).ok());
+            if digest == Some(source_digest(&order).as_str()) {
+                eligible.push(order);
+            } else {
+                tracing::warn!(order_id = %id_text(&order),
+                    "changed since archived and not archived again; kept (its archive copy is the old one)");
+                note(&mut summary.changed_ids, &order);
+                summary.skipped_changed += 1;
+            }
+        }
     } else if args.rearchive {
         // A dry run counts them as they would be: archived again, then purged.
         eligible.extend(changed);
@@ -257,6 +274,16 @@ async fn verify_chunk(
         summary.skipped_changed += changed.len() as u64;
     }
     Ok(eligible)
+}
+
+/// The archive copies of these orders, by [`equality_key`] of their ids.
+async fn archived_copies(
+    archive: &Collection<Document>,
+    ids: &[Bson],
+) -> anyhow::Result<std::collections::HashMap<String, Document>> {
+    let archived: Vec<Document> =
+        archive.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await.context("reading the archive")?;
+    Ok(archived.into_iter().filter_map(|d| Some((equality_key(d.get("_id")?), d))).collect())
 }
 
 /// Deletes the orders of `verified` that are still exactly as verified; returns how many.

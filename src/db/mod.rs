@@ -208,16 +208,14 @@ impl Databases {
     }
 }
 
-/// `db` again, read from the primary only.
+/// `db` again, read from the primary only (its read and write concerns kept).
 pub fn on_primary(db: &Database) -> Database {
-    db.client().database_with_options(
-        db.name(),
-        mongodb::options::DatabaseOptions::builder()
-            .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
-                mongodb::options::ReadPreference::Primary,
-            ))
-            .build(),
-    )
+    let mut options = mongodb::options::DatabaseOptions::default();
+    options.selection_criteria =
+        Some(mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary));
+    options.read_concern = db.read_concern().cloned();
+    options.write_concern = db.write_concern().cloned();
+    db.client().database_with_options(db.name(), options)
 }
 
 /// Why connecting failed.
@@ -332,14 +330,56 @@ pub async fn connect(config: &Config, policy: &RetryPolicy) -> Result<Databases,
     };
     Ok(Databases {
         source: source_client.database(&config.mongodb.database),
-        archive: archive_client.database(config.archive_database()),
+        archive: archive_database(&archive_client, config.archive_database()),
         source_client,
     })
+}
+
+/// The archive database of `client`, written with majority write concern: an archive write
+/// acknowledged by the primary alone may be rolled back by a failover, while the checkpoint
+/// saved after it survives, and the order would be lost without a trace. A `w` the connection
+/// string sets explicitly is kept, with a warning.
+pub fn archive_database(client: &Client, name: &str) -> Database {
+    let database = client.database(name);
+    match database.write_concern().and_then(|wc| wc.w.clone()) {
+        Some(mongodb::options::Acknowledgment::Majority) => database,
+        Some(w) => {
+            tracing::warn!(w = ?w, "the connection string of the archive sets its write concern: archive \
+                writes are acknowledged with it, not by a majority; a failover may roll back orders \
+                whose position is already saved");
+            database
+        }
+        None => {
+            // `j` or `wtimeoutMS` without `w` are kept, with `w: majority`.
+            let mut write_concern =
+                database.write_concern().cloned().unwrap_or_else(mongodb::options::WriteConcern::majority);
+            write_concern.w = Some(mongodb::options::Acknowledgment::Majority);
+            client.database_with_options(
+                name,
+                mongodb::options::DatabaseOptions::builder().write_concern(write_concern).build(),
+            )
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn archive_writes_are_acknowledged_by_a_majority_unless_the_uri_says_otherwise() {
+        use mongodb::options::Acknowledgment;
+        // No server is contacted: the client only connects on first use.
+        let w = |uri: &'static str| async move {
+            let client = Client::with_uri_str(uri).await.unwrap();
+            let archive = archive_database(&client, "livraison");
+            archive.collection::<mongodb::bson::Document>("a").write_concern().and_then(|wc| wc.w.clone())
+        };
+        assert_eq!(w("mongodb://127.0.0.1:9/").await, Some(Acknowledgment::Majority));
+        assert_eq!(w("mongodb://127.0.0.1:9/?journal=true").await, Some(Acknowledgment::Majority));
+        assert_eq!(w("mongodb://127.0.0.1:9/?w=1").await, Some(Acknowledgment::Nodes(1)));
+        assert_eq!(w("mongodb://127.0.0.1:9/?w=majority").await, Some(Acknowledgment::Majority));
+    }
 
     #[test]
     fn io_errors_are_transient_and_others_not() {

@@ -20,6 +20,7 @@ use super::document::{
     copied_fields, field, item_field, raw_document_with_capacity, references, source_digest_of, ArchiveSource, Check,
     Parts, ANOMALY_CHECKS,
 };
+use super::order_id::equality_key;
 use crate::config::Config;
 
 /// The maps of the join: keys are short and hashed several times per order, so a fast hash
@@ -27,25 +28,56 @@ use crate::config::Config;
 /// database, not from a network peer.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// A key under which equal references meet: MongoDB compares numbers by value across types.
+/// A key under which equal references meet, exactly when `$lookup` would match them: MongoDB
+/// compares numbers by value across types (Int32, Int64, Double, Decimal128, `-0.0` and `0`),
+/// and documents and arrays member by member.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum JoinKey {
-    /// An integral number, whatever its BSON type.
+    /// An integral number that an `i64` holds exactly, whatever its BSON type.
     Number(i64),
+    /// Any other number (a fraction, beyond 64 bits, NaN, an infinity): its canonical
+    /// [`equality_key`], which every numeric type spells alike.
+    OtherNumber(Box<str>),
     ObjectId([u8; 12]),
+    /// A string (or the deprecated symbol, which compares as one).
     String(Box<str>),
-    /// Any other value, by its description (type included).
+    /// Any other value, by its [`equality_key`] (type included, numbers inside by value).
     Other(String),
 }
+
+/// 2^63, the first double past `i64::MAX`.
+const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
 
 fn join_key(value: RawBsonRef<'_>) -> JoinKey {
     match value {
         RawBsonRef::Int32(n) => JoinKey::Number(i64::from(n)),
         RawBsonRef::Int64(n) => JoinKey::Number(n),
-        RawBsonRef::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => JoinKey::Number(d as i64),
+        // Every integral double in [-2^63, 2^63) is an exact i64.
+        RawBsonRef::Double(d) if d.fract() == 0.0 && (-TWO_POW_63..TWO_POW_63).contains(&d) => {
+            JoinKey::Number(d as i64)
+        }
+        RawBsonRef::Double(d) => number_key(equality_key(&Bson::Double(d))),
+        RawBsonRef::Decimal128(d) => number_key(equality_key(&Bson::Decimal128(d))),
         RawBsonRef::ObjectId(id) => JoinKey::ObjectId(id.bytes()),
-        RawBsonRef::String(s) => JoinKey::String(s.into()),
-        other => JoinKey::Other(format!("{:?}", Bson::try_from(other).ok())),
+        RawBsonRef::String(s) | RawBsonRef::Symbol(s) => JoinKey::String(s.into()),
+        other => JoinKey::Other(Bson::try_from(other).map(|v| equality_key(&v)).unwrap_or_default()),
+    }
+}
+
+/// The key of a number given by its canonical [`equality_key`] (`n:0`, `n:-15e2`): `Number`
+/// when it is an integer an `i64` holds, so that it meets the integers of the other types.
+fn number_key(canonical: String) -> JoinKey {
+    let integral = canonical.strip_prefix("n:").and_then(|number| {
+        if number == "0" {
+            return Some(0);
+        }
+        let (digits, exponent) = number.split_once('e')?;
+        let exponent = u32::try_from(exponent.parse::<i64>().ok()?).ok()?;
+        digits.parse::<i64>().ok()?.checked_mul(10_i64.checked_pow(exponent)?)
+    });
+    match integral {
+        Some(n) => JoinKey::Number(n),
+        None => JoinKey::OtherNumber(canonical.into()),
     }
 }
 
@@ -555,6 +587,26 @@ mod tests {
         assert_ne!(join_key(Int32(7)), join_key(RawBsonRef::String("7")));
         assert_ne!(join_key(Double(7.5)), join_key(Double(7.0)));
         assert_eq!(join_key(Double(7.5)), join_key(Double(7.5)));
+        // As `$lookup` compares them: decimals, doubles past 2^53, negative zero, NaN.
+        let decimal = |text: &str| text.parse::<mongodb::bson::Decimal128>().unwrap();
+        assert_eq!(join_key(Int32(7)), join_key(RawBsonRef::Decimal128(decimal("7"))));
+        assert_eq!(join_key(Int32(7)), join_key(RawBsonRef::Decimal128(decimal("7.000"))));
+        assert_eq!(join_key(Int32(-700)), join_key(RawBsonRef::Decimal128(decimal("-7E+2"))));
+        assert_eq!(join_key(Double(7.5)), join_key(RawBsonRef::Decimal128(decimal("7.50"))));
+        assert_ne!(join_key(Double(0.1)), join_key(RawBsonRef::Decimal128(decimal("0.1"))));
+        assert_eq!(join_key(Int64(1 << 60)), join_key(Double((1_i64 << 60) as f64)));
+        assert_eq!(join_key(Int64(i64::MIN)), join_key(Double(-TWO_POW_63)));
+        assert_eq!(join_key(Double(1e20)), join_key(RawBsonRef::Decimal128(decimal("1E+20"))));
+        assert_ne!(join_key(Double(1e20)), join_key(Int64(i64::MAX)));
+        assert_eq!(join_key(Double(-0.0)), join_key(Int32(0)));
+        assert_eq!(join_key(Double(-0.0)), join_key(RawBsonRef::Decimal128(decimal("-0.00"))));
+        assert_eq!(join_key(Double(f64::NAN)), join_key(RawBsonRef::Decimal128(decimal("NaN"))));
+        assert_ne!(join_key(RawBsonRef::Decimal128(decimal("7"))), join_key(RawBsonRef::String("7")));
+        let one = doc! { "x": 1 };
+        let one_long = doc! { "x": 1_i64 };
+        let raw = |d: &mongodb::bson::Document| RawDocumentBuf::from_document(d).unwrap();
+        let (one, one_long) = (raw(&one), raw(&one_long));
+        assert_eq!(join_key(RawBsonRef::Document(&one)), join_key(RawBsonRef::Document(&one_long)));
         let id = mongodb::bson::oid::ObjectId::new();
         assert_eq!(join_key(RawBsonRef::ObjectId(id)), join_key(RawBsonRef::ObjectId(id)));
         assert_ne!(join_key(RawBsonRef::ObjectId(id)), join_key(RawBsonRef::String(&id.to_hex())));

@@ -297,7 +297,13 @@ impl Archiver {
             // keeps the copy it has: a placeholder or an undelivered order must never replace it.
             let vanished =
                 !matches!(document.get(super::document::field::SOURCE_DIGEST), Ok(Some(RawBsonRef::String(_))));
-            let delivered = document.get_str(super::document::field::STATUS).is_ok_and(|s| s == self.delivered_status);
+            // Delivered as the purge's query sees it: the status, or an array holding it.
+            let is_delivered = |v: RawBsonRef<'_>| matches!(v, RawBsonRef::String(s) if s == self.delivered_status);
+            let delivered = match document.get(super::document::field::STATUS) {
+                Ok(Some(RawBsonRef::Array(values))) => values.into_iter().flatten().any(is_delivered),
+                Ok(Some(value)) => is_delivered(value),
+                _ => false,
+            };
             if vanished || !delivered {
                 continue;
             }
