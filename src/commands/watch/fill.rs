@@ -52,7 +52,7 @@ pub(super) async fn fill(
         None
     } else {
         let opened =
-            open_stream(config, dbs, None, StartPosition::Now, &[]).await.map_err(|e| WatchError::Fill(e.into()))?;
+            open_stream(config, dbs, None, StartPosition::Now, false).await.map_err(|e| WatchError::Fill(e.into()))?;
         opened.stream.resume_token()
     };
     // A fill is long work of its own, bounded by its retries; the liveness clock is for batches.

@@ -364,6 +364,10 @@ async fn lead(
                 return Ok(());
             }
             Err(StreamFailure::Fatal(e)) => return Err(e),
+            Err(StreamFailure::Reopen(why)) => {
+                tracing::info!(why, "reopening the change stream after the saved token");
+                continue;
+            }
             Err(StreamFailure::Mongo(e, context)) => (e, context),
         };
         let (error, context) = error;
@@ -416,30 +420,42 @@ async fn lead(
     }
 }
 
-/// The reference collections whose changes the stream carries, so that `caching` may keep their
-/// documents: none (references read for every batch) when one is the orders collection itself,
-/// or a view, whose changes happen in another collection.
-async fn followed_references(config: &Config, dbs: &Databases, caching: &Archiver) -> Vec<String> {
+/// Whether `caching` may keep the references it reads, exact through the changes the stream
+/// carries: not (references read for every batch) when one is the orders collection itself,
+/// is a view (whose changes happen in another collection), or does not exist yet (it could be
+/// created as a view, which no change event announces). A reference collection dropped or
+/// renamed while the stream runs reopens it, so that this is decided again.
+async fn keeps_references(config: &Config, dbs: &Databases, caching: &Archiver) -> bool {
     let references = caching.cached_reference_collections();
     if references.is_empty() {
-        return references;
+        return false;
     }
     if references.contains(&config.orders.collection) {
         tracing::warn!("a reference collection is the orders collection: references are read for every batch");
-        return Vec::new();
+        return false;
     }
-    let views =
-        dbs.source.list_collection_names().filter(doc! { "type": "view", "name": { "$in": &references } }).await;
-    match views {
-        Ok(views) if views.is_empty() => references,
-        Ok(views) => {
-            tracing::info!(?views, "reference collections that are views: references are read for every batch");
-            Vec::new()
+    let listed = async {
+        let mut specs = dbs.source.list_collections().filter(doc! { "name": { "$in": &references } }).await?;
+        let mut collections = Vec::new();
+        while let Some(spec) = futures_util::TryStreamExt::try_next(&mut specs).await? {
+            if spec.collection_type == mongodb::results::CollectionType::Collection {
+                collections.push(spec.name);
+            }
+        }
+        Ok::<_, Error>(collections)
+    };
+    match listed.await {
+        Ok(collections) if references.iter().all(|r| collections.contains(r)) => true,
+        Ok(collections) => {
+            let others: Vec<&String> = references.iter().filter(|r| !collections.contains(r)).collect();
+            tracing::info!(collections = ?others,
+                "reference collections that are views or do not exist: references are read for every batch");
+            false
         }
         // Not knowing, keep nothing; the stream's own opening tells whether the server answers.
         Err(e) => {
             tracing::warn!(error = %scrub(&e.to_string()), "cannot list the reference collections: references are read for every batch");
-            Vec::new()
+            false
         }
     }
 }
@@ -458,7 +474,7 @@ async fn run_stream(
     let result = async {
         let resume = state.checkpoint.as_ref().map(|c| &c.resume_token);
         let opened_at = Utc::now();
-        let opened = open_stream(config, dbs, resume, state.start, &followed_references(config, dbs, caching).await)
+        let opened = open_stream(config, dbs, resume, state.start, keeps_references(config, dbs, caching).await)
             .await
             .map_err(|e| StreamFailure::Mongo(e, "opening the change stream"))?;
         let stream = opened.stream;
@@ -512,10 +528,16 @@ async fn run_stream(
             if !batch.events.is_empty() {
                 state.telemetry.work_pending();
             }
+            // A reference collection dropped or renamed may come back as a view, or be created
+            // where none was: what the stream should follow is decided again by reopening it.
+            let replaced = batch.references_changed.iter().any(|change| change.id.is_none());
             if let Err(e) = write_batch(archiver, state, batch, &mut progressed, shutdown).await {
                 break Err(e);
             }
             state.telemetry.work_done();
+            if replaced {
+                break Err(StreamFailure::Reopen("a reference collection was dropped or renamed"));
+            }
         };
         // The receiver goes first, so a reader parked on a full channel returns at once.
         drop(rx);

@@ -133,10 +133,7 @@ pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document>
             "operationType": { "$in": ["insert", "replace"] },
             format!("fullDocument.{status}"): delivered,
         },
-        {
-            "operationType": "update",
-            format!("updateDescription.updatedFields.{status}"): delivered,
-        },
+        { "operationType": "update", "$or": status_set_by_update(status, delivered) },
     ] };
     // A partitioned worker only receives its share, filtered by the server.
     let deliveries = coordination::restrict_to_partition(config, deliveries, "$documentKey._id");
@@ -156,6 +153,33 @@ pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document>
             "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns.coll": 1, "to": 1,
         } },
     ]
+}
+
+/// The conditions under which an update event sets `status` (a field path) to `delivered`. An
+/// update names what it set in `updatedFields` by path: `{"suivi": {"etat": …}}` when the parent
+/// was set whole, which a query path reaches, but `{"suivi.etat": …}` — one field whose name
+/// holds the dot — when the path itself was set, which no query path reaches: for each such
+/// split of the path, the field is found by name (`$objectToArray`, on every supported server).
+fn status_set_by_update(status: &str, delivered: &str) -> Vec<Bson> {
+    let mut conditions = vec![Bson::Document(doc! { format!("updateDescription.updatedFields.{status}"): delivered })];
+    let parts: Vec<&str> = status.split('.').collect();
+    for split in 2..=parts.len() {
+        let name = parts[..split].join(".");
+        let field = doc! { "$arrayElemAt": [
+            { "$filter": {
+                "input": { "$objectToArray": "$updateDescription.updatedFields" },
+                "cond": { "$eq": ["$$this.k", &name] },
+            } },
+            0,
+        ] };
+        let value = match parts[split..].join(".") {
+            rest if rest.is_empty() => "$$field.v".to_owned(),
+            rest => format!("$$field.v.{rest}"),
+        };
+        let set = doc! { "$let": { "vars": { "field": field }, "in": value } };
+        conditions.push(Bson::Document(doc! { "$expr": { "$eq": [set, delivered] } }));
+    }
+    conditions
 }
 
 /// Where a stream without a saved token starts.
@@ -199,32 +223,64 @@ pub(super) struct OpenStream {
     pub(super) follows_references: bool,
 }
 
-/// Opens the filtered stream after `resume`, or else at `start`. With `references`, the stream
-/// is opened on the database and also carries their changes, so that the references the writer
-/// keeps stay exact; a user without the privilege to watch the whole database gets the stream
-/// of the orders collection alone (logged), and references are then read for every batch.
+/// Opens the filtered stream after `resume`, or else at `start`. The stream is opened on the
+/// source database whenever the user may watch it, and then carries the changes of the
+/// reference collections too, whether the writer keeps references (`keep_references`) or not:
+/// one filter for every stream on the database, so that any position one saved, a reference
+/// change's included, resumes any other (a server may look for the resumed event behind the
+/// filter), and the saved position advances whatever the traffic. A user without the privilege
+/// to watch the whole database gets the stream of the orders collection alone (logged), and
+/// references are then read for every batch.
 pub(super) async fn open_stream(
     config: &Config,
     dbs: &Databases,
     resume: Option<&ResumeToken>,
     start: StartPosition,
-    references: &[String],
+    keep_references: bool,
 ) -> Result<OpenStream, Error> {
-    if !references.is_empty() {
-        match open(config, dbs, resume, start, references).await {
-            Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
+    let references = reference_collections(config);
+    match open(config, dbs, resume, start, Scope::Database(&references)).await {
+        Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
+            let error = crate::redact::scrub(&e.to_string());
+            if keep_references {
                 tracing::warn!(
-                    database = %dbs.source.name(), error = %crate::redact::scrub(&e.to_string()),
+                    database = %dbs.source.name(), error = %error,
                     "no privilege to watch the whole source database (changeStream and find on it, \
                      e.g. the read role): watching the orders collection alone, and reading the \
                      references afresh for every batch"
                 );
+            } else {
+                tracing::info!(database = %dbs.source.name(), error = %error,
+                    "no privilege to watch the whole source database: watching the orders collection alone");
             }
-            opened => return opened.map(|stream| OpenStream { stream, follows_references: true }),
         }
+        opened => return opened.map(|stream| OpenStream { stream, follows_references: keep_references }),
     }
-    let stream = open(config, dbs, resume, start, &[]).await?;
+    let stream = open(config, dbs, resume, start, Scope::Collection).await?;
     Ok(OpenStream { stream, follows_references: false })
+}
+
+/// The reference collections named by the configuration, the orders collection left out.
+fn reference_collections(config: &Config) -> Vec<String> {
+    let l = &config.lookups;
+    let mut names: Vec<String> = [&l.client, &l.livreur, &l.restaurant]
+        .iter()
+        .map(|d| d.collection.clone())
+        .chain([l.menu.collection.clone()])
+        .filter(|name| name != &config.orders.collection)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// What a stream watches.
+enum Scope<'a> {
+    /// The source database: the orders collection's events, and every change of these
+    /// reference collections.
+    Database(&'a [String]),
+    /// The orders collection alone.
+    Collection,
 }
 
 async fn open(
@@ -232,10 +288,13 @@ async fn open(
     dbs: &Databases,
     resume: Option<&ResumeToken>,
     start: StartPosition,
-    references: &[String],
+    scope: Scope<'_>,
 ) -> Result<ChangeStream<StreamEvent>, Error> {
     let orders = dbs.source.collection::<Document>(&config.orders.collection);
-    let watch = if references.is_empty() { orders.watch() } else { dbs.source.watch() };
+    let (watch, references) = match scope {
+        Scope::Database(references) => (dbs.source.watch(), references),
+        Scope::Collection => (orders.watch(), &[][..]),
+    };
     let watch = watch
         .pipeline(delivered_filter(config, references))
         .max_await_time(open_stream_await(config))
@@ -316,10 +375,6 @@ pub(super) async fn read_batches(
 ) {
     let mut last_token = stream.resume_token();
     let mut last_idle_save = Instant::now();
-    // The token of the last reference change read, which is never saved: the stream of the
-    // orders collection alone (without the privilege, `REFERENCE_CACHE_ENTRIES=0`, an older
-    // version) could not resume from an event it does not carry.
-    let mut reference_token: Option<ResumeToken> = None;
     loop {
         let mut events: Vec<StreamEvent> = Vec::new();
         let mut references_changed = Vec::new();
@@ -353,10 +408,7 @@ pub(super) async fn read_batches(
                             invalidated = Some(event.operation);
                             break;
                         }
-                        Meaning::References(changes) => {
-                            references_changed.extend(changes);
-                            reference_token = Some(event.token);
-                        }
+                        Meaning::References(changes) => references_changed.extend(changes),
                         Meaning::Delivery => events.push(event),
                     }
                     first_event_at.get_or_insert_with(Instant::now);
@@ -377,17 +429,17 @@ pub(super) async fn read_batches(
             // Never save the invalidating event's own token: it cannot be resumed after.
             events.last().map(|e| e.token.clone()).or_else(|| last_token.clone())
         } else {
-            match stream.resume_token() {
-                // Cut right after a reference change: the last delivery's position instead (the
-                // changes after it are read again after a restart, harmlessly), or none.
-                token if token.is_some() && token == reference_token => events.last().map(|e| e.token.clone()),
-                token => token,
-            }
+            // After a reference change too: a stream that carries reference changes is opened on
+            // the database, and any stream opened on it resumes from any of its positions.
+            stream.resume_token()
         };
         if events.is_empty() && invalidated.is_none() {
             // No delivery: pass the advancing position on now and then, so a quiet collection's
             // token stays inside the oplog window; changed references go on at once, without it.
-            if token == last_token || last_idle_save.elapsed() < IDLE_CHECKPOINT_EVERY {
+            // A reference collection dropped or renamed reopens the stream (see `run_stream`):
+            // its position is saved at once, or the reopened stream would read it again.
+            let replaced = references_changed.iter().any(|change: &ReferenceChange| change.id.is_none());
+            if token == last_token || (last_idle_save.elapsed() < IDLE_CHECKPOINT_EVERY && !replaced) {
                 if !references_changed.is_empty() {
                     let batch = StreamBatch { events, token: None, invalidated, references_changed };
                     if !hand_over(&tx, Ok(batch), &stop).await {
@@ -426,7 +478,11 @@ mod tests {
         assert_eq!(insert.get_str("fullDocument.etat").unwrap(), "done");
         let update = deliveries[1].as_document().unwrap();
         assert_eq!(update.get_str("operationType").unwrap(), "update");
-        assert_eq!(update.get_str("updateDescription.updatedFields.etat").unwrap(), "done");
+        let set = update.get_array("$or").unwrap();
+        assert_eq!(set.len(), 1, "a plain field name needs no lookup by name");
+        assert_eq!(set[0].as_document().unwrap().get_str("updateDescription.updatedFields.etat").unwrap(), "done");
+        // A dotted status: the path, and each of its prefixes named as one field.
+        assert_eq!(status_set_by_update("a.b.c", "done").len(), 3);
         let project = pipeline[1].get_document("$project").unwrap();
         assert!(!project.contains_key("fullDocument"), "full documents are not shipped");
 

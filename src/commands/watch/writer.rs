@@ -41,6 +41,8 @@ pub(super) struct StreamState {
 pub(super) enum StreamFailure {
     Fatal(WatchError),
     Mongo(Error, &'static str),
+    /// Not a failure: the stream is reopened at once after the saved position, for this reason.
+    Reopen(&'static str),
 }
 
 impl From<StoreError> for StreamFailure {
@@ -54,6 +56,7 @@ impl From<StreamFailure> for WatchError {
         match failure {
             StreamFailure::Fatal(e) => e,
             StreamFailure::Mongo(source, context) => WatchError::Database { context, source },
+            StreamFailure::Reopen(why) => WatchError::Database { context: why, source: Error::custom(why) },
         }
     }
 }

@@ -1,0 +1,115 @@
+//! The change stream's edges: deliveries the filter must see whatever the shape of the update,
+//! transactions that deliver an order and change its references, a saved position that keeps
+//! advancing whatever the traffic, and references that change kind under a running `watch`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{order, TestEnv};
+use mongodb::bson::{doc, Document};
+
+/// The resume token saved in `t`'s token file.
+fn saved_token(t: &TestEnv) -> serde_json::Value {
+    let text = std::fs::read_to_string(t.token_file()).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text).map(|v| v["resume_token"].clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dotted_status_field_is_matched_whatever_the_update_sets() {
+    let (t, refs) = TestEnv::seeded("dottedstatus").await;
+    let mut watch = t.watch().env("ARCHIVER_ORDERS__FIELDS__STATUS", "suivi.etat").start().await;
+    let orders: Vec<Document> = (0..20)
+        .map(|n| {
+            let mut o = order(&refs, n, "en_livraison");
+            o.remove("status");
+            o.insert("suivi", doc! { "etat": "en_livraison", "depuis": n });
+            o
+        })
+        .collect();
+    t.orders().insert_many(&orders).await.unwrap();
+    for (n, o) in orders.iter().enumerate() {
+        let id = o.get("_id").unwrap();
+        let update = match n % 3 {
+            // The dotted path itself: the change event names it as one field "suivi.etat".
+            0 => doc! { "$set": { "suivi.etat": "livrée" } },
+            // The parent document as a whole.
+            1 => doc! { "$set": { "suivi": { "etat": "livrée", "depuis": 0 } } },
+            // The dotted path with another field of the parent.
+            _ => doc! { "$set": { "suivi.etat": "livrée", "suivi.depuis": 99 } },
+        };
+        t.orders().update_one(doc! { "_id": id }, update).await.unwrap();
+    }
+    // Not deliveries: another field of the parent, and another value.
+    t.orders().update_many(doc! {}, doc! { "$set": { "suivi.note": "livrée" } }).await.unwrap();
+    t.wait_archived(20).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.archive_len().await, 20);
+    watch.stop_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_saved_position_advances_under_reference_traffic_alone() {
+    let (t, refs) = TestEnv::seeded("reftraffic").await;
+    let mut watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    t.deliver(&refs, [0]).await;
+    t.wait_archived(1).await;
+    // The orders collection quiet, a customer edited every 50 ms.
+    let clients = t.db.collection::<Document>("Client");
+    let mut last = saved_token(&t);
+    let mut advances = 0;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        n += 1;
+        clients.update_one(doc! { "_id": refs.client }, doc! { "$set": { "telephone": n } }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = saved_token(&t);
+        if now != last {
+            advances += 1;
+            last = now;
+        }
+    }
+    assert!(advances >= 3, "the saved position advanced {advances} times in 6 s: {}", watch.stderr());
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("HISTORY LOST"), "{log}");
+    // A watch that does not keep references resumes from that position with nothing lost.
+    t.deliver(&refs, [1, 2]).await;
+    let mut watch = t.watch().env("REFERENCE_CACHE_ENTRIES", "0").start().await;
+    t.wait_all_archived(3).await;
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("HISTORY LOST"), "{log}");
+    t.assert_archive_matches_delivered().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_collection_replaced_by_a_view_is_never_kept_stale() {
+    let (t, refs) = TestEnv::seeded("laterview").await;
+    let mut watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    t.deliver(&refs, [0]).await;
+    t.wait_archived(1).await;
+    // The couriers move to another collection, and a view takes the old name.
+    let source = t.db.collection::<Document>("Livreur_source");
+    source.insert_one(doc! { "_id": refs.livreur, "nom": "Avant", "vehicule": "vélo" }).await.unwrap();
+    t.db.collection::<Document>("Livreur").drop().await.unwrap();
+    t.db.run_command(doc! { "create": "Livreur", "viewOn": "Livreur_source", "pipeline": [] }).await.unwrap();
+    t.deliver(&refs, [1]).await;
+    t.wait_archived(2).await;
+    // A change of the view's collection, which no event of the stream names.
+    source.update_one(doc! { "_id": refs.livreur }, doc! { "$set": { "nom": "Après" } }).await.unwrap();
+    t.deliver(&refs, [2]).await;
+    t.wait_archived(3).await;
+    watch.stop_ok().await;
+    let courier = |n: u32| {
+        let archive = t.archive();
+        async move {
+            let numero = format!("CMD-{n:06}");
+            let d = archive.find_one(doc! { "numero_commande": numero }).await.unwrap().unwrap();
+            d.get_document("livreur").map(|l| l.get_str("nom").unwrap_or_default().to_owned()).unwrap_or_default()
+        }
+    };
+    assert_eq!(courier(1).await, "Avant");
+    assert_eq!(courier(2).await, "Après", "the courier as of the delivery, not as first read through the view");
+}
