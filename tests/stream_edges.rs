@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{order, TestEnv};
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, oid::ObjectId, Document};
 
 /// The resume token saved in `t`'s token file.
 fn saved_token(t: &TestEnv) -> serde_json::Value {
@@ -112,4 +112,61 @@ async fn a_reference_collection_replaced_by_a_view_is_never_kept_stale() {
     };
     assert_eq!(courier(1).await, "Avant");
     assert_eq!(courier(2).await, "Après", "the courier as of the delivery, not as first read through the view");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_that_delivers_an_order_and_renames_its_customer_archives_the_new_name() {
+    let (t, refs) = TestEnv::seeded("txnrefs").await;
+    let clients = t.db.collection::<Document>("Client");
+    let customers: Vec<ObjectId> = (0..150).map(|_| ObjectId::new()).collect();
+    let customer_docs = customers.iter().map(|id| doc! { "_id": id, "nom": "Avant", "prenom": "Léa" });
+    clients.insert_many(customer_docs).await.unwrap();
+    let for_customer = |n: usize, status: &str| {
+        let mut o = order(&refs, n as u32, status);
+        o.insert("client_id", customers[n]);
+        o
+    };
+    let mut watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    // Every customer is in the cache before the transactions start.
+    let first: Vec<Document> = (0..customers.len()).map(|n| for_customer(n, "livrée")).collect();
+    t.orders().insert_many(&first).await.unwrap();
+    t.wait_archived(150).await;
+    let orders: Vec<Document> = (0..customers.len()).map(|n| for_customer(n, "en_livraison")).collect();
+    t.orders().insert_many(&orders).await.unwrap();
+    for (n, o) in orders.iter().enumerate() {
+        let mut session = t.client.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        t.orders()
+            .update_one(doc! { "_id": o.get("_id") }, doc! { "$set": { "status": "livrée" } })
+            .session(&mut session)
+            .await
+            .unwrap();
+        clients
+            .update_one(doc! { "_id": customers[n] }, doc! { "$set": { "nom": "Après" } })
+            .session(&mut session)
+            .await
+            .unwrap();
+        session.commit_transaction().await.unwrap();
+        // The writer goes idle between transactions, so that batches are cut right after a
+        // delivery is read.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.wait_archived(300).await;
+    watch.stop_ok().await;
+    let mut stale = Vec::new();
+    for o in &orders {
+        let archived = t.archive().find_one(doc! { "_id": o.get("_id") }).await.unwrap().unwrap();
+        let name = archived.get_document("client").unwrap().get_str("nom").unwrap().to_owned();
+        if name != "Après" {
+            stale.push(archived.get_str("numero_commande").unwrap().to_owned());
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} of {} archived with the customer from before their transaction: {:?}",
+        stale.len(),
+        orders.len(),
+        &stale[..stale.len().min(10)]
+    );
 }

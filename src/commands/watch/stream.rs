@@ -51,6 +51,12 @@ pub(super) struct StreamEvent {
     ns: Option<Namespace>,
     #[serde(default)]
     to: Option<Namespace>,
+    /// The session of the transaction the event belongs to, if any.
+    #[serde(default)]
+    lsid: Option<RawDocumentBuf>,
+    /// The transaction's number within its session.
+    #[serde(rename = "txnNumber", default)]
+    txn_number: Option<i64>,
 }
 
 /// The collection of an event (and, for a rename, its new name).
@@ -74,6 +80,11 @@ enum Meaning {
 }
 
 impl StreamEvent {
+    /// The transaction the event belongs to (its session and number), if any.
+    fn transaction(&self) -> Option<(Vec<u8>, i64)> {
+        Some((self.lsid.as_ref()?.as_bytes().to_vec(), self.txn_number?))
+    }
+
     /// The `_id` of the changed document, when the event names one.
     pub(super) fn id(&self) -> Option<Bson> {
         let id = self.document_key.as_ref()?.get("_id").ok()??;
@@ -151,6 +162,7 @@ pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document>
         doc! { "$match": { "$or": events } },
         doc! { "$project": {
             "operationType": 1, "documentKey": 1, "clusterTime": 1, "wallTime": 1, "ns.coll": 1, "to": 1,
+            "lsid": 1, "txnNumber": 1,
         } },
     ]
 }
@@ -375,23 +387,41 @@ pub(super) async fn read_batches(
 ) {
     let mut last_token = stream.resume_token();
     let mut last_idle_save = Instant::now();
+    // An event read past the end of a batch (it belongs to the next one).
+    let mut carried: Option<StreamEvent> = None;
     loop {
         let mut events: Vec<StreamEvent> = Vec::new();
         let mut references_changed = Vec::new();
         let mut first_event_at: Option<Instant> = None;
         let mut invalidated = None;
+        // The transaction of the last event read, and where its deliveries start in `events`:
+        // a batch is never cut inside a transaction, or an order it delivers could be enriched
+        // before the reference changes it commits with are read (and forgotten from the cache).
+        let mut open_transaction: Option<(Vec<u8>, i64)> = None;
+        let mut transaction_start = 0;
+        let mut cut = false;
+        // The position of the last event of the batch, and whether an event was read past it.
+        let mut last_read: Option<ResumeToken> = None;
+        let mut read_past = false;
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                next = next_within(&mut stream, silence_limit, &telemetry) => next,
+            let next = match carried.take() {
+                Some(event) => Ok(Some(event)),
+                None => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    next = next_within(&mut stream, silence_limit, &telemetry) => next,
+                },
             };
             match next {
                 Err(e) => {
                     // Not ready from now on, even while the writer is still busy with (or stuck
                     // on) the batch before: readiness tells the stream's state, not the writer's.
                     telemetry.stream_lost("reconnecting");
-                    // Hand over what was read first: it is valid, only unsaved.
+                    // Hand over what was read first: it is valid, only unsaved; but not the
+                    // deliveries of a transaction whose end was not read (replayed after reopening).
+                    if open_transaction.is_some() {
+                        events.truncate(transaction_start);
+                    }
                     if !events.is_empty() {
                         let token = events.last().map(|e| e.token.clone());
                         let batch = StreamBatch { events, token, invalidated: None, references_changed };
@@ -403,31 +433,51 @@ pub(super) async fn read_batches(
                     return;
                 }
                 Ok(Some(event)) => {
+                    let transaction = event.transaction();
+                    if transaction != open_transaction {
+                        if cut {
+                            // The transaction the batch was held open for ended with the event before.
+                            read_past = true;
+                            carried = Some(event);
+                            break;
+                        }
+                        open_transaction = transaction;
+                        transaction_start = events.len();
+                    }
                     match event.meaning(&db, &orders) {
                         Meaning::End => {
                             invalidated = Some(event.operation);
                             break;
                         }
-                        Meaning::References(changes) => references_changed.extend(changes),
-                        Meaning::Delivery => events.push(event),
+                        Meaning::References(changes) => {
+                            references_changed.extend(changes);
+                            last_read = Some(event.token);
+                        }
+                        Meaning::Delivery => {
+                            last_read = Some(event.token.clone());
+                            events.push(event);
+                        }
                     }
                     first_event_at.get_or_insert_with(Instant::now);
-                    if events.len() >= batch_size
+                    cut = cut
+                        || events.len() >= batch_size
                         || references_changed.len() >= batch_size
                         || writer_idle.load(Ordering::Acquire)
-                    {
+                        || first_event_at.is_some_and(|t| t.elapsed() >= max_wait);
+                    if cut && open_transaction.is_none() {
                         break;
                     }
                 }
+                // Nothing more for now: a transaction's events become visible together, so any
+                // transaction read is complete.
                 Ok(None) => break,
-            }
-            if first_event_at.is_some_and(|t| t.elapsed() >= max_wait) {
-                break;
             }
         }
         let token = if invalidated.is_some() {
             // Never save the invalidating event's own token: it cannot be resumed after.
             events.last().map(|e| e.token.clone()).or_else(|| last_token.clone())
+        } else if read_past {
+            last_read
         } else {
             // After a reference change too: a stream that carries reference changes is opened on
             // the database, and any stream opened on it resumes from any of its positions.
