@@ -158,29 +158,34 @@ async fn start_positions_are_explicit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() {
     let (t, refs) = TestEnv::seeded("deadletter").await;
-    // An archive-side rule the malformed order breaks.
-    t.db.run_command(doc! {
-        "create": "Commandes_archive",
-        "validator": { "numero_commande": { "$type": "string" } },
-    })
-    .await
-    .unwrap();
+    // A unique index of the archive that the refused order collides on: it cannot be stored as
+    // it is, whatever the archive's rules.
+    t.archive()
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "numero_commande": 1 })
+                .options(mongodb::options::IndexOptions::builder().unique(true).build())
+                .build(),
+        )
+        .await
+        .unwrap();
+    // A stray archive document holds the number of the refused order.
+    t.archive().insert_one(doc! { "_id": "stray", "numero_commande": "CMD-000001" }).await.unwrap();
     let mut watch = t.watch().start().await;
-    let mut refused = order(&refs, 1, "livrée");
-    refused.remove("numero_commande");
+    let refused = order(&refs, 1, "livrée");
     let refused_id = refused.get_object_id("_id").unwrap();
     t.orders().insert_many([order(&refs, 2, "livrée"), refused, order(&refs, 3, "livrée")]).await.unwrap();
-    t.wait_archived(2).await;
+    t.wait_archived(3).await;
     let errors = t.db.collection::<Document>("Commandes_archive_errors");
     eventually(20, "dead letter recorded", || async { errors.count_documents(doc! {}).await.unwrap() == 1 }).await;
     let letter = errors.find_one(doc! {}).await.unwrap().unwrap();
     assert_eq!(letter.get_object_id("order_id").unwrap(), refused_id);
-    assert_eq!(letter.get_i32("error_code").unwrap(), 121, "{letter}");
+    assert_eq!(letter.get_i32("error_code").unwrap(), 11000, "{letter}");
     assert!(letter.get_str("reason").is_ok());
     assert!(letter.get_i32("attempts").unwrap() >= 1);
     assert!(letter.get_datetime("event_time").is_ok(), "the delivery event's time: {letter}");
     t.deliver(&refs, [4]).await;
-    t.wait_archived(3).await;
+    t.wait_archived(4).await;
     watch.stop_ok().await;
 }
 

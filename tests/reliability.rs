@@ -207,12 +207,15 @@ async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_le
     t.deliver(&refs, 0..20).await;
     let out = t.run(&["batch", "--date-from", "2020-01-01"]);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("refused every order"), "{}", out.stderr);
+    let said = out.stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    assert!(said.contains("the archive refuses the orders on its own account"), "{}", out.stderr);
+    assert!(said.contains("20 of the documents refused: Document failed validation (code 121)"), "{said}");
     let errors = t.db.collection::<Document>("Commandes_archive_errors");
     assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 0, "no order was dead-lettered");
     assert_eq!(t.archive_len().await, 0);
 
-    // The same validator with one order that breaks it differently is still narrowed down.
+    // A validator that one order breaks is the archive's rule all the same: nothing is
+    // dead-lettered, the run stops.
     t.db.run_command(
         doc! { "collMod": "Commandes_archive", "validator": { "numero_commande": { "$type": "string" } } },
     )
@@ -222,9 +225,59 @@ async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_le
     odd.insert("numero_commande", 99);
     t.orders().insert_one(odd).await.unwrap();
     let out = t.run(&["batch", "--date-from", "2020-01-01"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 0, "no order was dead-lettered");
+
+    // An order that cannot be stored as it is (its number taken by another order, on a unique
+    // index of the archive) is narrowed down and dead-lettered, the others archived.
+    t.db.run_command(doc! { "collMod": "Commandes_archive", "validator": {} }).await.unwrap();
+    t.archive()
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "numero_commande": 1 })
+                .options(mongodb::options::IndexOptions::builder().unique(true).build())
+                .build(),
+        )
+        .await
+        .unwrap();
+    // A stray archive document holds the number of the odd order.
+    t.archive().insert_one(doc! { "_id": "stray", "numero_commande": 99 }).await.unwrap();
+    let out = t.run(&["batch", "--date-from", "2020-01-01"]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert_eq!(t.archive_len().await, 20);
+    assert_eq!(t.archive_len().await, 21, "the 20 orders and the stray document");
     assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 1);
+    let letter = errors.find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(letter.get_i32("error_code").unwrap(), 11000, "{letter}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_validator_that_refuses_every_order_holds_them_at_light_load_until_it_is_lifted() {
+    // Before: batches of one were dead-lettered one by one (the "whole batch refused alike"
+    // rule needed two orders), the position moved past them, and none was ever archived.
+    let (t, refs) = TestEnv::seeded("refuselight").await;
+    t.db.run_command(doc! { "create": "Commandes_archive", "validator": { "no_such_field": { "$exists": true } } })
+        .await
+        .unwrap();
+    let mut watch = t.watch().env("RETRY_MAX_DELAY_MS", "500").start().await;
+    let health = health_addr(&watch);
+    for n in 0..5 {
+        t.deliver(&refs, [n]).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let errors = t.db.collection::<Document>("Commandes_archive_errors");
+    assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 0, "no order dead-lettered: {}", watch.stderr());
+    assert_eq!(t.archive_len().await, 0);
+    assert!(watch.is_running(), "{}", watch.stderr());
+    let (status, body) = http_get(&health, "/health/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(watch.log_contains("the archive refuses the batch"), "{}", watch.stderr());
+
+    t.db.run_command(doc! { "collMod": "Commandes_archive", "validator": {} }).await.unwrap();
+    t.wait_all_archived(5).await;
+    eventually(20, "ready again", || async { http_get(&health, "/health/ready").0 == 200 }).await;
+    assert_eq!(errors.count_documents(doc! {}).await.unwrap(), 0);
+    watch.stop_ok().await;
+    t.assert_archive_matches_delivered().await;
 }
 
 /// A server of its own keeping only 50 oplog entries, where a `watch` archived one order and

@@ -103,6 +103,37 @@ pub fn is_history_lost(err: &Error) -> bool {
         || text.contains("resume of change stream was not possible")
 }
 
+/// Server codes that say the archive refuses a write for reasons of its own — its rules, its
+/// privileges, its state — never because of the document written: a validator (which applies to
+/// every document alike, whatever it holds), a missing privilege, a refused operation, a full
+/// disk, a member that is not (or no longer) the primary. Such a write is retried until the
+/// archive is fixed, never narrowed down to orders and dead-lettered.
+pub const ARCHIVE_REFUSALS: &[i32] = &[
+    13,    // Unauthorized
+    18,    // AuthenticationFailed
+    20,    // IllegalOperation
+    121,   // DocumentValidationFailure
+    166,   // CommandNotSupportedOnView
+    8000,  // AtlasError (quota, tier limits)
+    10107, // NotWritablePrimary
+    13435, // NotPrimaryNoSecondaryOk
+    14031, // OutOfDiskSpace
+];
+
+/// Whether `err` is the archive refusing a write on its own account (see [`ARCHIVE_REFUSALS`]):
+/// for a bulk insert, when any of its per-document errors is.
+pub fn is_archive_refusal(err: &Error) -> bool {
+    if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) {
+        return true;
+    }
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(e) => {
+            e.write_errors.as_ref().is_some_and(|w| w.iter().any(|w| ARCHIVE_REFUSALS.contains(&w.code)))
+        }
+        _ => error_code(err).is_some_and(|c| ARCHIVE_REFUSALS.contains(&c)),
+    }
+}
+
 /// The server's code for a duplicate key.
 pub const DUPLICATE_KEY: i32 = 11000;
 
@@ -127,6 +158,25 @@ pub fn cause_in_one_line(err: &Error) -> String {
     let text = match err.kind.as_ref() {
         ErrorKind::ServerSelection { message, .. } => servers_failures(message),
         ErrorKind::Io(e) => lowercase_first(&e.to_string()),
+        ErrorKind::Command(e) => format!("{} (code {} {})", e.message, e.code, e.code_name),
+        ErrorKind::Write(WriteFailure::WriteError(e)) => format!("{} (code {})", e.message, e.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(e)) => {
+            format!("write concern error: {} (code {})", e.message, e.code)
+        }
+        ErrorKind::InsertMany(e) => match (&e.write_concern_error, e.write_errors.as_deref()) {
+            (Some(w), _) => format!("write concern error: {} (code {})", w.message, w.code),
+            (None, Some([first, rest @ ..])) => {
+                let alike = rest.iter().filter(|w| w.code == first.code).count();
+                let others = rest.len() - alike;
+                let mut text =
+                    format!("{} of the documents refused: {} (code {})", 1 + alike, first.message, first.code);
+                if others > 0 {
+                    text.push_str(&format!(", and {others} with other errors"));
+                }
+                text
+            }
+            (None, _) => err.to_string(),
+        },
         _ => err.to_string(),
     };
     scrub(text.lines().next().unwrap_or_default())

@@ -140,7 +140,19 @@ pub async fn archive_matching(
             let outcome = db::retry(&policy, "archiving a chunk", is_transient, Some(shutdown), archive_chunk)
                 .await
                 .map_err(|failed| failed.error)
-                .context("archiving a chunk")?;
+                .map_err(|error| {
+                    let refused = db::is_archive_refusal(&error);
+                    let error = anyhow::Error::new(error).context("archiving a chunk");
+                    if refused {
+                        error.context(
+                            "the archive refuses the orders on its own account (a validator, a privilege, its \
+                             state), not because of an order: nothing was dead-lettered; fix the archive and \
+                             run again",
+                        )
+                    } else {
+                        error
+                    }
+                })?;
             progress.add(ids.len() as u64);
             anyhow::Ok(outcome)
         })

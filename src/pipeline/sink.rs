@@ -16,7 +16,7 @@ use super::join::Joiner;
 use super::lookup::{self, enrichment_stages};
 use super::order_id::{equality_key, present_among};
 use crate::config::{Config, EnrichMode};
-use crate::db::{error_code, is_transient, Databases, DUPLICATE_KEY};
+use crate::db::{error_code, is_archive_refusal, is_transient, Databases, DUPLICATE_KEY};
 
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
@@ -71,22 +71,11 @@ impl Refusal {
     }
 }
 
-/// Server codes that say something about the deployment or the operation, never about one
-/// order: no permission, a failed login, a full disk, a refused operation.
-const NOT_AN_ORDERS_FAULT: &[i32] = &[
-    13,    // Unauthorized
-    18,    // AuthenticationFailed
-    20,    // IllegalOperation
-    8000,  // AtlasError (quota, tier limits)
-    14031, // OutOfDiskSpace
-];
-
-/// Whether `err` may be caused by a particular order (and so is worth narrowing down).
+/// Whether `err` may be caused by a particular order (and so is worth narrowing down): not when
+/// it is transient, nor when it is the archive refusing writes on its own account (a validator,
+/// a privilege, a full disk: see [`is_archive_refusal`]), whatever the number of orders.
 fn may_be_an_orders_fault(err: &Error) -> bool {
-    if is_transient(err) || matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) {
-        return false;
-    }
-    !error_code(err).is_some_and(|c| NOT_AN_ORDERS_FAULT.contains(&c))
+    !is_transient(err) && !is_archive_refusal(err)
 }
 
 fn has_anomalies(doc: &RawDocument) -> bool {
@@ -392,7 +381,7 @@ impl Archiver {
             Err(e) => e,
         };
         let ErrorKind::InsertMany(failure) = error.kind.as_ref() else { return Err(error) };
-        if failure.write_concern_error.is_some() || is_transient(&error) {
+        if failure.write_concern_error.is_some() || is_transient(&error) || is_archive_refusal(&error) {
             return Err(error);
         }
         let write_errors = failure.write_errors.clone().unwrap_or_default();

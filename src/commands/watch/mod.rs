@@ -368,9 +368,10 @@ async fn lead(
                 tracing::info!(why, "reopening the change stream after the saved token");
                 continue;
             }
-            Err(StreamFailure::Mongo(e, context)) => (e, context),
+            Err(StreamFailure::Mongo(e, context)) => (e, context, false),
+            Err(StreamFailure::ArchiveRefused(e)) => (e, "archiving a batch", true),
         };
-        let (error, context) = error;
+        let (error, context, refused) = error;
         if stop.is_cancelled() {
             // Asked to stop (or leadership lost) while the stream failed: the position saved is
             // before anything unarchived, so stopping here loses nothing.
@@ -402,17 +403,24 @@ async fn lead(
             }
             continue;
         }
-        if !is_transient(&error) {
+        if !is_transient(&error) && !refused {
             return Err(WatchError::Database { context, source: error });
         }
         attempts += 1;
-        telemetry.stream_lost("reconnecting");
+        telemetry.stream_lost(if refused { "the archive refuses writes" } else { "reconnecting" });
         telemetry.metrics.reconnects.inc();
         telemetry.metrics.retries.inc();
         // The schedule of an unbounded policy never ends: a service keeps trying.
         let delay = delays.next().unwrap_or(keep_trying.max_delay);
-        tracing::warn!(attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %message,
-            context, "transient database error; reopening the stream after the saved token");
+        if refused {
+            tracing::error!(attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %message,
+                context, "the archive refuses the batch on its own account (a validator, a privilege, \
+                its state), not because of an order: nothing dead-lettered, the position stays before \
+                the batch; retrying until the archive accepts it");
+        } else {
+            tracing::warn!(attempt = attempts, retry_in_ms = delay.as_millis() as u64, error = %message,
+                context, "transient database error; reopening the stream after the saved token");
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return Ok(()),

@@ -43,6 +43,9 @@ pub(super) enum StreamFailure {
     Mongo(Error, &'static str),
     /// Not a failure: the stream is reopened at once after the saved position, for this reason.
     Reopen(&'static str),
+    /// The archive refused a batch on its own account (see [`db::is_archive_refusal`]): retried
+    /// until it accepts, like a transient error, since no order is at fault.
+    ArchiveRefused(Error),
 }
 
 impl From<StoreError> for StreamFailure {
@@ -57,6 +60,7 @@ impl From<StreamFailure> for WatchError {
             StreamFailure::Fatal(e) => e,
             StreamFailure::Mongo(source, context) => WatchError::Database { context, source },
             StreamFailure::Reopen(why) => WatchError::Database { context: why, source: Error::custom(why) },
+            StreamFailure::ArchiveRefused(source) => WatchError::Database { context: "archiving a batch", source },
         }
     }
 }
@@ -111,6 +115,10 @@ pub(super) async fn write_batch(
         for slice in ids.chunks(slice_len) {
             match bounded(archiver.archive_ids(slice, &times), "archiving a batch", limit, shutdown).await {
                 Ok(written) => outcome += written,
+                Err(e) if db::is_archive_refusal(&e) => {
+                    state.telemetry.write_result(false);
+                    return Err(StreamFailure::ArchiveRefused(e));
+                }
                 Err(e) => {
                     state.telemetry.write_result(false);
                     return Err(StreamFailure::Mongo(e, "archiving a batch"));
