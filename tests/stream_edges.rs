@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::proxy::{Mode, Proxy};
 use common::{order, TestEnv};
 use mongodb::bson::{doc, oid::ObjectId, Document};
 
@@ -169,4 +170,42 @@ async fn a_transaction_that_delivers_an_order_and_renames_its_customer_archives_
         orders.len(),
         &stale[..stale.len().min(10)]
     );
+}
+
+/// The peak resident memory of a process, in MiB (Linux).
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_large_orders_is_enriched_a_slice_at_a_time() {
+    // Slices used to be sized by a moving average of the documents written: a burst of large
+    // orders after small ones was enriched and written whole.
+    let (t, refs) = TestEnv::seeded("largeburst").await;
+    // A slow archive, so that the burst arrives while a write is under way and makes one batch.
+    let archive = Proxy::for_uri(&t.uri).await;
+    archive.set_mode(Mode::Latency(Duration::from_millis(150)));
+    let mut watch = t.watch().env("BATCH_MAX_BYTES", "1048576").env("ARCHIVE_URI", archive.uri(&t.uri)).start().await;
+    t.deliver(&refs, 0..50).await;
+    t.wait_archived(50).await;
+    // 40 orders of about 1 MB each (more once enriched), behind 20 small ones, all delivered by
+    // one update while a write is under way.
+    let item = doc! { "menu_id": refs.menu[0], "quantite": 2, "note": "x".repeat(40) };
+    for n in 51..111 {
+        let mut o = order(&refs, n, "en_livraison");
+        if n >= 71 {
+            o.insert("items", vec![item.clone(); 13_000]);
+        }
+        t.orders().insert_one(o).await.unwrap();
+    }
+    t.deliver(&refs, [50]).await;
+    t.orders().update_many(doc! { "status": "en_livraison" }, doc! { "$set": { "status": "livrée" } }).await.unwrap();
+    t.wait_archived_within(111, 120).await;
+    let peak = peak_rss_mib(watch.child.id());
+    watch.stop_ok().await;
+    // What the burst weighs whole: 40 MB of orders, and more of archive documents.
+    assert!(peak < 100, "peak RSS {peak} MiB while archiving 40 orders of 1 MB with BATCH_MAX_BYTES=1 MiB");
+    t.assert_archive_matches_delivered().await;
 }

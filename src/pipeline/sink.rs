@@ -93,9 +93,6 @@ pub struct Archiver {
     joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
-    /// Average size in bytes of the archive documents written (a moving average over the
-    /// batches; 0 until the first write), so that callers can bound the bytes of a batch.
-    document_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Archiver {
@@ -116,7 +113,6 @@ impl Archiver {
             },
             source,
             delivered_status: config.orders.delivered_status.clone(),
-            document_bytes: Default::default(),
         }
     }
 
@@ -145,24 +141,6 @@ impl Archiver {
         if let Some(joiner) = &self.joiner {
             joiner.forget_all();
         }
-    }
-
-    /// The average size of the archive documents written so far, once any was.
-    pub fn document_bytes(&self) -> Option<u64> {
-        Some(self.document_bytes.load(std::sync::atomic::Ordering::Relaxed)).filter(|b| *b > 0)
-    }
-
-    /// Folds the average size of `docs` into [`Archiver::document_bytes`].
-    fn measure(&self, docs: &[RawDocumentBuf]) {
-        if docs.is_empty() {
-            return;
-        }
-        let sample = docs.iter().map(|d| d.as_bytes().len() as u64).sum::<u64>() / docs.len() as u64;
-        let _ = self.document_bytes.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |old| Some(if old == 0 { sample } else { (old * 3 + sample) / 4 }),
-        );
     }
 
     /// The enrichment stages, for callers that build their own pipelines around them.
@@ -250,18 +228,34 @@ impl Archiver {
     /// Archives orders already read (by `batch`, which streams them): joined on the client, with
     /// the same fallbacks as [`Archiver::archive_ids`] when the join or the write cannot do them.
     pub async fn archive_orders(&self, orders: &[RawDocumentBuf]) -> Result<WriteOutcome, Error> {
+        self.archive_read_orders(orders, &EventTimes::new()).await
+    }
+
+    /// [`Archiver::archive_orders`], with the times of the delivery events (recorded with dead
+    /// letters).
+    pub async fn archive_read_orders(
+        &self,
+        orders: &[RawDocumentBuf],
+        times: &EventTimes,
+    ) -> Result<WriteOutcome, Error> {
         let ids: Vec<Bson> = orders.iter().map(|o| id_of(o)).collect();
-        let no_events = EventTimes::new();
-        let Some(joiner) = &self.joiner else { return self.archive_ids(&ids, &no_events).await };
+        let Some(joiner) = &self.joiner else { return self.archive_ids(&ids, times).await };
         let Some(docs) = joiner.enrich(orders).await? else {
-            return self.archive_ids(&ids, &no_events).await;
+            return self.archive_ids(&ids, times).await;
         };
         let mut refused = Vec::new();
         match self.write_collecting(docs, &mut refused).await {
-            Ok(outcome) => self.settle(outcome, refused, ids.len(), &no_events).await,
-            Err(e) if may_be_an_orders_fault(&e) => self.archive_ids(&ids, &no_events).await,
+            Ok(outcome) => self.settle(outcome, refused, ids.len(), times).await,
+            Err(e) if may_be_an_orders_fault(&e) => self.archive_ids(&ids, times).await,
             Err(e) => Err(e),
         }
+    }
+
+    /// The orders with these ids, as stored, read `read_ahead` at a time (from the primary): for
+    /// callers that bound the bytes they hold by the orders' actual sizes.
+    pub async fn orders_by_id(&self, ids: &[Bson], read_ahead: u32) -> Result<mongodb::Cursor<RawDocumentBuf>, Error> {
+        let orders = self.orders.clone_with_type::<RawDocumentBuf>();
+        orders.find(doc! { "_id": { "$in": ids } }).batch_size(read_ahead.max(1)).await
     }
 
     /// Like [`Archiver::archive_ids`], but first leaves out the orders already archived, so
@@ -370,7 +364,6 @@ impl Archiver {
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        self.measure(&docs);
         let flagged: Vec<bool> = docs.iter().map(|d| has_anomalies(d)).collect();
         let ids: Vec<Bson> = docs.iter().map(|d| id_of(d)).collect();
         let error = match self.archive.insert_many(docs).ordered(false).await {

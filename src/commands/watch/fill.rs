@@ -12,7 +12,7 @@ use super::writer::{persist, StreamState};
 use super::WatchError;
 use crate::config::{Config, WritePath};
 use crate::coordination;
-use crate::db::Databases;
+use crate::db::{self, is_transient, Databases, RetryPolicy};
 use crate::pipeline::document::ArchiveSource;
 use crate::pipeline::scan::archive_matching;
 use crate::pipeline::sink::Archiver;
@@ -48,20 +48,32 @@ pub(super) async fn fill(
     // The time the new position stands for is when it was taken, not when the fill ended: a
     // later gap-fill must start from here, or it would miss what was delivered during this one.
     let taken_at = Utc::now();
+    // A service rides out a database outage during a fill as it does while streaming: the fill
+    // is idempotent (orders already archived are skipped), so it is simply run again.
+    let keep_trying = RetryPolicy::unbounded(&config.retry);
     let start_token = if keep_position {
         None
     } else {
+        let open = async || open_stream(config, dbs, None, StartPosition::Now, false).await;
         let opened =
-            open_stream(config, dbs, None, StartPosition::Now, false).await.map_err(|e| WatchError::Fill(e.into()))?;
+            db::retry(&keep_trying, "cannot open a change stream before the fill", is_transient, Some(shutdown), open)
+                .await
+                .map_err(|failed| WatchError::Fill(failed.error.into()))?;
         opened.stream.resume_token()
     };
     // A fill is long work of its own, bounded by its retries; the liveness clock is for batches.
     state.telemetry.work_done();
     let started = Instant::now();
     let archiver = Archiver::new(config, dbs, ArchiveSource::Batch);
-    let (matched, outcome) = archive_matching(config, dbs, &archiver, &filter, WritePath::Client, true, shutdown)
-        .await
-        .map_err(|e| WatchError::Fill(e.into()))?;
+    let archive = async || {
+        let filled = archive_matching(config, dbs, &archiver, &filter, WritePath::Client, true, shutdown).await;
+        state.telemetry.work_done();
+        filled.map_err(FillError)
+    };
+    let (matched, outcome) =
+        db::retry(&keep_trying, "the fill failed; filling again", FillError::is_transient, Some(shutdown), archive)
+            .await
+            .map_err(|failed| WatchError::Fill(failed.error.0.into()))?;
     tracing::warn!(
         fill = what,
         matched,
@@ -80,4 +92,21 @@ pub(super) async fn fill(
         persist(state, token, None, Some(taken_at), shutdown).await.map_err(WatchError::from)?;
     }
     Ok(())
+}
+
+/// A failed fill, told apart by its database cause.
+struct FillError(anyhow::Error);
+
+impl FillError {
+    /// Whether a database error in the chain is transient (a fill is then run again).
+    fn is_transient(&self) -> bool {
+        self.0.chain().any(|cause| cause.downcast_ref::<mongodb::error::Error>().is_some_and(is_transient))
+    }
+}
+
+impl std::fmt::Display for FillError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The chain in one line: the retry's warning names the cause, not only the context.
+        write!(f, "{:#}", self.0)
+    }
 }

@@ -342,6 +342,7 @@ async fn lead(
         telemetry: telemetry.clone(),
         write_timeout: Duration::from_millis(config.watch.write_timeout_ms),
         max_batch_bytes: config.watch.batch_max_bytes,
+        order_bytes: 0,
     };
     if options.catch_up {
         let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use mongodb::bson::{Bson, Timestamp};
+use futures_util::TryStreamExt;
+use mongodb::bson::{Bson, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::error::Error;
 use tokio_util::sync::CancellationToken;
@@ -16,11 +17,8 @@ use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::config::RetrySettings;
 use crate::db::{self, bounded, RetryPolicy};
 use crate::pipeline::order_id::equality_key;
-use crate::pipeline::sink::{Archiver, EventTimes, WriteOutcome};
+use crate::pipeline::sink::{id_of, Archiver, EventTimes, WriteOutcome};
 use crate::telemetry::Telemetry;
-
-/// How many orders a batch enriches at once before the size of an archive document is known.
-const FIRST_SLICE: usize = 50;
 
 /// What survives a stream restart.
 pub(super) struct StreamState {
@@ -35,6 +33,10 @@ pub(super) struct StreamState {
     pub(super) write_timeout: Duration,
     /// Most bytes of archive documents enriched and written at once.
     pub(super) max_batch_bytes: u64,
+    /// The average size of the orders read so far (a moving average; 0 until the first), which
+    /// sizes how many are read at a time: what is held stays bounded by their actual sizes
+    /// whatever this says.
+    pub(super) order_bytes: u64,
 }
 
 /// Why a stream's life ended: for good, or on a database error the caller may ride out.
@@ -95,7 +97,8 @@ pub(super) async fn write_batch(
                 ids.push(id);
             }
         }
-        let metrics = &state.telemetry.metrics;
+        let telemetry = state.telemetry.clone();
+        let metrics = &telemetry.metrics;
         metrics.events_received.inc_by(batch.events.len() as u64);
         let last = batch.events.last().expect("non-empty");
         let wall_time: Option<DateTime<Utc>> = last
@@ -103,28 +106,20 @@ pub(super) async fn write_batch(
             .map(|t| t.to_chrono())
             .or_else(|| last.cluster_time.and_then(|ts| DateTime::from_timestamp(i64::from(ts.time), 0)));
         let cluster_time = last.cluster_time;
-        // A batch whose documents would exceed the byte bound is enriched and written in slices
-        // (its checkpoint still saved only after the last), so memory stays bounded whatever the
-        // size of the orders. Until the size of a document is known, slices are small.
-        let slice_len = match archiver.document_bytes() {
-            Some(bytes) => (state.max_batch_bytes / bytes.max(1)).max(1) as usize,
-            None => FIRST_SLICE,
-        };
-        let limit = state.write_timeout;
-        let mut outcome = WriteOutcome::default();
-        for slice in ids.chunks(slice_len) {
-            match bounded(archiver.archive_ids(slice, &times), "archiving a batch", limit, shutdown).await {
-                Ok(written) => outcome += written,
-                Err(e) if db::is_archive_refusal(&e) => {
-                    state.telemetry.write_result(false);
-                    return Err(StreamFailure::ArchiveRefused(e));
-                }
-                Err(e) => {
-                    state.telemetry.write_result(false);
-                    return Err(StreamFailure::Mongo(e, "archiving a batch"));
-                }
+        // A batch is enriched and written in slices of at most half `max_batch_bytes` of orders,
+        // by their actual sizes as they are read (its checkpoint still saved only after the
+        // last), so memory stays bounded whatever the sizes of the orders of a burst.
+        let (outcome, slices) = match archive_within(archiver, &ids, &times, state, shutdown).await {
+            Ok(archived) => archived,
+            Err(e) if db::is_archive_refusal(&e) => {
+                state.telemetry.write_result(false);
+                return Err(StreamFailure::ArchiveRefused(e));
             }
-        }
+            Err(e) => {
+                state.telemetry.write_result(false);
+                return Err(StreamFailure::Mongo(e, "archiving a batch"));
+            }
+        };
         state.telemetry.write_result(true);
         metrics.orders_archived.inc_by(outcome.inserted);
         metrics.orders_already_archived.inc_by(outcome.already_archived);
@@ -143,7 +138,7 @@ pub(super) async fn write_batch(
         tracing::info!(
             batch_len = batch.events.len(),
             orders = ids.len(),
-            slices = ids.len().div_ceil(slice_len),
+            slices,
             inserted = outcome.inserted,
             already_archived = outcome.already_archived,
             anomalies = outcome.anomalies,
@@ -176,6 +171,67 @@ pub(super) async fn write_batch(
     }
     Ok(())
 }
+
+/// Archives the orders `ids`, read as stored a few at a time and archived in slices of at most
+/// half `max_batch_bytes` of orders (the other half is for their archive documents); the ids not
+/// found (deleted since their delivery) last. Each read and each slice is bounded by the write
+/// timeout. Returns what was written and in how many slices.
+async fn archive_within(
+    archiver: &Archiver,
+    ids: &[Bson],
+    times: &EventTimes,
+    state: &mut StreamState,
+    shutdown: &CancellationToken,
+) -> Result<(WriteOutcome, usize), Error> {
+    let (limit, slice_bytes) = (state.write_timeout, (state.max_batch_bytes / 2).max(1));
+    // Read ahead about a slice's worth (the server sends at most 16 MB at a time anyway).
+    let read_ahead = match state.order_bytes {
+        0 => FIRST_READ_AHEAD,
+        bytes => (slice_bytes / bytes).clamp(1, MAX_READ_AHEAD) as u32,
+    };
+    let mut outcome = WriteOutcome::default();
+    let mut slices = 0;
+    let mut found = std::collections::HashSet::with_capacity(ids.len());
+    let mut slice: Vec<RawDocumentBuf> = Vec::new();
+    let (mut held, mut read_bytes) = (0, 0);
+    let reading = "reading the delivered orders";
+    let mut orders = bounded(archiver.orders_by_id(ids, read_ahead), reading, limit, shutdown).await?;
+    loop {
+        let next = bounded(orders.try_next(), reading, limit, shutdown).await?;
+        let done = next.is_none();
+        if let Some(order) = next {
+            held += order.as_bytes().len() as u64;
+            found.insert(equality_key(&id_of(&order)));
+            slice.push(order);
+        }
+        if !slice.is_empty() && (done || held >= slice_bytes) {
+            outcome +=
+                bounded(archiver.archive_read_orders(&slice, times), "archiving a batch", limit, shutdown).await?;
+            slices += 1;
+            read_bytes += held;
+            slice.clear();
+            held = 0;
+        }
+        if done {
+            break;
+        }
+    }
+    if !found.is_empty() {
+        let sample = read_bytes / found.len() as u64;
+        state.order_bytes = if state.order_bytes == 0 { sample } else { (state.order_bytes * 3 + sample) / 4 };
+    }
+    let vanished: Vec<Bson> = ids.iter().filter(|id| !found.contains(&equality_key(id))).cloned().collect();
+    if !vanished.is_empty() {
+        outcome += bounded(archiver.archive_ids(&vanished, times), "archiving a batch", limit, shutdown).await?;
+        slices += 1;
+    }
+    Ok((outcome, slices))
+}
+
+/// How many orders are read at a time before their size is known.
+const FIRST_READ_AHEAD: u32 = 16;
+/// The most orders read at a time.
+const MAX_READ_AHEAD: u64 = 1000;
 
 /// Saves the position, retrying with backoff while the disk (or the shared store) refuses.
 /// Until it succeeds no further batch is taken, so the token never runs ahead of the archive.
