@@ -209,3 +209,25 @@ async fn a_burst_of_large_orders_is_enriched_a_slice_at_a_time() {
     assert!(peak < 100, "peak RSS {peak} MiB while archiving 40 orders of 1 MB with BATCH_MAX_BYTES=1 MiB");
     t.assert_archive_matches_delivered().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_of_almost_16_mb_delivered_by_an_update_is_archived() {
+    // 15.9 MB as stored: with the update's description its change event reaches 16 MB on the
+    // server. The stream projects each event to a few fields before it leaves the server, and the
+    // archive document keeps the order's own fields only: archived like any other.
+    let (t, refs) = TestEnv::seeded("sixteenmb").await;
+    let mut watch = t.watch().start().await;
+    let mut big = order(&refs, 1, "en_livraison");
+    big.insert("instructions", "x".repeat(15_900_000));
+    let id = big.get_object_id("_id").unwrap();
+    t.orders().insert_one(big).await.unwrap();
+    t.orders()
+        .update_one(doc! { "_id": id }, doc! { "$set": { "status": "livrée", "note": "y".repeat(50_000) } })
+        .await
+        .unwrap();
+    t.deliver(&refs, [2]).await;
+    t.wait_all_archived(2).await;
+    t.deliver(&refs, [3]).await;
+    t.wait_all_archived(3).await;
+    watch.stop_ok().await;
+}

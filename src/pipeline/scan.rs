@@ -192,7 +192,7 @@ async fn merge_chunk(
         inserted: (ids.len() as u64).saturating_sub(already),
         already_archived: already,
         anomalies,
-        dead_lettered: 0,
+        ..WriteOutcome::default()
     })
 }
 

@@ -18,6 +18,12 @@ use super::order_id::{equality_key, present_among};
 use crate::config::{Config, EnrichMode};
 use crate::db::{error_code, is_archive_refusal, is_transient, Databases, DUPLICATE_KEY};
 
+/// The largest document MongoDB stores (`maxBsonObjectSize`).
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The server's code for a document over [`MAX_DOCUMENT_BYTES`].
+const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
 pub type EventTimes = std::collections::HashMap<String, mongodb::bson::DateTime>;
@@ -43,6 +49,8 @@ pub struct WriteOutcome {
     pub anomalies: u64,
     /// Orders recorded in the dead-letter collection instead.
     pub dead_lettered: u64,
+    /// Of those, orders whose archive document exceeds the archive's document size limit.
+    pub too_large: u64,
 }
 
 impl std::ops::AddAssign for WriteOutcome {
@@ -51,6 +59,7 @@ impl std::ops::AddAssign for WriteOutcome {
         self.already_archived += other.already_archived;
         self.anomalies += other.anomalies;
         self.dead_lettered += other.dead_lettered;
+        self.too_large += other.too_large;
     }
 }
 
@@ -63,6 +72,8 @@ struct Refusal {
     reason: String,
     /// The error it came with, returned when the refusal turns out not to be the order's.
     error: Error,
+    /// The size of its archive document, when that is why it was refused.
+    size: Option<usize>,
 }
 
 impl Refusal {
@@ -186,6 +197,7 @@ impl Archiver {
                     code: error_code(&e),
                     reason: crate::redact::scrub(&e.to_string()),
                     error: e,
+                    size: None,
                 });
                 Ok(WriteOutcome::default())
             }
@@ -213,9 +225,10 @@ impl Archiver {
         }
         for refusal in &refused {
             tracing::error!(order_id = %refusal.id, code = ?refusal.code, error = %refusal.reason,
-                "cannot archive an order; recorded in the dead-letter collection");
-            self.record_dead_letter(&refusal.id, &refusal.reason, refusal.code, times).await?;
+                size_bytes = refusal.size, "cannot archive an order; recorded in the dead-letter collection");
+            self.record_dead_letter(refusal, times).await?;
             outcome.dead_lettered += 1;
+            outcome.too_large += u64::from(refusal.size.is_some());
         }
         Ok(outcome)
     }
@@ -361,6 +374,23 @@ impl Archiver {
         docs: Vec<RawDocumentBuf>,
         refused: &mut Vec<Refusal>,
     ) -> Result<WriteOutcome, Error> {
+        // A document past the server's limit would fail the whole insert (the driver refuses to
+        // send it): it is refused here, with its size, and the others are written.
+        let (docs, oversized): (Vec<_>, Vec<_>) =
+            docs.into_iter().partition(|d| d.as_bytes().len() <= MAX_DOCUMENT_BYTES);
+        for document in &oversized {
+            let bytes = document.as_bytes().len();
+            refused.push(Refusal {
+                id: id_of(document),
+                code: Some(BSON_OBJECT_TOO_LARGE),
+                reason: format!(
+                    "its archive document is {bytes} bytes, over the archive's limit of {MAX_DOCUMENT_BYTES} bytes \
+                     (16 MiB)"
+                ),
+                error: Error::custom(format!("archive document of {bytes} bytes")),
+                size: Some(bytes),
+            });
+        }
         if docs.is_empty() {
             return Ok(WriteOutcome::default());
         }
@@ -395,6 +425,7 @@ impl Archiver {
                 code: Some(w.code),
                 reason: crate::redact::scrub(&w.message),
                 error: error.clone(),
+                size: None,
             });
         }
         let written = || failed.iter().zip(&flagged).filter(|(failed, _)| !**failed);
@@ -409,15 +440,11 @@ impl Archiver {
     }
 
     /// Records (or updates) the dead letter of one order.
-    async fn record_dead_letter(
-        &self,
-        id: &Bson,
-        reason: &str,
-        code: Option<i32>,
-        times: &EventTimes,
-    ) -> Result<(), Error> {
+    async fn record_dead_letter(&self, refusal: &Refusal, times: &EventTimes) -> Result<(), Error> {
+        let (id, reason, code) = (&refusal.id, &refusal.reason, refusal.code);
         let now = mongodb::bson::DateTime::now();
         let event_time = times.get(&equality_key(id)).map_or(Bson::Null, |t| Bson::DateTime(*t));
+        let size = refusal.size.map_or(Bson::Null, |bytes| Bson::Int64(bytes as i64));
         self.dead_letters
             .update_one(
                 doc! { "_id": id },
@@ -428,6 +455,7 @@ impl Archiver {
                         "error_code": code.map(Bson::Int32).unwrap_or(Bson::Null),
                         "source": self.source.as_str(),
                         "last_attempt_at": now,
+                        "size_bytes": size,
                     },
                     "$setOnInsert": { "first_attempt_at": now, "event_time": event_time },
                     "$inc": { "attempts": 1 },

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub anomalies: Counter,
     /// Orders recorded in the dead-letter collection.
     pub dead_letters: Counter,
+    /// Of those, orders whose archive document exceeds the 16 MiB document limit.
+    pub orders_too_large: Counter,
     /// Failed batch writes (each is retried).
     pub write_errors: Counter,
     /// Retries after transient errors.

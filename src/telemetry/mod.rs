@@ -88,6 +88,7 @@ impl Telemetry {
             orders_already_archived: Counter::default(),
             anomalies: Counter::default(),
             dead_letters: Counter::default(),
+            orders_too_large: Counter::default(),
             write_errors: Counter::default(),
             retries: Counter::default(),
             reconnects: Counter::default(),
@@ -114,6 +115,11 @@ impl Telemetry {
         );
         registry.register("anomalies", "Archive documents written with anomalies", m.anomalies.clone());
         registry.register("dead_letters", "Orders recorded in the dead-letter collection", m.dead_letters.clone());
+        registry.register(
+            "orders_too_large",
+            "Orders dead-lettered because their archive document exceeds the 16 MiB document limit",
+            m.orders_too_large.clone(),
+        );
         registry.register("write_errors", "Failed archive writes", m.write_errors.clone());
         registry.register("retries", "Retries after transient errors", m.retries.clone());
         registry.register("reconnects", "Change stream reopenings", m.reconnects.clone());
@@ -375,6 +381,7 @@ mod tests {
             "archiver_orders_archived_total 3",
             "archiver_anomalies_total",
             "archiver_dead_letters_total",
+            "archiver_orders_too_large_total",
             "archiver_write_errors_total",
             "archiver_retries_total",
             "archiver_reconnects_total",

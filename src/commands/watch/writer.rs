@@ -125,6 +125,7 @@ pub(super) async fn write_batch(
         metrics.orders_already_archived.inc_by(outcome.already_archived);
         metrics.anomalies.inc_by(outcome.anomalies);
         metrics.dead_letters.inc_by(outcome.dead_lettered);
+        metrics.orders_too_large.inc_by(outcome.too_large);
         metrics.batches.inc();
         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
         let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
