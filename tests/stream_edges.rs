@@ -183,7 +183,9 @@ fn peak_rss_mib(pid: u32) -> u64 {
 async fn a_burst_of_large_orders_is_enriched_a_slice_at_a_time() {
     // Slices used to be sized by a moving average of the documents written: a burst of large
     // orders after small ones was enriched and written whole.
-    let (t, refs) = TestEnv::seeded("largeburst").await;
+    // On a server of its own: the test server keeps large oplog entries in memory, and every
+    // change stream on it reads them.
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("largeburst", "").await;
     // A slow archive, so that the burst arrives while a write is under way and makes one batch.
     let archive = Proxy::for_uri(&t.uri).await;
     archive.set_mode(Mode::Latency(Duration::from_millis(150)));
@@ -215,7 +217,8 @@ async fn an_order_of_almost_16_mb_delivered_by_an_update_is_archived() {
     // 15.9 MB as stored: with the update's description its change event reaches 16 MB on the
     // server. The stream projects each event to a few fields before it leaves the server, and the
     // archive document keeps the order's own fields only: archived like any other.
-    let (t, refs) = TestEnv::seeded("sixteenmb").await;
+    // On a server of its own, as above.
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("sixteenmb", "").await;
     let mut watch = t.watch().start().await;
     let mut big = order(&refs, 1, "en_livraison");
     big.insert("instructions", "x".repeat(15_900_000));
@@ -229,5 +232,26 @@ async fn an_order_of_almost_16_mb_delivered_by_an_update_is_archived() {
     t.wait_all_archived(2).await;
     t.deliver(&refs, [3]).await;
     t.wait_all_archived(3).await;
+    watch.stop_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_event_too_large_to_send_is_read_past_and_its_order_archived() {
+    // The server's answer to a change event over 16 MB (which SecantusDB never gives) on the
+    // stream's getMore, then on each resume from the same position: `watch` used to exit.
+    let (t, refs) = TestEnv::seeded("toolarge").await;
+    let wire = common::wire::Injector::start(common::proxy::upstream_of(&t.uri)).await;
+    let mut watch = t.watch().env("MONGODB_URI", wire.uri(&t.uri)).env("RETRY_MAX_DELAY_MS", "500").start().await;
+    t.deliver(&refs, [0]).await;
+    t.wait_archived(1).await;
+    wire.fail_with_too_large(1, 2);
+    t.deliver(&refs, [1, 2]).await;
+    common::eventually(30, "the stream meets every injected answer", || async { wire.injected() == 3 }).await;
+    t.wait_all_archived(3).await;
+    assert!(watch.log_contains("too large for the server to send"), "{}", watch.stderr());
+    assert!(watch.is_running(), "{}", watch.stderr());
+    // Streaming goes on as before.
+    t.deliver(&refs, [3]).await;
+    t.wait_all_archived(4).await;
     watch.stop_ok().await;
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use mongodb::bson::doc;
+use mongodb::bson::{doc, Bson};
 use mongodb::error::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,13 +28,14 @@ use crate::config::{CheckpointStoreKind, Config};
 use crate::coordination::{self, leadership, Lease};
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases, RetryPolicy};
 use crate::pipeline::document::ArchiveSource;
-use crate::pipeline::sink::{Archiver, WriteOutcome};
+use crate::pipeline::order_id::{equality_key, present_among};
+use crate::pipeline::sink::{Archiver, EventTimes, WriteOutcome};
 use crate::redact::scrub;
 use crate::telemetry::{Role, Telemetry};
 
 use fill::{fill, gap_filter};
 pub use stream::{delivered_filter, StartPosition};
-use stream::{open_stream, open_stream_await, read_batches, StreamBatch};
+use stream::{is_event_too_large, open_stream, open_stream_await, read_batches, read_past_large_events, StreamBatch};
 use writer::{persist, write_batch, StreamFailure, StreamState};
 
 /// Why `watch` stopped other than by a shutdown request. Each variant keeps its cause; the
@@ -404,7 +405,19 @@ async fn lead(
             }
             continue;
         }
-        if !is_transient(&error) && !refused {
+        let mut too_large = false;
+        if is_event_too_large(&error) {
+            tracing::error!(error = %message, "a change event is too large for the server to send (over 16 MB): \
+                reading past it with a stream that carries no order content, and archiving the orders it \
+                names that are delivered");
+            match read_past_large_event(config, dbs, &archiver, &mut state, stop).await {
+                Ok(true) => continue,
+                Ok(false) | Err(StreamFailure::Mongo(..)) => too_large = true,
+                Err(StreamFailure::Fatal(e)) => return Err(e),
+                Err(other) => return Err(other.into()),
+            }
+        }
+        if !is_transient(&error) && !refused && !too_large {
             return Err(WatchError::Database { context, source: error });
         }
         attempts += 1;
@@ -427,6 +440,56 @@ async fn lead(
             _ = stop.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Reads past the change events after the saved position with a stream that never ships an
+/// order's content (see [`read_past_large_events`]), archives those of the orders it names that
+/// are delivered, and saves the position after them. Returns whether the position moved.
+async fn read_past_large_event(
+    config: &Config,
+    dbs: &Databases,
+    archiver: &Archiver,
+    state: &mut StreamState,
+    stop: &CancellationToken,
+) -> Result<bool, StreamFailure> {
+    let failed = |e| StreamFailure::Mongo(e, "reading past a change event too large to send");
+    let resume = state.checkpoint.as_ref().map(|c| c.resume_token.clone());
+    let read = read_past_large_events(config, dbs, resume.as_ref(), config.watch.batch_size).await.map_err(failed)?;
+    let Some(token) = read.token else { return Ok(false) };
+    for change in &read.references_changed {
+        archiver.forget_reference(&change.collection, change.id.as_ref());
+    }
+    let mut times = EventTimes::new();
+    let mut ids = Vec::new();
+    for (id, time) in read.orders {
+        if let std::collections::hash_map::Entry::Vacant(slot) = times.entry(equality_key(&id)) {
+            slot.insert(time.unwrap_or_else(mongodb::bson::DateTime::now));
+            ids.push(id);
+        }
+    }
+    let orders = db::on_primary(&dbs.source).collection(&config.orders.collection);
+    let delivered_filter = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
+    let delivered = present_among(&orders, &ids, delivered_filter).await.map_err(failed)?;
+    let (delivered, others): (Vec<Bson>, Vec<Bson>) =
+        ids.into_iter().partition(|id| delivered.contains(&equality_key(id)));
+    if !others.is_empty() {
+        tracing::warn!(orders = others.len(), sample = ?others.iter().take(5).collect::<Vec<_>>(),
+            "orders changed past a change event too large to send are not delivered now (or no longer exist): \
+             not archived; should one have been delivered and changed since, `archiver verify --repair` archives it");
+    }
+    let outcome = archiver.archive_ids(&delivered, &times).await.map_err(failed)?;
+    let metrics = &state.telemetry.metrics;
+    metrics.orders_archived.inc_by(outcome.inserted);
+    metrics.dead_letters.inc_by(outcome.dead_lettered);
+    metrics.orders_too_large.inc_by(outcome.too_large);
+    tracing::warn!(
+        changes = delivered.len() + others.len(),
+        archived = outcome.inserted,
+        already_archived = outcome.already_archived,
+        "read past a change event too large to send"
+    );
+    persist(state, token, read.cluster_time, None, stop).await?;
+    Ok(true)
 }
 
 /// Whether `caching` may keep the references it reads, exact through the changes the stream

@@ -136,7 +136,6 @@ pub(super) struct StreamBatch {
 /// end the stream, with only the fields `watch` reads. With `references`, also every change of
 /// these reference collections (the stream is then opened on the database).
 pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document> {
-    let orders = &config.orders.collection;
     let status = &config.orders.fields.status;
     let delivered = &config.orders.delivered_status;
     let deliveries = doc! { "$or": [
@@ -146,6 +145,20 @@ pub fn delivered_filter(config: &Config, references: &[String]) -> Vec<Document>
         },
         { "operationType": "update", "$or": status_set_by_update(status, delivered) },
     ] };
+    filter_of(config, deliveries, references)
+}
+
+/// The stream pipeline that reads past change events too large for the server to send: every
+/// insert, update and replace of an order, matched without reading the document or the update
+/// (whether it delivers the order is asked of the orders collection), and the same other events
+/// as [`delivered_filter`].
+fn changes_filter(config: &Config, references: &[String]) -> Vec<Document> {
+    filter_of(config, doc! { "operationType": { "$in": ["insert", "update", "replace"] } }, references)
+}
+
+/// The stream pipeline of the order changes `deliveries` matches.
+fn filter_of(config: &Config, deliveries: Document, references: &[String]) -> Vec<Document> {
+    let orders = &config.orders.collection;
     // A partitioned worker only receives its share, filtered by the server.
     let deliveries = coordination::restrict_to_partition(config, deliveries, "$documentKey._id");
     let mut events = vec![
@@ -251,7 +264,7 @@ pub(super) async fn open_stream(
     keep_references: bool,
 ) -> Result<OpenStream, Error> {
     let references = reference_collections(config);
-    match open(config, dbs, resume, start, Scope::Database(&references)).await {
+    match open(config, dbs, resume, start, Scope::Database(&references), delivered_filter).await {
         Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
             let error = crate::redact::scrub(&e.to_string());
             if keep_references {
@@ -268,8 +281,71 @@ pub(super) async fn open_stream(
         }
         opened => return opened.map(|stream| OpenStream { stream, follows_references: keep_references }),
     }
-    let stream = open(config, dbs, resume, start, Scope::Collection).await?;
+    let stream = open(config, dbs, resume, start, Scope::Collection, delivered_filter).await?;
     Ok(OpenStream { stream, follows_references: false })
+}
+
+/// The stream of [`changes_filter`] after `resume`, on the database when the user may watch it
+/// (as [`open_stream`] decides), else on the orders collection.
+async fn open_changes(
+    config: &Config,
+    dbs: &Databases,
+    resume: Option<&ResumeToken>,
+) -> Result<ChangeStream<StreamEvent>, Error> {
+    let references = reference_collections(config);
+    match open(config, dbs, resume, StartPosition::Now, Scope::Database(&references), changes_filter).await {
+        Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
+            open(config, dbs, resume, StartPosition::Now, Scope::Collection, changes_filter).await
+        }
+        opened => opened,
+    }
+}
+
+/// The server's code for a document, here a change event, over 16 MB.
+const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+
+/// Whether `err` says the stream's next event is too large for the server to send: every
+/// resume from the same position would meet it again.
+pub(super) fn is_event_too_large(err: &Error) -> bool {
+    error_code(err) == Some(BSON_OBJECT_TOO_LARGE)
+}
+
+/// What [`read_past_large_events`] found.
+pub(super) struct ChangesRead {
+    /// The orders changed, with the time of their change.
+    pub(super) orders: Vec<(Bson, Option<mongodb::bson::DateTime>)>,
+    /// References changed among them.
+    pub(super) references_changed: Vec<ReferenceChange>,
+    /// The position after the last change read (none if nothing was read).
+    pub(super) token: Option<ResumeToken>,
+    /// The last change's cluster time.
+    pub(super) cluster_time: Option<Timestamp>,
+}
+
+/// Reads up to `limit` changes after `resume` with a stream that never ships an order's content
+/// (see [`changes_filter`]), stopping before an event that ends the stream: the orders they name
+/// are then archived if the orders collection says they are delivered. This reads past a change
+/// event that the delivered-orders stream cannot get from the server (over 16 MB).
+pub(super) async fn read_past_large_events(
+    config: &Config,
+    dbs: &Databases,
+    resume: Option<&ResumeToken>,
+    limit: usize,
+) -> Result<ChangesRead, Error> {
+    let mut stream = open_changes(config, dbs, resume).await?;
+    let db = dbs.source.name().to_owned();
+    let mut read = ChangesRead { orders: Vec::new(), references_changed: Vec::new(), token: None, cluster_time: None };
+    while read.orders.len() + read.references_changed.len() < limit {
+        let Some(event) = stream.next_if_any().await? else { break };
+        match event.meaning(&db, &config.orders.collection) {
+            Meaning::End => break,
+            Meaning::References(changes) => read.references_changed.extend(changes),
+            Meaning::Delivery => read.orders.extend(event.id().map(|id| (id, event.wall_time))),
+        }
+        read.token = Some(event.token);
+        read.cluster_time = event.cluster_time;
+    }
+    Ok(read)
 }
 
 /// The reference collections named by the configuration, the orders collection left out.
@@ -301,6 +377,7 @@ async fn open(
     resume: Option<&ResumeToken>,
     start: StartPosition,
     scope: Scope<'_>,
+    filter: fn(&Config, &[String]) -> Vec<Document>,
 ) -> Result<ChangeStream<StreamEvent>, Error> {
     let orders = dbs.source.collection::<Document>(&config.orders.collection);
     let (watch, references) = match scope {
@@ -308,7 +385,7 @@ async fn open(
         Scope::Collection => (orders.watch(), &[][..]),
     };
     let watch = watch
-        .pipeline(delivered_filter(config, references))
+        .pipeline(filter(config, references))
         .max_await_time(open_stream_await(config))
         .batch_size(config.watch.batch_size.min(u32::MAX as usize) as u32);
     let stream = match (resume, start) {
