@@ -439,6 +439,31 @@ impl Archiver {
         present_among(&self.archive.clone_with_type(), ids, doc! {}).await
     }
 
+    /// Records (or updates) the dead letter of a delivery event whose order id cannot be read,
+    /// keyed by the event's position (`event:<resume token data>`).
+    pub async fn dead_letter_event(&self, position: &str, reason: &str) -> Result<(), Error> {
+        let now = mongodb::bson::DateTime::now();
+        self.dead_letters
+            .update_one(
+                doc! { "_id": format!("event:{position}") },
+                doc! {
+                    "$set": {
+                        "order_id": Bson::Null,
+                        "event_position": position,
+                        "reason": crate::redact::scrub(reason),
+                        "error_code": Bson::Null,
+                        "source": self.source.as_str(),
+                        "last_attempt_at": now,
+                    },
+                    "$setOnInsert": { "first_attempt_at": now },
+                    "$inc": { "attempts": 1 },
+                },
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+    }
+
     /// Records (or updates) the dead letter of one order.
     async fn record_dead_letter(&self, refusal: &Refusal, times: &EventTimes) -> Result<(), Error> {
         let (id, reason, code) = (&refusal.id, &refusal.reason, refusal.code);

@@ -87,8 +87,23 @@ impl StreamEvent {
 
     /// The `_id` of the changed document, when the event names one.
     pub(super) fn id(&self) -> Option<Bson> {
-        let id = self.document_key.as_ref()?.get("_id").ok()??;
-        Bson::try_from(id).ok()
+        self.order_id().ok()
+    }
+
+    /// The `_id` of the changed document, or why it cannot be read.
+    pub(super) fn order_id(&self) -> Result<Bson, String> {
+        let key = self.document_key.as_ref().ok_or("the event has no documentKey")?;
+        let id = key.get("_id").map_err(|e| format!("documentKey cannot be read: {e}"))?;
+        let id = id.ok_or("documentKey has no _id")?;
+        Bson::try_from(id).map_err(|e| format!("documentKey._id cannot be read: {e}"))
+    }
+
+    /// The position of the event, in the server's words (the `_data` of its resume token).
+    pub(super) fn position(&self) -> String {
+        mongodb::bson::to_bson(&self.token)
+            .ok()
+            .and_then(|token| token.as_document().and_then(|d| d.get_str("_data").ok().map(str::to_owned)))
+            .unwrap_or_else(|| format!("{:?}", self.token))
     }
 
     fn collection(&self) -> Option<&str> {
@@ -630,6 +645,19 @@ mod tests {
             event.insert("to", to);
         }
         mongodb::bson::from_document(event).unwrap()
+    }
+
+    #[test]
+    fn an_event_without_a_readable_order_id_says_why() {
+        // Such a delivery is dead-lettered by the writer under its position; it used to be
+        // skipped without a word.
+        let mut e = event("update", Some("Commandes"), None);
+        assert_eq!(e.order_id(), Ok(Bson::Int32(7)));
+        e.document_key = None;
+        assert!(e.order_id().unwrap_err().contains("no documentKey"));
+        e.document_key = Some(RawDocumentBuf::from_document(&doc! { "x": 1 }).unwrap());
+        assert!(e.order_id().unwrap_err().contains("no _id"));
+        assert_eq!(e.position(), "00");
     }
 
     #[test]

@@ -86,8 +86,15 @@ pub(super) async fn write_batch(
         let started = Instant::now();
         let mut times = EventTimes::with_capacity(batch.events.len());
         let mut ids: Vec<Bson> = Vec::with_capacity(batch.events.len());
+        let mut unreadable = Vec::new();
         for event in &batch.events {
-            let Some(id) = event.id() else { continue };
+            let id = match event.order_id() {
+                Ok(id) => id,
+                Err(reason) => {
+                    unreadable.push((event.position(), reason));
+                    continue;
+                }
+            };
             let time = event.wall_time.or_else(|| {
                 event.cluster_time.map(|ts| mongodb::bson::DateTime::from_millis(i64::from(ts.time) * 1000))
             });
@@ -109,7 +116,18 @@ pub(super) async fn write_batch(
         // A batch is enriched and written in slices of at most half `max_batch_bytes` of orders,
         // by their actual sizes as they are read (its checkpoint still saved only after the
         // last), so memory stays bounded whatever the sizes of the orders of a burst.
-        let (outcome, slices) = match archive_within(archiver, &ids, &times, state, shutdown).await {
+        let archived = async {
+            let (mut outcome, slices) = archive_within(archiver, &ids, &times, state, shutdown).await?;
+            // A delivery whose order cannot be named is recorded, never passed over in silence.
+            for (position, reason) in &unreadable {
+                tracing::error!(position = %position, error = %reason,
+                    "a delivery event names no readable order id; recorded in the dead-letter collection");
+                archiver.dead_letter_event(position, reason).await?;
+                outcome.dead_lettered += 1;
+            }
+            Ok::<_, Error>((outcome, slices))
+        };
+        let (outcome, slices) = match archived.await {
             Ok(archived) => archived,
             Err(e) if db::is_archive_refusal(&e) => {
                 state.telemetry.write_result(false);
