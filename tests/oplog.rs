@@ -186,3 +186,26 @@ async fn a_quiet_stream_keeps_its_position_current() {
     let age = gauge(&watch, "archiver_resume_token_age_seconds").expect("token age");
     assert!(age < 4.0, "the token's age counts from the last delivery ({age} s): {}", watch.tail());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_stream_whose_position_advances_is_not_reported_out_of_the_oplog() {
+    // The saved position of an idle stream stands for the moment it was read up to, not for
+    // the last delivery: `health` used to count the headroom from the delivery and report the
+    // position gone from the oplog while `watch` was keeping it current.
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("oplog_quiet", CAPPED).await;
+    let mut watch = t.watch().start().await;
+    t.deliver(&refs, [0]).await;
+    t.wait_archived(1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    noise(&t, 100).await;
+    t.prune_oplog().await;
+    // Past the once-a-second save of the idle stream's advancing position.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, report) = health(&t, &[("OPLOG_HEADROOM_WARN_SECS", "0")]);
+    assert_eq!(code, Some(0), "{report:#}");
+    let oplog = &report["oplog"];
+    let headroom = oplog["headroom_seconds"].as_f64().unwrap_or_else(|| panic!("{report:#}"));
+    assert!(headroom >= 0.0, "the idle position is current, yet {headroom} s: {oplog:#}");
+    assert_ne!(oplog["status"], "warning", "{oplog:#}");
+    watch.stop_ok().await;
+}

@@ -162,6 +162,7 @@ mod tests {
             last_event_cluster_time: Some(Timestamp { time: 1_763_740_800, increment: 3 }),
             last_event_wall_time: Some("2025-11-21T16:00:00.123Z".parse().unwrap()),
             saved_at: "2025-11-21T16:00:01Z".parse().unwrap(),
+            position_time: None,
         }
     }
 
@@ -169,9 +170,14 @@ mod tests {
     /// keep writing exactly it.
     #[test]
     fn golden_file_round_trips() {
-        let golden = include_str!("../../tests/golden/resume_token_v1.json");
-        assert_eq!(Checkpoint::from_json(golden).unwrap(), sample());
-        assert_eq!(sample().to_json(), golden);
+        let golden = include_str!("../../tests/golden/resume_token_v2.json");
+        let idle = Checkpoint { position_time: Some("2025-11-21T17:00:00Z".parse().unwrap()), ..sample() };
+        assert_eq!(Checkpoint::from_json(golden).unwrap(), idle);
+        assert_eq!(idle.to_json(), golden);
+        // Version 1, written by earlier builds, still reads.
+        let v1 = include_str!("../../tests/golden/resume_token_v1.json");
+        assert_eq!(Checkpoint::from_json(v1).unwrap(), sample());
+        assert_eq!(sample().to_json(), v1.replace("\"version\": 1", "\"version\": 2"));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 pub use file::{lock_token_file, CheckpointFile, InstanceLock};
 pub use mongo::MongoCheckpoints;
 
-/// The format version this build writes, and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. It also reads version 1, which has no `position_time`.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Why a checkpoint could not be read or written, from either store. None of these silently
 /// resets a checkpoint, because that would skip or replay an unknown amount of work: the file
@@ -123,9 +123,14 @@ pub struct Checkpoint {
     pub last_event_wall_time: Option<DateTime<Utc>>,
     /// When this checkpoint was written.
     pub saved_at: DateTime<Utc>,
+    /// The time the token stands for when it is not the last archived event's: an idle stream's
+    /// token stands for the moment the stream was read up to (the last event's times stay, for
+    /// the gap-fill). See [`Checkpoint::position`].
+    pub position_time: Option<DateTime<Utc>>,
 }
 
-/// On-disk layout of version 1. Field order is the order in the file.
+/// On-disk layout of version 2, which is version 1 and `position_time` (absent when unset, and
+/// always in version 1). Field order is the order in the file.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileV1 {
@@ -136,6 +141,8 @@ struct FileV1 {
     last_event_cluster_time: Option<ClusterTimeV1>,
     last_event_wall_time: Option<DateTime<Utc>>,
     saved_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -159,7 +166,14 @@ impl Checkpoint {
             last_event_cluster_time,
             last_event_wall_time,
             saved_at: Utc::now(),
+            position_time: None,
         }
+    }
+
+    /// The time the token stands for: how far the archive is known complete, and what the oplog
+    /// headroom counts from.
+    pub fn position(&self) -> DateTime<Utc> {
+        self.position_time.or(self.last_event_wall_time).unwrap_or(self.saved_at)
     }
 
     /// Serializes to the file format (pretty JSON with a trailing newline).
@@ -175,6 +189,7 @@ impl Checkpoint {
                 .map(|ts| ClusterTimeV1 { t: ts.time, i: ts.increment }),
             last_event_wall_time: self.last_event_wall_time,
             saved_at: self.saved_at,
+            position_time: self.position_time,
         };
         let mut text = serde_json::to_string_pretty(&file).expect("a checkpoint always serializes");
         text.push('\n');
@@ -185,10 +200,10 @@ impl Checkpoint {
     pub fn from_json(text: &str) -> Result<Self, String> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         match value.get("version").and_then(serde_json::Value::as_u64) {
-            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(1 | 2) => {}
             Some(v) => {
                 return Err(format!(
-                    "format version {v} is not supported by this build (it reads version {FORMAT_VERSION})"
+                    "format version {v} is not supported by this build (it reads versions 1 and {FORMAT_VERSION})"
                 ))
             }
             None => return Err("no \"version\" field".to_owned()),
@@ -206,6 +221,7 @@ impl Checkpoint {
             last_event_cluster_time: file.last_event_cluster_time.map(|ct| Timestamp { time: ct.t, increment: ct.i }),
             last_event_wall_time: file.last_event_wall_time,
             saved_at: file.saved_at,
+            position_time: file.position_time,
         })
     }
 }

@@ -58,6 +58,7 @@ impl MongoCheckpoints {
                 .get_datetime("saved_at")
                 .map(|t| t.to_chrono())
                 .map_err(|_| corrupt("no saved_at".to_owned()))?,
+            position_time: d.get_datetime("position_time").ok().map(|t| t.to_chrono()),
         };
         self.last_saved = Some(token);
         Ok(Some(checkpoint))
@@ -106,6 +107,9 @@ impl MongoCheckpoints {
             "last_event_cluster_time": checkpoint.last_event_cluster_time.map_or(Bson::Null, Bson::Timestamp),
             "last_event_wall_time": checkpoint
                 .last_event_wall_time
+                .map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_chrono(t))),
+            "position_time": checkpoint
+                .position_time
                 .map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_chrono(t))),
         };
         self.collection

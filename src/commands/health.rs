@@ -198,7 +198,7 @@ fn checkpoint_report(
 ) -> Value {
     match loaded {
         Ok(Some(cp)) => {
-            let position = cp.last_event_wall_time.unwrap_or(cp.saved_at);
+            let position = cp.position();
             *position_out = Some(position);
             let now = chrono::Utc::now();
             json!({

@@ -323,7 +323,7 @@ async fn lead(
         )));
     }
     if let Some(cp) = &saved {
-        telemetry.checkpoint_loaded(cp.last_event_wall_time.unwrap_or(cp.saved_at).timestamp_millis());
+        telemetry.checkpoint_loaded(cp.position().timestamp_millis());
     }
     match &saved {
         Some(cp) => tracing::info!(store = %store.describe(), saved_at = %cp.saved_at,

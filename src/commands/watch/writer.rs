@@ -177,13 +177,15 @@ pub(super) async fn write_batch(
             .as_ref()
             .map(|c| (c.last_event_cluster_time, c.last_event_wall_time))
             .unwrap_or((None, None));
-        if persist(state, token, ct, wt, shutdown).await? {
+        // But the token itself now stands for the present: the stream read everything up to
+        // now. The token's age and the oplog headroom (here and in `archiver health`) count from
+        // here, not from the last delivery, or a quiet stream would look about to fall out of
+        // the oplog.
+        let mut checkpoint = Checkpoint::now(token, &state.namespace, ct, wt);
+        checkpoint.position_time = Some(checkpoint.saved_at);
+        if persist_checkpoint(state, checkpoint, shutdown).await? {
             tracing::debug!("idle stream: resume token advanced");
         }
-        // But the token itself now stands for the present: the stream read everything up to
-        // now. The token's age and the oplog headroom count from here, not from the last
-        // delivery, or a quiet stream would look about to fall out of the oplog.
-        state.telemetry.checkpoint_saved(Some(Utc::now().timestamp_millis()));
     }
     if let Some(operation) = batch.invalidated {
         return Err(StreamFailure::Fatal(WatchError::Invalidated { namespace: state.namespace.clone(), operation }));
@@ -265,6 +267,15 @@ pub(super) async fn persist(
     shutdown: &CancellationToken,
 ) -> Result<bool, StreamFailure> {
     let checkpoint = Checkpoint::now(token, &state.namespace, cluster_time, wall_time);
+    persist_checkpoint(state, checkpoint, shutdown).await
+}
+
+/// [`persist`], of a checkpoint already made.
+async fn persist_checkpoint(
+    state: &mut StreamState,
+    checkpoint: Checkpoint,
+    shutdown: &CancellationToken,
+) -> Result<bool, StreamFailure> {
     let policy = RetryPolicy::bounded(&state.retry);
     let retryable = |e: &StoreError| matches!(e, StoreError::Unwritable { .. }) || e.is_transient();
     let (store, telemetry, limit) = (&mut state.store, &state.telemetry, state.write_timeout);
@@ -299,7 +310,7 @@ pub(super) async fn persist(
 
 /// Records a durable checkpoint in memory and in the metrics.
 pub(super) fn saved(state: &mut StreamState, checkpoint: Checkpoint) {
-    let position = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at);
+    let position = checkpoint.position();
     state.telemetry.checkpoint_saved(Some(position.timestamp_millis()));
     state.checkpoint = Some(checkpoint);
 }
