@@ -129,9 +129,10 @@ fn checkpoint() -> impl Strategy<Value = Checkpoint> {
         "\\PC{1,40}",
         proptest::option::of((any::<u32>(), any::<u32>())),
         proptest::option::of(time.clone()),
-        time,
+        time.clone(),
+        proptest::option::of(time),
     )
-        .prop_map(|(data, namespace, cluster_time, wall_time, saved_at)| {
+        .prop_map(|(data, namespace, cluster_time, wall_time, saved_at, position_time)| {
             let resume_token: ResumeToken = bson::from_bson(Bson::Document(doc! { "_data": data })).unwrap();
             Checkpoint {
                 resume_token,
@@ -139,6 +140,7 @@ fn checkpoint() -> impl Strategy<Value = Checkpoint> {
                 last_event_cluster_time: cluster_time.map(|(time, increment)| Timestamp { time, increment }),
                 last_event_wall_time: wall_time,
                 saved_at,
+                position_time,
             }
         })
 }
