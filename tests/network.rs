@@ -531,3 +531,35 @@ async fn round_trips_of_200_ms_under_load_lose_and_duplicate_nothing() {
     assert_eq!(metric(&addr, "archiver_orders_already_archived_total").await, 0.0, "replays under mere latency");
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_rides_out_a_source_outage_instead_of_exiting() {
+    // The fill's own reads (its stream's opening, the count, the cursor) were not retried: a
+    // connection reset during a catch-up ended `watch` with exit 1.
+    let (t, refs, proxy) = behind_proxy("fill_outage").await;
+    for thousand in 0..20 {
+        t.deliver(&refs, thousand * 1000..(thousand + 1) * 1000).await;
+    }
+    // A slow source, so that the catch-up is under way when the connections are reset.
+    proxy.set_mode(Mode::Latency(Duration::from_millis(100)));
+    let watch = t
+        .watch()
+        .envs(RIDE_OUT)
+        .env("MONGODB_URI", proxy.uri(&t.uri))
+        .env("BATCH_CHUNK_SIZE", "100")
+        .env("BATCH_CONCURRENCY", "1")
+        // Longer than the driver's own retry of a read waits for a server.
+        .env("MONGODB_SERVER_SELECTION_TIMEOUT_MS", "1000")
+        .args(["--catch-up"]);
+    let mut watch = watch.until("starting from now").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(t.archive_len().await < 20_000, "the catch-up is still under way: {}", watch.stderr());
+    proxy.set_mode(Mode::Reset);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.set_mode(Mode::Pass);
+    t.wait_archived_within(20_000, 180).await;
+    watch.wait_for_log(60, "change stream open").await;
+    assert!(watch.is_running(), "{}", watch.tail());
+    t.assert_archive_matches_delivered().await;
+    watch.stop_ok().await;
+}
