@@ -137,6 +137,36 @@ async fn systemd_notifications_ready_watchdog_stopping() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_standby_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
+    // Before: READY=1 only once leading, so under `Type=notify` every standby of the documented
+    // HA setup was killed at its start timeout and restarted, forever.
+    let t = TestEnv::new("notify_standby").await;
+    let mut leader = t.watch().shared_store("a").until("change stream open").await;
+    let socket_path = t.dir.path().join("standby.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut standby = t
+        .watch()
+        .shared_store("b")
+        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
+        .until("standby: another instance holds the lease")
+        .await;
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(seen.contains("READY=1") && seen.matches("WATCHDOG=1").count() >= 3) {
+        assert!(std::time::Instant::now() < deadline, "no READY=1 in 20 s: {seen:?}");
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("{e}; notified so far: {seen:?}"));
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    assert!(seen.contains("STATUS=standby"), "{seen}");
+    standby.stop_ok().await;
+    leader.stop_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connection_settings_are_applied_and_validated_at_start() {
     let t = TestEnv::new("connsettings").await;
     let ok = t

@@ -173,10 +173,16 @@ impl Telemetry {
 
     /// Sets the role shown by the probes and the `archiver_leader` gauge.
     pub fn set_role(&self, role: Role) {
-        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+        let previous = std::mem::replace(&mut *self.role.lock().unwrap_or_else(|e| e.into_inner()), role);
         self.metrics.leader.set(i64::from(role != Role::Standby));
         if role == Role::Standby {
             self.started.store(true, Ordering::SeqCst);
+            if previous != Role::Standby {
+                // A standby that holds its place in the election has started: a service manager
+                // waiting for READY=1 (systemd's Type=notify) would otherwise kill it at its
+                // start timeout, again and again. The watchdog is pinged as for any idle process.
+                notify::send(&[notify::Notice::Ready, notify::Notice::Status("standby: another instance leads")]);
+            }
         }
     }
 
