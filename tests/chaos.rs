@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
-use common::{health_addr, order, Delivery, Load, OwnServer, Pace, Refs, TestEnv, Watcher};
+use common::{health_addr, order, probe, Delivery, Load, OwnServer, Pace, Refs, TestEnv, Watcher};
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Client, Collection, Database};
@@ -178,26 +178,6 @@ impl Drop for Decoys {
         self.stop.cancel();
         self.task.abort();
     }
-}
-
-/// One probe request with short timeouts, `None` if the endpoint does not answer (the process
-/// may be gone or frozen).
-async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
-    let (addr, path) = (addr.to_owned(), path.to_owned());
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let addr: std::net::SocketAddr = addr.parse().ok()?;
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()))
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 /// The role an instance reports on `/health/ready` (`leader` or `standby`), if it answers.

@@ -163,15 +163,7 @@ async fn orders_the_archive_refuses_go_to_dead_letters_and_the_stream_goes_on() 
     let (t, refs) = TestEnv::seeded("deadletter").await;
     // A unique index of the archive that the refused order collides on: it cannot be stored as
     // it is, whatever the archive's rules.
-    t.archive()
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! { "numero_commande": 1 })
-                .options(mongodb::options::IndexOptions::builder().unique(true).build())
-                .build(),
-        )
-        .await
-        .unwrap();
+    t.unique_archive_index("numero_commande").await;
     // A stray archive document holds the number of the refused order.
     t.archive().insert_one(doc! { "_id": "stray", "numero_commande": "CMD-000001" }).await.unwrap();
     let mut watch = t.watch().start().await;

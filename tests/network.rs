@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
-use common::{eventually, health_addr, Delivery, Load, Pace, Refs, TestEnv, WatchRun, Watcher};
+use common::{eventually, health_addr, probe, Delivery, Load, Pace, Refs, TestEnv, WatchRun, Watcher};
 use mongodb::bson::{doc, Document};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,25 +70,6 @@ async fn drain(t: &TestEnv, load: Load, watch: &Watcher) -> (u32, Duration) {
 fn warnings(watcher: &Watcher) -> String {
     let log = watcher.stderr();
     log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect::<Vec<_>>().join("\n")
-}
-
-/// One probe request, `None` if the endpoint does not answer (the process may be gone).
-async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
-    let (addr, path) = (addr.to_owned(), path.to_owned());
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let addr: SocketAddr = addr.parse().ok()?;
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()))
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 /// Polls `/health/ready` until it answers `code`, for up to `within`; how long that took.

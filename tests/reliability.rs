@@ -158,15 +158,7 @@ async fn liveness_fails_while_a_write_hangs_and_recovers_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_duplicate_on_another_unique_index_is_a_dead_letter_not_already_archived() {
     let (t, refs) = TestEnv::seeded("uniqueidx").await;
-    t.archive()
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! { "numero_commande": 1 })
-                .options(mongodb::options::IndexOptions::builder().unique(true).build())
-                .build(),
-        )
-        .await
-        .unwrap();
+    t.unique_archive_index("numero_commande").await;
     let mut watch = t.watch().start().await;
     let first = order(&refs, 7, "livrée");
     t.orders().insert_one(first.clone()).await.unwrap();
@@ -231,15 +223,7 @@ async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_le
     // An order that cannot be stored as it is (its number taken by another order, on a unique
     // index of the archive) is narrowed down and dead-lettered, the others archived.
     t.db.run_command(doc! { "collMod": "Commandes_archive", "validator": {} }).await.unwrap();
-    t.archive()
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! { "numero_commande": 1 })
-                .options(mongodb::options::IndexOptions::builder().unique(true).build())
-                .build(),
-        )
-        .await
-        .unwrap();
+    t.unique_archive_index("numero_commande").await;
     // A stray archive document holds the number of the odd order.
     t.archive().insert_one(doc! { "_id": "stray", "numero_commande": 99 }).await.unwrap();
     let out = t.run(&["batch", "--date-from", "2020-01-01"]);

@@ -89,6 +89,14 @@ impl TestEnv {
         self.db.collection("Commandes_archive")
     }
 
+    /// A unique index of the archive on `field`: what an order may collide on without being
+    /// the same order.
+    pub async fn unique_archive_index(&self, field: &str) {
+        let unique = mongodb::options::IndexOptions::builder().unique(true).build();
+        let index = mongodb::IndexModel::builder().keys(doc! { field: 1 }).options(unique).build();
+        self.archive().create_index(index).await.unwrap();
+    }
+
     /// How many documents the archive holds.
     pub async fn archive_len(&self) -> u64 {
         self.archive().count_documents(doc! {}).await.unwrap()
@@ -654,4 +662,24 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
+}
+
+/// One probe request with short timeouts, `None` if the endpoint does not answer (the process
+/// may be gone or frozen).
+pub async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let addr: std::net::SocketAddr = addr.parse().ok()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()))
+    })
+    .await
+    .ok()
+    .flatten()
 }
