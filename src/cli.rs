@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, Overrides, WritePath};
+use crate::config::{ConfigError, LogFormat, Overrides, WritePath};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -37,6 +37,10 @@ pub struct GlobalArgs {
     /// Source MongoDB connection string [default: mongodb://localhost:27017].
     #[arg(long, env = "MONGODB_URI", global = true, hide_env_values = true, value_name = "URI")]
     pub uri: Option<String>,
+    /// A file holding the source connection string (systemd's `LoadCredential=`, a Kubernetes or
+    /// Docker secret), so that it never sits in the environment or on the command line.
+    #[arg(long, env = "MONGODB_URI_FILE", global = true, value_name = "FILE", conflicts_with = "uri")]
+    pub uri_file: Option<PathBuf>,
     /// Source database [default: livraison].
     #[arg(long = "db", env = "MONGODB_DB", global = true, value_name = "NAME")]
     pub database: Option<String>,
@@ -49,6 +53,9 @@ pub struct GlobalArgs {
     /// Archive deployment, when not the source one.
     #[arg(long, env = "ARCHIVE_URI", global = true, hide_env_values = true, value_name = "URI")]
     pub archive_uri: Option<String>,
+    /// A file holding the archive's connection string (as `--uri-file`).
+    #[arg(long, env = "ARCHIVE_URI_FILE", global = true, value_name = "FILE", conflicts_with = "archive_uri")]
+    pub archive_uri_file: Option<PathBuf>,
     /// Archive database [default: the source database].
     #[arg(long, env = "ARCHIVE_DB", global = true, value_name = "NAME")]
     pub archive_db: Option<String>,
@@ -352,15 +359,24 @@ pub struct SimulateArgs {
 }
 
 impl Cli {
-    /// The flags and named environment variables as the top configuration layer.
-    pub fn overrides(&self) -> Overrides {
+    /// The flags and named environment variables as the top configuration layer; a connection
+    /// string given by a file is read here.
+    pub fn overrides(&self) -> Result<Overrides, ConfigError> {
         let g = &self.global;
         let mut o = Overrides::default();
-        o.set("mongodb.uri", g.uri.clone());
+        let uri = match &g.uri_file {
+            Some(path) => Some(read_secret_file("MONGODB_URI_FILE", path)?),
+            None => g.uri.clone(),
+        };
+        let archive_uri = match &g.archive_uri_file {
+            Some(path) => Some(read_secret_file("ARCHIVE_URI_FILE", path)?),
+            None => g.archive_uri.clone(),
+        };
+        o.set("mongodb.uri", uri);
         o.set("mongodb.database", g.database.clone());
         o.set("orders.collection", g.orders_collection.clone());
         o.set("orders.delivered_status", g.delivered_status.clone());
-        o.set("archive.uri", g.archive_uri.clone());
+        o.set("archive.uri", archive_uri);
         o.set("archive.database", g.archive_db.clone());
         o.set("archive.collection", g.archive_collection.clone());
         o.set("archive.errors_collection", g.archive_errors_collection.clone());
@@ -409,8 +425,23 @@ impl Cli {
             }
             Command::Simulate(_) | Command::Verify(_) | Command::Purge(_) => {}
         }
-        o
+        Ok(o)
     }
+}
+
+/// The connection string in the file `path` named by `var`, without its final line break. The
+/// errors name the file, never what it holds.
+fn read_secret_file(var: &str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{var}: cannot read {}: {}", path.display(), e.kind())))?;
+    let value = text.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&text);
+    if value.trim().is_empty() {
+        return Err(ConfigError(format!("{var}: {} is empty", path.display())));
+    }
+    if value.contains('\n') {
+        return Err(ConfigError(format!("{var}: {} holds more than one line (content not shown)", path.display())));
+    }
+    Ok(value.to_owned())
 }
 
 #[cfg(test)]

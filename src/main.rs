@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    let config = match Config::load(cli.global.config.as_deref(), cli.overrides()) {
+    let config = match cli.overrides().and_then(|overrides| Config::load(cli.global.config.as_deref(), overrides)) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");

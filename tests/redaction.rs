@@ -230,3 +230,43 @@ async fn a_value_the_configuration_parser_panics_on_is_a_clear_error_without_the
     assert!(out.stderr.contains("cannot be parsed"), "{}", out.stderr);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_strings_can_come_from_files_that_are_never_printed() {
+    let t = TestEnv::new("uri_file").await;
+    let run = |vars: &[(&str, &std::path::Path)], keep_uri: bool| {
+        let mut cmd = t.archiver(BATCH);
+        if !keep_uri {
+            cmd.env_remove("MONGODB_URI");
+        }
+        cmd.envs(vars.iter().map(|(k, v)| (*k, v.as_os_str())));
+        let out = cmd.output().expect("run archiver");
+        Output {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    // As systemd's LoadCredential= or a secret volume leaves it: the URI and a line break.
+    let file = t.dir.path().join("mongodb_uri");
+    std::fs::write(&file, format!("{}\n", t.uri)).unwrap();
+    let out = run(&[("MONGODB_URI_FILE", &file), ("ARCHIVE_URI_FILE", &file)], false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // Both a URI and its file: which one wins would be a guess.
+    let out = run(&[("MONGODB_URI_FILE", &file)], true);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Unreadable, empty, or several lines: named, never shown.
+    let secret = t.dir.path().join("secret_uri");
+    std::fs::write(&secret, "mongodb://u:FileSecret77@127.0.0.1:1/\nsecond line\n").unwrap();
+    let out = run(&[("MONGODB_URI_FILE", &secret)], false);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("secret_uri") && out.stderr.contains("more than one line"), "{out:?}");
+    assert_nothing_leaked(&t, "a URI file", &out, &["FileSecret77"]);
+    let missing = t.dir.path().join("no_such_file");
+    let out = run(&[("MONGODB_URI_FILE", &missing)], false);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("no_such_file"), "{out:?}");
+    t.cleanup().await;
+}
