@@ -120,6 +120,28 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes the temporary files a crash left between writing and renaming (`.<name>.<random>.tmp`
+/// beside the token file): only the lock holder writes them, so once it holds the lock none is in
+/// use. Each removal is logged; one that fails is only logged (it is harmless where it is).
+fn remove_stale_temp_files(token_file: &Path) {
+    let (Some(dir), Some(name)) = (token_file.parent(), token_file.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        if file_name.starts_with(&prefix) && file_name.ends_with(".tmp") {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = %entry.path().display(),
+                    "removed a temporary token file a crash left behind"),
+                Err(e) => tracing::warn!(file = %entry.path().display(), error = %e,
+                    "cannot remove a temporary token file a crash left behind"),
+            }
+        }
+    }
+}
+
 /// Holds the token file's lock for as long as it lives.
 #[derive(Debug)]
 pub struct InstanceLock {
@@ -142,7 +164,10 @@ pub fn lock_token_file(token_file: &std::path::Path) -> Result<InstanceLock, Sto
         .open(&lock_path)
         .map_err(|source| StoreError::Unwritable { path: lock_path.clone(), source })?;
     match file.try_lock() {
-        Ok(()) => Ok(InstanceLock { _file: file }),
+        Ok(()) => {
+            remove_stale_temp_files(token_file);
+            Ok(InstanceLock { _file: file })
+        }
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(token_file.to_path_buf())),
         Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Unwritable { path: lock_path, source }),
     }
@@ -195,6 +220,19 @@ mod tests {
         assert!(Checkpoint::from_json(&no_token).is_ok(), "any token document is kept");
         let empty_token = sample().to_json().replace("\"_data\": \"8267A1B2C3000000012B0429\"", "");
         assert!(Checkpoint::from_json(&empty_token).is_err());
+    }
+
+    #[test]
+    fn temporary_files_a_crash_left_are_removed_by_the_next_lock_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resume_token.json");
+        let stale = dir.path().join(".resume_token.json.aB3dE9.tmp");
+        let other = dir.path().join(".other.json.xyz.tmp");
+        std::fs::write(&stale, "{").unwrap();
+        std::fs::write(&other, "{").unwrap();
+        let _lock = lock_token_file(&path).unwrap();
+        assert!(!stale.exists(), "the crash's leftover is removed");
+        assert!(other.exists(), "another file's temporary file is not ours");
     }
 
     #[test]
