@@ -501,6 +501,11 @@ undeclared = [f"{name}:{v}" for name, s in services.items() for v in s.get("volu
               if ":" in str(v) and not str(v).startswith((".", "/")) and str(v).split(":")[0] not in declared]
 check(not undeclared, "compose: every named volume is declared", f"compose: undeclared volumes {undeclared}")
 check(archiver.get("stop_grace_period"), f"compose: archiver stop_grace_period={archiver.get('stop_grace_period')}")
+check(archiver.get("restart") == "unless-stopped",
+      f"compose: archiver restart: unless-stopped (on-failure:N stops it for good), got {archiver.get('restart')!r}")
+ahc = archiver.get("healthcheck") or {}
+ahc_test = " ".join(ahc.get("test") or []) if isinstance(ahc.get("test"), list) else str(ahc.get("test") or "")
+check("--probe live" in ahc_test, f"compose: archiver healthcheck asks the process ({ahc_test})")
 for name in ("simulate", "batch"):
     s = services.get(name)
     if not check(s is not None, f"compose: {name} service present"):
@@ -543,7 +548,8 @@ check(docker_env.get("HTTP_ADDR", "").startswith("0.0.0.0:") and port in " ".joi
       f"Dockerfile: HTTP_ADDR={docker_env.get('HTTP_ADDR')} and EXPOSE {' '.join(instr('EXPOSE'))} agree")
 user = (instr("USER") or ["root"])[-1].split(":")[0]
 check(user not in ("root", "0"), f"Dockerfile: runs as non-root user {user}")
-check(any("archiver" in r and "health" in r for r in instr("HEALTHCHECK")), "Dockerfile: HEALTHCHECK runs `archiver health`")
+check(any("archiver" in r and "health" in r and "--probe" in r and "live" in r for r in instr("HEALTHCHECK")),
+      "Dockerfile: HEALTHCHECK asks the process (`archiver health --probe live`), not the databases")
 check(instr("STOPSIGNAL") == ["SIGTERM"], "Dockerfile: STOPSIGNAL SIGTERM")
 check(instr("ENTRYPOINT") == ['["archiver"]'] and instr("CMD") == ['["watch"]'],
       'Dockerfile: ENTRYPOINT ["archiver"], CMD ["watch"]')

@@ -158,6 +158,12 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
                 Err(e) => report_failure("verify", &e),
             }
         }
+        Command::Health(args) if args.probe.is_some() => {
+            let probe = args.probe.expect("matched");
+            let (answered, said) = health::ask_running_watch(&config, probe).await;
+            println!("{said}");
+            ExitCode::from(if answered { OK } else { FAILURE })
+        }
         Command::Health(_) => {
             let (report, verdict) = health::run(&config).await;
             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());

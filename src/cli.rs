@@ -191,6 +191,15 @@ pub struct HealthArgs {
     /// seconds [default: 21600].
     #[arg(long, env = "OPLOG_HEADROOM_WARN_SECS", value_name = "SECS")]
     pub oplog_headroom_warn_secs: Option<u64>,
+    /// Ask the running `watch` instead, at its `HTTP_ADDR`: `live` (its `/health/live`) or
+    /// `ready` (`/health/ready`). Exit 0 when it answers 200, 1 otherwise (no answer within 5 s
+    /// included); the deployments are not checked. For a container's health check, which must
+    /// judge the process, not the databases it rides out.
+    #[arg(long, value_enum, value_name = "PROBE")]
+    pub probe: Option<crate::commands::health::Probe>,
+    /// Where the running `watch` serves its probes [default: 127.0.0.1:9464].
+    #[arg(long, env = "HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<String>,
 }
 
 /// `archiver verify`.
@@ -422,6 +431,7 @@ impl Cli {
                 o.set("coordination.checkpoint_store", h.checkpoint_store);
                 o.set("coordination.stream_name", h.stream_name.clone());
                 o.set("watch.oplog_headroom_warn_secs", h.oplog_headroom_warn_secs);
+                o.set("watch.http_addr", h.http_addr.clone());
             }
             Command::Simulate(_) | Command::Verify(_) | Command::Purge(_) => {}
         }

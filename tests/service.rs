@@ -193,3 +193,29 @@ async fn connection_settings_are_applied_and_validated_at_start() {
     assert_eq!(bad_uri.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("invalid connection string") && !stderr.contains(":pw@"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_probe_asks_the_running_watch_not_the_databases() {
+    // For a container's health check: a stalled or frozen `watch` is unhealthy, a database
+    // outage that `watch` rides out is not its concern.
+    let t = TestEnv::new("probe").await;
+    let mut watch = t.watch().start().await;
+    let addr = health_addr(&watch);
+    let probe = |which: &str| {
+        let out = t.archiver(&["health", "--probe", which]).env("HTTP_ADDR", &addr).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, said) = probe("live");
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.starts_with("200"), "{said}");
+    assert_eq!(probe("ready").0, Some(0));
+    watch.signal("STOP");
+    let (code, said) = probe("live");
+    watch.signal("CONT");
+    assert_eq!(code, Some(1), "a frozen watch is not live: {said}");
+    assert!(said.contains("did not answer"), "{said}");
+    watch.stop_ok().await;
+    let (code, said) = probe("live");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("does not answer"), "{said}");
+}

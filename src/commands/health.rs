@@ -266,3 +266,56 @@ async fn oplog_report(config: &Config, source: &mongodb::Client, position: Optio
     }
     report
 }
+
+/// Which probe of the running `watch` `archiver health --probe` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// `/health/live`: the process makes progress on its work (or has none).
+    Live,
+    /// `/health/ready`: the stream is open and the last write succeeded.
+    Ready,
+}
+
+/// How long the running `watch` has to answer a probe.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks the running `watch` at `HTTP_ADDR` for `probe`: whether it answered 200, and what to
+/// print (its answer, or why there was none).
+pub async fn ask_running_watch(config: &Config, probe: Probe) -> (bool, String) {
+    let addr = match config.http_addr() {
+        Ok(Some(addr)) => addr,
+        Ok(None) => return (false, "HTTP_ADDR is off: watch serves no probe to ask".to_owned()),
+        Err(e) => return (false, format!("HTTP_ADDR {:?} is not an address: {e}", config.watch.http_addr)),
+    };
+    // A server listening on every interface is asked on the loopback one.
+    let addr = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        ip if ip.is_unspecified() => std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    };
+    let path = match probe {
+        Probe::Live => "/health/live",
+        Probe::Ready => "/health/ready",
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, http_get(addr, path)).await {
+        Ok(Ok((status, body))) => (status == 200, format!("{status} {}", body.trim())),
+        Ok(Err(e)) => (false, format!("watch does not answer at {addr}: {e}")),
+        Err(_) => (false, format!("watch did not answer {path} at {addr} within {} s", PROBE_TIMEOUT.as_secs())),
+    }
+}
+
+/// One HTTP/1.1 GET: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))?;
+    Ok((status, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()))
+}
