@@ -196,7 +196,7 @@ pub struct HealthArgs {
     /// included); the deployments are not checked. For a container's health check, which must
     /// judge the process, not the databases it rides out.
     #[arg(long, value_enum, value_name = "PROBE")]
-    pub probe: Option<crate::commands::health::Probe>,
+    pub probe: Option<crate::config::Probe>,
     /// Where the running `watch` serves its probes [default: 127.0.0.1:9464].
     #[arg(long, env = "HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<String>,

@@ -526,6 +526,15 @@ fn check_uri(var: &str, uri: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Which probe of the running `watch` `archiver health --probe` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probe {
+    /// `/health/live`: the process makes progress on its work (or has none).
+    Live,
+    /// `/health/ready`: the stream is open and the last write succeeded.
+    Ready,
+}
+
 /// The largest `watch.gap_fill_margin_secs` accepted: 366 days.
 pub const MAX_GAP_FILL_MARGIN_SECS: u64 = 366 * 24 * 3600;
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::MongoCheckpoints;
 use crate::checkpoint::{Checkpoint, CheckpointFile, StoreError};
-use crate::config::{CheckpointStoreKind, Config};
+use crate::config::{CheckpointStoreKind, Config, Probe};
 use crate::coordination::{self, Lease};
 use crate::db;
 use crate::db::oplog::{read_window, OplogError};
@@ -265,15 +265,6 @@ async fn oplog_report(config: &Config, source: &mongodb::Client, position: Optio
         None => report["note"] = Value::from("no checkpoint: no headroom to measure"),
     }
     report
-}
-
-/// Which probe of the running `watch` `archiver health --probe` asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Probe {
-    /// `/health/live`: the process makes progress on its work (or has none).
-    Live,
-    /// `/health/ready`: the stream is open and the last write succeeded.
-    Ready,
 }
 
 /// How long the running `watch` has to answer a probe.
