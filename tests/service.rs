@@ -219,3 +219,35 @@ async fn health_probe_asks_the_running_watch_not_the_databases() {
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("does not answer"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_at_start_asks_systemd_for_more_start_time_while_it_advances() {
+    // A catch-up or gap-fill runs before the stream opens, hence before READY=1: under
+    // `Type=notify` a long one was killed at the start timeout and started over, forever.
+    let (t, refs) = TestEnv::seeded("notify_fill").await;
+    for thousand in 0..5 {
+        t.deliver(&refs, thousand * 1000..(thousand + 1) * 1000).await;
+    }
+    let socket_path = t.dir.path().join("fill.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut watch = t
+        .watch()
+        .env("NOTIFY_SOCKET", socket_path.to_str().unwrap())
+        .env("BATCH_CHUNK_SIZE", "200")
+        .args(["--catch-up"])
+        .until("change stream open")
+        .await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !seen.iter().any(|m: &String| m.contains("READY=1")) {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("{e}; notified so far: {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let extended = seen.iter().position(|m| m.contains("EXTEND_TIMEOUT_USEC=")).expect("more start time asked for");
+    let ready = seen.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(extended < ready, "{seen:?}");
+    assert!(seen[extended].contains("STATUS=filling"), "{seen:?}");
+    t.wait_all_archived(5000).await;
+    watch.stop_ok().await;
+}

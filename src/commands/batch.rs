@@ -84,7 +84,8 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
         tracing::info!("index creation skipped (--skip-indexes)");
     }
 
-    let (_, written) = archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown).await?;
+    let (_, written) =
+        archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown, &|_| {}).await?;
     let summary = BatchSummary { matched, written, duration: started.elapsed() };
     let secs = summary.duration.as_secs_f64().max(1e-9);
     let processed = written.inserted + written.already_archived + written.dead_lettered;

@@ -98,6 +98,9 @@ pub fn delivered_in_range(config: &Config, range: DateRange) -> Document {
 /// Archives every order matching `filter`: streams their ids in chunks and archives up to
 /// `concurrency` chunks at once. With `only_missing`, orders already in the archive are skipped
 /// before enrichment (cheap re-runs, gap-fills and repairs). Returns the number matched too.
+/// `archived_chunk` is told how many orders each chunk archived, as it is done (a fill reports its
+/// progress through it).
+#[allow(clippy::too_many_arguments)]
 pub async fn archive_matching(
     config: &Config,
     dbs: &Databases,
@@ -106,6 +109,7 @@ pub async fn archive_matching(
     write_path: WritePath,
     only_missing: bool,
     shutdown: &CancellationToken,
+    archived_chunk: &(dyn Fn(u64) + Sync),
 ) -> anyhow::Result<(u64, WriteOutcome)> {
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
     let matched = orders.count_documents(filter.clone()).await.context("counting the orders to archive")?;
@@ -154,6 +158,7 @@ pub async fn archive_matching(
                     }
                 })?;
             progress.add(ids.len() as u64);
+            archived_chunk(ids.len() as u64);
             anyhow::Ok(outcome)
         })
         .buffer_unordered(config.batch.concurrency);

@@ -11,7 +11,7 @@ pub use http::serve;
 pub use metrics::Metrics;
 pub use notify::spawn_watchdog;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -49,7 +49,17 @@ pub struct Telemetry {
     progress_ms: AtomicI64,
     /// How long pending work may see no progress before the process counts as stuck.
     liveness_timeout_ms: AtomicI64,
+    /// Orders archived by the fills of this process.
+    fill_orders: AtomicU64,
+    /// When systemd was last asked for more start time by a fill (Unix millis).
+    fill_extended_ms: AtomicI64,
 }
+
+/// How often a fill asks systemd for more start time, at most.
+pub const FILL_EXTEND_EVERY: Duration = Duration::from_secs(10);
+/// How much more start time it asks for each time: several intervals, so that a slow chunk
+/// does not let the start timeout run out while the fill still advances.
+pub const FILL_EXTENSION: Duration = Duration::from_secs(90);
 
 /// Whether this process writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +178,8 @@ impl Telemetry {
             pending_since_ms: AtomicI64::new(0),
             progress_ms: AtomicI64::new(0),
             liveness_timeout_ms: AtomicI64::new(120_000),
+            fill_orders: AtomicU64::new(0),
+            fill_extended_ms: AtomicI64::new(0),
         }
     }
 
@@ -201,6 +213,30 @@ impl Telemetry {
         self.stream_open.store(true, Ordering::SeqCst);
         self.set_reason("streaming");
         notify::send(&[notify::Notice::Ready, notify::Notice::Status("streaming")]);
+    }
+
+    /// A fill (the catch-up before streaming, or a gap-fill) archived `orders` more (0 when it
+    /// starts). The process has started (`/health/startup` answers 200: it is up and advancing)
+    /// but is not ready (`/health/ready` says "filling"), its progress keeps it live, and systemd
+    /// is asked for more start time while it advances (`EXTEND_TIMEOUT_USEC`, every
+    /// [`FILL_EXTEND_EVERY`] at most, each for [`FILL_EXTENSION`]): a long fill at start is neither
+    /// killed by a start timeout nor by a startup probe, to start over from scratch.
+    pub fn fill_progressed(&self, orders: u64) {
+        self.started.store(true, Ordering::SeqCst);
+        self.stream_open.store(false, Ordering::SeqCst);
+        self.set_reason("filling");
+        self.progressed();
+        let done = self.fill_orders.fetch_add(orders, Ordering::SeqCst) + orders;
+        let now = chrono::Utc::now().timestamp_millis();
+        let last = self.fill_extended_ms.load(Ordering::SeqCst);
+        if orders == 0 || now - last >= FILL_EXTEND_EVERY.as_millis() as i64 {
+            self.fill_extended_ms.store(now, Ordering::SeqCst);
+            let status = format!("filling: {done} orders archived");
+            notify::send(&[
+                notify::Notice::ExtendTimeout(FILL_EXTENSION.as_micros() as u32),
+                notify::Notice::Status(&status),
+            ]);
+        }
     }
 
     /// The stream failed and is being reopened (or the process is filling a gap).

@@ -15,6 +15,8 @@ pub(super) enum Notice<'a> {
     Status(&'a str),
     Stopping,
     Watchdog,
+    /// The start (or stop) may take this many more microseconds from now.
+    ExtendTimeout(u32),
 }
 
 /// Tells systemd (through `NOTIFY_SOCKET`; outside systemd, nothing happens).
@@ -28,6 +30,7 @@ pub(super) fn send(notices: &[Notice<'_>]) {
             Notice::Status(s) => NotifyState::Status(s),
             Notice::Stopping => NotifyState::Stopping,
             Notice::Watchdog => NotifyState::Watchdog,
+            Notice::ExtendTimeout(usec) => NotifyState::ExtendTimeoutUsec(usec),
         })
         .collect();
     if let Err(e) = sd_notify::notify(&states) {

@@ -61,12 +61,17 @@ pub(super) async fn fill(
                 .map_err(|failed| WatchError::Fill(failed.error.into()))?;
         opened.stream.resume_token()
     };
-    // A fill is long work of its own, bounded by its retries; the liveness clock is for batches.
+    // A fill is long work of its own, bounded by its retries; the liveness clock is for batches,
+    // and the fill's own progress keeps the process live (and its start time extended).
     state.telemetry.work_done();
+    state.telemetry.fill_progressed(0);
     let started = Instant::now();
     let archiver = Archiver::new(config, dbs, ArchiveSource::Batch);
     let archive = async || {
-        let filled = archive_matching(config, dbs, &archiver, &filter, WritePath::Client, true, shutdown).await;
+        let telemetry = &state.telemetry;
+        let advanced = |orders: u64| telemetry.fill_progressed(orders);
+        let filled =
+            archive_matching(config, dbs, &archiver, &filter, WritePath::Client, true, shutdown, &advanced).await;
         state.telemetry.work_done();
         filled.map_err(FillError)
     };
