@@ -141,6 +141,7 @@ fn checkpoint() -> impl Strategy<Value = Checkpoint> {
                 last_event_wall_time: wall_time,
                 saved_at,
                 position_time,
+                fill: None,
             }
         })
 }

@@ -298,27 +298,33 @@ async fn sigterm_during_a_gap_fill_stops_instead_of_refilling_forever() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gap_fill_saves_the_time_its_position_was_taken() {
-    let (_server, t, refs) = archived_once_on_a_short_oplog("filltime").await;
+    // The archive on a server of its own: the fill's writes must not push its own starting
+    // position out of the source's 50-entry oplog (they would in one server, and the fill would
+    // run again from a later position).
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("filltime", "--oplog-max-entries 50").await;
+    let archive_server = OwnServer::start("");
+    let archive = archive_on(&archive_server, &t).await;
+    let watch = || t.watch().env("ARCHIVE_URI", &archive_server.uri);
+    let mut first = watch().start().await;
+    t.deliver(&refs, [0]).await;
+    eventually(30, "the first order archived", || async { archive.count_documents(doc! {}).await.unwrap() == 1 }).await;
+    first.stop_ok().await;
     t.deliver(&refs, 1..3001).await;
     t.prune_oplog().await;
 
-    let mut watch = t.watch().until("archive filled").await;
-    t.wait_archived(3001).await;
+    let mut watch = watch().until("archive filled").await;
+    wait_all_archived(&t, &archive, 60, &watch).await;
     watch.stop_ok().await;
+    assert_eq!(watch.stderr().matches("HISTORY LOST").count(), 1, "{}", watch.stderr());
     let token: serde_json::Value = serde_json::from_str(&common::read(&t.token_file())).unwrap();
     let saved_position = chrono::DateTime::parse_from_rfc3339(token["last_event_wall_time"].as_str().unwrap()).unwrap();
     // Every filled document was written after the position was taken.
-    let first_filled = t
-        .archive()
-        .find_one(doc! { "archive_source": "batch" })
-        .sort(doc! { "archived_at": 1 })
-        .await
-        .unwrap()
-        .unwrap();
+    let first_filled =
+        archive.find_one(doc! { "archive_source": "batch" }).sort(doc! { "archived_at": 1 }).await.unwrap().unwrap();
     let first_filled = first_filled.get_datetime("archived_at").unwrap().timestamp_millis();
     assert!(
         saved_position.timestamp_millis() <= first_filled,
-        "checkpoint time {saved_position} is after the fill began writing ({first_filled})"
+        "checkpoint time {saved_position} is after the fill began writing ({first_filled}): {token}"
     );
 }
 

@@ -251,3 +251,37 @@ async fn a_catch_up_at_start_asks_systemd_for_more_start_time_while_it_advances(
     t.wait_all_archived(5000).await;
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_killed_midway_is_continued_by_the_next_start_not_begun_again() {
+    // A catch-up saved its progress only at its end: killed by a start timeout (or anything
+    // else) it began again at the next start, from the first order, forever.
+    let (t, refs) = TestEnv::seeded("fill_continues").await;
+    for thousand in 0..20 {
+        t.deliver(&refs, thousand * 1000..(thousand + 1) * 1000).await;
+    }
+    let catch_up = t.watch().env("BATCH_CHUNK_SIZE", "200").env("BATCH_CONCURRENCY", "1").args(["--catch-up"]);
+    let mut watch = catch_up.until("starting from now").await;
+    eventually(120, "the catch-up under way", || async { t.archive_len().await >= 4000 }).await;
+    watch.kill().await;
+    let before = t.archive_len().await;
+    assert!(before < 20_000, "killed midway ({before} archived)");
+
+    // Restarted as a service manager would, without --catch-up: the fill goes on where it stopped.
+    let mut watch = t.watch().env("BATCH_CHUNK_SIZE", "200").until("change stream open").await;
+    assert!(watch.log_contains("continuing a fill"), "{}", watch.stderr());
+    t.wait_all_archived(20_000).await;
+    let log = watch.stop_ok().await;
+    let filled = log.lines().find(|l| l.contains("archive filled")).unwrap_or_else(|| panic!("{log}"));
+    let field = |name: &str| -> u64 {
+        let value = filled.split(&format!(" {name}=")).nth(1).unwrap_or_else(|| panic!("{filled}"));
+        value.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    // Only what was done after the last saved progress (a second at most) is read again.
+    assert!(field("already_archived") < 5000, "{filled} ({before} archived before the kill)");
+    assert_eq!(field("newly_archived") + before, 20_000, "{filled}");
+    // And a later start has nothing left to continue.
+    let mut watch = t.watch().until("change stream open").await;
+    assert!(!watch.log_contains("continuing a fill"), "{}", watch.stderr());
+    watch.stop_ok().await;
+}

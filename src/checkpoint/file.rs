@@ -18,7 +18,7 @@ use super::{Checkpoint, StoreError};
 pub struct CheckpointFile {
     path: PathBuf,
     /// The token last made durable, to skip rewriting an unchanged position.
-    last_saved: Option<(ResumeToken, Option<Timestamp>)>,
+    last_saved: Option<(ResumeToken, Option<Timestamp>, Option<super::FillProgress>)>,
 }
 
 impl CheckpointFile {
@@ -52,14 +52,15 @@ impl CheckpointFile {
                 expected: expected_namespace.to_owned(),
             });
         }
-        self.last_saved = Some((checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time));
+        self.last_saved =
+            Some((checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time, checkpoint.fill.clone()));
         Ok(Some(checkpoint))
     }
 
     /// Makes `checkpoint` durable, unless it records the same position as the last one saved.
     /// Returns whether the file was written.
     pub fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
-        let position = (checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time);
+        let position = (checkpoint.resume_token.clone(), checkpoint.last_event_cluster_time, checkpoint.fill.clone());
         if self.last_saved.as_ref() == Some(&position) {
             return Ok(false);
         }
@@ -188,6 +189,7 @@ mod tests {
             last_event_wall_time: Some("2025-11-21T16:00:00.123Z".parse().unwrap()),
             saved_at: "2025-11-21T16:00:01Z".parse().unwrap(),
             position_time: None,
+            fill: None,
         }
     }
 

@@ -127,6 +127,23 @@ pub struct Checkpoint {
     /// token stands for the moment the stream was read up to (the last event's times stay, for
     /// the gap-fill). See [`Checkpoint::position`].
     pub position_time: Option<DateTime<Utc>>,
+    /// A fill under way when this checkpoint was saved: the next start continues it where it
+    /// stopped before it streams, never begins it again.
+    pub fill: Option<FillProgress>,
+}
+
+/// How far a fill (the catch-up, or a gap-fill after lost history) went: it archives the orders
+/// it matches in `_id` order, and those up to `after` are done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FillProgress {
+    /// Which fill: `catch-up` or `gap-fill`.
+    pub kind: String,
+    /// For a gap-fill, the delivery date it fills from.
+    pub since: Option<DateTime<Utc>>,
+    /// The last order id done (in `_id` order); none before the first chunk.
+    pub after: Option<Bson>,
+    /// When the fill began.
+    pub started_at: DateTime<Utc>,
 }
 
 /// On-disk layout of version 2, which is version 1 and `position_time` (absent when unset, and
@@ -143,6 +160,19 @@ struct FileV1 {
     saved_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     position_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fill: Option<FillV2>,
+}
+
+/// A fill under way, in version 2. `after` is canonical extended JSON, so that the id's type
+/// survives (`{"$numberLong": "7"}` is not `7`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FillV2 {
+    kind: String,
+    since: Option<DateTime<Utc>>,
+    after: Option<serde_json::Value>,
+    started_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -167,6 +197,7 @@ impl Checkpoint {
             last_event_wall_time,
             saved_at: Utc::now(),
             position_time: None,
+            fill: None,
         }
     }
 
@@ -190,6 +221,12 @@ impl Checkpoint {
             last_event_wall_time: self.last_event_wall_time,
             saved_at: self.saved_at,
             position_time: self.position_time,
+            fill: self.fill.as_ref().map(|f| FillV2 {
+                kind: f.kind.clone(),
+                since: f.since,
+                after: f.after.clone().map(Bson::into_canonical_extjson),
+                started_at: f.started_at,
+            }),
         };
         let mut text = serde_json::to_string_pretty(&file).expect("a checkpoint always serializes");
         text.push('\n');
@@ -222,6 +259,13 @@ impl Checkpoint {
             last_event_wall_time: file.last_event_wall_time,
             saved_at: file.saved_at,
             position_time: file.position_time,
+            fill: file
+                .fill
+                .map(|f| {
+                    let after = f.after.map(Bson::try_from).transpose().map_err(|e| format!("fill.after: {e}"))?;
+                    Ok::<_, String>(FillProgress { kind: f.kind, since: f.since, after, started_at: f.started_at })
+                })
+                .transpose()?,
         })
     }
 }

@@ -10,7 +10,7 @@ use mongodb::error::Error;
 use mongodb::options::WriteConcern;
 use mongodb::{Collection, Database};
 
-use super::{Checkpoint, StoreError};
+use super::{Checkpoint, FillProgress, StoreError};
 use crate::config::Config;
 use crate::db::is_duplicate_key;
 
@@ -20,7 +20,8 @@ pub struct MongoCheckpoints {
     collection: Collection<Document>,
     stream: String,
     epoch: i64,
-    last_saved: Option<ResumeToken>,
+    /// What was saved last (the token and the fill's progress): an unchanged save is skipped.
+    last_saved: Option<(ResumeToken, Option<FillProgress>)>,
 }
 
 impl MongoCheckpoints {
@@ -59,8 +60,20 @@ impl MongoCheckpoints {
                 .map(|t| t.to_chrono())
                 .map_err(|_| corrupt("no saved_at".to_owned()))?,
             position_time: d.get_datetime("position_time").ok().map(|t| t.to_chrono()),
+            fill: match d.get_document("fill") {
+                Ok(f) => Some(FillProgress {
+                    kind: f.get_str("kind").map_err(|_| corrupt("fill without a kind".to_owned()))?.to_owned(),
+                    since: f.get_datetime("since").ok().map(|t| t.to_chrono()),
+                    after: f.get("after").filter(|a| !matches!(a, Bson::Null)).cloned(),
+                    started_at: f
+                        .get_datetime("started_at")
+                        .map(|t| t.to_chrono())
+                        .map_err(|_| corrupt("fill without started_at".to_owned()))?,
+                }),
+                Err(_) => None,
+            },
         };
-        self.last_saved = Some(token);
+        self.last_saved = Some((token, checkpoint.fill.clone()));
         Ok(Some(checkpoint))
     }
 
@@ -91,7 +104,8 @@ impl MongoCheckpoints {
     /// Saves `checkpoint` unless a newer leader owns the stream. Returns whether anything was
     /// written.
     pub async fn save(&mut self, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
-        if self.last_saved.as_ref() == Some(&checkpoint.resume_token) {
+        let position = (checkpoint.resume_token.clone(), checkpoint.fill.clone());
+        if self.last_saved.as_ref() == Some(&position) {
             return Ok(false);
         }
         let token = mongodb::bson::to_bson(&checkpoint.resume_token).map_err(|e| StoreError::Database {
@@ -99,7 +113,7 @@ impl MongoCheckpoints {
             source: Error::custom(e.to_string()),
         })?;
         let set = doc! {
-            "version": 1,
+            "version": 2,
             "stream": &self.stream,
             "resume_token": token,
             "epoch": self.epoch,
@@ -111,13 +125,19 @@ impl MongoCheckpoints {
             "position_time": checkpoint
                 .position_time
                 .map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_chrono(t))),
+            "fill": checkpoint.fill.as_ref().map_or(Bson::Null, |f| Bson::Document(doc! {
+                "kind": &f.kind,
+                "since": f.since.map_or(Bson::Null, |t| Bson::DateTime(mongodb::bson::DateTime::from_chrono(t))),
+                "after": f.after.clone().unwrap_or(Bson::Null),
+                "started_at": mongodb::bson::DateTime::from_chrono(f.started_at),
+            })),
         };
         self.collection
             .update_one(self.fenced_filter(), doc! { "$set": set })
             .upsert(true)
             .await
             .map_err(|e| self.failed("saving the checkpoint", e))?;
-        self.last_saved = Some(checkpoint.resume_token.clone());
+        self.last_saved = Some(position);
         Ok(true)
     }
 

@@ -33,7 +33,7 @@ use crate::pipeline::sink::{Archiver, EventTimes, WriteOutcome};
 use crate::redact::scrub;
 use crate::telemetry::{Role, Telemetry};
 
-use fill::{fill, gap_filter};
+use fill::{fill, new_fill, CATCH_UP, GAP_FILL};
 pub use stream::{delivered_filter, StartPosition};
 use stream::{is_event_too_large, open_stream, open_stream_await, read_batches, read_past_large_events, StreamBatch};
 use writer::{persist, write_batch, StreamFailure, StreamState};
@@ -345,10 +345,18 @@ async fn lead(
         max_batch_bytes: config.watch.batch_max_bytes,
         order_bytes: 0,
     };
-    if options.catch_up {
-        let delivered = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
-        let delivered = coordination::restrict_to_partition(config, delivered, "$_id");
-        fill(config, dbs, &mut state, delivered, "catch-up", stop).await?;
+    // A fill a previous run left unfinished goes on first, where it stopped; then the catch-up
+    // asked for, unless that was the fill just finished.
+    let unfinished = state.checkpoint.as_ref().and_then(|c| c.fill.clone());
+    let caught_up = unfinished.as_ref().is_some_and(|f| f.kind == CATCH_UP);
+    if let Some(progress) = unfinished {
+        fill(config, dbs, &mut state, progress, stop).await?;
+    }
+    if options.catch_up && !caught_up && !stop.is_cancelled() {
+        fill(config, dbs, &mut state, new_fill(CATCH_UP, None), stop).await?;
+    }
+    if stop.is_cancelled() {
+        return Ok(());
     }
     let mut delays = keep_trying.schedule();
     let mut attempts = 0usize;
@@ -398,7 +406,7 @@ async fn lead(
             };
             let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
                 - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
-            fill(config, dbs, &mut state, gap_filter(config, since), "gap-fill", stop).await?;
+            fill(config, dbs, &mut state, new_fill(GAP_FILL, Some(since)), stop).await?;
             if stop.is_cancelled() {
                 // The fill was interrupted; the next start fills again from the same position.
                 return Ok(());

@@ -271,7 +271,7 @@ pub(super) async fn persist(
 }
 
 /// [`persist`], of a checkpoint already made.
-async fn persist_checkpoint(
+pub(super) async fn persist_checkpoint(
     state: &mut StreamState,
     checkpoint: Checkpoint,
     shutdown: &CancellationToken,
