@@ -208,6 +208,20 @@ mod tests {
     }
 
     #[test]
+    fn a_fill_under_way_round_trips_with_the_type_of_its_last_id() {
+        let progress = super::super::FillProgress {
+            kind: "gap-fill".to_owned(),
+            since: Some("2025-11-21T15:00:00Z".parse().unwrap()),
+            after: Some(Bson::Int64(7)),
+            started_at: "2025-11-21T16:00:02Z".parse().unwrap(),
+        };
+        let filling = Checkpoint { fill: Some(progress), ..sample() };
+        let text = filling.to_json();
+        assert!(text.contains("\"$numberLong\": \"7\""), "{text}");
+        assert_eq!(Checkpoint::from_json(&text).unwrap(), filling);
+    }
+
+    #[test]
     fn rejects_corrupt_and_unknown_files() {
         for (text, why) in [
             ("", "not valid JSON"),

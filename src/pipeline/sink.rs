@@ -215,7 +215,8 @@ impl Archiver {
         total: usize,
         times: &EventTimes,
     ) -> Result<WriteOutcome, Error> {
-        let alike = refused.windows(2).all(|w| w[0].code == w[1].code);
+        // An oversized document is the order's own fault whatever the others' fate.
+        let alike = refused.windows(2).all(|w| w[0].code == w[1].code) && refused.iter().all(|r| r.size.is_none());
         if total > 1 && refused.len() == total && alike {
             let first = refused.into_iter().next().expect("total > 1");
             tracing::error!(orders = total, code = ?first.code, error = %first.reason,

@@ -461,9 +461,13 @@ async fn read_past_large_event(
     stop: &CancellationToken,
 ) -> Result<bool, StreamFailure> {
     let failed = |e| StreamFailure::Mongo(e, "reading past a change event too large to send");
+    let limit = state.write_timeout;
+    let what = "reading past a change event too large to send";
+    // Work under way: the liveness probe watches it like a batch.
+    state.telemetry.work_pending();
     let resume = state.checkpoint.as_ref().map(|c| c.resume_token.clone());
-    let read = read_past_large_events(config, dbs, resume.as_ref(), config.watch.batch_size).await.map_err(failed)?;
-    let Some(token) = read.token else { return Ok(false) };
+    let reading = read_past_large_events(config, dbs, resume.as_ref(), config.watch.batch_size * 10);
+    let read = db::bounded(reading, what, limit, stop).await.map_err(failed)?;
     for change in &read.references_changed {
         archiver.forget_reference(&change.collection, change.id.as_ref());
     }
@@ -477,7 +481,8 @@ async fn read_past_large_event(
     }
     let orders = db::on_primary(&dbs.source).collection(&config.orders.collection);
     let delivered_filter = doc! { config.orders.fields.status.clone(): &config.orders.delivered_status };
-    let delivered = present_among(&orders, &ids, delivered_filter).await.map_err(failed)?;
+    let delivered =
+        db::bounded(present_among(&orders, &ids, delivered_filter), what, limit, stop).await.map_err(failed)?;
     let (delivered, others): (Vec<Bson>, Vec<Bson>) =
         ids.into_iter().partition(|id| delivered.contains(&equality_key(id)));
     if !others.is_empty() {
@@ -485,18 +490,33 @@ async fn read_past_large_event(
             "orders changed past a change event too large to send are not delivered now (or no longer exist): \
              not archived; should one have been delivered and changed since, `archiver verify --repair` archives it");
     }
-    let outcome = archiver.archive_ids(&delivered, &times).await.map_err(failed)?;
+    let mut outcome = db::bounded(archiver.archive_ids(&delivered, &times), what, limit, stop).await.map_err(failed)?;
+    for (position, reason) in &read.unreadable {
+        tracing::error!(position = %position, error = %reason,
+            "a change names no readable order id; recorded in the dead-letter collection");
+        db::bounded(archiver.dead_letter_event(position, reason), what, limit, stop).await.map_err(failed)?;
+        outcome.dead_lettered += 1;
+    }
     let metrics = &state.telemetry.metrics;
     metrics.orders_archived.inc_by(outcome.inserted);
     metrics.dead_letters.inc_by(outcome.dead_lettered);
     metrics.orders_too_large.inc_by(outcome.too_large);
+    state.telemetry.work_done();
     tracing::warn!(
         changes = delivered.len() + others.len(),
         archived = outcome.inserted,
         already_archived = outcome.already_archived,
+        caught_up = read.token.is_some(),
         "read past a change event too large to send"
     );
-    persist(state, token, read.cluster_time, None, stop).await?;
+    let Some(token) = read.token else { return Ok(false) };
+    // The last delivery's times stay, as for an idle stream: a gap-fill starts from them.
+    let (cluster_time, wall_time) = state
+        .checkpoint
+        .as_ref()
+        .map(|c| (c.last_event_cluster_time, c.last_event_wall_time))
+        .unwrap_or((read.cluster_time, None));
+    persist(state, token, cluster_time, wall_time, stop).await?;
     Ok(true)
 }
 

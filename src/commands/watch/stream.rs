@@ -329,18 +329,25 @@ pub(super) fn is_event_too_large(err: &Error) -> bool {
 pub(super) struct ChangesRead {
     /// The orders changed, with the time of their change.
     pub(super) orders: Vec<(Bson, Option<mongodb::bson::DateTime>)>,
+    /// Order changes whose order id cannot be read: their position and why.
+    pub(super) unreadable: Vec<(String, String)>,
     /// References changed among them.
     pub(super) references_changed: Vec<ReferenceChange>,
-    /// The position after the last change read (none if nothing was read).
+    /// The position after the last change read, once the stream has caught up (then it is a
+    /// position past every event, which any stream resumes from, whatever its filter); none if
+    /// nothing was read, or if the stream did not catch up within the limit.
     pub(super) token: Option<ResumeToken>,
     /// The last change's cluster time.
     pub(super) cluster_time: Option<Timestamp>,
 }
 
-/// Reads up to `limit` changes after `resume` with a stream that never ships an order's content
-/// (see [`changes_filter`]), stopping before an event that ends the stream: the orders they name
-/// are then archived if the orders collection says they are delivered. This reads past a change
-/// event that the delivered-orders stream cannot get from the server (over 16 MB).
+/// Reads the changes after `resume` with a stream that never ships an order's content (see
+/// [`changes_filter`]) until it has caught up, up to `limit` of them, stopping before an event
+/// that ends the stream: the orders they name are then archived if the orders collection says
+/// they are delivered. This reads past a change event that the delivered-orders stream cannot
+/// get from the server (over 16 MB). The position is only given once caught up: the token of an
+/// event this stream matches and the delivered-orders stream does not would not resume the
+/// latter (a server looks for the resumed event behind the filter).
 pub(super) async fn read_past_large_events(
     config: &Config,
     dbs: &Databases,
@@ -349,15 +356,29 @@ pub(super) async fn read_past_large_events(
 ) -> Result<ChangesRead, Error> {
     let mut stream = open_changes(config, dbs, resume).await?;
     let db = dbs.source.name().to_owned();
-    let mut read = ChangesRead { orders: Vec::new(), references_changed: Vec::new(), token: None, cluster_time: None };
-    while read.orders.len() + read.references_changed.len() < limit {
-        let Some(event) = stream.next_if_any().await? else { break };
+    let mut read = ChangesRead {
+        orders: Vec::new(),
+        unreadable: Vec::new(),
+        references_changed: Vec::new(),
+        token: None,
+        cluster_time: None,
+    };
+    let mut seen = 0;
+    while seen < limit {
+        let Some(event) = stream.next_if_any().await? else {
+            // Caught up: the stream's position is past every event read.
+            read.token = (seen > 0).then(|| stream.resume_token()).flatten();
+            return Ok(read);
+        };
+        seen += 1;
         match event.meaning(&db, &config.orders.collection) {
-            Meaning::End => break,
+            Meaning::End => return Ok(read),
             Meaning::References(changes) => read.references_changed.extend(changes),
-            Meaning::Delivery => read.orders.extend(event.id().map(|id| (id, event.wall_time))),
+            Meaning::Delivery => match event.order_id() {
+                Ok(id) => read.orders.push((id, event.wall_time)),
+                Err(reason) => read.unreadable.push((event.position(), reason)),
+            },
         }
-        read.token = Some(event.token);
         read.cluster_time = event.cluster_time;
     }
     Ok(read)
