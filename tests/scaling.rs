@@ -347,6 +347,10 @@ async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_sto
     assert_eq!(cp["lease"]["holder"], "keeper", "{report}");
     assert_eq!(cp["lease"]["expired"], false, "{report}");
     leader.stop_ok().await;
+    // Stopped, the leader released its lease: no instance leads, which is not healthy.
+    let (code, report) = health(&t, &env);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["resume_token"]["lease"]["expired"], true, "{report}");
 
     // Another partition of the shared store has no checkpoint yet: reported missing, not the
     // first partition's.

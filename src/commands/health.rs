@@ -175,13 +175,22 @@ async fn shared_token(
     report["collection"] = Value::from(config.coordination.checkpoint_collection.clone());
     let leases = Lease::collection(&dbs.archive, config);
     report["lease"] = match Lease::current(&leases, stream).await {
-        Ok(Some(lease)) => json!({
-            "holder": lease.holder,
-            "epoch": lease.epoch,
-            "expires_at": lease.expires_at,
-            // An expired lease: no process is writing this stream right now.
-            "expired": lease.expires_at < chrono::Utc::now(),
-        }),
+        Ok(Some(lease)) => {
+            // An expired lease: no process is writing this stream right now, and deliveries
+            // wait (none leads, or the leader is cut off from the store).
+            let expired = lease.expires_at < chrono::Utc::now();
+            let mut lease = json!({
+                "holder": lease.holder,
+                "epoch": lease.epoch,
+                "expires_at": lease.expires_at,
+                "expired": expired,
+            });
+            if expired {
+                *healthy = false;
+                lease["error"] = Value::from("no instance leads this stream: its lease has expired");
+            }
+            lease
+        }
         Ok(None) => json!({ "holder": null, "note": "no process has led this stream yet" }),
         Err(e) => {
             *healthy = false;
