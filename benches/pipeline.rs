@@ -959,8 +959,8 @@ async fn case_watch(b: &Bench, report: &mut Report, figures: &mut Figures) -> an
     figures.watch_archiver_us = Some(own_cpu);
 
     let section = "3b. watch variants (profiling, 1 run each)";
-    // Without the reference cache, watch streams the orders collection alone and reads the
-    // references for every batch: what the cache is worth.
+    // Without the reference cache, watch reads the references for every batch (its stream is on
+    // the database either way): what the cache is worth.
     let mut variants = vec![("ENRICH_MODE", "lookup".to_owned()), ("REFERENCE_CACHE_ENTRIES", "0".to_owned())];
     variants.extend(b.settings.watch_batch_sizes.iter().map(|size| ("BATCH_SIZE", size.to_string())));
     for (i, (key, value)) in variants.into_iter().enumerate() {
