@@ -15,6 +15,13 @@ async fn archive_on(server: &OwnServer, t: &TestEnv) -> Collection<Document> {
     Client::with_uri_str(&server.uri).await.unwrap().database(&t.db_name).collection("Commandes_archive")
 }
 
+/// Creates `t`'s archive collection with a validator no archive document can pass: a refusal of
+/// the archive's own, never an order's fault.
+async fn refuse_every_archive_document(t: &TestEnv) {
+    let validator = doc! { "no_such_field": { "$exists": true } };
+    t.db.run_command(doc! { "create": "Commandes_archive", "validator": validator }).await.unwrap();
+}
+
 /// Sends a signal to the process whose pid is in `pid_file`.
 fn signal_pid_file(pid_file: &std::path::Path, signal: &str) {
     let pid = std::fs::read_to_string(pid_file).unwrap();
@@ -192,10 +199,7 @@ async fn a_duplicate_on_another_unique_index_is_a_dead_letter_not_already_archiv
 #[tokio::test(flavor = "multi_thread")]
 async fn an_archive_that_refuses_every_order_alike_stops_the_run_without_dead_letters() {
     let (t, refs) = TestEnv::seeded("refuseall").await;
-    // A validator no archive document can pass: the archive's fault, not the orders'.
-    t.db.run_command(doc! { "create": "Commandes_archive", "validator": { "no_such_field": { "$exists": true } } })
-        .await
-        .unwrap();
+    refuse_every_archive_document(&t).await;
     t.deliver(&refs, 0..20).await;
     let out = t.run(&["batch", "--date-from", "2020-01-01"]);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -239,9 +243,7 @@ async fn a_validator_that_refuses_every_order_holds_them_at_light_load_until_it_
     // Before: batches of one were dead-lettered one by one (the "whole batch refused alike"
     // rule needed two orders), the position moved past them, and none was ever archived.
     let (t, refs) = TestEnv::seeded("refuselight").await;
-    t.db.run_command(doc! { "create": "Commandes_archive", "validator": { "no_such_field": { "$exists": true } } })
-        .await
-        .unwrap();
+    refuse_every_archive_document(&t).await;
     let mut watch = t.watch().env("RETRY_MAX_DELAY_MS", "500").start().await;
     let health = health_addr(&watch);
     for n in 0..5 {

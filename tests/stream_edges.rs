@@ -7,8 +7,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Mode, Proxy};
-use common::{order, TestEnv};
+use common::{order, Refs, TestEnv};
 use mongodb::bson::{doc, oid::ObjectId, Document};
+
+/// A `watch` of `t` that keeps the references it reads (its stream carries their changes), once
+/// it archived one order (number 0), so that the references it read are kept.
+async fn keeping_references_after_one_order(t: &TestEnv, refs: &Refs) -> common::Watcher {
+    let watch = t.watch().start().await;
+    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
+    t.deliver(refs, [0]).await;
+    t.wait_archived(1).await;
+    watch
+}
 
 /// The resume token saved in `t`'s token file.
 fn saved_token(t: &TestEnv) -> serde_json::Value {
@@ -52,10 +62,7 @@ async fn a_dotted_status_field_is_matched_whatever_the_update_sets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_saved_position_advances_under_reference_traffic_alone() {
     let (t, refs) = TestEnv::seeded("reftraffic").await;
-    let mut watch = t.watch().start().await;
-    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
-    t.deliver(&refs, [0]).await;
-    t.wait_archived(1).await;
+    let mut watch = keeping_references_after_one_order(&t, &refs).await;
     // The orders collection quiet, a customer edited every 50 ms.
     let clients = t.db.collection::<Document>("Client");
     let mut last = saved_token(&t);
@@ -87,10 +94,7 @@ async fn the_saved_position_advances_under_reference_traffic_alone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reference_collection_replaced_by_a_view_is_never_kept_stale() {
     let (t, refs) = TestEnv::seeded("laterview").await;
-    let mut watch = t.watch().start().await;
-    assert!(watch.log_contains("references_kept=true"), "{}", watch.stderr());
-    t.deliver(&refs, [0]).await;
-    t.wait_archived(1).await;
+    let mut watch = keeping_references_after_one_order(&t, &refs).await;
     // The couriers move to another collection, and a view takes the old name.
     let source = t.db.collection::<Document>("Livreur_source");
     source.insert_one(doc! { "_id": refs.livreur, "nom": "Avant", "vehicule": "vélo" }).await.unwrap();
