@@ -225,6 +225,12 @@ else
   fi
   case "$cron_cmd" in *%*) fail "cron command contains %, which cron turns into a newline" ;; *) pass "cron command has no %" ;; esac
   if sh -n -c "$cron_cmd" 2>/dev/null; then pass "cron command parses with sh -n"; else fail "cron command: sh -n failed"; fi
+  if grep -qF 'install -d -o root -g archiver -m 0750 /etc/archiver' "$CRON_FILE" \
+     && grep -qF 'config/archiver.toml /etc/archiver/archiver.toml' "$CRON_FILE"; then
+    pass "cron install steps create /etc/archiver and install archiver.toml (the line sets ARCHIVER_CONFIG)"
+  else
+    fail "cron install steps must create /etc/archiver and install archiver.toml there"
+  fi
   for needle in 'flock -n' 'archiver batch --date-from yesterday --date-to today' '. /etc/archiver/archiver.env' '>>/var/log/archiver/'; do
     case "$cron_cmd" in *"$needle"*) ;; *) fail "cron command lacks: $needle" ;; esac
   done
@@ -264,10 +270,21 @@ EOF
       if run_cron; then second=0; else second=$?; fi
       wait "$(cat "$SCRATCH/cron-bg.pid")" || true
       rm -f "$SCRATCH/cron-bg.pid"
-      if [ "$second" -ne 0 ] && [ "$(grep -c '^ARGS=' "$c/calls")" -eq 1 ]; then
-        pass "cron command: a second run during the first is skipped by flock (exit $second), archiver ran once"
+      if [ "$second" -eq 75 ] && [ "$(grep -c '^ARGS=' "$c/calls")" -eq 1 ] \
+         && grep -q "archiver batch skipped at .*still holds $c/state/batch.lock" "$c/log/batch-cron.log"; then
+        pass "cron command: a second run during the first is skipped by flock (exit 75, a line in batch-cron.log), archiver ran once"
       else
-        fail "cron command: overlapping runs were not prevented (second exit $second, $(grep -c '^ARGS=' "$c/calls") calls)"
+        fail "cron command: overlapping runs were not prevented or not logged (second exit $second, $(grep -c '^ARGS=' "$c/calls") calls)"
+      fi
+      # A missing env file: the shell's complaint lands in batch-cron.log, not in a lost mail.
+      rm -f "$c/slow"; mv "$c/etc/archiver.env" "$c/etc/archiver.env.away"
+      : > "$c/log/batch-cron.log"
+      if out="$(run_cron 2>&1)"; then missing=0; else missing=$?; fi
+      mv "$c/etc/archiver.env.away" "$c/etc/archiver.env"
+      if [ "$missing" -ne 0 ] && [ -z "$out" ] && grep -q "archiver.env" "$c/log/batch-cron.log"; then
+        pass "cron command: a missing env file fails the run (exit $missing) and says so in batch-cron.log, nothing on cron's output"
+      else
+        fail "cron command: a missing env file was not reported in batch-cron.log (exit $missing, output: $out)"
       fi
     else
       fail "cron command failed when run against a stub:"; [ -f "$c/log/batch-cron.log" ] && indent < "$c/log/batch-cron.log"
@@ -443,8 +460,10 @@ state_dir = get(svc, "Service", "StateDirectory")
 logs_dir = get(svc, "Service", "LogsDirectory")
 check(svc_env.get("RESUME_TOKEN_FILE", "").startswith(f"/var/lib/{state_dir}/"),
       f"archiver.service: RESUME_TOKEN_FILE={svc_env.get('RESUME_TOKEN_FILE')} is inside StateDirectory=/var/lib/{state_dir} (writable under ProtectSystem=strict)")
-check(svc_env.get("LOG_DIR") == f"/var/log/{logs_dir}",
-      f"archiver.service: LOG_DIR={svc_env.get('LOG_DIR')} is LogsDirectory=/var/log/{logs_dir}")
+check("LOG_DIR" not in svc_env and logs_dir == "archiver",
+      "archiver.service: LOG_DIR unset (journal only, nothing stored twice); LogsDirectory=archiver for a drop-in that sets it")
+check("LOG_DIR" not in env_of(unit_settings(f"{DEPLOY}/systemd/archiver-batch.service")),
+      "archiver-batch.service: LOG_DIR unset (journal only)")
 check(get(svc, "Service", "EnvironmentFile") == "/etc/archiver/archiver.env",
       "archiver.service: EnvironmentFile=/etc/archiver/archiver.env")
 cfg = svc_env.get("ARCHIVER_CONFIG", "")

@@ -88,9 +88,14 @@ pub struct GlobalArgs {
     /// [default: 60000]. Bounds `batch`, `verify`, `health`, `simulate` (`watch` keeps trying).
     #[arg(long, env = "RETRY_MAX_ELAPSED_MS", global = true, value_name = "MS")]
     pub retry_max_elapsed_ms: Option<u64>,
-    /// Directory of the daily log files; empty disables them [default: logs].
+    /// Directory of the daily log files; empty disables them [default: logs, or none when
+    /// standard error goes to the systemd journal].
     #[arg(long, env = "LOG_DIR", global = true, value_name = "DIR")]
     pub log_dir: Option<String>,
+    /// Daily log files kept, today's included; older ones are deleted; 0 keeps them all
+    /// [default: 14].
+    #[arg(long, env = "LOG_RETENTION_DAYS", global = true, value_name = "DAYS")]
+    pub log_retention_days: Option<usize>,
     /// Log format [default: text].
     #[arg(long, env = "LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -397,6 +402,7 @@ impl Cli {
         o.set("retry.max_delay_ms", g.retry_max_delay_ms);
         o.set("retry.max_elapsed_ms", g.retry_max_elapsed_ms);
         o.set("log.dir", g.log_dir.clone());
+        o.set("log.retention_days", g.log_retention_days);
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());
         o.set("enrich.mode", g.enrich_mode);

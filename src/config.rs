@@ -353,8 +353,13 @@ pub struct RetrySettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
-    /// Directory of the daily log files (`LOG_DIR`); empty disables file logging.
-    pub dir: String,
+    /// Directory of the daily log files (`LOG_DIR`); empty disables file logging. Unset: `logs`,
+    /// or no files when standard error goes to the systemd journal (`JOURNAL_STREAM`), which
+    /// keeps the logs already.
+    pub dir: Option<String>,
+    /// Daily log files kept, today's included; older ones are deleted at start and at each
+    /// rotation (`LOG_RETENTION_DAYS`); 0 keeps them all.
+    pub retention_days: usize,
     /// `text` or `json` (`LOG_FORMAT`).
     pub format: LogFormat,
     /// Level or filter when `RUST_LOG` is unset (`LOG_LEVEL`).
@@ -469,7 +474,7 @@ impl Default for RetrySettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { dir: "logs".to_owned(), format: LogFormat::Text, level: "info".to_owned() }
+        LogSettings { dir: None, retention_days: 14, format: LogFormat::Text, level: "info".to_owned() }
     }
 }
 

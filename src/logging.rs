@@ -1,5 +1,7 @@
 //! Logging: human-readable (or JSON) lines on stderr, and the same events in daily rolling files
-//! under `LOG_DIR`. `RUST_LOG` wins over `LOG_LEVEL` when set.
+//! under `LOG_DIR`, the oldest deleted past `LOG_RETENTION_DAYS`. `RUST_LOG` wins over
+//! `LOG_LEVEL` when set. Under systemd, standard error already goes to the journal: unless
+//! `LOG_DIR` says otherwise, no files are written there, so nothing is kept twice.
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
@@ -33,30 +35,63 @@ pub fn init(settings: &LogSettings, file_prefix: &str) -> (LogGuard, Option<Stri
     let console = layer(settings.format, std::io::stderr, std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter());
     let mut warning = None;
-    let (file_layer, guard) = if settings.dir.trim().is_empty() {
+    let dir = log_dir(settings, std::env::var_os("JOURNAL_STREAM").is_some());
+    let (file_layer, guard) = if dir.trim().is_empty() {
         (None, None)
     } else {
-        match std::fs::create_dir_all(&settings.dir).map(|_| {
-            tracing_appender::rolling::Builder::new()
+        match std::fs::create_dir_all(dir).map(|_| {
+            let builder = tracing_appender::rolling::Builder::new()
                 .rotation(tracing_appender::rolling::Rotation::DAILY)
                 .filename_prefix(file_prefix)
-                .filename_suffix("log")
-                .build(&settings.dir)
+                .filename_suffix("log");
+            // The appender deletes the oldest files of this prefix when it opens one, at start
+            // and at each daily rotation.
+            match settings.retention_days {
+                0 => builder,
+                days => builder.max_log_files(days),
+            }
+            .build(dir)
         }) {
             Ok(Ok(appender)) => {
                 let (writer, guard) = tracing_appender::non_blocking(appender);
                 (Some(layer(settings.format, writer, false).with_filter(filter())), Some(guard))
             }
             Ok(Err(e)) => {
-                warning = Some(format!("log files disabled: cannot write in {}: {e}", settings.dir));
+                warning = Some(format!("log files disabled: cannot write in {dir}: {e}"));
                 (None, None)
             }
             Err(e) => {
-                warning = Some(format!("log files disabled: cannot create {}: {e}", settings.dir));
+                warning = Some(format!("log files disabled: cannot create {dir}: {e}"));
                 (None, None)
             }
         }
     };
     let _ = tracing_subscriber::registry().with(console).with(file_layer).try_init();
     (guard, warning)
+}
+
+/// The directory of the log files: `LOG_DIR` when set; unset, `logs`, or none when standard
+/// error goes to the journal (systemd sets `JOURNAL_STREAM` for a service whose output it keeps).
+fn log_dir(settings: &LogSettings, journal: bool) -> &str {
+    match settings.dir.as_deref() {
+        Some(dir) => dir,
+        None if journal => "",
+        None => "logs",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn under_the_journal_files_are_written_only_when_asked_for() {
+        let unset = LogSettings::default();
+        assert_eq!(log_dir(&unset, false), "logs");
+        assert_eq!(log_dir(&unset, true), "");
+        let set = LogSettings { dir: Some("/var/log/archiver".to_owned()), ..LogSettings::default() };
+        assert_eq!(log_dir(&set, true), "/var/log/archiver");
+        let off = LogSettings { dir: Some(String::new()), ..LogSettings::default() };
+        assert_eq!(log_dir(&off, false), "");
+    }
 }

@@ -285,3 +285,44 @@ async fn a_catch_up_killed_midway_is_continued_by_the_next_start_not_begun_again
     assert!(!watch.log_contains("continuing a fill"), "{}", watch.stderr());
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_files_are_kept_for_the_retention_period_and_not_at_all_under_the_journal() {
+    let (t, _refs) = TestEnv::seeded("log_retention").await;
+    let logs = t.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // Five old daily files, created in order a day apart as far as the appender can tell (it
+    // goes by creation time), and a file of someone else's that retention must not touch.
+    for day in 1..=5 {
+        std::fs::write(logs.join(format!("archiver.2026-01-0{day}.log")), "old\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(logs.join("batch-cron.log"), "not ours\n").unwrap();
+    let args = ["batch", "--date-from", "2026-01-01", "--date-to", "2026-01-02"];
+    let out = t.archiver(&args).env("LOG_RETENTION_DAYS", "3").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut kept: Vec<String> =
+        std::fs::read_dir(&logs).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    kept.sort();
+    let today = format!("archiver.{}.log", chrono::Utc::now().format("%Y-%m-%d"));
+    assert_eq!(kept, ["archiver.2026-01-04.log", "archiver.2026-01-05.log", today.as_str(), "batch-cron.log"]);
+
+    // Under systemd (standard error kept by the journal) with LOG_DIR unset: no files at all;
+    // unset elsewhere: ./logs.
+    let cwd = t.dir.path().join("service");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let unset = |journal: bool| {
+        let mut cmd = t.archiver(&args);
+        cmd.env_remove("LOG_DIR").current_dir(&cwd);
+        if journal {
+            cmd.env("JOURNAL_STREAM", "8:12345");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("batch"), "the log lines reach standard error");
+        cwd.join("logs").exists()
+    };
+    assert!(!unset(true), "no log directory under the journal");
+    assert!(unset(false), "./logs by default elsewhere");
+    t.cleanup().await;
+}
