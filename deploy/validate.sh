@@ -87,6 +87,7 @@ EXPECTED_FILES=(
   deploy/systemd/archiver.service
   deploy/systemd/archiver-batch.service
   deploy/systemd/archiver-batch.timer
+  deploy/systemd/archiver-failure@.service
   deploy/systemd/archiver.env.example
   deploy/systemd/archiver.sysusers.conf
   deploy/systemd/archiver.tmpfiles.conf
@@ -149,14 +150,15 @@ mkdir -p "$UNITS_DIR"
 # The binary is not installed here: point ExecStart at a stub so that verify checks the rest.
 printf '#!/bin/sh\nexit 0\n' > "$SCRATCH/archiver-stub"
 chmod 755 "$SCRATCH/archiver-stub"
-for u in archiver.service archiver-batch.service archiver-batch.timer; do
+for u in archiver.service archiver-batch.service archiver-batch.timer archiver-failure@.service; do
   sed "s#/usr/local/bin/archiver#$SCRATCH/archiver-stub#g" "deploy/systemd/$u" > "$UNITS_DIR/$u"
 done
 if command -v systemd-analyze >/dev/null 2>&1; then
   info "$(systemd-analyze --version | head -1)"
   if out="$(cd "$UNITS_DIR" && systemd-analyze verify --man=no ./archiver.service \
-              ./archiver-batch.service ./archiver-batch.timer 2>&1)" && [ -z "$out" ]; then
-    pass "systemd-analyze verify: archiver.service, archiver-batch.service, archiver-batch.timer (no warning)"
+              ./archiver-batch.service ./archiver-batch.timer ./archiver-failure@archiver-batch.service.service 2>&1)" \
+     && [ -z "$out" ]; then
+    pass "systemd-analyze verify: archiver.service, archiver-batch.service, archiver-batch.timer, archiver-failure@ (no warning)"
   else
     fail "systemd-analyze verify reported problems:"
     printf '%s\n' "$out" | indent
@@ -480,6 +482,9 @@ check("2" in (get(batch, "Service", "RestartPreventExitStatus") or "").split(),
 check(env_of(batch).get("HTTP_ADDR") == "off", "archiver-batch.service: HTTP_ADDR=off (no port clash with watch)")
 timer = unit_settings(f"{DEPLOY}/systemd/archiver-batch.timer")
 check(get(timer, "Timer", "Persistent") == "true", "archiver-batch.timer: Persistent=true")
+on_failure = get(batch, "Unit", "OnFailure") or ""
+check(on_failure.startswith("archiver-failure@") and os.path.exists(f"{DEPLOY}/systemd/archiver-failure@.service"),
+      f"archiver-batch.service: OnFailure={on_failure} names a unit shipped in deploy/systemd/")
 check(get(timer, "Timer", "OnCalendar"), f"archiver-batch.timer: OnCalendar={get(timer, 'Timer', 'OnCalendar')}")
 check(get(timer, "Install", "WantedBy") == "timers.target", "archiver-batch.timer: WantedBy=timers.target")
 
@@ -671,6 +676,11 @@ check(all(p.get("targetPort") in ports or p.get("targetPort") in ports.values() 
 check(cron.get("spec", {}).get("concurrencyPolicy") == "Forbid", "cronjob: concurrencyPolicy Forbid")
 check(cc.get("args") == ["batch", "--date-from", "yesterday", "--date-to", "today"], "cronjob: runs batch --date-from yesterday --date-to today")
 check(isinstance(cjob.get("backoffLimit"), int), f"cronjob: backoffLimit {cjob.get('backoffLimit')}")
+cjob_env = {e.get("name"): e.get("value") for e in cc.get("env") or []}
+outage_ms = int(cjob_env.get("RETRY_MAX_ELAPSED_MS") or 60000)
+check(outage_ms * (1 + (cjob.get("backoffLimit") or 0)) >= 3600 * 1000 and outage_ms * 4 < (cjob.get("activeDeadlineSeconds") or 0) * 1000,
+      f"cronjob: rides out about an hour of database outage ({outage_ms // 60000} min per pod, {1 + (cjob.get('backoffLimit') or 0)} pods) within activeDeadlineSeconds",
+      f"cronjob: gives up after {outage_ms * (1 + (cjob.get('backoffLimit') or 0)) // 60000} min of database outage (RETRY_MAX_ELAPSED_MS {outage_ms} x pods): a short outage fails the night")
 rules = (cjob.get("podFailurePolicy") or {}).get("rules") or []
 fail_on_2 = [r for r in rules if r.get("action") == "FailJob" and 2 in (r.get("onExitCodes") or {}).get("values", [])]
 check(fail_on_2 and fail_on_2[0]["onExitCodes"].get("containerName") == cc.get("name"),
@@ -934,7 +944,7 @@ def read(path):
 # the oplog when the user may read `local`, that src/ may not export yet. Other exporters' metrics
 # the rules rely on: Prometheus's own `up`.
 ANNOUNCED = {"archiver_oplog_window_seconds", "archiver_oplog_headroom_seconds"}
-EXTERNAL = {"up"}
+EXTERNAL = {"up", "kube_job_status_failed"}
 SUFFIXES = ("_total", "_bucket", "_sum", "_count")
 def base(name):
     for s in SUFFIXES:

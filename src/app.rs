@@ -128,10 +128,16 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Batch(args) => match batch::run(&config, &args, shutdown).await {
-            Ok(_) => ExitCode::from(OK),
-            Err(e) => report_failure("batch", &e),
-        },
+        Command::Batch(args) => {
+            let outcome = batch::run(&config, &args, shutdown).await;
+            if let (Some(path), false) = (&config.batch.metrics_file, args.dry_run) {
+                record_batch_run(&config, path, &outcome);
+            }
+            match outcome {
+                Ok(_) => ExitCode::from(OK),
+                Err(e) => report_failure("batch", &e),
+            }
+        }
         Command::Verify(args) => {
             let range = match DateRange::parse(&args.date_from, args.date_to.as_deref(), chrono::Utc::now()) {
                 Ok(range) => range,
@@ -191,6 +197,23 @@ fn report_failure(command: &str, error: &anyhow::Error) -> ExitCode {
     tracing::error!(command, error = %message, "failed");
     eprintln!("error: {message}");
     ExitCode::from(for_error(error))
+}
+
+/// Leaves the outcome of a batch run in `BATCH_METRICS_FILE`. A file that cannot be written is
+/// an error in the log, not a failed run: the orders are archived either way.
+fn record_batch_run(config: &Config, path: &str, outcome: &anyhow::Result<batch::BatchSummary>) {
+    let now = chrono::Utc::now();
+    let run = telemetry::textfile::BatchRun {
+        ended_at: now,
+        success: outcome.is_ok(),
+        range_end: outcome.as_ref().ok().and_then(|s| s.range).and_then(|r| r.to).map_or(now, |to| to.min(now)),
+        orders_archived: outcome.as_ref().map_or(0, |s| s.written.inserted),
+    };
+    let partition = format!("{}/{}", config.coordination.partition, config.coordination.partitions);
+    let labels = [("database", config.mongodb.database.as_str()), ("partition", partition.as_str())];
+    if let Err(e) = telemetry::textfile::write_batch_run(std::path::Path::new(path), &labels, &run) {
+        tracing::error!(file = path, error = %e, "the batch metrics file cannot be written");
+    }
 }
 
 /// First SIGINT/SIGTERM: finish the batch in flight, save, exit 0. Second: exit at once.

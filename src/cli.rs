@@ -336,6 +336,10 @@ pub struct BatchArgs {
     /// Do not create the indexes archiver relies on (for users without createIndex rights).
     #[arg(long, env = "SKIP_INDEXES")]
     pub skip_indexes: bool,
+    /// Record each run's outcome (and the last success) in this Prometheus text file, for
+    /// node_exporter's textfile collector: `<dir>/archiver_batch.prom`.
+    #[arg(long, env = "BATCH_METRICS_FILE", value_name = "FILE")]
+    pub metrics_file: Option<String>,
 }
 
 /// `archiver simulate`.
@@ -431,6 +435,7 @@ impl Cli {
                 o.set("batch.chunk_size", b.chunk_size);
                 o.set("batch.concurrency", b.concurrency);
                 o.set("batch.create_indexes", b.skip_indexes.then_some(false));
+                o.set("batch.metrics_file", b.metrics_file.clone());
             }
             Command::Health(h) => {
                 o.set("watch.resume_token_file", h.resume_token_file.clone());

@@ -332,6 +332,9 @@ pub struct BatchSettings {
     pub write_path: WritePath,
     /// Whether to create the indexes `archiver` relies on.
     pub create_indexes: bool,
+    /// A Prometheus text file where each run records its outcome and the last success, for
+    /// node_exporter's textfile collector (`BATCH_METRICS_FILE`); unset: none.
+    pub metrics_file: Option<String>,
 }
 
 /// Retries of transient errors: exponential backoff with jitter, bounded.
@@ -462,7 +465,13 @@ impl Default for WatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
-        BatchSettings { chunk_size: 1000, concurrency: 4, write_path: WritePath::Client, create_indexes: true }
+        BatchSettings {
+            chunk_size: 1000,
+            concurrency: 4,
+            write_path: WritePath::Client,
+            create_indexes: true,
+            metrics_file: None,
+        }
     }
 }
 

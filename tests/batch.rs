@@ -221,3 +221,41 @@ async fn creates_its_indexes_unless_told_not_to() {
     assert_eq!(archived_numbers(&t).await, ["CMD-000002", "CMD-000003", "CMD-000006", "CMD-000007"]);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_run_leaves_its_outcome_in_the_metrics_file_and_a_failure_keeps_the_last_success() {
+    let t = TestEnv::new("batch_metrics_file").await;
+    seed_range(&t).await;
+    let file = t.dir.path().join("textfile/archiver_batch.prom");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let value = |name: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(&file).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+    };
+    let args = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    let out = t.archiver(&args).env("BATCH_METRICS_FILE", &file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(&format!("database=\"{}\"", t.db_name)), "{text}");
+    assert_eq!(value("archiver_batch_last_run_success"), Some(1.0));
+    assert!(value("archiver_batch_last_run_orders_archived").unwrap() >= 1.0, "{text}");
+    let range_end = chrono::DateTime::parse_from_rfc3339("2026-03-03T00:00:00Z").unwrap().timestamp() as f64;
+    assert_eq!(value("archiver_batch_last_success_range_end_timestamp_seconds"), Some(range_end));
+    let success = value("archiver_batch_last_success_timestamp_seconds").unwrap();
+
+    // The database is unreachable: the run fails, says so in the file, keeps the last success.
+    let out = t
+        .archiver(&args)
+        .env("BATCH_METRICS_FILE", &file)
+        .env("MONGODB_URI", "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=200")
+        .env("RETRY_MAX_ATTEMPTS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(value("archiver_batch_last_run_success"), Some(0.0));
+    assert_eq!(value("archiver_batch_last_success_timestamp_seconds"), Some(success));
+    assert!(value("archiver_batch_last_run_timestamp_seconds").unwrap() >= success);
+    t.cleanup().await;
+}

@@ -33,6 +33,8 @@ pub struct BatchSummary {
     pub written: WriteOutcome,
     /// Wall time.
     pub duration: Duration,
+    /// The range archived.
+    pub range: Option<DateRange>,
 }
 
 /// Runs `archiver batch`.
@@ -86,7 +88,7 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
 
     let (_, written) =
         archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown, &|_| {}).await?;
-    let summary = BatchSummary { matched, written, duration: started.elapsed() };
+    let summary = BatchSummary { matched, written, duration: started.elapsed(), range: Some(range) };
     let secs = summary.duration.as_secs_f64().max(1e-9);
     let processed = written.inserted + written.already_archived + written.dead_lettered;
     let rate = processed as f64 / secs;

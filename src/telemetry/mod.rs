@@ -1,11 +1,13 @@
 //! What operators see of a running `watch`: HTTP probes (`/health/live`, `/health/ready`,
 //! `/health/startup`) in [`http`], Prometheus metrics in [`metrics`], and systemd notifications
-//! (READY, STOPPING, WATCHDOG) in [`notify`]. The state behind them ([`Telemetry`]) is what the
+//! (READY, STOPPING, WATCHDOG) in [`notify`]; the outcome of a `batch` run for node_exporter's
+//! textfile collector in [`textfile`]. The state behind them ([`Telemetry`]) is what the
 //! pipeline reports into; this module knows nothing of the pipeline itself.
 
 mod http;
 mod metrics;
 mod notify;
+pub mod textfile;
 
 pub use http::serve;
 pub use metrics::Metrics;
