@@ -209,3 +209,35 @@ async fn a_quiet_stream_whose_position_advances_is_not_reported_out_of_the_oplog
     assert_ne!(oplog["status"], "warning", "{oplog:#}");
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oplog_still_filling_up_is_not_low_on_headroom() {
+    // A fresh replica set: its oplog is seconds old, far under a one-hour threshold, but holds
+    // 1 KB of its 1000 MB, so at this pace it drops nothing for days. SecantusDB keeps no
+    // storage statistics: the proxy answers `$collStats` as mongod would.
+    let (_server, t, refs) = TestEnv::seeded_on_own_server("oplog_filling", CAPPED).await;
+    let wire = common::wire::Injector::start(common::proxy::upstream_of(&t.uri)).await;
+    wire.answer_oplog_fill(1 << 10, 1000 << 20);
+    // A window of at least a second (the newest entry's time has whole seconds).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let vars = [("MONGODB_URI", wire.uri(&t.uri)), ("OPLOG_HEADROOM_WARN_SECS", "3600".to_owned())];
+    let mut watch = t.watch().envs(&vars.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).start().await;
+    t.deliver(&refs, 0..3).await;
+    t.wait_archived(3).await;
+    eventually(15, "the headroom gauge", || async { gauge(&watch, "archiver_oplog_headroom_seconds").is_some() }).await;
+    let window = gauge(&watch, "archiver_oplog_window_seconds").unwrap();
+    let headroom = gauge(&watch, "archiver_oplog_headroom_seconds").unwrap();
+    assert!(window < 3600.0 && headroom > 3600.0, "headroom {headroom}, window {window}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("OPLOG HEADROOM LOW"), "an oplog still filling up is not low:\n{log}");
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_, report) = health(&t, &vars);
+    assert!(report["oplog"]["seconds_until_full"].as_f64().unwrap() > 0.0, "{report:#}");
+
+    // The same oplog full (its fill unknown reads as full): the warning is back.
+    wire.answer_oplog_fill(995 << 20, 1000 << 20);
+    let mut watch = t.watch().envs(&vars).start().await;
+    watch.wait_for_log(15, "OPLOG HEADROOM LOW").await;
+    watch.stop_ok().await;
+}

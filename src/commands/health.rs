@@ -252,6 +252,7 @@ async fn oplog_report(config: &Config, source: &mongodb::Client, position: Optio
         "first": window.first,
         "last": window.last,
         "window_seconds": window.seconds(),
+        "seconds_until_full": window.seconds_until_full(),
         "headroom_seconds": headroom,
         "warn_below_seconds": warn_below,
     });

@@ -42,6 +42,8 @@ pub struct Telemetry {
     token_time_ms: AtomicI64,
     /// Unix millis of the oldest oplog entry at the last reading, 0 if unknown.
     oplog_first_ms: AtomicI64,
+    /// How long the oplog needs to fill up before it drops anything (0: full, or unknown).
+    oplog_until_full_ms: AtomicI64,
     reason: Mutex<&'static str>,
     role: Mutex<Role>,
     /// Unix millis since when work has been waiting (a batch received, a failed write to
@@ -175,6 +177,7 @@ impl Telemetry {
             last_checkpoint_ms: AtomicI64::new(0),
             token_time_ms: AtomicI64::new(0),
             oplog_first_ms: AtomicI64::new(0),
+            oplog_until_full_ms: AtomicI64::new(0),
             reason: Mutex::new("starting"),
             role: Mutex::new(Role::Single),
             pending_since_ms: AtomicI64::new(0),
@@ -273,6 +276,7 @@ impl Telemetry {
     /// The source oplog's window was read.
     pub fn oplog_window_read(&self, window: &OplogWindow) {
         self.oplog_first_ms.store(window.first.timestamp_millis(), Ordering::SeqCst);
+        self.oplog_until_full_ms.store((window.seconds_until_full() * 1000.0) as i64, Ordering::SeqCst);
         self.metrics.oplog_window.get_or_create(&Vec::new()).set(window.seconds());
     }
 
@@ -289,7 +293,9 @@ impl Telemetry {
     pub fn oplog_headroom_seconds(&self) -> Option<f64> {
         let first = self.oplog_first_ms.load(Ordering::SeqCst);
         let position = self.token_time_ms.load(Ordering::SeqCst);
-        (first != 0 && position != 0 && self.role() != Role::Standby).then(|| (position - first) as f64 / 1000.0)
+        let until_full = self.oplog_until_full_ms.load(Ordering::SeqCst);
+        (first != 0 && position != 0 && self.role() != Role::Standby)
+            .then(|| (position - first + until_full) as f64 / 1000.0)
     }
 
     /// Sets how long pending work may go without progress before the process counts as stuck.
@@ -418,7 +424,7 @@ mod tests {
         t.metrics.orders_archived.inc_by(3);
         t.checkpoint_saved(Some(chrono::Utc::now().timestamp_millis() - 2000));
         let first = chrono::Utc::now() - chrono::Duration::hours(1);
-        t.oplog_window_read(&OplogWindow { first, last: chrono::Utc::now() });
+        t.oplog_window_read(&OplogWindow { first, last: chrono::Utc::now(), fill: None });
         let text = t.render();
         for name in [
             "archiver_events_received_total",
@@ -454,7 +460,7 @@ mod tests {
         assert!(!text.contains("archiver_oplog"), "not even a HELP line before a reading: {text}");
 
         let first = chrono::Utc::now() - chrono::Duration::hours(2);
-        t.oplog_window_read(&OplogWindow { first, last: first + chrono::Duration::hours(2) });
+        t.oplog_window_read(&OplogWindow { first, last: first + chrono::Duration::hours(2), fill: None });
         let text = t.render();
         assert_eq!(sample(&text, "archiver_oplog_window_seconds"), Some(7200.0), "{text}");
         assert_eq!(sample(&text, "archiver_oplog_headroom_seconds"), None, "no checkpoint yet: {text}");

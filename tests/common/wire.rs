@@ -1,7 +1,7 @@
 //! A proxy that speaks the wire protocol just enough to answer some commands itself: for the
 //! server answers a test cannot provoke on the test server, such as a change event too large to
-//! send (`BSONObjectTooLarge`, which SecantusDB never raises). Every other message passes as it
-//! is. Uncompressed `OP_MSG` only, which is what the driver sends without `compressors`.
+//! send (`BSONObjectTooLarge`, which SecantusDB never raises), or the oplog's storage statistics
+//! (which SecantusDB does not keep). Every other message passes as it is. Uncompressed `OP_MSG` only, which is what the driver sends without `compressors`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -27,6 +27,8 @@ pub struct Injector {
     openings: AtomicU32,
     /// Commands failed so far.
     injected: AtomicU32,
+    /// The oplog's size and cap to answer `$collStats` on `local.oplog.rs` with, if any.
+    oplog_fill: std::sync::Mutex<Option<(i64, i64)>>,
     stop: CancellationToken,
 }
 
@@ -39,6 +41,7 @@ impl Injector {
             get_mores: AtomicU32::new(0),
             openings: AtomicU32::new(0),
             injected: AtomicU32::new(0),
+            oplog_fill: std::sync::Mutex::new(None),
             stop: CancellationToken::new(),
         });
         let accepting = injector.clone();
@@ -72,6 +75,23 @@ impl Injector {
     pub fn fail_with_too_large(&self, get_mores: u32, openings: u32) {
         self.get_mores.store(get_mores, Ordering::SeqCst);
         self.openings.store(openings, Ordering::SeqCst);
+    }
+
+    /// Answers `$collStats` on the oplog with these storage statistics from now on.
+    pub fn answer_oplog_fill(&self, used_bytes: i64, max_bytes: i64) {
+        *self.oplog_fill.lock().unwrap() = Some((used_bytes, max_bytes));
+    }
+
+    /// The answer to `$collStats` on the oplog, when one is set and `body` asks for it.
+    fn oplog_stats(&self, body: &RawDocument) -> Option<mongodb::bson::Document> {
+        let (used, max) = (*self.oplog_fill.lock().unwrap())?;
+        let asks = body.get_str("aggregate").ok() == Some("oplog.rs")
+            && format!("{:?}", mongodb::bson::Document::try_from(body)).contains("$collStats");
+        asks.then(|| {
+            let stats =
+                doc! { "ns": "local.oplog.rs", "storageStats": { "size": used, "maxSize": max, "capped": true } };
+            doc! { "ok": 1.0, "cursor": { "id": 0_i64, "ns": "local.oplog.rs", "firstBatch": [stats] } }
+        })
     }
 
     /// How many commands were failed so far.
@@ -154,9 +174,13 @@ async fn requests(
         let body = (op_code == OP_MSG && message.len() > 21 && message[20] == 0)
             .then(|| RawDocument::from_bytes(&message[21..]).ok())
             .flatten();
+        let request_id = i32::from_le_bytes(message[4..8].try_into().unwrap());
         if body.is_some_and(|body| injector.should_fail(body)) {
-            let request_id = i32::from_le_bytes(message[4..8].try_into().unwrap());
-            client_write.lock().await.write_all(&too_large_answer(request_id)).await?;
+            client_write.lock().await.write_all(&answer(request_id, &too_large())).await?;
+            continue;
+        }
+        if let Some(stats) = body.and_then(|body| injector.oplog_stats(body)) {
+            client_write.lock().await.write_all(&answer(request_id, &stats)).await?;
             continue;
         }
         server.write_all(&message).await?;
@@ -164,14 +188,18 @@ async fn requests(
 }
 
 /// The server's answer to a command whose result would hold a document over 16 MB.
-fn too_large_answer(response_to: i32) -> Vec<u8> {
-    let error = doc! {
+fn too_large() -> mongodb::bson::Document {
+    doc! {
         "ok": 0.0,
         "errmsg": "BSONObj size: 16777300 (0x1000054) is invalid. Size must be between 0 and 16793600(16MB)",
         "code": 10334,
         "codeName": "BSONObjectTooLarge",
-    };
-    let body = mongodb::bson::to_vec(&error).unwrap();
+    }
+}
+
+/// An `OP_MSG` reply to the request `response_to`, holding `reply`.
+fn answer(response_to: i32, reply: &mongodb::bson::Document) -> Vec<u8> {
+    let body = mongodb::bson::to_vec(reply).unwrap();
     let length = 16 + 4 + 1 + body.len();
     let mut message = Vec::with_capacity(length);
     message.extend_from_slice(&(length as i32).to_le_bytes());
