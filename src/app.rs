@@ -109,7 +109,13 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
                 }
             };
             let options = WatchOptions { reset_token: args.reset_token, start, catch_up: args.catch_up };
-            let telemetry = Arc::new(telemetry::Telemetry::new());
+            let telemetry = Arc::new(telemetry::Telemetry::labelled(vec![
+                ("stream".to_owned(), crate::coordination::partition::stream_name(&config)),
+                (
+                    "partition".to_owned(),
+                    format!("{}/{}", config.coordination.partition, config.coordination.partitions),
+                ),
+            ]));
             if let Ok(Some(addr)) = config.http_addr() {
                 if let Err(e) = telemetry::serve(addr, telemetry.clone(), shutdown.clone()).await {
                     eprintln!("error: cannot serve health and metrics on {addr}: {e} (set HTTP_ADDR, or `off`)");

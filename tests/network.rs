@@ -87,7 +87,8 @@ async fn ready_turns(addr: &str, code: u16, within: Duration) -> Option<Duration
 /// The value of an unlabelled metric, 0 if absent.
 async fn metric(addr: &str, name: &str) -> f64 {
     let (_, body) = probe(addr, "/metrics").await.expect("metrics served");
-    body.lines()
+    common::unlabelled(&body)
+        .lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
 }
@@ -488,7 +489,7 @@ async fn a_leader_cut_off_from_the_cluster_is_replaced_and_stops_writing() {
     );
     let checkpoint = shared_checkpoint(&t).await;
     assert_eq!(checkpoint.get_i64("epoch").unwrap(), 2, "{checkpoint}");
-    let (_, metrics) = probe(&standby_addr, "/metrics").await.unwrap();
+    let metrics = common::unlabelled(&probe(&standby_addr, "/metrics").await.unwrap().1);
     assert!(metrics.contains("archiver_takeovers_total 1"), "{metrics}");
     assert_eq!(metric(&leader_addr, "archiver_leader").await, 0.0);
     leader.stop_ok().await;

@@ -18,9 +18,8 @@ const CAPPED: &str = "--oplog-max-entries 50";
 fn gauge(watch: &Watcher, name: &str) -> Option<f64> {
     let (status, body) = http_get(&health_addr(watch), "/metrics");
     assert_eq!(status, 200);
-    // A series without labels, written `name{} value` by the exposition.
-    let sample = |l: &str| l.strip_prefix(name)?.trim_start_matches("{}").strip_prefix(' ').map(str::to_owned);
-    body.lines().find_map(sample).map(|v| v.trim().parse().unwrap())
+    let sample = |l: &str| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned);
+    common::unlabelled(&body).lines().find_map(sample).map(|v| v.trim().parse().unwrap())
 }
 
 /// `archiver health` with `vars`: its exit code and JSON report.
@@ -152,7 +151,7 @@ async fn without_the_privilege_to_read_local_watch_says_so_once_and_archives_on(
     t.deliver(&refs, 0..3).await;
     t.wait_all_archived(3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, metrics) = http_get(&health_addr(&watch), "/metrics");
+    let metrics = common::unlabelled(&http_get(&health_addr(&watch), "/metrics").1);
     assert!(!metrics.contains("archiver_oplog"), "no oplog series without the privilege:\n{metrics}");
     assert!(metrics.contains("archiver_orders_archived_total 3"), "{metrics}");
     let log = watch.stop_ok().await;

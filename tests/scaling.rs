@@ -69,7 +69,7 @@ async fn a_standby_takes_over_when_the_leader_dies_and_nothing_is_lost() {
     t.wait_all_archived(u64::from(delivered)).await;
     let (_, body) = http_get(&standby_addr, "/health/ready");
     assert!(body.contains("\"role\":\"leader\""), "{body}");
-    let (_, metrics) = http_get(&standby_addr, "/metrics");
+    let metrics = common::unlabelled(&http_get(&standby_addr, "/metrics").1);
     assert!(metrics.contains("archiver_takeovers_total 1"), "{metrics}");
     assert!(metrics.contains("archiver_leader 1"), "{metrics}");
     assert_eq!(checkpoint(&t).await.get_i64("epoch").unwrap(), 2);

@@ -21,8 +21,12 @@ async fn probes_and_metrics_report_the_stream() {
     broken.insert("client_id", mongodb::bson::oid::ObjectId::new());
     t.orders().insert_many([order(&refs, 1, "livrée"), broken]).await.unwrap();
     t.wait_archived(2).await;
-    let (code, metrics) = http_get(&addr, "/metrics");
+    let (code, labelled) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
+    // Every series says which stream and partition it is of.
+    let stream = format!("stream=\"{}.Commandes\",partition=\"0/1\"", t.db_name);
+    assert!(labelled.contains(&format!("archiver_ready{{{stream}}} 1")), "{labelled}");
+    let metrics = common::unlabelled(&labelled);
     for expected in [
         "archiver_orders_archived_total 2",
         "archiver_ready 1",
@@ -64,7 +68,7 @@ async fn readiness_goes_503_while_the_database_is_down_and_back() {
         archive.count_documents(doc! {}).await.unwrap() == 1
     })
     .await;
-    let (_, metrics) = http_get(&addr, "/metrics");
+    let metrics = common::unlabelled(&http_get(&addr, "/metrics").1);
     assert!(!metrics.contains("archiver_reconnects_total 0"), "{metrics}");
     watch.stop_ok().await;
 }

@@ -259,3 +259,41 @@ async fn a_change_event_too_large_to_send_is_read_past_and_its_order_archived() 
     t.wait_all_archived(4).await;
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
+    let (t, refs) = TestEnv::seeded("cache_metrics").await;
+    let watch = keeping_references_after_one_order(&t, &refs).await;
+    let addr = common::health_addr(&watch);
+    let value = |metrics: &str, name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}:\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    // The first order read its customer, courier, restaurant and dishes.
+    let misses = value(&metrics, "archiver_reference_cache_misses_total");
+    assert!(misses >= 4.0, "{metrics}");
+    assert!(value(&metrics, "archiver_reference_cache_entries") >= 4.0, "{metrics}");
+    assert_eq!(value(&metrics, "archiver_reference_cache_enabled"), 1.0, "{metrics}");
+
+    // The same references again: all found in the cache.
+    t.deliver(&refs, [1]).await;
+    t.wait_archived(2).await;
+    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    assert!(value(&metrics, "archiver_reference_cache_hits_total") >= 4.0, "{metrics}");
+    assert_eq!(value(&metrics, "archiver_reference_cache_misses_total"), misses, "{metrics}");
+
+    // The customer changes: forgotten, then read again for the next order.
+    t.db.collection::<Document>("Client")
+        .update_one(doc! { "_id": refs.client }, doc! { "$set": { "nom": "Durand" } })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    t.deliver(&refs, [2]).await;
+    t.wait_archived(3).await;
+    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    assert!(value(&metrics, "archiver_reference_cache_invalidations_total") >= 1.0, "{metrics}");
+    assert_eq!(value(&metrics, "archiver_reference_cache_misses_total"), misses + 1.0, "{metrics}");
+    let mut watch = watch;
+    watch.stop_ok().await;
+}

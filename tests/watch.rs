@@ -239,7 +239,7 @@ async fn unreachable_server_is_retried_without_end_and_without_leaking_the_passw
     assert!(watch.child.try_wait().unwrap().is_none(), "watch gave up: {}", watch.stderr());
     assert_eq!(common::http_get(&addr, "/health/ready").0, 503);
     // The same for alerting, without a probe: the readiness gauge.
-    assert!(common::http_get(&addr, "/metrics").1.lines().any(|l| l == "archiver_ready 0"));
+    assert!(common::unlabelled(&common::http_get(&addr, "/metrics").1).lines().any(|l| l == "archiver_ready 0"));
     assert!(watch.log_contains("not reachable yet; retrying"), "{}", watch.stderr());
     assert!(watch.stop().await.success(), "{}", watch.stderr());
     let stderr = watch.stderr();

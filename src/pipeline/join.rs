@@ -8,6 +8,7 @@
 //! field names), the batch is handed back to the pipeline instead.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::TryStreamExt;
@@ -145,6 +146,24 @@ type Entry = Option<Arc<RawDocumentBuf>>;
 struct ReferenceCache {
     capacity: usize,
     entries: Mutex<HashMap<(Kind, JoinKey), Entry>>,
+    /// Counts since they were last taken ([`Joiner::take_cache_stats`]).
+    hits: AtomicU64,
+    misses: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+/// How the reference cache has done since last asked: references found in it, references it
+/// had to read, entries forgotten because their document changed, and its size now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReferenceCacheStats {
+    /// References found in the cache (documents, or known misses).
+    pub hits: u64,
+    /// References read from the server.
+    pub misses: u64,
+    /// Entries forgotten because the stream said their document changed.
+    pub invalidations: u64,
+    /// Entries kept now.
+    pub entries: u64,
 }
 
 impl ReferenceCache {
@@ -230,8 +249,15 @@ impl Joiner {
     /// means as of the run: an edit of a reference during the run may show in the orders archived
     /// after it or not. `watch` keeps the cache exact with [`Joiner::forget`], fed by its stream.
     pub fn with_cache(mut self, capacity: usize) -> Self {
-        self.cache =
-            (capacity > 0).then(|| Arc::new(ReferenceCache { capacity, entries: Mutex::new(HashMap::default()) }));
+        self.cache = (capacity > 0).then(|| {
+            Arc::new(ReferenceCache {
+                capacity,
+                entries: Mutex::new(HashMap::default()),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                invalidations: AtomicU64::new(0),
+            })
+        });
         if self.cache.is_some() {
             // What is kept is read at "majority": a value that a failover rolls back (and no
             // change event would ever retract) is never read, let alone kept.
@@ -266,6 +292,7 @@ impl Joiner {
         let Some(cache) = &self.cache else { return };
         let kinds: Vec<Kind> = KINDS.into_iter().filter(|kind| self.collection(*kind).name() == collection).collect();
         let mut cached = cache.lock();
+        let before = cached.len();
         match id.map(|id| RawBson::try_from(id.clone())) {
             Some(Ok(id)) => {
                 let key = join_key(id.as_raw_bson_ref());
@@ -276,13 +303,27 @@ impl Joiner {
             // No id, or one that does not convert: the whole collection.
             _ => cached.retain(|(kind, _), _| !kinds.contains(kind)),
         }
+        cache.invalidations.fetch_add((before - cached.len()) as u64, Ordering::Relaxed);
     }
 
     /// Forgets every reference kept.
     pub fn forget_all(&self) {
         if let Some(cache) = &self.cache {
-            cache.lock().clear();
+            let mut cached = cache.lock();
+            cache.invalidations.fetch_add(cached.len() as u64, Ordering::Relaxed);
+            cached.clear();
         }
+    }
+
+    /// The cache's counts since the last call (and its size now); `None` without a cache.
+    pub fn take_cache_stats(&self) -> Option<ReferenceCacheStats> {
+        let cache = self.cache.as_ref()?;
+        Some(ReferenceCacheStats {
+            hits: cache.hits.swap(0, Ordering::Relaxed),
+            misses: cache.misses.swap(0, Ordering::Relaxed),
+            invalidations: cache.invalidations.swap(0, Ordering::Relaxed),
+            entries: cache.lock().len() as u64,
+        })
     }
 
     fn collection(&self, kind: Kind) -> &Collection<RawDocumentBuf> {
@@ -391,18 +432,22 @@ impl Joiner {
         match &self.cache {
             Some(cache) => {
                 let cached = cache.lock();
+                let mut hits = 0;
                 for ((kind, wanted), missing) in KINDS.into_iter().zip(wanted).zip(&mut missing) {
                     for (key, value) in wanted {
                         let key = (kind, key);
                         match cached.get(&key) {
                             Some(Some(entry)) => {
+                                hits += 1;
                                 refs.insert(key, entry.clone());
                             }
-                            Some(None) => {}
+                            Some(None) => hits += 1,
                             None => missing.push((key.1, value)),
                         }
                     }
                 }
+                cache.hits.fetch_add(hits, Ordering::Relaxed);
+                cache.misses.fetch_add(missing.iter().map(Vec::len).sum::<usize>() as u64, Ordering::Relaxed);
             }
             None => {
                 for (wanted, missing) in wanted.into_iter().zip(&mut missing) {

@@ -147,6 +147,11 @@ impl Archiver {
         }
     }
 
+    /// The reference cache's counts since last asked (see [`Joiner::take_cache_stats`]).
+    pub fn take_reference_cache_stats(&self) -> Option<crate::pipeline::join::ReferenceCacheStats> {
+        self.joiner.as_ref().and_then(Joiner::take_cache_stats)
+    }
+
     /// Forgets every reference kept.
     pub fn forget_references(&self) {
         if let Some(joiner) = &self.joiner {

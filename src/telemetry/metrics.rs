@@ -32,6 +32,17 @@ pub struct Metrics {
     pub batches: Counter,
     /// Leaderships taken over from another instance.
     pub takeovers: Counter,
+    /// References found in the reference cache.
+    pub reference_cache_hits: Counter,
+    /// References read from the server (not in the cache).
+    pub reference_cache_misses: Counter,
+    /// Cache entries forgotten because their document changed (or the stream reopened).
+    pub reference_cache_invalidations: Counter,
+    /// Entries in the reference cache.
+    pub reference_cache_entries: Gauge,
+    /// 1 when references are kept between batches (the stream carries their changes), 0 when
+    /// they are read for every batch (no cache, no privilege to watch the database, views).
+    pub reference_cache_enabled: Gauge,
     /// 1 when this process writes (leader or single), 0 as a standby.
     pub leader: Gauge,
     /// 1 when `/health/ready` would answer 200, 0 otherwise: set at each scrape, so that an

@@ -95,7 +95,15 @@ impl Default for Telemetry {
 impl Telemetry {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("archiver");
+        Telemetry::labelled(Vec::new())
+    }
+
+    /// Telemetry whose every series carries `labels`: which stream and partition this process
+    /// serves, so that the series of several processes on one dashboard can be told apart and
+    /// grouped (a leader and its standbys share a stream).
+    pub fn labelled(labels: Vec<(String, String)>) -> Self {
+        let labels = labels.into_iter().map(|(k, v)| (k.into(), v.into()));
+        let mut registry = Registry::with_prefix_and_labels("archiver", labels);
         let metrics = Metrics {
             events_received: Counter::default(),
             orders_archived: Counter::default(),
@@ -117,6 +125,11 @@ impl Telemetry {
             token_age: Gauge::default(),
             oplog_window: Family::default(),
             oplog_headroom: Family::default(),
+            reference_cache_hits: Counter::default(),
+            reference_cache_misses: Counter::default(),
+            reference_cache_invalidations: Counter::default(),
+            reference_cache_entries: Gauge::default(),
+            reference_cache_enabled: Gauge::default(),
         };
         metrics.leader.set(1);
         let m = &metrics;
@@ -163,6 +176,23 @@ impl Telemetry {
             "oplog_headroom_seconds",
             "How much longer watch could stop before its saved position leaves the oplog",
             m.oplog_headroom.clone(),
+        );
+        registry.register("reference_cache_hits", "References found in the reference cache", m.reference_cache_hits.clone());
+        registry.register(
+            "reference_cache_misses",
+            "References read from the source (not in the reference cache)",
+            m.reference_cache_misses.clone(),
+        );
+        registry.register(
+            "reference_cache_invalidations",
+            "Reference cache entries forgotten because their document changed or the stream reopened",
+            m.reference_cache_invalidations.clone(),
+        );
+        registry.register("reference_cache_entries", "Entries in the reference cache", m.reference_cache_entries.clone());
+        registry.register(
+            "reference_cache_enabled",
+            "1 when references are kept between batches, 0 when they are read for every batch",
+            m.reference_cache_enabled.clone(),
         );
         let build: Family<Vec<(String, String)>, Gauge> = Family::default();
         build.get_or_create(&vec![("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned())]).set(1);
@@ -271,6 +301,15 @@ impl Telemetry {
     /// its age and oplog headroom are known before the first save.
     pub fn checkpoint_loaded(&self, position_ms: i64) {
         self.token_time_ms.store(position_ms, Ordering::SeqCst);
+    }
+
+    /// What the reference cache did since last reported.
+    pub fn reference_cache_observed(&self, hits: u64, misses: u64, invalidations: u64, entries: u64) {
+        let m = &self.metrics;
+        m.reference_cache_hits.inc_by(hits);
+        m.reference_cache_misses.inc_by(misses);
+        m.reference_cache_invalidations.inc_by(invalidations);
+        m.reference_cache_entries.set(entries.min(i64::MAX as u64) as i64);
     }
 
     /// The source oplog's window was read.

@@ -683,3 +683,31 @@ pub async fn probe(addr: &str, path: &str) -> Option<(u16, String)> {
     .ok()
     .flatten()
 }
+
+/// A `/metrics` text with the `stream` and `partition` labels that `watch` puts on every series
+/// taken out (`archiver_ready{stream="…",partition="0/1"} 1` reads `archiver_ready 1`), for
+/// tests about values rather than labels.
+pub fn unlabelled(metrics: &str) -> String {
+    let mut out = String::new();
+    for line in metrics.lines() {
+        match (line.starts_with('#'), line.find('{'), line.rfind('}')) {
+            (false, Some(open), Some(close)) if open < close => {
+                let kept: Vec<&str> = line[open + 1..close]
+                    .split("\",")
+                    .map(|l| l.trim_end_matches('"'))
+                    .filter(|l| !l.is_empty() && !l.starts_with("stream=") && !l.starts_with("partition="))
+                    .collect();
+                out.push_str(&line[..open]);
+                if !kept.is_empty() {
+                    out.push('{');
+                    out.push_str(&kept.iter().map(|l| format!("{l}\"")).collect::<Vec<_>>().join(","));
+                    out.push('}');
+                }
+                out.push_str(&line[close + 1..]);
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}

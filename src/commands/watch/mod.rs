@@ -587,6 +587,7 @@ async fn run_stream(
         };
         tracing::info!(namespace = %state.namespace, references_kept = opened.follows_references,
             "change stream open");
+        state.telemetry.metrics.reference_cache_enabled.set(i64::from(opened.follows_references));
         state.telemetry.stream_opened();
         // Whatever was pending is replayed by this stream: nothing waits until it delivers.
         state.telemetry.work_done();

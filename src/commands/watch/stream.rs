@@ -282,7 +282,13 @@ pub(super) async fn open_stream(
     match open(config, dbs, resume, start, Scope::Database(&references), delivered_filter).await {
         Err(e) if error_code(&e) == Some(UNAUTHORIZED) => {
             let error = crate::redact::scrub(&e.to_string());
-            if keep_references {
+            // Said once per process, not at each reopening; the metric
+            // `archiver_reference_cache_enabled` stays at 0 meanwhile.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!(database = %dbs.source.name(), error = %error,
+                    "no privilege to watch the whole source database: watching the orders collection alone");
+            } else if keep_references {
                 tracing::warn!(
                     database = %dbs.source.name(), error = %error,
                     "no privilege to watch the whole source database (changeStream and find on it, \

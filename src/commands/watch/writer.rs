@@ -146,6 +146,9 @@ pub(super) async fn write_batch(
         metrics.orders_too_large.inc_by(outcome.too_large);
         metrics.batches.inc();
         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+        if let Some(cache) = archiver.take_reference_cache_stats() {
+            state.telemetry.reference_cache_observed(cache.hits, cache.misses, cache.invalidations, cache.entries);
+        }
         let lag_ms = wall_time.map(|t| (Utc::now() - t).num_milliseconds().max(0));
         if let Some(lag) = lag_ms {
             metrics.lag.observe(lag as f64 / 1000.0);
