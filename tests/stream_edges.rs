@@ -297,3 +297,74 @@ async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
     let mut watch = watch;
     watch.stop_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_privilege_to_watch_the_database_it_is_said_once_however_often_the_stream_reopens() {
+    let server = common::OwnServer::start("--auth");
+    let admin = mongodb::Client::with_uri_str(&server.uri).await.unwrap();
+    admin
+        .database("admin")
+        .run_command(doc! { "createUser": "admin", "pwd": "admin-pw", "roles": [{ "role": "root", "db": "admin" }] })
+        .await
+        .unwrap();
+    let with_user = |user: &str, source: &str| {
+        let uri = server.uri.replacen("mongodb://", &format!("mongodb://{user}:{user}-pw@"), 1);
+        uri.replacen("/?", &format!("/?authSource={source}&"), 1)
+    };
+    let t = TestEnv::with_uri("privilege_once", with_user("admin", "admin")).await;
+    let refs = t.seed_references().await;
+    // The orders collection may be watched, the references read; the database may not be
+    // watched. The archive is in a database of its own, read and written freely.
+    let read = |collection: &str, actions: Vec<&str>| {
+        doc! { "resource": { "db": &t.db_name, "collection": collection }, "actions": actions }
+    };
+    let archive_db = format!("{}_archive", t.db_name);
+    t.db.run_command(doc! {
+        "createRole": "ordersOnly",
+        "privileges": [
+            read("Commandes", vec!["find", "changeStream"]),
+            read("Client", vec!["find"]), read("Livreur", vec!["find"]),
+            read("Restaurants", vec!["find"]), read("Menu", vec!["find"]),
+            read("", vec!["listCollections"]),
+        ],
+        "roles": [],
+    })
+    .await
+    .unwrap();
+    t.db.run_command(doc! { "createUser": "archiver", "pwd": "archiver-pw",
+        "roles": ["ordersOnly", { "role": "readWrite", "db": &archive_db }] })
+        .await
+        .unwrap();
+    let proxy = Proxy::for_uri(&server.uri).await;
+    let uri = proxy.uri(&with_user("archiver", &t.db_name));
+    let mut watch = t
+        .watch()
+        .envs(&[("MONGODB_URI", uri.as_str()), ("ARCHIVE_DB", archive_db.as_str()), ("STREAM_TIMEOUT_MS", "1000")])
+        .start()
+        .await;
+    let archive = t.client.database(&archive_db).collection::<Document>("Commandes_archive");
+    let archived = |n: u64| {
+        let archive = archive.clone();
+        async move { archive.count_documents(doc! {}).await.unwrap() == n }
+    };
+    t.deliver(&refs, [0]).await;
+    common::eventually(20, "the first order archived", || archived(1)).await;
+    // Two reopenings of the stream: a silent network, past the stream's timeout.
+    for n in [1, 2] {
+        let reopened = watch.stderr().matches("change stream open").count();
+        proxy.set_mode(Mode::Blackhole);
+        common::eventually(30, "the silent stream given up", || async { watch.log_contains("does not answer") }).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        proxy.set_mode(Mode::Pass);
+        t.deliver(&refs, [n]).await;
+        common::eventually(30, "an order archived after the reopening", || archived(u64::from(n) + 1)).await;
+        let now = watch.stderr().matches("change stream open").count();
+        assert!(now > reopened, "the stream reopened:\n{}", watch.stderr());
+    }
+    let metrics = common::unlabelled(&common::http_get(&common::health_addr(&watch), "/metrics").1);
+    assert!(metrics.contains("archiver_reference_cache_enabled 0"), "{metrics}");
+    assert!(!metrics.contains("archiver_reconnects_total 0"), "the stream did reopen:\n{}", watch.stderr());
+    let log = watch.stop_ok().await;
+    assert_eq!(log.matches("no privilege to watch the whole source database").count(), 1, "said once:\n{log}");
+    t.client.database(&archive_db).drop().await.ok();
+}
