@@ -17,6 +17,9 @@
 #             objects resolve, the pod contract (1 replica, Recreate, probes, token on the PVC,
 #             non-root, read-only root); `kubectl kustomize` renders (if kubectl is here);
 #             schema validation with kubernetes-validate (if installed).
+#             The PVC is ReadWriteOncePod; memory limits equal the units' MemoryMax=. The HA
+#             overlay deploy/kubernetes-ha renders: 3 replicas, RollingUpdate, CHECKPOINT_STORE
+#             mongodb, INSTANCE_ID from the pod name, no PVC, anti-affinity, a PDB on its pods.
 #   env       every environment variable named in deploy/ is one archiver documents.
 #   cron      the line parses, and runs for real against a stub archiver: the env file is sourced
 #             intact, the flags are right, flock skips an overlapping run.
@@ -104,6 +107,10 @@ EXPECTED_FILES=(
   deploy/kubernetes/deployment.yaml
   deploy/kubernetes/service.yaml
   deploy/kubernetes/cronjob.yaml
+  deploy/kubernetes-ha/kustomization.yaml
+  deploy/kubernetes-ha/deployment-patch.yaml
+  deploy/kubernetes-ha/pvc-delete.yaml
+  deploy/kubernetes-ha/pdb.yaml
   deploy/kubernetes/kustomization.yaml
   deploy/prometheus/alerts.yml
   deploy/prometheus/alerts.test.yml
@@ -633,6 +640,8 @@ check(mounts.get(token_dir) in pvc_volumes and ("PersistentVolumeClaim", pvc_vol
       f"deployment: RESUME_TOKEN_FILE={denv.get('RESUME_TOKEN_FILE')} is on the PVC {pvc_volumes.get(mounts.get(token_dir))}")
 pvc = obj("PersistentVolumeClaim")
 check(pvc.get("spec", {}).get("accessModes") in (["ReadWriteOnce"], ["ReadWriteOncePod"]), "pvc: ReadWriteOnce(Pod)")
+check(pvc.get("spec", {}).get("accessModes") == ["ReadWriteOncePod"], "pvc: ReadWriteOncePod (one pod in the cluster, even on one node)",
+      f"pvc: accessModes {pvc.get('spec', {}).get('accessModes')}: ReadWriteOncePod expected (Kubernetes 1.29+)")
 check(str(denv.get("HTTP_ADDR", "")).startswith("0.0.0.0:"), f"deployment: HTTP_ADDR={denv.get('HTTP_ADDR')}")
 ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
 for probe, path in (("livenessProbe", "/health/live"), ("readinessProbe", "/health/ready"), ("startupProbe", "/health/startup")):
@@ -686,6 +695,21 @@ fail_on_2 = [r for r in rules if r.get("action") == "FailJob" and 2 in (r.get("o
 check(fail_on_2 and fail_on_2[0]["onExitCodes"].get("containerName") == cc.get("name"),
       "cronjob: podFailurePolicy fails the Job at once on exit code 2 (named container exists)")
 check(not rules or cpod.get("restartPolicy") == "Never", f"cronjob: restartPolicy {cpod.get('restartPolicy')} (podFailurePolicy requires Never)")
+def k8s_bytes(q):
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q or ""))
+    return int(m.group(1)) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+                              "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[m.group(2)] if m else None
+def memory_max_bytes(unit):
+    # systemd reads K, M, G, T with base 1024: MemoryMax=256M is 256Mi.
+    value = (unit_settings(f"{DEPLOY}/systemd/{unit}").get(("Service", "MemoryMax")) or [""])[-1]
+    m = re.fullmatch(r"(\d+)([KMGT])?", value)
+    return (int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ") if m else None), value
+for label, container, unit in (("deployment", c, "archiver.service"), ("cronjob", cc, "archiver-batch.service")):
+    limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    unit_bytes, unit_value = memory_max_bytes(unit)
+    check(unit_bytes and k8s_bytes(limit) == unit_bytes,
+          f"{label}: memory limit {limit} = MemoryMax={unit_value} of {unit}",
+          f"{label}: memory limit {limit} != MemoryMax={unit_value or '(unset)'} of {unit} (systemd's M is Mi)")
 cm_env = obj("ConfigMap", "archiver-env").get("data") or {}
 check(all(re.fullmatch(r"[A-Z_][A-Z0-9_]*", k) for k in cm_env), "configmap archiver-env: every key is a variable name (envFrom)")
 try:
@@ -714,6 +738,63 @@ if kubectl:
                   if d and d["kind"] != "Namespace"), f"kustomize: everything lands in namespace {kust.get('namespace')}")
 else:
     skipped("kubectl not found: kustomization not rendered")
+# The HA overlay: standby takeover through the MongoDB lease (a sibling of the base directory:
+# kustomize refuses an overlay inside its base).
+hadir = f"{DEPLOY}/kubernetes-ha"
+ha_rendered = None
+if not os.path.isfile(f"{hadir}/kustomization.yaml"):
+    bad(f"{hadir}/kustomization.yaml is missing (the HA overlay)")
+elif kubectl:
+    p = subprocess.run([kubectl, "kustomize", hadir], capture_output=True, text=True)
+    if check(p.returncode == 0, f"kubectl kustomize {hadir} renders", f"kubectl kustomize {hadir} failed: {p.stderr.strip()}"):
+        ha_rendered = p.stdout
+else:
+    skipped("kubectl not found: the HA overlay not rendered")
+if ha_rendered:
+    ha = [d for d in yaml.safe_load_all(ha_rendered) if d]
+    info(f"ha rendered: {', '.join(d['kind'] for d in ha)}")
+    ha_of = lambda kind: [d for d in ha if d.get("kind") == kind]
+    hdep = (ha_of("Deployment") or [{}])[0]
+    hspec = hdep.get("spec") or {}
+    hpod = (hspec.get("template") or {}).get("spec") or {}
+    hlabels = ((hspec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    hc = next((x for x in hpod.get("containers") or [] if x.get("name") == c.get("name")), {})
+    henv = {e["name"]: e for e in hc.get("env") or []}
+    def selects_pods(sel):
+        labels_ = (sel or {}).get("matchLabels") or {}
+        return bool(labels_) and not (sel or {}).get("matchExpressions") and all(hlabels.get(k) == v for k, v in labels_.items())
+    check(len(ha_of("Deployment")) == 1 and all(d["metadata"].get("namespace") == kust.get("namespace") for d in ha if d["kind"] != "Namespace"),
+          f"ha: one Deployment, everything in namespace {kust.get('namespace')}")
+    replicas = hspec.get("replicas")
+    check(replicas == 3, "ha: replicas 3 (a leader and two standbys)", f"ha: replicas {replicas}, 3 expected")
+    check((hspec.get("strategy") or {}).get("type") == "RollingUpdate", "ha: strategy RollingUpdate",
+          f"ha: strategy {(hspec.get('strategy') or {}).get('type')}, RollingUpdate expected")
+    check(hc.get("args") == ["watch"] and ((hc.get("readinessProbe") or {}).get("httpGet") or {}).get("path") == "/health/ready",
+          "ha: the base's container (watch, probes) is patched, not replaced")
+    check((henv.get("CHECKPOINT_STORE") or {}).get("value") == "mongodb", "ha: CHECKPOINT_STORE=mongodb",
+          f"ha: CHECKPOINT_STORE {henv.get('CHECKPOINT_STORE')}, mongodb expected")
+    check((((henv.get("INSTANCE_ID") or {}).get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") == "metadata.name",
+          "ha: INSTANCE_ID from the pod name (downward API)")
+    hvolumes = {v.get("name"): v for v in hpod.get("volumes") or []}
+    check(not ha_of("PersistentVolumeClaim") and "RESUME_TOKEN_FILE" not in henv
+          and not any("persistentVolumeClaim" in v for v in hvolumes.values())
+          and all(m.get("name") in hvolumes for m in hc.get("volumeMounts") or []),
+          "ha: no PersistentVolumeClaim, no token volume or RESUME_TOKEN_FILE, every volumeMount has its volume",
+          f"ha: leftovers of the token volume: PVCs {[d['metadata']['name'] for d in ha_of('PersistentVolumeClaim')]}, "
+          f"RESUME_TOKEN_FILE {'RESUME_TOKEN_FILE' in henv}, volumes {sorted(hvolumes)}, mounts {[m.get('name') for m in hc.get('volumeMounts') or []]}")
+    pdbs = [d for d in ha_of("PodDisruptionBudget") if selects_pods((d.get("spec") or {}).get("selector"))]
+    pdb_spec = (pdbs[0].get("spec") or {}) if pdbs else {}
+    max_unavailable, min_available = pdb_spec.get("maxUnavailable"), pdb_spec.get("minAvailable")
+    allowed = (max_unavailable if isinstance(max_unavailable, int) else
+               replicas - min_available if isinstance(min_available, int) and isinstance(replicas, int) else None)
+    check(pdbs and allowed is not None and allowed >= 1 and isinstance(replicas, int) and replicas - allowed >= 2,
+          f"ha: a PodDisruptionBudget selects the Deployment's pods and leaves a standby (maxUnavailable {max_unavailable}, minAvailable {min_available})",
+          f"ha: no PodDisruptionBudget on the Deployment's pods that allows a drain yet keeps leader + standby "
+          f"({len(pdbs)} selecting them; maxUnavailable {max_unavailable}, minAvailable {min_available}, replicas {replicas})")
+    anti = ((hpod.get("affinity") or {}).get("podAntiAffinity") or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    check(any((t.get("podAffinityTerm") or {}).get("topologyKey") == "kubernetes.io/hostname"
+              and selects_pods((t.get("podAffinityTerm") or {}).get("labelSelector")) for t in anti),
+          "ha: preferred podAntiAffinity by kubernetes.io/hostname spreads the replicas over nodes")
 kv = shutil.which("kubernetes-validate")
 if kv:
     targets = []
@@ -724,6 +805,11 @@ if kv:
         targets.append(path)
     else:
         targets += [f"{kdir}/{m}" for m in expected]
+    if ha_rendered:
+        ha_path = os.path.join(os.environ.get("SCRATCH", "/tmp"), "rendered-ha.yaml")
+        with open(ha_path, "w") as f:
+            f.write(ha_rendered)
+        targets.append(ha_path)
     targets.append(f"{kdir}/secret.example.yaml")
     for version in ("1.29.0", "1.31.0", None):
         args = [kv, "--strict", "--quiet"] + (["-k", version] if version else []) + targets
@@ -759,7 +845,26 @@ for needed in ("AppDirectory", "AppParameters", "AppEnvironmentExtra", "AppStdou
                "AppRotateBytes", "AppExit", "AppStopMethodConsole", "Start", "Description"):
     if needed not in used:
         bad(f"install script does not set {needed}")
-check("AppExit Default Restart" in install, "install script: AppExit Default Restart")
+check("AppExit Default Suicide" in install and "AppExit Default Restart" not in install,
+      "install script: AppExit Default Suicide (a failure is a crash for the SCM's capped recovery, not NSSM's endless restart)")
+check(re.search(r"\$ServiceAccount = ['\"]NT SERVICE\\", install),
+      "install script: the default ServiceAccount is a virtual account, NT SERVICE\\<name> (not the shared LocalService)")
+check(re.search(r"Read-Host -AsSecureString", install) and re.search(r"\[string\] \$MongoDbUriFile\b", install),
+      "install script: the connection string can be typed at a hidden prompt (Read-Host -AsSecureString) or read from -MongoDbUriFile")
+check(re.search(r"Write-Warning \('-MongoDbUri ", install), "install script: -MongoDbUri warns that the password lands in the history")
+recovery = re.search(r"\$recoveryActions = '((?:restart/\d+/)+)(?:\"\")?/0'", install)
+check(recovery and re.search(r"sc\.exe failure \$ServiceName reset= \d+ actions= \$recoveryActions", install),
+      f"install script: sc.exe failure restarts {(recovery.group(1).count('restart') if recovery else 0)} times, then a final no-action (service left stopped)",
+      "install script: no sc.exe failure with restarts ending in a no-action (the restarts would not be capped)")
+flag_at = install.rfind("sc.exe failureflag $ServiceName 0")
+check(flag_at > max(install.rfind("Invoke-Nssm "), install.rfind("sc.exe failure $ServiceName")),
+      "install script: sc.exe failureflag 0 after every nssm call (stops with exit codes 2-5 never trigger recovery)")
+check(re.search(r"Register-ScheduledTask -TaskName \$taskName", install) and "$taskName = \"$ServiceName-log-retention\"" in install
+      and "service-*.log" in install and "\"LOG_RETENTION_DAYS=$LogRetentionDays\"" in install,
+      "install script: LOG_RETENTION_DAYS passed to archiver and a daily task <service>-log-retention deleting old service-*.log")
+uninstall = read(f"{DEPLOY}/windows/uninstall-archiver-service.ps1")
+check("$taskName = \"$ServiceName-log-retention\"" in uninstall and re.search(r"Unregister-ScheduledTask -TaskName \$taskName", uninstall),
+      "uninstall script: removes the <service>-log-retention task")
 exit_loop = re.search(r"foreach \(\$code in ([\d, ]+)\)\s*\{\s*Invoke-Nssm set \$ServiceName AppExit \$code Exit", install)
 codes = {c.strip() for c in exit_loop.group(1).split(",")} if exit_loop else set()
 check(codes == {"2", "3", "4", "5"}, "install script: AppExit <code> Exit for 2 3 4 5", f"install script: Exit codes {sorted(codes)}")

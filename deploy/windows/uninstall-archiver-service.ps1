@@ -5,11 +5,16 @@
 
 .DESCRIPTION
     Stopping sends Ctrl-C to archiver (through NSSM): it finishes the batch in flight, saves the
-    resume token and exits. The service is then removed. By default the data directory (resume
+    resume token and exits. The service is then removed, and so is the daily task that deletes
+    old rotated service logs (<ServiceName>-log-retention). By default the data directory (resume
     token, .env with the connection string, logs) and the installed binary are KEPT, so that a
     reinstall or an upgrade resumes exactly where it stopped. -RemoveData deletes the data
     directory too: a later install then starts from "now" and misses what was delivered in
     between (archive that gap with `archiver batch --date-from ...`).
+
+    The service's virtual account (NT SERVICE\<ServiceName>) goes with the service. Its entries
+    stay in the ACLs of a kept DataDir: a reinstall under the same name gets the same account
+    back, hence its access to the token and .env.
 
 .PARAMETER ServiceName
     Default: archiver.
@@ -75,6 +80,13 @@ if ($service) {
     Write-Host "Service $ServiceName removed."
 } else {
     Write-Host "Service $ServiceName is not installed; nothing to stop."
+}
+
+# The daily task of install-archiver-service.ps1 that deletes old rotated service-*.log files.
+$taskName = "$ServiceName-log-retention"
+if (Get-ScheduledTask -TaskName $taskName -ErrorAction SilentlyContinue) {
+    Unregister-ScheduledTask -TaskName $taskName -Confirm:$false
+    Write-Host "Scheduled task $taskName removed."
 }
 
 if ($RemoveBinary -and (Test-Path -LiteralPath $InstallDir)) {
