@@ -358,3 +358,27 @@ async fn health_reports_the_partition_checkpoint_from_the_file_or_the_shared_sto
     assert_eq!(report["resume_token"]["status"], "missing", "{report}");
     assert_eq!(report["resume_token"]["lease"]["holder"], serde_json::Value::Null, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_ids_spread_over_the_partitions() {
+    // UUIDs as order ids: on a server that converts binary data to strings (MongoDB 8.0 and
+    // this test server), they used to land all in partition 0.
+    let (t, refs) = TestEnv::seeded("partition_binary").await;
+    let uuids = (0..90u32).map(|n| {
+        let bytes: Vec<u8> =
+            (0..16u32).map(|i| (n.wrapping_mul(2_654_435_761).rotate_left(i * 5) >> 3) as u8).collect();
+        Bson::Binary(Binary { subtype: BinarySubtype::Uuid, bytes })
+    });
+    t.orders().insert_many(uuids.enumerate().map(|(n, id)| order_with_id(&refs, n as u32, id))).await.unwrap();
+    let mut shares = Vec::new();
+    for i in 0..3 {
+        let out = t.run(&["batch", "--date-from", "2000-01-01", "--partitions", "3", "--partition", &i.to_string()]);
+        assert!(out.status.success(), "partition {i}: {}{}", out.stdout, out.stderr);
+        let newly: u64 =
+            out.stdout.split(" newly archived").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        shares.push(newly);
+    }
+    assert_eq!(shares.iter().sum::<u64>(), 90, "each order in exactly one partition: {shares:?}");
+    assert!(shares.iter().all(|&n| (15..=45).contains(&n)), "uneven shares {shares:?}");
+    t.assert_archive_matches_delivered().await;
+}

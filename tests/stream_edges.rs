@@ -266,7 +266,10 @@ async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
     let watch = keeping_references_after_one_order(&t, &refs).await;
     let addr = common::health_addr(&watch);
     let value = |metrics: &str, name: &str| -> f64 {
-        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}:\n{metrics}"));
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name}:\n{metrics}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
@@ -332,7 +335,7 @@ async fn without_the_privilege_to_watch_the_database_it_is_said_once_however_oft
     .await
     .unwrap();
     t.db.run_command(doc! { "createUser": "archiver", "pwd": "archiver-pw",
-        "roles": ["ordersOnly", { "role": "readWrite", "db": &archive_db }] })
+    "roles": ["ordersOnly", { "role": "readWrite", "db": &archive_db }] })
         .await
         .unwrap();
     let proxy = Proxy::for_uri(&server.uri).await;

@@ -11,9 +11,44 @@ use crate::config::Config;
 /// form comes from `$convert` with `onError`/`onNull`, and is left-padded with `"00"` so that it
 /// always has the two characters the key reads. Padding leaves the last two characters of any
 /// longer string as they were: ObjectIds (and every other id the former `$toString` form
-/// accepted with two or more characters) keep their partition. Ids without a string form
-/// (documents, arrays, binary, regular expressions…) all fall in partition 0.
+/// accepted with two or more characters) keep their partition.
+///
+/// Binary ids (UUIDs) have a string form only from MongoDB 8.0, and only when asked for one
+/// with a `format`, which older servers refuse to parse: when every server connected to takes
+/// it, a binary id is keyed by two characters of its base64 form (the last two carrying six
+/// bits each, ahead of the padding and the partial last character), so that UUIDs spread like
+/// ObjectIds. On older servers, and for ids without any string form (documents), partition 0.
 pub fn partition_expr(id_path: &str, partitions: u32) -> Document {
+    if crate::db::servers_convert_binary_to_string() {
+        return doc! { "$cond": [
+            { "$eq": [{ "$type": id_path }, "binData"] },
+            binary_partition_expr(id_path, partitions),
+            text_partition_expr(id_path, partitions),
+        ] };
+    }
+    text_partition_expr(id_path, partitions)
+}
+
+/// The partition of a binary id, from its base64 form (see [`partition_expr`]).
+fn binary_partition_expr(id_path: &str, partitions: u32) -> Document {
+    const BASE64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let digit = |from_end: i32| -> Bson {
+        Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
+            BASE64,
+            { "$substrCP": ["$$id", { "$subtract": [{ "$strLenCP": "$$id" }, from_end] }, 1] },
+        ] }] })
+    };
+    let base64 =
+        doc! { "$convert": { "input": id_path, "to": "string", "format": "base64", "onError": "", "onNull": "" } };
+    doc! { "$let": {
+        // Padded in front, so that the key always has its three characters.
+        "vars": { "id": { "$concat": ["AAA", { "$rtrim": { "input": base64, "chars": "=" } }] } },
+        "in": { "$mod": [{ "$add": [{ "$multiply": [64, digit(3)] }, digit(2)] }, i64::from(partitions)] },
+    } }
+}
+
+/// The partition of an id by the last two hex digits of its string form.
+fn text_partition_expr(id_path: &str, partitions: u32) -> Document {
     let hex_digit = |from_end: i32| -> Bson {
         Bson::Document(doc! { "$max": [0, { "$indexOfCP": [
             "0123456789abcdef",

@@ -365,19 +365,48 @@ pub async fn ping_with_retry(client: &Client, uri: &str, policy: &RetryPolicy) -
     })
 }
 
+/// The wire version from which `$convert` turns binary data into a string (with a `format`):
+/// MongoDB 8.0.
+const BINARY_TO_STRING_WIRE_VERSION: i32 = 25;
+
+/// Whether every server connected to converts binary data to strings (MongoDB 8.0 and later),
+/// which the partition of a binary order id relies on. Set by [`connect`], once per process.
+static BINARY_TO_STRING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the servers this process connected to all convert binary data to strings.
+pub fn servers_convert_binary_to_string() -> bool {
+    BINARY_TO_STRING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The highest wire version `client`'s server speaks, if it says.
+async fn wire_version(client: &Client) -> Option<i32> {
+    let hello = client.database("admin").run_command(doc! { "hello": 1 }).await.ok()?;
+    match hello.get("maxWireVersion")? {
+        mongodb::bson::Bson::Int32(v) => Some(*v),
+        mongodb::bson::Bson::Int64(v) => i32::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
 /// Connects to the source and archive deployments and checks that both answer, retrying as
 /// `policy` allows.
 pub async fn connect(config: &Config, policy: &RetryPolicy) -> Result<Databases, ConnectError> {
     let source_client = client_for(config.mongodb.uri.expose(), &config.connection).await?;
     ping_with_retry(&source_client, config.mongodb.uri.expose(), policy).await?;
+    let mut lowest_wire_version = wire_version(&source_client).await;
     let archive_client = match &config.archive.uri {
         Some(uri) if !config.archive_on_source_cluster() => {
             let client = client_for(uri.expose(), &config.connection).await?;
             ping_with_retry(&client, uri.expose(), policy).await?;
+            lowest_wire_version = lowest_wire_version.min(wire_version(&client).await);
             client
         }
         _ => source_client.clone(),
     };
+    BINARY_TO_STRING.store(
+        lowest_wire_version.is_some_and(|v| v >= BINARY_TO_STRING_WIRE_VERSION),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     Ok(Databases {
         source: source_client.database(&config.mongodb.database),
         archive: archive_database(&archive_client, config.archive_database()),

@@ -177,7 +177,11 @@ impl Telemetry {
             "How much longer watch could stop before its saved position leaves the oplog",
             m.oplog_headroom.clone(),
         );
-        registry.register("reference_cache_hits", "References found in the reference cache", m.reference_cache_hits.clone());
+        registry.register(
+            "reference_cache_hits",
+            "References found in the reference cache",
+            m.reference_cache_hits.clone(),
+        );
         registry.register(
             "reference_cache_misses",
             "References read from the source (not in the reference cache)",
@@ -188,7 +192,11 @@ impl Telemetry {
             "Reference cache entries forgotten because their document changed or the stream reopened",
             m.reference_cache_invalidations.clone(),
         );
-        registry.register("reference_cache_entries", "Entries in the reference cache", m.reference_cache_entries.clone());
+        registry.register(
+            "reference_cache_entries",
+            "Entries in the reference cache",
+            m.reference_cache_entries.clone(),
+        );
         registry.register(
             "reference_cache_enabled",
             "1 when references are kept between batches, 0 when they are read for every batch",
