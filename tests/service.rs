@@ -330,3 +330,23 @@ async fn log_files_are_kept_for_the_retention_period_and_not_at_all_under_the_jo
     assert!(unset(false), "./logs by default elsewhere");
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_connection_string_says_which_variable_and_which_part_is_wrong() {
+    let t = TestEnv::new("invalid_uri").await;
+    let cases = [
+        ("MONGODB_URI", "mongodb://archiver:s3cret@db1/?tls=maybe", "in the options (after ?)", "tls"),
+        ("MONGODB_URI", "mongodb://archiver:s3cret@db1:notaport/", "in the host list", "port"),
+        ("ARCHIVE_URI", "mongodb://archiver:s3cret@db1/?authMechanism=FOO", "in the options (after ?)", "FOO"),
+    ];
+    for (var, uri, part, reason) in cases {
+        let out = t.archiver(&["batch", "--date-from", "2026-01-01"]).env(var, uri).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(line.contains(&format!("invalid connection string {var}")), "{line}");
+        assert!(line.contains(part) && line.contains(reason), "{line}");
+        assert!(!line.contains("Kind:") && !line.contains("labels:"), "the driver's debugging fields: {line}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
+}

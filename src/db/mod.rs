@@ -272,8 +272,10 @@ pub fn on_primary(db: &Database) -> Database {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The URI or its options are invalid: a configuration error.
-    #[error("invalid connection string {uri}: {message}")]
+    #[error("invalid connection string {var} ({uri}): {message}")]
     InvalidUri {
+        /// The variable that holds it (`MONGODB_URI`, `ARCHIVE_URI`).
+        var: &'static str,
         /// The URI's scheme and hosts, nothing else.
         uri: String,
         /// What is wrong (the driver's words, scrubbed of credentials).
@@ -296,9 +298,32 @@ pub enum ConnectError {
     },
 }
 
-async fn client_for(uri: &str, settings: &ConnectionSettings) -> Result<Client, ConnectError> {
+/// What is wrong with a connection string, for a person: which part (hosts, user, options) and
+/// the driver's reason alone, without its error's debugging fields.
+fn invalid_uri_message(error: &Error) -> String {
+    let reason = match error.kind.as_ref() {
+        ErrorKind::InvalidArgument { message, .. } => message.clone(),
+        _ => cause_in_one_line(error),
+    };
+    let lower = reason.to_lowercase();
+    let part = if lower.contains("seed") {
+        "the host list and the options do not go together"
+    } else if lower.contains("server address") || lower.contains("port") || lower.contains("host") {
+        "in the host list"
+    } else if lower.contains("password") || lower.contains("username") || lower.contains("credential") {
+        "in the user name or password"
+    } else if lower.contains("option") || lower.contains("mechanism") {
+        "in the options (after ?)"
+    } else {
+        "in the connection string"
+    };
+    scrub(&format!("{part}: {reason}"))
+}
+
+async fn client_for(var: &'static str, uri: &str, settings: &ConnectionSettings) -> Result<Client, ConnectError> {
     register_uri(uri);
-    let invalid = |e: Error| ConnectError::InvalidUri { uri: redact_invalid_uri(uri), message: scrub(&e.to_string()) };
+    let invalid =
+        |e: Error| ConnectError::InvalidUri { var, uri: redact_invalid_uri(uri), message: invalid_uri_message(&e) };
     let mut options = ClientOptions::parse(uri).await.map_err(invalid)?;
     apply_settings(&mut options, settings).map_err(invalid)?;
     if options.app_name.is_none() {
@@ -391,12 +416,12 @@ async fn wire_version(client: &Client) -> Option<i32> {
 /// Connects to the source and archive deployments and checks that both answer, retrying as
 /// `policy` allows.
 pub async fn connect(config: &Config, policy: &RetryPolicy) -> Result<Databases, ConnectError> {
-    let source_client = client_for(config.mongodb.uri.expose(), &config.connection).await?;
+    let source_client = client_for("MONGODB_URI", config.mongodb.uri.expose(), &config.connection).await?;
     ping_with_retry(&source_client, config.mongodb.uri.expose(), policy).await?;
     let mut lowest_wire_version = wire_version(&source_client).await;
     let archive_client = match &config.archive.uri {
         Some(uri) if !config.archive_on_source_cluster() => {
-            let client = client_for(uri.expose(), &config.connection).await?;
+            let client = client_for("ARCHIVE_URI", uri.expose(), &config.connection).await?;
             ping_with_retry(&client, uri.expose(), policy).await?;
             lowest_wire_version = lowest_wire_version.min(wire_version(&client).await);
             client
