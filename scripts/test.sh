@@ -11,6 +11,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The fault tests (server restarts, pruned oplog) start SecantusDB servers of their own, so it
 # is installed in every case.
 scripts/secantusd.sh install
+# The Delta Lake tests read archiver's tables back with the Python `deltalake` package, in a
+# virtual environment created once per machine (~/.cache/archiver/lake-venv).
+scripts/lake-venv.sh >/dev/null
 if [ -z "${MONGODB_TEST_URI:-}" ]; then
   SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
   export SECANTUS_TEST_DIR

@@ -13,10 +13,11 @@ use crate::cli::{Cli, Command};
 use crate::commands::health::Verdict;
 use crate::commands::watch::{self, StartPosition, WatchError, WatchOptions};
 use crate::commands::{batch, health, purge, simulate, verify};
-use crate::config::{Config, ConfigError};
+use crate::config::{ArchiveSink, Config, ConfigError};
 use crate::db::{cause_in_one_line, ConnectError};
 use crate::error::UsageError;
 use crate::pipeline::scan::DateRange;
+use crate::pipeline::sink::delta::LakeError;
 use crate::redact::scrub;
 use crate::telemetry::{self};
 
@@ -87,6 +88,7 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<UsageError>()
             || cause.is::<ConfigError>()
+            || matches!(cause.downcast_ref::<LakeError>(), Some(LakeError::Layout { .. }))
             || matches!(cause.downcast_ref::<ConnectError>(), Some(ConnectError::InvalidUri { .. }))
         {
             return USAGE;
@@ -99,6 +101,23 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 pub async fn run(cli: Cli, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
+    // The Delta table is written by `batch` in this version; the commands that read the archive
+    // back or keep their position in it come with the next steps.
+    if config.archive.sink == ArchiveSink::Delta {
+        let unsupported = match &cli.command {
+            Command::Watch(_) => Some("watch"),
+            Command::Verify(_) => Some("verify"),
+            Command::Purge(_) => Some("purge"),
+            _ => None,
+        };
+        if let Some(command) = unsupported {
+            eprintln!(
+                "error: ARCHIVE_SINK=delta: `archiver {command}` does not work with a Delta table in this version \
+                 (`archiver batch` does); use ARCHIVE_SINK=mongodb for it"
+            );
+            return ExitCode::from(USAGE);
+        }
+    }
     match cli.command {
         Command::Watch(args) => {
             let start = match args.start_at.as_deref().map(StartPosition::parse).transpose() {

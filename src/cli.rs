@@ -113,6 +113,19 @@ pub struct GlobalArgs {
     /// This worker's partition, from 0 to N-1.
     #[arg(long, env = "PARTITION", global = true, value_name = "I")]
     pub partition: Option<u32>,
+    /// The archive's store: `mongodb` (a collection) or `delta` (a Delta Lake table at
+    /// ARCHIVE_TABLE_URI) [default: mongodb].
+    #[arg(long, env = "ARCHIVE_SINK", global = true, value_enum)]
+    pub archive_sink: Option<crate::config::ArchiveSink>,
+    /// The Delta table of the archive: `file:///var/lib/archiver/orders` or a local path.
+    #[arg(long, env = "ARCHIVE_TABLE_URI", global = true, value_name = "URI")]
+    pub archive_table_uri: Option<String>,
+    /// Rows are committed to the Delta table once this many megabytes of them wait [default: 128].
+    #[arg(long, env = "LAKE_FILE_MB", global = true, value_name = "MB")]
+    pub lake_file_mb: Option<usize>,
+    /// Rows waiting are committed to the Delta table at least this often [default: 60].
+    #[arg(long, env = "LAKE_COMMIT_SECS", global = true, value_name = "SECS")]
+    pub lake_commit_secs: Option<u64>,
     /// Log level or filter, used when RUST_LOG is unset [default: info].
     #[arg(long, env = "LOG_LEVEL", global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -407,6 +420,10 @@ impl Cli {
         o.set("retry.max_elapsed_ms", g.retry_max_elapsed_ms);
         o.set("log.dir", g.log_dir.clone());
         o.set("log.retention_days", g.log_retention_days);
+        o.set("archive.sink", g.archive_sink);
+        o.set("lake.table_uri", g.archive_table_uri.clone());
+        o.set("lake.file_mb", g.lake_file_mb);
+        o.set("lake.commit_secs", g.lake_commit_secs);
         o.set("log.format", g.log_format);
         o.set("log.level", g.log_level.clone());
         o.set("enrich.mode", g.enrich_mode);

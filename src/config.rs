@@ -42,6 +42,37 @@ pub struct Config {
     pub coordination: CoordinationSettings,
     /// How orders are enriched.
     pub enrich: EnrichSettings,
+    /// The Delta Lake table, when the archive is one (`ARCHIVE_SINK=delta`).
+    pub lake: LakeSettings,
+}
+
+/// Which store the archive is.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveSink {
+    /// A MongoDB collection (`ARCHIVE_COLLECTION`).
+    #[default]
+    Mongodb,
+    /// A Delta Lake table (`ARCHIVE_TABLE_URI`).
+    Delta,
+}
+
+/// The Delta Lake table of the archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LakeSettings {
+    /// The table's location (`ARCHIVE_TABLE_URI`): `file:///var/lib/archiver/orders`, or a path.
+    pub table_uri: Option<String>,
+    /// Rows are committed once this many megabytes of them wait (`LAKE_FILE_MB`).
+    pub file_mb: usize,
+    /// Rows waiting are committed at least this often, in seconds (`LAKE_COMMIT_SECS`).
+    pub commit_secs: u64,
+}
+
+impl Default for LakeSettings {
+    fn default() -> Self {
+        LakeSettings { table_uri: None, file_mb: 128, commit_secs: 60 }
+    }
 }
 
 /// How orders are joined with their references.
@@ -201,6 +232,8 @@ pub struct ArchiveSettings {
     pub collection: String,
     /// Dead-letter collection for orders the archive refuses (`ARCHIVE_ERRORS_COLLECTION`).
     pub errors_collection: String,
+    /// The store: `mongodb` (this collection) or `delta` (a Delta Lake table) (`ARCHIVE_SINK`).
+    pub sink: ArchiveSink,
 }
 
 /// The orders collection.
@@ -392,6 +425,7 @@ impl Default for ArchiveSettings {
             database: None,
             collection: "Commandes_archive".to_owned(),
             errors_collection: "Commandes_archive_errors".to_owned(),
+            sink: ArchiveSink::Mongodb,
         }
     }
 }
@@ -626,6 +660,21 @@ impl Config {
         ] {
             if value.is_empty() || value.starts_with('$') {
                 return fail(format!("{key} must be a field name, got {value:?}"));
+            }
+        }
+        if self.archive.sink == ArchiveSink::Delta {
+            match self.lake.table_uri.as_deref().map(str::trim) {
+                None | Some("") => {
+                    return fail("ARCHIVE_SINK=delta needs ARCHIVE_TABLE_URI (lake.table_uri)".to_owned())
+                }
+                Some(uri) if uri.contains("://") && !uri.starts_with("file://") => return fail(format!(
+                    "ARCHIVE_TABLE_URI: only file:// tables (or a local path) are supported by this version, got {}",
+                    uri.split("://").next().unwrap_or_default()
+                )),
+                Some(_) => {}
+            }
+            if self.lake.file_mb == 0 || self.lake.commit_secs == 0 {
+                return fail("LAKE_FILE_MB and LAKE_COMMIT_SECS must be at least 1".to_owned());
             }
         }
         if self.watch.batch_size == 0 || self.watch.batch_size > 100_000 {

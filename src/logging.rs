@@ -27,10 +27,14 @@ where
 /// Installs the global subscriber. Returns the file writer's guard and, when the log directory
 /// cannot be used, a warning to log once logging works.
 pub fn init(settings: &LogSettings, file_prefix: &str) -> (LogGuard, Option<String>) {
+    // The Delta Lake libraries narrate each table read at INFO, and log at ERROR a table that
+    // does not exist yet (which archiver then creates): their failures reach archiver's own
+    // errors, so they are heard from only when RUST_LOG asks.
+    let quiet = ",buoyant_kernel=off,buoyant_kernel_engine=warn,deltalake_core=warn";
     let filter = || {
         EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(&settings.level))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
+            .or_else(|_| EnvFilter::try_new(format!("{}{quiet}", settings.level)))
+            .unwrap_or_else(|_| EnvFilter::new(format!("info{quiet}")))
     };
     let console = layer(settings.format, std::io::stderr, std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter());

@@ -41,6 +41,14 @@ pub struct BatchSummary {
 pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken) -> anyhow::Result<BatchSummary> {
     let range = DateRange::parse(&args.date_from, args.date_to.as_deref(), Utc::now())?;
     let write_path = config.batch.write_path;
+    if write_path == WritePath::Server && config.archive.sink == crate::config::ArchiveSink::Delta {
+        return Err(UsageError(
+            "--write-path server writes with $merge into a collection; a Delta table is written by the \
+             client path (--write-path client)"
+                .to_owned(),
+        )
+        .into());
+    }
     if write_path == WritePath::Server && !config.archive_on_source_cluster() {
         return Err(UsageError(
             "--write-path server needs the archive on the source cluster (ARCHIVE_URI is another \
@@ -56,8 +64,9 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
     };
     let filter = delivered_in_range(config, range);
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
-    let archiver =
-        Archiver::new(config, &dbs, ArchiveSource::Batch).with_reference_cache(config.enrich.reference_cache_entries);
+    let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch)
+        .await?
+        .with_reference_cache(config.enrich.reference_cache_entries);
     let started = Instant::now();
 
     tracing::info!(date_from = %range.from, date_to = ?range.to.map(|t| t.to_rfc3339()),
@@ -88,6 +97,7 @@ pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken)
 
     let (_, written) =
         archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown, &|_| {}).await?;
+    archiver.finish().await.context("committing the last rows")?;
     let summary = BatchSummary { matched, written, duration: started.elapsed(), range: Some(range) };
     let secs = summary.duration.as_secs_f64().max(1e-9);
     let processed = written.inserted + written.already_archived + written.dead_lettered;

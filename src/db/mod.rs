@@ -123,7 +123,7 @@ pub const ARCHIVE_REFUSALS: &[i32] = &[
 /// Whether `err` is the archive refusing a write on its own account (see [`ARCHIVE_REFUSALS`]):
 /// for a bulk insert, when any of its per-document errors is.
 pub fn is_archive_refusal(err: &Error) -> bool {
-    if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) {
+    if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) || err.get_custom::<StoreFailure>().is_some() {
         return true;
     }
     match err.kind.as_ref() {
@@ -131,6 +131,24 @@ pub fn is_archive_refusal(err: &Error) -> bool {
             e.write_errors.as_ref().is_some_and(|w| w.iter().any(|w| ARCHIVE_REFUSALS.contains(&w.code)))
         }
         _ => error_code(err).is_some_and(|c| ARCHIVE_REFUSALS.contains(&c)),
+    }
+}
+
+/// A failure of an archive that is not a MongoDB collection (a Delta table): never an order's
+/// fault, so never dead-lettered; carried in a driver error so that the write paths stay one.
+#[derive(Debug, Clone)]
+pub struct StoreFailure(pub String);
+
+impl StoreFailure {
+    /// A driver error carrying `message`.
+    pub fn error(message: impl Into<String>) -> Error {
+        Error::custom(StoreFailure(message.into()))
+    }
+}
+
+impl std::fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -158,6 +176,10 @@ pub fn cause_in_one_line(err: &Error) -> String {
     let text = match err.kind.as_ref() {
         ErrorKind::ServerSelection { message, .. } => servers_failures(message),
         ErrorKind::Io(e) => lowercase_first(&e.to_string()),
+        // The driver describes a custom error without its text.
+        ErrorKind::Custom(_) if err.get_custom::<StoreFailure>().is_some() => {
+            err.get_custom::<StoreFailure>().map(ToString::to_string).unwrap_or_default()
+        }
         ErrorKind::Command(e) => format!("{} (code {} {})", e.message, e.code, e.code_name),
         ErrorKind::Write(WriteFailure::WriteError(e)) => format!("{} (code {})", e.message, e.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(e)) => {

@@ -1,6 +1,11 @@
 //! Idempotent writes to the archive. Every archive document is keyed on its order's `_id` and
 //! inserted only if absent, so replaying an event or re-running a date range never makes a second
 //! document. Orders the archive refuses go to a dead-letter collection, never silently away.
+//!
+//! The archive is a MongoDB collection, or a Delta Lake table ([`delta`]), chosen once at start
+//! by [`Archiver::open`]: the callers write through the same [`Archiver`] either way.
+
+pub mod delta;
 
 use std::collections::HashSet;
 
@@ -15,7 +20,7 @@ use super::document::{vanished_order_document, ArchiveSource};
 use super::join::Joiner;
 use super::lookup::{self, enrichment_stages};
 use super::order_id::{equality_key, present_among};
-use crate::config::{Config, EnrichMode};
+use crate::config::{ArchiveSink, Config, EnrichMode};
 use crate::db::{error_code, is_archive_refusal, is_transient, Databases, DUPLICATE_KEY};
 
 /// The largest document MongoDB stores (`maxBsonObjectSize`).
@@ -104,9 +109,38 @@ pub struct Archiver {
     joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
+    /// The Delta table, when the archive is one: documents go there instead of `archive`.
+    lake: Option<std::sync::Arc<tokio::sync::Mutex<delta::DeltaArchive>>>,
 }
 
 impl Archiver {
+    /// The archiver of the configured store: the collection, or the Delta table (opened, or
+    /// created when there is none).
+    pub async fn open(config: &Config, dbs: &Databases, source: ArchiveSource) -> Result<Self, delta::LakeError> {
+        let mut archiver = Archiver::new(config, dbs, source);
+        if config.archive.sink == ArchiveSink::Delta {
+            let uri = config.lake.table_uri.as_deref().unwrap_or_default();
+            let table = delta::DeltaArchive::open(config, uri, &format!("archiver-{}", source.as_str())).await?;
+            tracing::info!(table = %table.uri(), "archiving to a Delta table");
+            archiver.lake = Some(std::sync::Arc::new(tokio::sync::Mutex::new(table)));
+        }
+        Ok(archiver)
+    }
+
+    /// Commits what the store still holds for a later write (the Delta table's waiting rows);
+    /// nothing to do for the collection.
+    pub async fn finish(&self) -> Result<(), Error> {
+        if let Some(lake) = &self.lake {
+            lake.lock().await.commit(None).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the archive is a Delta table.
+    pub fn is_lake(&self) -> bool {
+        self.lake.is_some()
+    }
+
     /// An archiver for `source` documents.
     pub fn new(config: &Config, dbs: &Databases, source: ArchiveSource) -> Self {
         // Enrichment reads from the primary whatever the URI's read preference: a secondary that
@@ -124,6 +158,7 @@ impl Archiver {
             },
             source,
             delivered_status: config.orders.delivered_status.clone(),
+            lake: None,
         }
     }
 
@@ -380,6 +415,10 @@ impl Archiver {
         docs: Vec<RawDocumentBuf>,
         refused: &mut Vec<Refusal>,
     ) -> Result<WriteOutcome, Error> {
+        if let Some(lake) = &self.lake {
+            // A table has no per-document limit nor validator: it takes every row, or fails whole.
+            return lake.lock().await.append(docs).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()));
+        }
         // A document past the server's limit would fail the whole insert (the driver refuses to
         // send it): it is refused here, with its size, and the others are written.
         let (docs, oversized): (Vec<_>, Vec<_>) =
@@ -440,8 +479,12 @@ impl Archiver {
         Ok(outcome)
     }
 
-    /// The ids among `ids` already in the archive.
+    /// The ids among `ids` already in the archive (none known for a Delta table, which leaves
+    /// out what it holds when rows are added).
     async fn archived_among(&self, ids: &[Bson]) -> Result<HashSet<String>, Error> {
+        if self.lake.is_some() {
+            return Ok(HashSet::new());
+        }
         present_among(&self.archive.clone_with_type(), ids, doc! {}).await
     }
 
@@ -513,6 +556,9 @@ pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
         (&archive, IndexModel::builder().keys(doc! { "date_commande": 1 }).build()),
     ];
     for (collection, model) in wanted {
+        if collection.name() == archive.name() && config.archive.sink == ArchiveSink::Delta {
+            continue;
+        }
         let keys = model.keys.clone();
         match collection.create_index(model).await {
             Ok(_) => tracing::info!(collection = collection.name(), keys = %keys, "index present"),

@@ -1,0 +1,39 @@
+"""Reads a Delta table written by archiver with the `deltalake` Python package (an
+implementation independent of archiver's) and prints what the tests check, as JSON: the table
+version, the row count, the distinct order ids, each column's Arrow type, the partition columns,
+and the rows by order id (the scalar columns, and the reference names)."""
+
+import json
+import sys
+
+from deltalake import DeltaTable
+
+
+def main(uri):
+    table = DeltaTable(uri)
+    data = table.to_pyarrow_table()
+    ids = data.column("_id").to_pylist()
+    rows = {}
+    for row in data.to_pylist():
+        rows[row["_id"]] = {
+            "numero_commande": row["numero_commande"],
+            "montant_total": row["montant_total"],
+            "date_livraison": row["date_livraison"].isoformat() if row["date_livraison"] else None,
+            "delivery_date": row["delivery_date"].isoformat(),
+            "client_nom": (row["client"] or {}).get("nom"),
+            "items": len(row["items"] or []),
+            "anomalies": row["anomalies"],
+            "document_has_id": '"_id"' in row["document"],
+        }
+    print(json.dumps({
+        "version": table.version(),
+        "rows": data.num_rows,
+        "distinct_ids": len(set(ids)),
+        "types": {field.name: str(field.type) for field in data.schema},
+        "partitions": table.metadata().partition_columns,
+        "by_id": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,657 @@
+//! The Delta Lake adapter of the archive (`ARCHIVE_SINK=delta`): each archive document becomes
+//! one typed row of a Delta table (`ARCHIVE_TABLE_URI`), partitioned by its UTC day of delivery,
+//! with the whole document also kept as canonical Extended JSON so that nothing is ever lost.
+//!
+//! One row per order: before rows are committed, the ids already in the table for their days
+//! are read (the `_id` column of those days' files) and rows already there are left out. A
+//! commit is made on exactly the table version those ids were read from (no automatic retry on a
+//! newer one): when another writer committed in between, the commit fails, the new files' ids
+//! are read, and what they hold is left out before trying again. Duplicates are prevented, not
+//! cleaned up later. The files a failed attempt wrote are referenced by no commit and are
+//! removed by a vacuum.
+//!
+//! The table's layout (its columns) is fixed by [`LAYOUT_VERSION`], recorded in the table's
+//! properties: a table of another layout is refused, never altered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{NaiveDate, Utc};
+use deltalake::arrow::array::{Array, RecordBatch, StringArray};
+use deltalake::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use deltalake::kernel::engine::arrow_conversion::TryFromArrow;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, StructType, Transaction};
+// `ParquetObjectReader` is deprecated in parquet 59 for a hand-written `AsyncFileReader`; it
+// still reads only the footer and the `_id` column's pages, which is all this needs.
+#[allow(deprecated)]
+use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
+use deltalake::parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use deltalake::parquet::arrow::ProjectionMask;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError};
+use futures_util::TryStreamExt;
+use mongodb::bson::{Bson, Document, RawDocumentBuf};
+use serde_json::{json, Map, Value};
+
+use super::WriteOutcome;
+use crate::config::Config;
+use crate::pipeline::document::{field, item_field};
+
+/// The layout of the table's columns this version writes. A table recorded with another one is
+/// refused: its columns are not what this version reads and writes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The table property holding [`LAYOUT_VERSION`].
+const LAYOUT_PROPERTY: &str = "archiver.layout";
+
+/// The partition column: the UTC day of `date_livraison` (of `archived_at` when that is not a
+/// date).
+pub const DELIVERY_DATE: &str = "delivery_date";
+
+/// The column holding the whole archive document as canonical Extended JSON.
+pub const DOCUMENT: &str = "document";
+
+/// Attempts of one commit when other writers keep committing first.
+const COMMIT_ATTEMPTS: usize = 20;
+
+/// Why the table cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    /// The table, its log or its files cannot be read or written.
+    #[error("Delta table {uri}: {source}")]
+    Table {
+        /// The table's location.
+        uri: String,
+        /// What delta-rs said.
+        #[source]
+        source: DeltaTableError,
+    },
+    /// The table exists with columns other than this version's.
+    #[error("Delta table {uri}: {reason}")]
+    Layout {
+        /// The table's location.
+        uri: String,
+        /// What differs.
+        reason: String,
+    },
+    /// Rows could not be turned into columns or read back.
+    #[error("Delta table {uri}: {reason}")]
+    Data {
+        /// The table's location.
+        uri: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A row waiting for the next commit.
+#[derive(Debug)]
+struct PendingRow {
+    id: String,
+    day: NaiveDate,
+    row: Value,
+    bytes: usize,
+}
+
+/// The archive as a Delta table: rows are buffered, then committed.
+#[derive(Debug)]
+pub struct DeltaArchive {
+    uri: String,
+    table: DeltaTable,
+    schema: SchemaRef,
+    reference_fields: [Vec<String>; 3],
+    pending: Vec<PendingRow>,
+    pending_ids: HashSet<String>,
+    pending_bytes: usize,
+    /// The ids in the table, for the days read so far, as of the table's loaded version.
+    ids_by_day: HashMap<NaiveDate, HashSet<String>>,
+    /// The data files already read into `ids_by_day`.
+    files_read: HashSet<String>,
+    /// Buffered row bytes (as JSON) past which rows are committed.
+    commit_bytes: usize,
+    /// The application transaction this writer's commits carry, and its last version.
+    app_id: String,
+}
+
+impl DeltaArchive {
+    /// Opens the table at `uri`, creating it when there is none; refuses a table of another
+    /// layout.
+    pub async fn open(config: &Config, uri: &str, app_id: &str) -> Result<DeltaArchive, LakeError> {
+        let table_error = |source| LakeError::Table { uri: uri.to_owned(), source };
+        let url = deltalake::ensure_table_uri(uri).map_err(table_error)?;
+        let reference_fields = [
+            config.lookups.client.fields.clone(),
+            config.lookups.livreur.fields.clone(),
+            config.lookups.restaurant.fields.clone(),
+        ];
+        let schema = Arc::new(arrow_schema(&reference_fields));
+        let table = match deltalake::open_table(url.clone()).await {
+            Ok(table) => table,
+            Err(DeltaTableError::NotATable(_)) => match create(url.as_str(), &schema).await {
+                Ok(table) => table,
+                // Another writer created it first: open theirs.
+                Err(_) => deltalake::open_table(url.clone()).await.map_err(table_error)?,
+            },
+            Err(e) => return Err(table_error(e)),
+        };
+        let archive = DeltaArchive {
+            uri: uri.to_owned(),
+            table,
+            schema,
+            reference_fields,
+            pending: Vec::new(),
+            pending_ids: HashSet::new(),
+            pending_bytes: 0,
+            ids_by_day: HashMap::new(),
+            files_read: HashSet::new(),
+            commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
+            app_id: app_id.to_owned(),
+        };
+        archive.check_layout()?;
+        Ok(archive)
+    }
+
+    /// The table's location.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn check_layout(&self) -> Result<(), LakeError> {
+        let layout_error = |reason: String| LakeError::Layout { uri: self.uri.clone(), reason };
+        let snapshot = self.table.snapshot().map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
+        let recorded = snapshot.metadata().configuration().get(LAYOUT_PROPERTY).cloned();
+        match recorded.as_deref().map(str::parse::<u32>) {
+            Some(Ok(LAYOUT_VERSION)) => {}
+            Some(Ok(newer)) if newer > LAYOUT_VERSION => {
+                return Err(layout_error(format!(
+                    "written with table layout {newer}, newer than this archiver's ({LAYOUT_VERSION}): upgrade archiver"
+                )))
+            }
+            _ => return Err(layout_error(format!(
+                "not an archiver table of layout {LAYOUT_VERSION} (table property {LAYOUT_PROPERTY} is {recorded:?}): \
+                     choose another ARCHIVE_TABLE_URI"
+            ))),
+        }
+        let expected = StructType::try_from_arrow(self.schema.as_ref())
+            .map_err(|e| layout_error(format!("the expected columns cannot be described: {e}")))?;
+        let actual = snapshot.schema();
+        if actual.fields().map(|f| (f.name(), f.data_type())).ne(expected.fields().map(|f| (f.name(), f.data_type()))) {
+            return Err(layout_error(
+                "its columns differ from those this configuration writes (the reference fields of \
+                 lookups.*.fields are columns): keep the configuration the table was created with, \
+                 or choose another ARCHIVE_TABLE_URI"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds archive documents to the rows of the next commit, leaving out the orders already in
+    /// the table (or already waiting); commits when the rows waiting reach the commit size.
+    pub async fn append(&mut self, docs: Vec<RawDocumentBuf>) -> Result<WriteOutcome, LakeError> {
+        let mut rows = Vec::with_capacity(docs.len());
+        for raw in docs {
+            let document = Document::try_from(raw.as_ref())
+                .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: format!("an archive document: {e}") })?;
+            rows.push(self.row(&document));
+        }
+        let days: HashSet<NaiveDate> = rows.iter().map(|r| r.day).collect();
+        self.read_ids_of(&days).await?;
+        let mut outcome = WriteOutcome::default();
+        for row in rows {
+            let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&row.id));
+            if present || self.pending_ids.contains(&row.id) {
+                outcome.already_archived += 1;
+                continue;
+            }
+            outcome.inserted += 1;
+            if row.row[field::ANOMALIES].as_array().is_some_and(|a| !a.is_empty()) {
+                outcome.anomalies += 1;
+            }
+            self.pending_bytes += row.bytes;
+            self.pending_ids.insert(row.id.clone());
+            self.pending.push(row);
+        }
+        if self.pending_bytes >= self.commit_bytes {
+            self.commit(None).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Whether rows wait for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Commits the rows waiting, in one atomic commit carrying this writer's application
+    /// transaction and, when given, the position it covers. Returns the table version written
+    /// (`None` when there was nothing to commit).
+    pub async fn commit(&mut self, position: Option<&str>) -> Result<Option<u64>, LakeError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        for _ in 0..COMMIT_ATTEMPTS {
+            let rows: Vec<&Value> = self.pending.iter().map(|r| &r.row).collect();
+            let batch = record_batch(&self.schema, &rows)
+                .map_err(|reason| LakeError::Data { uri: self.uri.clone(), reason })?;
+            let properties = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
+                .build();
+            let mut writer =
+                RecordBatchWriter::for_table(&self.table).map_err(table_error)?.with_writer_properties(properties);
+            writer.write(batch).await.map_err(table_error)?;
+            let adds: Vec<Action> = writer.flush().await.map_err(table_error)?.into_iter().map(Action::Add).collect();
+            let snapshot = self.table.snapshot().map_err(table_error)?.clone();
+            let version = snapshot
+                .transaction_version(self.table.log_store().as_ref(), &self.app_id)
+                .await
+                .map_err(table_error)?;
+            let mut properties = CommitProperties::default()
+                .with_application_transaction(Transaction::new(&self.app_id, version.unwrap_or(0) + 1))
+                .with_max_retries(0);
+            if let Some(position) = position {
+                properties = properties.with_metadata([("archiver.position".to_owned(), json!(position))]);
+            }
+            let operation = DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: Some(vec![DELIVERY_DATE.to_owned()]),
+                predicate: None,
+            };
+            let committed = CommitBuilder::from(properties)
+                .with_actions(adds)
+                .build(Some(&snapshot), self.table.log_store(), operation)
+                .await;
+            match committed {
+                Ok(finalized) => {
+                    let version = finalized.version();
+                    for row in self.pending.drain(..) {
+                        self.ids_by_day.entry(row.day).or_default().insert(row.id);
+                    }
+                    self.pending_ids.clear();
+                    self.pending_bytes = 0;
+                    self.table.state = Some(finalized.snapshot());
+                    self.remember_files_read().await?;
+                    return Ok(Some(version));
+                }
+                Err(e) if is_conflict(&e) => {
+                    // Another writer committed first: read what it added, leave that out, and
+                    // write again on the new version.
+                    tracing::info!(table = %self.uri, error = %e, "another writer committed first; reading its rows and trying again");
+                    self.table.update_state().await.map_err(table_error)?;
+                    let days: HashSet<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
+                    self.read_ids_of(&days).await?;
+                    let ids_by_day = &self.ids_by_day;
+                    self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
+                    self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
+                    self.pending_bytes = self.pending.iter().map(|r| r.bytes).sum();
+                    if self.pending.is_empty() {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(table_error(e)),
+            }
+        }
+        Err(LakeError::Data {
+            uri: self.uri.clone(),
+            reason: format!("other writers committed first {COMMIT_ATTEMPTS} times in a row; run again"),
+        })
+    }
+
+    /// Marks every file of the loaded version whose day is known as read: after our own
+    /// commit, its new files hold exactly the rows just committed.
+    async fn remember_files_read(&mut self) -> Result<(), LakeError> {
+        for (path, day) in self.files().await? {
+            if self.ids_by_day.contains_key(&day) {
+                self.files_read.insert(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// The data files of the loaded version, with their day.
+    async fn files(&self) -> Result<Vec<(String, NaiveDate)>, LakeError> {
+        let table_error = |source| LakeError::Table { uri: self.uri.clone(), source };
+        let views: Vec<_> =
+            self.table.get_active_add_actions_by_partitions(&[]).try_collect().await.map_err(table_error)?;
+        Ok(views
+            .iter()
+            .filter_map(|view| {
+                let day = view.partition_values_map().get(DELIVERY_DATE).cloned().flatten()?;
+                Some((view.object_store_path().to_string(), day.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Reads the ids of the files of `days` not read yet.
+    async fn read_ids_of(&mut self, days: &HashSet<NaiveDate>) -> Result<(), LakeError> {
+        let unread: Vec<(String, NaiveDate)> = self
+            .files()
+            .await?
+            .into_iter()
+            .filter(|(path, day)| days.contains(day) && !self.files_read.contains(path))
+            .collect();
+        for day in days {
+            self.ids_by_day.entry(*day).or_default();
+        }
+        let store = self.table.object_store();
+        for (path, day) in unread {
+            let ids = read_ids(store.clone(), deltalake::Path::from(path.as_str())).await.map_err(|reason| {
+                LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
+            })?;
+            self.ids_by_day.entry(day).or_default().extend(ids);
+            self.files_read.insert(path);
+        }
+        Ok(())
+    }
+
+    /// The row of an archive document, typed: a value that does not fit its column is null
+    /// there (the document column keeps it).
+    fn row(&self, document: &Document) -> PendingRow {
+        let text = |key: &str| match document.get(key) {
+            Some(Bson::String(s)) => Value::from(s.as_str()),
+            _ => Value::Null,
+        };
+        let time = |key: &str| match document.get(key) {
+            Some(Bson::DateTime(t)) => Value::from(t.timestamp_millis().saturating_mul(1000)),
+            _ => Value::Null,
+        };
+        let reference = |key: &str, fields: &[String]| match document.get(key) {
+            Some(Bson::Document(reference)) => {
+                let mut out = Map::new();
+                for name in fields {
+                    out.insert(name.clone(), reference.get(name).map_or(Value::Null, as_text));
+                }
+                Value::Object(out)
+            }
+            _ => Value::Null,
+        };
+        let items: Vec<Value> = match document.get(field::ITEMS) {
+            Some(Bson::Array(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Bson::Document(item) => json!({
+                        item_field::MENU_ID: item.get(item_field::MENU_ID).map_or(Value::Null, as_text),
+                        item_field::NOM: match item.get(item_field::NOM) { Some(Bson::String(s)) => Value::from(s.as_str()), _ => Value::Null },
+                        item_field::PRIX: item.get(item_field::PRIX).map_or(Value::Null, as_double),
+                        item_field::QUANTITE: item.get(item_field::QUANTITE).map_or(Value::Null, as_integer),
+                        item_field::SOUS_TOTAL: item.get(item_field::SOUS_TOTAL).map_or(Value::Null, as_double),
+                    }),
+                    _ => Value::Null,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let anomalies: Vec<Value> = match document.get(field::ANOMALIES) {
+            Some(Bson::Array(names)) => names.iter().filter_map(|n| n.as_str().map(Value::from)).collect(),
+            _ => Vec::new(),
+        };
+        let day = delivery_day(document);
+        let id = document.get(field::ID).map_or_else(|| "null".to_owned(), id_text);
+        let whole = Bson::Document(document.clone()).into_canonical_extjson().to_string();
+        let [client, livreur, restaurant] = &self.reference_fields;
+        let row = json!({
+            field::ID: id,
+            field::NUMERO_COMMANDE: text(field::NUMERO_COMMANDE),
+            field::STATUS: text(field::STATUS),
+            field::DATE_COMMANDE: time(field::DATE_COMMANDE),
+            field::DATE_LIVRAISON: time(field::DATE_LIVRAISON),
+            field::MONTANT_TOTAL: document.get(field::MONTANT_TOTAL).map_or(Value::Null, as_double),
+            field::CLIENT: reference(field::CLIENT, client),
+            field::LIVREUR: reference(field::LIVREUR, livreur),
+            field::RESTAURANT: reference(field::RESTAURANT, restaurant),
+            field::ITEMS: items,
+            field::ARCHIVED_AT: time(field::ARCHIVED_AT),
+            field::ARCHIVE_SOURCE: text(field::ARCHIVE_SOURCE),
+            field::ANOMALIES: anomalies,
+            field::SOURCE_DIGEST: text(field::SOURCE_DIGEST),
+            field::PURGED_AT: time(field::PURGED_AT),
+            DOCUMENT: whole,
+            DELIVERY_DATE: day.format("%Y-%m-%d").to_string(),
+        });
+        let bytes = row.to_string().len();
+        PendingRow { id, day, row, bytes }
+    }
+}
+
+/// The Arrow schema of the table for these reference fields (customer, courier, restaurant).
+pub fn arrow_schema(reference_fields: &[Vec<String>; 3]) -> Schema {
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    let time = |name: &str| Field::new(name, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true);
+    let double = |name: &str| Field::new(name, DataType::Float64, true);
+    let reference = |name: &str, fields: &[String]| {
+        Field::new(name, DataType::Struct(Fields::from(fields.iter().map(|f| text(f)).collect::<Vec<_>>())), true)
+    };
+    let item = DataType::Struct(Fields::from(vec![
+        text(item_field::MENU_ID),
+        text(item_field::NOM),
+        double(item_field::PRIX),
+        Field::new(item_field::QUANTITE, DataType::Int64, true),
+        double(item_field::SOUS_TOTAL),
+    ]));
+    let [client, livreur, restaurant] = reference_fields;
+    Schema::new(vec![
+        Field::new(field::ID, DataType::Utf8, false),
+        text(field::NUMERO_COMMANDE),
+        text(field::STATUS),
+        time(field::DATE_COMMANDE),
+        time(field::DATE_LIVRAISON),
+        double(field::MONTANT_TOTAL),
+        reference(field::CLIENT, client),
+        reference(field::LIVREUR, livreur),
+        reference(field::RESTAURANT, restaurant),
+        Field::new(field::ITEMS, DataType::List(Arc::new(Field::new("element", item, true))), true),
+        time(field::ARCHIVED_AT),
+        text(field::ARCHIVE_SOURCE),
+        Field::new(field::ANOMALIES, DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))), true),
+        text(field::SOURCE_DIGEST),
+        time(field::PURGED_AT),
+        Field::new(DOCUMENT, DataType::Utf8, false),
+        Field::new(DELIVERY_DATE, DataType::Date32, false),
+    ])
+}
+
+/// Creates the table, partitioned by delivery day, with its layout recorded.
+async fn create(location: &str, schema: &Schema) -> Result<DeltaTable, DeltaTableError> {
+    let columns = StructType::try_from_arrow(schema)?;
+    deltalake::operations::create::CreateBuilder::new()
+        .with_location(location)
+        .with_columns(columns.fields().cloned())
+        .with_partition_columns([DELIVERY_DATE])
+        .with_configuration_property(deltalake::TableProperty::CheckpointInterval, Some("100"))
+        .with_configuration([(LAYOUT_PROPERTY, Some(LAYOUT_VERSION.to_string()))])
+        .with_raise_if_key_not_exists(false)
+        .with_comment("delivered orders archived by archiver")
+        .await
+}
+
+/// Whether a commit failed because another writer committed that version first.
+fn is_conflict(error: &DeltaTableError) -> bool {
+    use deltalake::kernel::transaction::TransactionError;
+    match error {
+        DeltaTableError::VersionAlreadyExists(_) => true,
+        DeltaTableError::Transaction { source } => matches!(
+            source,
+            TransactionError::VersionAlreadyExists(_)
+                | TransactionError::CommitConflict(_)
+                | TransactionError::MaxCommitAttempts(_)
+        ),
+        _ => false,
+    }
+}
+
+/// The rows as a record batch of `schema`.
+fn record_batch(schema: &SchemaRef, rows: &[&Value]) -> Result<RecordBatch, String> {
+    let mut decoder = deltalake::arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()
+        .map_err(|e| e.to_string())?;
+    decoder.serialize(rows).map_err(|e| e.to_string())?;
+    decoder.flush().map_err(|e| e.to_string())?.ok_or_else(|| "no rows".to_owned())
+}
+
+/// The `_id` column of one data file.
+async fn read_ids(
+    store: deltalake::logstore::ObjectStoreRef,
+    location: deltalake::Path,
+) -> Result<Vec<String>, String> {
+    #[allow(deprecated)]
+    let reader = ParquetObjectReader::new(store, location);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| e.to_string())?;
+    let column = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.name() == field::ID)
+        .ok_or_else(|| "no _id column".to_owned())?;
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
+    let batches: Vec<RecordBatch> = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| e.to_string())?
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    for batch in batches {
+        let column = batch.column(0);
+        let strings =
+            column.as_any().downcast_ref::<StringArray>().ok_or_else(|| "_id is not a string column".to_owned())?;
+        ids.extend((0..strings.len()).filter(|i| strings.is_valid(*i)).map(|i| strings.value(i).to_owned()));
+    }
+    Ok(ids)
+}
+
+/// The order id as a string: an ObjectId's hex digits, a string as it is, anything else as
+/// its relaxed Extended JSON.
+pub fn id_text(id: &Bson) -> String {
+    match id {
+        Bson::ObjectId(oid) => oid.to_hex(),
+        Bson::String(s) => s.clone(),
+        other => other.clone().into_relaxed_extjson().to_string(),
+    }
+}
+
+/// A reference field as text: a string as it is, null as null, anything else as relaxed
+/// Extended JSON.
+fn as_text(value: &Bson) -> Value {
+    match value {
+        Bson::String(s) => Value::from(s.as_str()),
+        Bson::Null => Value::Null,
+        Bson::ObjectId(oid) => Value::from(oid.to_hex()),
+        other => Value::from(other.clone().into_relaxed_extjson().to_string()),
+    }
+}
+
+/// A number as a double; anything else null.
+fn as_double(value: &Bson) -> Value {
+    match value {
+        Bson::Double(d) if d.is_finite() => Value::from(*d),
+        Bson::Int32(n) => Value::from(f64::from(*n)),
+        Bson::Int64(n) => Value::from(*n as f64),
+        Bson::Decimal128(d) => {
+            d.to_string().parse::<f64>().ok().filter(|d| d.is_finite()).map_or(Value::Null, Value::from)
+        }
+        _ => Value::Null,
+    }
+}
+
+/// A whole number as a 64-bit integer; anything else (fractions included) null.
+fn as_integer(value: &Bson) -> Value {
+    match value {
+        Bson::Int32(n) => Value::from(i64::from(*n)),
+        Bson::Int64(n) => Value::from(*n),
+        Bson::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => Value::from(*d as i64),
+        _ => Value::Null,
+    }
+}
+
+/// The UTC day of delivery: of `date_livraison`, else of `archived_at`, else today.
+fn delivery_day(document: &Document) -> NaiveDate {
+    let date = |key: &str| match document.get(key) {
+        Some(Bson::DateTime(t)) => Some(t.to_chrono()),
+        _ => None,
+    };
+    date(field::DATE_LIVRAISON).or_else(|| date(field::ARCHIVED_AT)).unwrap_or_else(Utc::now).date_naive()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::{doc, oid::ObjectId};
+
+    fn archive_document(id: ObjectId, day: u32) -> RawDocumentBuf {
+        let delivered = mongodb::bson::DateTime::parse_rfc3339_str(format!("2026-03-{day:02}T11:30:00Z")).unwrap();
+        let document = doc! {
+            "_id": id, "numero_commande": id.to_hex(), "status": "livrée", "date_commande": delivered,
+            "date_livraison": delivered, "montant_total": 12, "client": { "nom": "Martin", "adresse": { "ville": "Lyon" } },
+            "livreur": Bson::Null, "restaurant": Bson::Null,
+            "items": [{ "menu_id": ObjectId::new(), "nom": "Pizza", "prix": 11.5, "quantite": 2.0, "sous_total": 23.0 }],
+            "archived_at": delivered, "archive_source": "batch", "anomalies": ["livreur_introuvable"],
+        };
+        RawDocumentBuf::from_document(&document).unwrap()
+    }
+
+    /// Two writers on one table, each unaware of the other's rows: the second to commit finds
+    /// its table version taken, reads the first's rows, and commits only the others.
+    #[tokio::test]
+    async fn a_writer_that_loses_the_race_for_a_version_commits_only_the_rows_the_winner_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..30).map(|_| ObjectId::new()).collect();
+        let mut first = DeltaArchive::open(&config, &uri, "first").await.unwrap();
+        let mut second = DeltaArchive::open(&config, &uri, "second").await.unwrap();
+        let docs =
+            |range: std::ops::Range<usize>| range.map(|i| archive_document(ids[i], 1 + (i % 3) as u32)).collect();
+        assert_eq!(first.append(docs(0..20)).await.unwrap().inserted, 20);
+        assert_eq!(second.append(docs(10..30)).await.unwrap().inserted, 20, "the second has not seen the first's rows");
+        assert_eq!(first.commit(None).await.unwrap(), Some(1));
+        assert_eq!(second.commit(None).await.unwrap(), Some(2), "committed after the first, on the next version");
+
+        let mut reader = DeltaArchive::open(&config, &uri, "reader").await.unwrap();
+        let outcome = reader.append(docs(0..30)).await.unwrap();
+        assert_eq!((outcome.inserted, outcome.already_archived), (0, 30), "each order once");
+        let mut rows = 0;
+        for (path, _) in reader.files().await.unwrap() {
+            rows += read_ids(reader.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap().len();
+        }
+        assert_eq!(rows, 30, "no row twice");
+        let log_store = reader.table.log_store();
+        let version = reader.table.snapshot().unwrap().transaction_version(log_store.as_ref(), "second").await;
+        assert_eq!(version.unwrap(), Some(1), "the commit carries its writer's application transaction");
+    }
+
+    #[tokio::test]
+    async fn a_table_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut config = Config::default();
+        DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        config.lookups.client.fields = vec!["nom".to_owned()];
+        let refused = DeltaArchive::open(&config, &uri, "batch").await.unwrap_err();
+        assert!(matches!(&refused, LakeError::Layout { reason, .. } if reason.contains("columns differ")), "{refused}");
+    }
+
+    #[test]
+    fn values_that_do_not_fit_their_column_are_null_there_and_kept_in_the_document() {
+        let config = Config::default();
+        let fields = [
+            config.lookups.client.fields.clone(),
+            config.lookups.livreur.fields.clone(),
+            config.lookups.restaurant.fields.clone(),
+        ];
+        assert_eq!(arrow_schema(&fields).fields().len(), 17);
+        assert_eq!(as_double(&Bson::String("trente".into())), Value::Null);
+        assert_eq!(as_double(&Bson::Int64(7)), Value::from(7.0));
+        assert_eq!(as_integer(&Bson::Double(2.5)), Value::Null);
+        assert_eq!(as_integer(&Bson::Double(2.0)), Value::from(2));
+        assert_eq!(id_text(&Bson::Int32(7)), "7");
+        assert_eq!(as_text(&Bson::Document(doc! { "ville": "Lyon" })), Value::from("{\"ville\":\"Lyon\"}"));
+    }
+}

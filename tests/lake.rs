@@ -1,0 +1,162 @@
+//! The archive as a Delta Lake table (`ARCHIVE_SINK=delta`): `batch` writes typed rows, one per
+//! order however often it runs and however many run at once, and an independent implementation
+//! (the Python `deltalake` package) reads them back.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{order, Refs, TestEnv};
+use mongodb::bson::{oid::ObjectId, Bson, DateTime, Document};
+use serde_json::Value;
+
+/// Reads the table at `table` with the Python `deltalake` package (scripts/lake-read.py).
+fn read_back(table: &Path) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = Command::new("bash").arg(root.join("scripts/lake-venv.sh")).output().expect("run scripts/lake-venv.sh");
+    assert!(venv.status.success(), "the Python reader cannot be set up: {}", String::from_utf8_lossy(&venv.stderr));
+    let python = String::from_utf8_lossy(&venv.stdout).trim().to_owned();
+    let out = Command::new(python).arg(root.join("scripts/lake-read.py")).arg(table).output().expect("run the reader");
+    assert!(out.status.success(), "the Python reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("the reader prints JSON")
+}
+
+/// Delivered orders on two days, one of them with anomalies (no such customer, a text amount),
+/// and orders not delivered.
+async fn seed(t: &TestEnv, refs: &Refs) -> Vec<Document> {
+    let at = |iso: &str| DateTime::parse_rfc3339_str(iso).unwrap();
+    let dated = |n: u32, status: &str, ordered: &str, delivered: &str| {
+        let mut o = order(refs, n, status);
+        o.insert("date_commande", at(ordered));
+        o.insert("date_livraison", if status == "livrée" { Bson::DateTime(at(delivered)) } else { Bson::Null });
+        o
+    };
+    let mut orders: Vec<Document> = (0..20)
+        .map(|n| {
+            let day = if n % 2 == 0 { "2026-03-01" } else { "2026-03-02" };
+            dated(n, "livrée", &format!("{day}T10:00:00Z"), &format!("{day}T11:30:00Z"))
+        })
+        .collect();
+    orders[3].insert("client_id", ObjectId::new());
+    orders[5].insert("montant_total", "trente");
+    orders.push(dated(20, "en_livraison", "2026-03-01T10:00:00Z", ""));
+    t.orders().insert_many(orders.clone()).await.unwrap();
+    orders.into_iter().filter(|o| o.get_str("status") == Ok("livrée")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_writes_one_typed_row_per_order_however_often_it_runs() {
+    let (t, refs) = TestEnv::seeded("lake_batch").await;
+    let delivered = seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let args = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
+    let out = t.archiver(&args).envs(lake).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("20 matched, 20 newly archived, 0 already archived, 2 with anomalies"), "{stdout}");
+    assert_eq!(t.archive_len().await, 0, "nothing written to the archive collection");
+
+    // Again: nothing added.
+    let again = t.archiver(&args).envs(lake).output().unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(stdout.contains("0 newly archived, 20 already archived"), "{stdout}");
+
+    let read = read_back(&table);
+    assert_eq!(read["rows"], 20, "{read}");
+    assert_eq!(read["distinct_ids"], 20, "{read}");
+    assert_eq!(read["partitions"], serde_json::json!(["delivery_date"]), "{read}");
+    let types = &read["types"];
+    for (column, expected) in [
+        ("_id", "string"),
+        ("date_commande", "timestamp[us, tz=UTC]"),
+        ("date_livraison", "timestamp[us, tz=UTC]"),
+        ("montant_total", "double"),
+        ("archived_at", "timestamp[us, tz=UTC]"),
+        ("anomalies", "list<element: string>"),
+        ("document", "string"),
+        ("delivery_date", "date32[day]"),
+    ] {
+        assert_eq!(types[column], expected, "column {column}: {types}");
+    }
+    assert!(types["client"].as_str().unwrap().starts_with("struct<nom: string"), "{types}");
+    assert!(types["items"].as_str().unwrap().contains("prix: double"), "{types}");
+    for order in &delivered {
+        let id = order.get_object_id("_id").unwrap().to_hex();
+        let row = &read["by_id"][&id];
+        let number = order.get_str("numero_commande").unwrap();
+        assert_eq!(row["numero_commande"], number, "{row}");
+        assert_eq!(row["items"], 2, "{row}");
+        assert_eq!(row["document_has_id"], true, "{row}");
+        let delivered_on = order.get_datetime("date_livraison").unwrap().try_to_rfc3339_string().unwrap();
+        assert_eq!(row["delivery_date"].as_str().unwrap(), &delivered_on[..10], "{row}");
+        match number {
+            "CMD-000003" => {
+                assert_eq!(row["client_nom"], Value::Null, "{row}");
+                assert_eq!(row["anomalies"], serde_json::json!(["client_introuvable"]), "{row}");
+            }
+            "CMD-000005" => {
+                // A value that does not fit its column is null there; the document keeps it.
+                assert_eq!(row["montant_total"], Value::Null, "{row}");
+                assert_eq!(row["anomalies"], serde_json::json!(["montant_total_invalide"]), "{row}");
+            }
+            _ => {
+                assert_eq!(row["montant_total"], 31.0, "{row}");
+                assert_eq!(row["client_nom"], "Martin", "{row}");
+            }
+        }
+    }
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_racing_on_one_table_write_each_order_once() {
+    let (t, refs) = TestEnv::seeded("lake_race").await;
+    seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    // Small chunks and commits: many commits from each, interleaved.
+    let run = || {
+        t.archiver(&["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03", "--chunk-size", "3"])
+            .envs([("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())])
+            .spawn()
+            .unwrap()
+    };
+    // Three at once, from before the table exists: its creation is raced too.
+    let mut runs: Vec<_> = (0..3).map(|_| run()).collect();
+    for child in &mut runs {
+        assert!(child.wait().unwrap().success());
+    }
+    let read = read_back(&table);
+    assert_eq!(read["rows"], 20, "{read}");
+    assert_eq!(read["distinct_ids"], 20, "{read}");
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_of_other_columns_is_refused_and_watch_says_it_does_not_write_tables_yet() {
+    let (t, refs) = TestEnv::seeded("lake_layout").await;
+    seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
+    let args = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    assert!(t.archiver(&args).envs(lake).output().unwrap().status.success());
+    // Other customer fields: other columns.
+    let out = t.archiver(&args).envs(lake).env("ARCHIVER_LOOKUPS__CLIENT__FIELDS", "[\"nom\"]").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("columns differ"), "{stderr}");
+    assert_eq!(read_back(&table)["rows"], 20, "the table is left as it was");
+
+    let out = t.archiver(&["watch"]).envs(lake).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not work with a Delta table"));
+    let out = t.archiver(&args).env("ARCHIVE_SINK", "delta").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no table named");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ARCHIVE_TABLE_URI"));
+    t.cleanup().await;
+}
