@@ -17,7 +17,7 @@ use crate::config::{ArchiveSink, Config, ConfigError};
 use crate::db::{cause_in_one_line, ConnectError};
 use crate::error::UsageError;
 use crate::pipeline::scan::DateRange;
-use crate::pipeline::sink::delta::LakeError;
+use crate::pipeline::sink::OpenError;
 use crate::redact::scrub;
 use crate::telemetry::{self};
 
@@ -42,9 +42,11 @@ pub const INTERRUPTED: u8 = 130;
 pub fn for_watch_error(err: &WatchError) -> ExitCode {
     ExitCode::from(match err {
         WatchError::Checkpoint(StoreError::Locked(_)) => LOCKED,
-        // The shared store's database refused (not a file a person must fix), or a newer leader
-        // took over: a failure like any other.
-        WatchError::Checkpoint(StoreError::Database { .. } | StoreError::Fenced(_)) => FAILURE,
+        // The shared store's database refused (not a file a person must fix), a newer leader
+        // took over, or the archive table failed: a failure like any other.
+        WatchError::Checkpoint(StoreError::Database { .. } | StoreError::Fenced(_) | StoreError::Table { .. }) => {
+            FAILURE
+        }
         WatchError::Checkpoint(_) => CHECKPOINT,
         WatchError::Connect(ConnectError::InvalidUri { .. }) => USAGE,
         WatchError::Usage(_) => USAGE,
@@ -88,7 +90,7 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<UsageError>()
             || cause.is::<ConfigError>()
-            || matches!(cause.downcast_ref::<LakeError>(), Some(LakeError::Layout { .. }))
+            || matches!(cause.downcast_ref::<OpenError>(), Some(OpenError::Misconfigured(_)))
             || matches!(cause.downcast_ref::<ConnectError>(), Some(ConnectError::InvalidUri { .. }))
         {
             return USAGE;
@@ -101,11 +103,10 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 pub async fn run(cli: Cli, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
-    // The Delta table is written by `batch` in this version; the commands that read the archive
-    // back or keep their position in it come with the next steps.
+    // The Delta table is written by `batch` and `watch` in this version; the commands that read
+    // the archive back come with the next steps.
     if config.archive.sink == ArchiveSink::Delta {
         let unsupported = match &cli.command {
-            Command::Watch(_) => Some("watch"),
             Command::Verify(_) => Some("verify"),
             Command::Purge(_) => Some("purge"),
             _ => None,
@@ -113,7 +114,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
         if let Some(command) = unsupported {
             eprintln!(
                 "error: ARCHIVE_SINK=delta: `archiver {command}` does not work with a Delta table in this version \
-                 (`archiver batch` does); use ARCHIVE_SINK=mongodb for it"
+                 (`batch` and `watch` do); use ARCHIVE_SINK=mongodb for it"
             );
             return ExitCode::from(USAGE);
         }

@@ -667,10 +667,12 @@ impl Config {
                 None | Some("") => {
                     return fail("ARCHIVE_SINK=delta needs ARCHIVE_TABLE_URI (lake.table_uri)".to_owned())
                 }
-                Some(uri) if uri.contains("://") && !uri.starts_with("file://") => return fail(format!(
+                Some(uri) if uri.contains("://") && !uri.starts_with("file://") => {
+                    return fail(format!(
                     "ARCHIVE_TABLE_URI: only file:// tables (or a local path) are supported by this version, got {}",
                     uri.split("://").next().unwrap_or_default()
-                )),
+                ))
+                }
                 Some(_) => {}
             }
             if self.lake.file_mb == 0 || self.lake.commit_secs == 0 {

@@ -137,7 +137,7 @@ async fn batches_racing_on_one_table_write_each_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_table_of_other_columns_is_refused_and_watch_says_it_does_not_write_tables_yet() {
+async fn a_table_of_other_columns_is_refused_and_verify_says_it_does_not_read_tables_yet() {
     let (t, refs) = TestEnv::seeded("lake_layout").await;
     seed(&t, &refs).await;
     let table = t.dir.path().join("lake/orders");
@@ -152,11 +152,42 @@ async fn a_table_of_other_columns_is_refused_and_watch_says_it_does_not_write_ta
     assert!(stderr.contains("columns differ"), "{stderr}");
     assert_eq!(read_back(&table)["rows"], 20, "the table is left as it was");
 
-    let out = t.archiver(&["watch"]).envs(lake).output().unwrap();
+    let out = t.archiver(&["verify", "--date-from", "2026-03-01"]).envs(lake).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not work with a Delta table"));
     let out = t.archiver(&args).env("ARCHIVE_SINK", "delta").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "no table named");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ARCHIVE_TABLE_URI"));
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_the_table() {
+    let (t, refs) = TestEnv::seeded("lake_watch").await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str()), ("LAKE_COMMIT_SECS", "1")];
+    let rows = |n: u64| {
+        let table = table.clone();
+        async move { table.join("_delta_log").exists() && read_back(&table)["rows"] == n }
+    };
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
+    t.deliver(&refs, 0..10).await;
+    common::eventually(30, "10 rows committed", || rows(10)).await;
+    assert!(!t.token_file().exists(), "the position is in the table, not in a token file");
+
+    // Killed with rows delivered and perhaps not committed; more delivered while it is down.
+    t.deliver(&refs, 10..15).await;
+    watch.kill().await;
+    t.deliver(&refs, 15..20).await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
+    assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
+    t.deliver(&refs, 20..25).await;
+    common::eventually(30, "25 rows committed", || rows(25)).await;
+    let log = watch.stop_ok().await;
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(25), Some(25)), "{log}");
+    let sources: Vec<&Value> = read["by_id"].as_object().unwrap().values().collect();
+    assert_eq!(sources.len(), 25);
     t.cleanup().await;
 }

@@ -1,6 +1,7 @@
-//! Checkpoints: where `watch` records how far the archive is known to be complete, and the two
+//! Checkpoints: where `watch` records how far the archive is known to be complete, and the
 //! stores that keep them ([`file`], the local token file; [`mongo`], the shared collection fenced
-//! by the leader's epoch). It knows nothing of the pipeline: a checkpoint is a resume token and
+//! by the leader's epoch; and an archive that keeps its position in the same commits as its
+//! data, a Delta table, behind [`CheckpointKeeper`]). It knows nothing of the pipeline: a checkpoint is a resume token and
 //! the times it stands for, saved only after the archive acknowledged what it covers.
 
 pub mod file;
@@ -71,6 +72,14 @@ pub enum StoreError {
          (its lock file {0}.lock is held); refusing to start"
     )]
     Locked(PathBuf),
+    /// The archive that keeps the position (a Delta table) cannot read or write it.
+    #[error("the archive table {uri}: {reason}")]
+    Table {
+        /// The table.
+        uri: String,
+        /// What failed.
+        reason: String,
+    },
     /// A newer leader owns the shared checkpoint: this process must stop writing.
     #[error("the checkpoint of stream {0} belongs to a newer leader (fenced)")]
     Fenced(String),
@@ -277,6 +286,28 @@ pub enum Store {
     File(CheckpointFile),
     /// The shared collection, fenced by the lease epoch.
     Mongo(MongoCheckpoints),
+    /// The archive itself, which commits the position with the data it covers.
+    Table(std::sync::Arc<dyn CheckpointKeeper>),
+}
+
+/// A future of a [`CheckpointKeeper`].
+pub type KeeperFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// An archive that keeps the position in the same atomic commits as the data it covers (a Delta
+/// table): a saved checkpoint is made durable with the next commit, never ahead of the rows it
+/// covers, and a position loaded is the one of the last commit.
+pub trait CheckpointKeeper: Send + Sync + std::fmt::Debug {
+    /// Where the position lives, for logs and errors.
+    fn describe(&self) -> String;
+    /// The checkpoint of the last commit that carried one.
+    fn load(&self) -> KeeperFuture<'_, Option<Checkpoint>>;
+    /// Records `checkpoint` as the position of what is written so far; commits it with the
+    /// rows waiting when a commit is due. Returns whether a commit was made.
+    fn save<'a>(&'a self, checkpoint: &'a Checkpoint) -> KeeperFuture<'a, bool>;
+    /// Commits the rows waiting and the last position recorded (at a stop).
+    fn flush(&self) -> KeeperFuture<'_, bool>;
+    /// Forgets the position (an explicit `--reset-token`): the next start begins from now.
+    fn remove(&self) -> KeeperFuture<'_, ()>;
 }
 
 impl Store {
@@ -285,6 +316,7 @@ impl Store {
         match self {
             Store::File(f) => f.path().display().to_string(),
             Store::Mongo(_) => "the shared checkpoint collection".to_owned(),
+            Store::Table(t) => t.describe(),
         }
     }
 
@@ -293,6 +325,7 @@ impl Store {
         match self {
             Store::File(f) => f.load(stream),
             Store::Mongo(m) => m.load().await,
+            Store::Table(t) => t.load().await,
         }
     }
 
@@ -301,6 +334,7 @@ impl Store {
         match self {
             Store::File(f) => f.remove(),
             Store::Mongo(m) => m.remove().await,
+            Store::Table(t) => t.remove().await,
         }
     }
 
@@ -310,6 +344,16 @@ impl Store {
         match self {
             Store::File(f) => f.save(checkpoint),
             Store::Mongo(m) => m.save(checkpoint).await,
+            Store::Table(t) => t.save(checkpoint).await,
+        }
+    }
+
+    /// Makes durable what a store holds back (the table's waiting rows and last position), at a
+    /// stop; nothing to do for the others, which save at once.
+    pub async fn flush(&mut self) -> Result<bool, StoreError> {
+        match self {
+            Store::Table(t) => t.flush().await,
+            _ => Ok(false),
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::coordination::{self, leadership, Lease};
 use crate::db::{self, is_history_lost, is_transient, ConnectError, Databases, RetryPolicy};
 use crate::pipeline::document::ArchiveSource;
 use crate::pipeline::order_id::{equality_key, present_among};
-use crate::pipeline::sink::{Archiver, EventTimes, WriteOutcome};
+use crate::pipeline::sink::{Archiver, EventTimes, OpenError, WriteOutcome};
 use crate::redact::scrub;
 use crate::telemetry::{Role, Telemetry};
 
@@ -287,6 +287,12 @@ fn disarm_first_leader_options(options: &mut WatchOptions, stream: &str) {
 }
 
 /// Streams as the writer of `store` until `stop` is cancelled or a fatal error.
+/// Makes durable what the store holds back (a Delta table's last rows and position), at a stop.
+async fn flush_store(state: &mut StreamState) -> Result<(), WatchError> {
+    state.store.flush().await?;
+    Ok(())
+}
+
 async fn lead(
     config: &Config,
     dbs: &Databases,
@@ -296,6 +302,16 @@ async fn lead(
     stop: &CancellationToken,
 ) -> Result<(), WatchError> {
     let stream_name = coordination::stream_name(config);
+    let archiver = Archiver::open(config, dbs, ArchiveSource::Watch).await.map_err(|e| match e {
+        OpenError::Misconfigured(reason) => WatchError::Usage(reason),
+        OpenError::Unavailable(reason) => {
+            WatchError::Checkpoint(StoreError::Table { uri: config.lake.table_uri.clone().unwrap_or_default(), reason })
+        }
+    })?;
+    // An archive that commits the position with its data keeps it: one source of truth.
+    if let Some(keeper) = archiver.checkpoint_keeper(config).await {
+        store = Store::Table(keeper);
+    }
     // A database outage while taking over is ridden out like any other (shared store only: a
     // token file's errors are never transient).
     let keep_trying = RetryPolicy::unbounded(&config.retry);
@@ -330,7 +346,6 @@ async fn lead(
             "resuming after the saved token"),
         None => tracing::info!(store = %store.describe(), "no resume token file; starting from now"),
     }
-    let archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
     // References kept between batches, exact as long as the stream carries their changes.
     let caching = archiver.clone().with_reference_cache(config.enrich.reference_cache_entries);
     let mut state = StreamState {
@@ -356,6 +371,7 @@ async fn lead(
         fill(config, dbs, &mut state, new_fill(CATCH_UP, None), stop).await?;
     }
     if stop.is_cancelled() {
+        flush_store(&mut state).await?;
         return Ok(());
     }
     let mut delays = keep_trying.schedule();
@@ -364,6 +380,7 @@ async fn lead(
         let (result, progressed) = run_stream(config, dbs, [&archiver, &caching], &mut state, stop).await;
         let error = match result {
             Ok(()) => {
+                flush_store(&mut state).await?;
                 tracing::info!(
                     events = state.totals.events,
                     batches = state.totals.batches,
@@ -385,6 +402,7 @@ async fn lead(
         if stop.is_cancelled() {
             // Asked to stop (or leadership lost) while the stream failed: the position saved is
             // before anything unarchived, so stopping here loses nothing.
+            flush_store(&mut state).await?;
             tracing::info!(error = %scrub(&error.to_string()), context, "stopping; position saved");
             return Ok(());
         }

@@ -280,7 +280,8 @@ pub(super) async fn persist_checkpoint(
     shutdown: &CancellationToken,
 ) -> Result<bool, StreamFailure> {
     let policy = RetryPolicy::bounded(&state.retry);
-    let retryable = |e: &StoreError| matches!(e, StoreError::Unwritable { .. }) || e.is_transient();
+    let retryable =
+        |e: &StoreError| matches!(e, StoreError::Unwritable { .. } | StoreError::Table { .. }) || e.is_transient();
     let (store, telemetry, limit) = (&mut state.store, &state.telemetry, state.write_timeout);
     let save = async || {
         // Waiting is progress of a kind: the liveness probe must not restart a process that

@@ -24,6 +24,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, StructType, Transaction};
 // `ParquetObjectReader` is deprecated in parquet 59 for a hand-written `AsyncFileReader`; it
 // still reads only the footer and the `_id` column's pages, which is all this needs.
+use deltalake::logstore::object_store::ObjectStoreExt;
 #[allow(deprecated)]
 use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
 use deltalake::parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
@@ -38,6 +39,7 @@ use mongodb::bson::{Bson, Document, RawDocumentBuf};
 use serde_json::{json, Map, Value};
 
 use super::WriteOutcome;
+use crate::checkpoint::{Checkpoint, CheckpointKeeper, KeeperFuture, StoreError};
 use crate::config::Config;
 use crate::pipeline::document::{field, item_field};
 
@@ -57,6 +59,15 @@ pub const DOCUMENT: &str = "document";
 
 /// Attempts of one commit when other writers keep committing first.
 const COMMIT_ATTEMPTS: usize = 20;
+
+/// Days whose ids are kept in memory between commits.
+const DAYS_KEPT: usize = 8;
+
+/// Where the positions committed with the data are kept, per writer (application id), by the
+/// version of the writer's application transaction. A Delta checkpoint keeps the transaction
+/// versions when old log entries (and their commit metadata) are cleaned up; these files keep
+/// what each version stands for. Readers and vacuum leave `_`-prefixed directories alone.
+const POSITIONS_DIR: &str = "_archiver/positions";
 
 /// Why the table cannot be written.
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +120,11 @@ pub struct DeltaArchive {
     pending_bytes: usize,
     /// The ids in the table, for the days read so far, as of the table's loaded version.
     ids_by_day: HashMap<NaiveDate, HashSet<String>>,
-    /// The data files already read into `ids_by_day`.
-    files_read: HashSet<String>,
+    /// The data files already read into `ids_by_day`, with their day.
+    files_read: HashMap<String, NaiveDate>,
+    /// Whether a commit is made as soon as the rows waiting reach the commit size (`batch`);
+    /// `watch` commits through its checkpoints instead, with the position they cover.
+    auto_commit: bool,
     /// Buffered row bytes (as JSON) past which rows are committed.
     commit_bytes: usize,
     /// The application transaction this writer's commits carry, and its last version.
@@ -147,7 +161,8 @@ impl DeltaArchive {
             pending_ids: HashSet::new(),
             pending_bytes: 0,
             ids_by_day: HashMap::new(),
-            files_read: HashSet::new(),
+            files_read: HashMap::new(),
+            auto_commit: true,
             commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
             app_id: app_id.to_owned(),
         };
@@ -171,10 +186,12 @@ impl DeltaArchive {
                     "written with table layout {newer}, newer than this archiver's ({LAYOUT_VERSION}): upgrade archiver"
                 )))
             }
-            _ => return Err(layout_error(format!(
+            _ => {
+                return Err(layout_error(format!(
                 "not an archiver table of layout {LAYOUT_VERSION} (table property {LAYOUT_PROPERTY} is {recorded:?}): \
                      choose another ARCHIVE_TABLE_URI"
-            ))),
+            )))
+            }
         }
         let expected = StructType::try_from_arrow(self.schema.as_ref())
             .map_err(|e| layout_error(format!("the expected columns cannot be described: {e}")))?;
@@ -216,10 +233,68 @@ impl DeltaArchive {
             self.pending_ids.insert(row.id.clone());
             self.pending.push(row);
         }
-        if self.pending_bytes >= self.commit_bytes {
+        if self.auto_commit && self.pending_bytes >= self.commit_bytes {
             self.commit(None).await?;
         }
         Ok(outcome)
+    }
+
+    /// Whether the rows waiting reached the commit size.
+    pub fn commit_due(&self) -> bool {
+        self.pending_bytes >= self.commit_bytes
+    }
+
+    /// The position committed last by this writer: the one of its latest application
+    /// transaction version that carried one.
+    pub async fn last_position(&self) -> Result<Option<String>, LakeError> {
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
+        let snapshot = self.table.snapshot().map_err(table_error)?;
+        let Some(version) =
+            snapshot.transaction_version(self.table.log_store().as_ref(), &self.app_id).await.map_err(table_error)?
+        else {
+            return Ok(None);
+        };
+        let store = self.table.object_store();
+        let prefix = deltalake::Path::from(format!("{POSITIONS_DIR}/{}", self.app_id));
+        let listed: Vec<deltalake::ObjectMeta> = store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| data_error(format!("listing the positions: {e}")))?;
+        let latest = listed
+            .iter()
+            .filter_map(|meta| {
+                let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
+                (number <= version).then_some((number, &meta.location))
+            })
+            .max_by_key(|(number, _)| *number);
+        let Some((_, location)) = latest else { return Ok(None) };
+        let bytes = store
+            .get(location)
+            .await
+            .map_err(|e| data_error(format!("reading the position {location}: {e}")))?
+            .bytes()
+            .await
+            .map_err(|e| data_error(format!("reading the position {location}: {e}")))?;
+        String::from_utf8(bytes.to_vec()).map(Some).map_err(|e| data_error(format!("the position {location}: {e}")))
+    }
+
+    /// Forgets this writer's positions: the next start begins from now.
+    pub async fn forget_positions(&self) -> Result<(), LakeError> {
+        let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
+        let store = self.table.object_store();
+        let prefix = deltalake::Path::from(format!("{POSITIONS_DIR}/{}", self.app_id));
+        let listed: Vec<deltalake::ObjectMeta> = store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| data_error(format!("listing the positions: {e}")))?;
+        for meta in listed {
+            store.delete(&meta.location).await.map_err(|e| data_error(format!("removing {}: {e}", meta.location)))?;
+        }
+        Ok(())
     }
 
     /// Whether rows wait for a commit.
@@ -231,32 +306,32 @@ impl DeltaArchive {
     /// transaction and, when given, the position it covers. Returns the table version written
     /// (`None` when there was nothing to commit).
     pub async fn commit(&mut self, position: Option<&str>) -> Result<Option<u64>, LakeError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && position.is_none() {
             return Ok(None);
         }
         let uri = self.uri.clone();
         let table_error = |source| LakeError::Table { uri: uri.clone(), source };
         for _ in 0..COMMIT_ATTEMPTS {
-            let rows: Vec<&Value> = self.pending.iter().map(|r| &r.row).collect();
-            let batch = record_batch(&self.schema, &rows)
-                .map_err(|reason| LakeError::Data { uri: self.uri.clone(), reason })?;
-            let properties = WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
-                .build();
-            let mut writer =
-                RecordBatchWriter::for_table(&self.table).map_err(table_error)?.with_writer_properties(properties);
-            writer.write(batch).await.map_err(table_error)?;
-            let adds: Vec<Action> = writer.flush().await.map_err(table_error)?.into_iter().map(Action::Add).collect();
+            let adds = self.write_pending().await?;
             let snapshot = self.table.snapshot().map_err(table_error)?.clone();
             let version = snapshot
                 .transaction_version(self.table.log_store().as_ref(), &self.app_id)
                 .await
                 .map_err(table_error)?;
-            let mut properties = CommitProperties::default()
-                .with_application_transaction(Transaction::new(&self.app_id, version.unwrap_or(0) + 1))
+            let txn_version = version.unwrap_or(0) + 1;
+            let properties = CommitProperties::default()
+                .with_application_transaction(Transaction::new(&self.app_id, txn_version))
                 .with_max_retries(0);
             if let Some(position) = position {
-                properties = properties.with_metadata([("archiver.position".to_owned(), json!(position))]);
+                // Written before the commit that makes it current: a position is never read
+                // for a version whose rows are not committed.
+                let location = deltalake::Path::from(format!("{POSITIONS_DIR}/{}/{txn_version:020}.json", self.app_id));
+                self.table.object_store().put(&location, position.to_owned().into_bytes().into()).await.map_err(
+                    |e| LakeError::Data {
+                        uri: self.uri.clone(),
+                        reason: format!("writing the position {location}: {e}"),
+                    },
+                )?;
             }
             let operation = DeltaOperation::Write {
                 mode: SaveMode::Append,
@@ -290,7 +365,7 @@ impl DeltaArchive {
                     self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
                     self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
                     self.pending_bytes = self.pending.iter().map(|r| r.bytes).sum();
-                    if self.pending.is_empty() {
+                    if self.pending.is_empty() && position.is_none() {
                         return Ok(None);
                     }
                 }
@@ -303,13 +378,40 @@ impl DeltaArchive {
         })
     }
 
+    /// Writes the rows waiting as data files (none when no row waits); returns their actions.
+    async fn write_pending(&mut self) -> Result<Vec<Action>, LakeError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        let rows: Vec<&Value> = self.pending.iter().map(|r| &r.row).collect();
+        let batch = record_batch(&self.schema, &rows).map_err(|reason| LakeError::Data { uri: uri.clone(), reason })?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
+            .build();
+        let mut writer =
+            RecordBatchWriter::for_table(&self.table).map_err(table_error)?.with_writer_properties(properties);
+        writer.write(batch).await.map_err(table_error)?;
+        Ok(writer.flush().await.map_err(table_error)?.into_iter().map(Action::Add).collect())
+    }
+
     /// Marks every file of the loaded version whose day is known as read: after our own
     /// commit, its new files hold exactly the rows just committed.
     async fn remember_files_read(&mut self) -> Result<(), LakeError> {
         for (path, day) in self.files().await? {
             if self.ids_by_day.contains_key(&day) {
-                self.files_read.insert(path);
+                self.files_read.insert(path, day);
             }
+        }
+        // A long run touches a new day every day: only the latest days' ids stay in memory; an
+        // older day is read again if an order of it comes back.
+        if self.ids_by_day.len() > DAYS_KEPT {
+            let mut days: Vec<NaiveDate> = self.ids_by_day.keys().copied().collect();
+            days.sort_unstable();
+            let oldest_kept = days[days.len() - DAYS_KEPT];
+            self.ids_by_day.retain(|day, _| *day >= oldest_kept);
+            self.files_read.retain(|_, day| *day >= oldest_kept);
         }
         Ok(())
     }
@@ -334,7 +436,7 @@ impl DeltaArchive {
             .files()
             .await?
             .into_iter()
-            .filter(|(path, day)| days.contains(day) && !self.files_read.contains(path))
+            .filter(|(path, day)| days.contains(day) && !self.files_read.contains_key(path))
             .collect();
         for day in days {
             self.ids_by_day.entry(*day).or_default();
@@ -345,7 +447,7 @@ impl DeltaArchive {
                 LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
             })?;
             self.ids_by_day.entry(day).or_default().extend(ids);
-            self.files_read.insert(path);
+            self.files_read.insert(path, day);
         }
         Ok(())
     }
@@ -416,6 +518,139 @@ impl DeltaArchive {
         });
         let bytes = row.to_string().len();
         PendingRow { id, day, row, bytes }
+    }
+}
+
+/// The position of `watch` kept in the table: each save records the checkpoint, and the rows
+/// written so far are committed with it once `LAKE_COMMIT_SECS` passed since the last commit
+/// (checked at each save, and by a timer while the stream is quiet) or `LAKE_FILE_MB` of rows
+/// wait, and at a stop. A crash loses the rows not committed and the position that covers them
+/// together: the next start replays them from the last commit, and rows already in the table
+/// are left out.
+#[derive(Debug)]
+pub struct DeltaCheckpoints {
+    inner: Arc<KeeperState>,
+}
+
+#[derive(Debug)]
+struct KeeperState {
+    archive: Arc<tokio::sync::Mutex<DeltaArchive>>,
+    uri: String,
+    commit_every: std::time::Duration,
+    /// The last commit, and the checkpoint recorded since, not committed yet.
+    last: std::sync::Mutex<(std::time::Instant, Option<String>)>,
+}
+
+impl KeeperState {
+    fn failure(&self, error: LakeError) -> StoreError {
+        StoreError::Table { uri: self.uri.clone(), reason: error.to_string() }
+    }
+
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, (std::time::Instant, Option<String>)> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits the rows waiting with `position` (the last one recorded when `None`).
+    async fn commit(&self, position: Option<String>) -> Result<bool, StoreError> {
+        let position = position.or_else(|| self.lock_last().1.clone());
+        let committed = self.archive.lock().await.commit(position.as_deref()).await.map_err(|e| self.failure(e))?;
+        let mut last = self.lock_last();
+        last.0 = std::time::Instant::now();
+        if last.1 == position {
+            last.1 = None;
+        }
+        Ok(committed.is_some())
+    }
+
+    /// Whether a commit is due by time and something waits for one.
+    async fn due_by_time(&self) -> bool {
+        let (elapsed, position_waits) = {
+            let last = self.lock_last();
+            (last.0.elapsed(), last.1.is_some())
+        };
+        elapsed >= self.commit_every && (position_waits || self.archive.lock().await.has_pending())
+    }
+}
+
+impl DeltaCheckpoints {
+    /// The position keeper of `archive`, whose commits it makes from now on.
+    pub async fn new(archive: Arc<tokio::sync::Mutex<DeltaArchive>>, commit_every: std::time::Duration) -> Self {
+        let uri = {
+            let mut table = archive.lock().await;
+            table.auto_commit = false;
+            table.uri.clone()
+        };
+        let inner = Arc::new(KeeperState {
+            archive,
+            uri,
+            commit_every,
+            last: std::sync::Mutex::new((std::time::Instant::now(), None)),
+        });
+        // A quiet stream saves nothing: the timer commits what waits. It ends with the keeper.
+        let timer = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(commit_every.min(std::time::Duration::from_secs(1))).await;
+                let Some(keeper) = timer.upgrade() else { return };
+                if keeper.due_by_time().await {
+                    if let Err(e) = keeper.commit(None).await {
+                        tracing::warn!(error = %e, "cannot commit to the Delta table; trying again at the next save");
+                    }
+                }
+            }
+        });
+        DeltaCheckpoints { inner }
+    }
+}
+
+impl CheckpointKeeper for DeltaCheckpoints {
+    fn describe(&self) -> String {
+        format!("the commits of the Delta table {}", self.inner.uri)
+    }
+
+    fn load(&self) -> KeeperFuture<'_, Option<Checkpoint>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let text = inner.archive.lock().await.last_position().await.map_err(|e| inner.failure(e))?;
+            text.map(|text| {
+                Checkpoint::from_json(&text).map_err(|reason| StoreError::Table {
+                    uri: inner.uri.clone(),
+                    reason: format!("its position: {reason}"),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn save<'a>(&'a self, checkpoint: &'a Checkpoint) -> KeeperFuture<'a, bool> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let position = checkpoint.to_json();
+            inner.lock_last().1 = Some(position.clone());
+            if inner.due_by_time().await || inner.archive.lock().await.commit_due() {
+                return inner.commit(Some(position)).await;
+            }
+            Ok(false)
+        })
+    }
+
+    fn flush(&self) -> KeeperFuture<'_, bool> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let waits = inner.lock_last().1.is_some() || inner.archive.lock().await.has_pending();
+            if waits {
+                return inner.commit(None).await;
+            }
+            Ok(false)
+        })
+    }
+
+    fn remove(&self) -> KeeperFuture<'_, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner.lock_last().1 = None;
+            inner.archive.lock().await.forget_positions().await.map_err(|e| inner.failure(e))
+        })
     }
 }
 

@@ -98,6 +98,18 @@ fn has_anomalies(doc: &RawDocument) -> bool {
     doc.get_array(super::document::field::ANOMALIES).is_ok_and(|a| a.into_iter().next().is_some())
 }
 
+/// Why the archive cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store exists but is not one this configuration writes (a table of other columns):
+    /// a configuration error.
+    #[error("{0}")]
+    Misconfigured(String),
+    /// The store cannot be reached, read or created.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 /// Enriches orders and writes them to the archive.
 #[derive(Debug, Clone)]
 pub struct Archiver {
@@ -116,11 +128,19 @@ pub struct Archiver {
 impl Archiver {
     /// The archiver of the configured store: the collection, or the Delta table (opened, or
     /// created when there is none).
-    pub async fn open(config: &Config, dbs: &Databases, source: ArchiveSource) -> Result<Self, delta::LakeError> {
+    pub async fn open(config: &Config, dbs: &Databases, source: ArchiveSource) -> Result<Self, OpenError> {
         let mut archiver = Archiver::new(config, dbs, source);
         if config.archive.sink == ArchiveSink::Delta {
             let uri = config.lake.table_uri.as_deref().unwrap_or_default();
-            let table = delta::DeltaArchive::open(config, uri, &format!("archiver-{}", source.as_str())).await?;
+            // `watch` keeps its position per stream; `batch` runs need none.
+            let app_id = match source {
+                ArchiveSource::Watch => crate::coordination::stream_name(config),
+                _ => format!("archiver-{}", source.as_str()),
+            };
+            let table = delta::DeltaArchive::open(config, uri, &app_id).await.map_err(|e| match e {
+                delta::LakeError::Layout { .. } => OpenError::Misconfigured(e.to_string()),
+                other => OpenError::Unavailable(other.to_string()),
+            })?;
             tracing::info!(table = %table.uri(), "archiving to a Delta table");
             archiver.lake = Some(std::sync::Arc::new(tokio::sync::Mutex::new(table)));
         }
@@ -136,9 +156,15 @@ impl Archiver {
         Ok(())
     }
 
-    /// Whether the archive is a Delta table.
-    pub fn is_lake(&self) -> bool {
-        self.lake.is_some()
+    /// The keeper of `watch`'s position when the archive keeps it in the same commits as the
+    /// data (a Delta table); `None` for the collection, whose checkpoints live elsewhere.
+    pub async fn checkpoint_keeper(
+        &self,
+        config: &Config,
+    ) -> Option<std::sync::Arc<dyn crate::checkpoint::CheckpointKeeper>> {
+        let lake = self.lake.clone()?;
+        let every = std::time::Duration::from_secs(config.lake.commit_secs);
+        Some(std::sync::Arc::new(delta::DeltaCheckpoints::new(lake, every).await))
     }
 
     /// An archiver for `source` documents.
