@@ -4,7 +4,8 @@
 #   2. seed realistic data with `archiver simulate`,
 #   3. archive the history with `archiver batch`,
 #   4. run `archiver watch` while `archiver simulate --live` delivers orders,
-#   5. show what got archived (`archiver verify`, metrics, a sample document).
+#   5. show what got archived (`archiver verify`, metrics, a sample document),
+#   6. archive the same history into a Delta Lake table and query it.
 # Everything lives in .demo/ (server data, logs, token); run it again to start over.
 #   DEMO_SECONDS=60 scripts/demo.sh    # a longer live phase
 #   DEMO_KEEP=1 scripts/demo.sh        # leave the server and watch running afterwards
@@ -67,5 +68,13 @@ $BIN verify --date-from 90d || true
 say "One enriched archive document (as batch would write it)"
 $BIN batch --date-from 90d --dry-run --sample-size 1 | tail -n +2
 
+say "The same history into a Delta Lake table: ARCHIVE_SINK=delta archiver batch --date-from 90d"
+ARCHIVE_SINK=delta ARCHIVE_TABLE_URI="$PWD/$DEMO/lake/orders" $BIN batch --date-from 90d
+
+say "A query over the table, with another implementation of Delta Lake (Python deltalake)"
+PYTHON="$(scripts/lake-venv.sh)"
+"$PYTHON" scripts/lake-query.py "$DEMO/lake/orders"
+
 say "Done"
-echo "Logs: $DEMO/logs/  Token: $RESUME_TOKEN_FILE  (DEMO_KEEP=1 keeps the server running)"
+echo "Logs: $DEMO/logs/  Token: $RESUME_TOKEN_FILE  Delta table: $DEMO/lake/orders"
+echo "(DEMO_KEEP=1 keeps the server running)"

@@ -205,6 +205,14 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
                 Verdict::Misconfigured => USAGE,
             })
         }
+        Command::Compact(args) => match maintain(&config, Maintenance::Compact(args.date_from, args.date_to)).await {
+            Ok(()) => ExitCode::from(OK),
+            Err(e) => report_failure("compact", &e),
+        },
+        Command::Vacuum(args) => match maintain(&config, Maintenance::Vacuum(args.retention_days)).await {
+            Ok(()) => ExitCode::from(OK),
+            Err(e) => report_failure("vacuum", &e),
+        },
         Command::Purge(args) => match purge::run(&config, &args, shutdown).await {
             Ok(summary) if summary.skipped_any() => ExitCode::from(KEPT),
             Ok(_) => ExitCode::from(OK),
@@ -223,6 +231,39 @@ fn report_failure(command: &str, error: &anyhow::Error) -> ExitCode {
     tracing::error!(command, error = %message, "failed");
     eprintln!("error: {message}");
     ExitCode::from(for_error(error))
+}
+
+/// A maintenance of the archive table.
+enum Maintenance {
+    /// Compact the days between these (inclusive).
+    Compact(Option<chrono::NaiveDate>, Option<chrono::NaiveDate>),
+    /// Vacuum, keeping this many days.
+    Vacuum(u32),
+}
+
+/// Runs `compact` or `vacuum` on the configured archive (a Delta table), and prints the result.
+async fn maintain(config: &Config, maintenance: Maintenance) -> anyhow::Result<()> {
+    let policy = crate::db::RetryPolicy::bounded(&config.retry);
+    let dbs = crate::db::connect(config, &policy).await?;
+    let archiver =
+        crate::pipeline::sink::Archiver::open(config, &dbs, crate::pipeline::document::ArchiveSource::Batch).await?;
+    match maintenance {
+        Maintenance::Compact(from, to) => {
+            let done = archiver.compact(from, to).await?;
+            tracing::info!(days = done.days, files_removed = done.files_removed, files_added = done.files_added,
+                rows = done.rows, version = ?done.version, "compact finished");
+            println!(
+                "compact: {} days rewritten, {} files into {}, {} rows unchanged; log checkpointed",
+                done.days, done.files_removed, done.files_added, done.rows
+            );
+        }
+        Maintenance::Vacuum(days) => {
+            let deleted = archiver.vacuum(chrono::Duration::days(i64::from(days))).await?;
+            tracing::info!(files_deleted = deleted, retention_days = days, "vacuum finished");
+            println!("vacuum: {deleted} unreferenced files older than {days} days deleted");
+        }
+    }
+    Ok(())
 }
 
 /// Leaves the outcome of a batch run in `BATCH_METRICS_FILE`. A file that cannot be written is

@@ -153,6 +153,12 @@ pub enum Command {
     /// error. Run it with --dry-run first.
     #[command(after_long_help = PURGE_HELP)]
     Purge(PurgeArgs),
+    /// Delta table (ARCHIVE_SINK=delta): rewrite each day's small files into one, data
+    /// unchanged, and checkpoint the table's log. Safe while watch and batch write.
+    Compact(CompactArgs),
+    /// Delta table (ARCHIVE_SINK=delta): delete the data files no longer referenced (replaced by
+    /// a compaction, or left by a commit that lost a race) once older than the retention.
+    Vacuum(VacuumArgs),
 }
 
 const PURGE_HELP: &str = "Examples:
@@ -235,6 +241,26 @@ pub struct VerifyArgs {
     /// Archive the delivered orders found missing.
     #[arg(long)]
     pub repair: bool,
+}
+
+/// `archiver compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// First delivery day to compact (YYYY-MM-DD, UTC) [default: the first].
+    #[arg(long, value_name = "DATE")]
+    pub date_from: Option<chrono::NaiveDate>,
+    /// Last delivery day to compact, inclusive [default: the last].
+    #[arg(long, value_name = "DATE")]
+    pub date_to: Option<chrono::NaiveDate>,
+}
+
+/// `archiver vacuum`.
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Keep unreferenced files younger than this many days (readers of an older version, and a
+    /// commit in progress, may still need them).
+    #[arg(long, value_name = "DAYS", default_value_t = 7)]
+    pub retention_days: u32,
 }
 
 const BATCH_HELP: &str = "\
@@ -461,7 +487,11 @@ impl Cli {
                 o.set("watch.oplog_headroom_warn_secs", h.oplog_headroom_warn_secs);
                 o.set("watch.http_addr", h.http_addr.clone());
             }
-            Command::Simulate(_) | Command::Verify(_) | Command::Purge(_) => {}
+            Command::Simulate(_)
+            | Command::Verify(_)
+            | Command::Purge(_)
+            | Command::Compact(_)
+            | Command::Vacuum(_) => {}
         }
         Ok(o)
     }

@@ -191,3 +191,66 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     assert_eq!(sources.len(), 25);
     t.cleanup().await;
 }
+
+/// The data files of the table's directory (referenced or not).
+fn parquet_files(table: &Path) -> usize {
+    fn walk(dir: &Path, n: &mut usize) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, n);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                *n += 1;
+            }
+        }
+    }
+    let mut n = 0;
+    walk(table, &mut n);
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compact_while_watch_writes_and_vacuum_leave_every_row_once_in_fewer_files() {
+    let (t, refs) = TestEnv::seeded("lake_compact").await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str()), ("LAKE_COMMIT_SECS", "1")];
+    let rows = |n: u64| {
+        let table = table.clone();
+        async move { table.join("_delta_log").exists() && read_back(&table)["rows"] == n }
+    };
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
+    // Deliveries in waves, a commit (a file of today's partition) each.
+    for wave in 0..4u32 {
+        t.deliver(&refs, wave * 5..wave * 5 + 5).await;
+        common::eventually(30, "the wave committed", || rows(u64::from(wave) * 5 + 5)).await;
+    }
+    let before = parquet_files(&table);
+    assert!(before >= 4, "{before} files");
+
+    // Compacted while watch keeps committing.
+    t.deliver(&refs, 20..25).await;
+    let out = t.archiver(&["compact"]).envs(lake).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("files into 1"), "{stdout}");
+    t.deliver(&refs, 25..30).await;
+    common::eventually(30, "every delivery committed", || rows(30)).await;
+    // The default retention keeps what a reader of an older version may still read.
+    let out = t.archiver(&["vacuum"]).envs(lake).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vacuum: 0 "), "{}", String::from_utf8_lossy(&out.stdout));
+    watch.stop_ok().await;
+
+    let out = t.archiver(&["vacuum", "--retention-days", "0"]).envs(lake).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = parquet_files(&table);
+    assert!(after < before, "{after} files after compact and vacuum, {before} before");
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(30), Some(30)), "{read}");
+    assert!(table.join("_delta_log/_last_checkpoint").exists(), "compact checkpoints the log");
+
+    // On the collection, neither applies.
+    let out = t.archiver(&["compact"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    t.cleanup().await;
+}

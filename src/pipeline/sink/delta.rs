@@ -257,22 +257,18 @@ impl DeltaArchive {
             return Ok(None);
         };
         let store = self.table.object_store();
-        let prefix = deltalake::Path::from(format!("{POSITIONS_DIR}/{}", self.app_id));
-        let listed: Vec<deltalake::ObjectMeta> = store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| data_error(format!("listing the positions: {e}")))?;
-        let latest = listed
-            .iter()
+        let latest = self
+            .positions()
+            .await?
+            .into_iter()
             .filter_map(|meta| {
                 let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
-                (number <= version).then_some((number, &meta.location))
+                (number <= version).then_some((number, meta.location))
             })
             .max_by_key(|(number, _)| *number);
         let Some((_, location)) = latest else { return Ok(None) };
         let bytes = store
-            .get(location)
+            .get(&location)
             .await
             .map_err(|e| data_error(format!("reading the position {location}: {e}")))?
             .bytes()
@@ -281,17 +277,22 @@ impl DeltaArchive {
         String::from_utf8(bytes.to_vec()).map(Some).map_err(|e| data_error(format!("the position {location}: {e}")))
     }
 
+    /// The position files of this writer.
+    async fn positions(&self) -> Result<Vec<deltalake::ObjectMeta>, LakeError> {
+        let prefix = deltalake::Path::from(format!("{POSITIONS_DIR}/{}", self.app_id));
+        self.table
+            .object_store()
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: format!("listing the positions: {e}") })
+    }
+
     /// Forgets this writer's positions: the next start begins from now.
     pub async fn forget_positions(&self) -> Result<(), LakeError> {
         let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
         let store = self.table.object_store();
-        let prefix = deltalake::Path::from(format!("{POSITIONS_DIR}/{}", self.app_id));
-        let listed: Vec<deltalake::ObjectMeta> = store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| data_error(format!("listing the positions: {e}")))?;
-        for meta in listed {
+        for meta in self.positions().await? {
             store.delete(&meta.location).await.map_err(|e| data_error(format!("removing {}: {e}", meta.location)))?;
         }
         Ok(())
@@ -376,6 +377,98 @@ impl DeltaArchive {
             uri: self.uri.clone(),
             reason: format!("other writers committed first {COMMIT_ATTEMPTS} times in a row; run again"),
         })
+    }
+
+    /// Rewrites the files of each day (between `from` and `to`, inclusive, when given) that
+    /// has more than one into one file per day, data unchanged (`dataChange: false`, so
+    /// streaming readers see no new rows), in one commit; then writes a Delta checkpoint of the
+    /// log, so that readers stop replaying its entries. Rows waiting to be committed are
+    /// committed first.
+    pub async fn compact(&mut self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Compaction, LakeError> {
+        self.commit(None).await?;
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
+        self.table.update_state().await.map_err(table_error)?;
+        let views: Vec<_> =
+            self.table.get_active_add_actions_by_partitions(&[]).try_collect().await.map_err(table_error)?;
+        let mut by_day: std::collections::BTreeMap<NaiveDate, Vec<_>> = std::collections::BTreeMap::new();
+        for view in &views {
+            let Some(day) = view.partition_values_map().get(DELIVERY_DATE).cloned().flatten() else { continue };
+            let Ok(day) = day.parse::<NaiveDate>() else { continue };
+            if from.is_some_and(|from| day < from) || to.is_some_and(|to| day > to) {
+                continue;
+            }
+            by_day.entry(day).or_default().push(view);
+        }
+        let mut report = Compaction::default();
+        let mut actions = Vec::new();
+        let store = self.table.object_store();
+        for (day, files) in by_day.into_iter().filter(|(_, files)| files.len() > 1) {
+            let mut writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(table_error)?
+                .with_writer_properties(writer_properties())
+                .with_target_file_size(u64::MAX);
+            for view in &files {
+                let reader = object_reader(store.clone(), view.object_store_path());
+                let builder =
+                    ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| data_error(e.to_string()))?;
+                let mut batches = builder.build().map_err(|e| data_error(e.to_string()))?;
+                while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
+                    report.rows += batch.num_rows() as u64;
+                    let days = deltalake::arrow::array::Date32Array::from(vec![date32(day); batch.num_rows()]);
+                    let mut columns = batch.columns().to_vec();
+                    columns.push(Arc::new(days));
+                    let batch = RecordBatch::try_new(self.schema.clone(), columns)
+                        .map_err(|e| data_error(format!("the rows of {}: {e}", view.path())))?;
+                    writer.write(batch).await.map_err(table_error)?;
+                }
+                actions.push(Action::Remove(view.remove_action(false)));
+            }
+            let adds = writer.flush().await.map_err(table_error)?;
+            report.days += 1;
+            report.files_removed += files.len();
+            report.files_added += adds.len();
+            actions.extend(adds.into_iter().map(|mut add| {
+                add.data_change = false;
+                Action::Add(add)
+            }));
+        }
+        if !actions.is_empty() {
+            let snapshot = self.table.snapshot().map_err(table_error)?.clone();
+            let operation = DeltaOperation::Optimize { predicate: None, target_size: self.commit_bytes as i64 };
+            // The default retries: a commit made meanwhile by `watch` or `batch` only adds files,
+            // which the conflict check lets through; one that removed a file compacted here
+            // (another compaction) fails this one, and nothing is lost.
+            let finalized = CommitBuilder::from(CommitProperties::default())
+                .with_actions(actions)
+                .build(Some(&snapshot), self.table.log_store(), operation)
+                .await
+                .map_err(table_error)?;
+            report.version = Some(finalized.version());
+            self.table.state = Some(finalized.snapshot());
+        }
+        deltalake::checkpoints::create_checkpoint(&self.table, None).await.map_err(table_error)?;
+        Ok(report)
+    }
+
+    /// Deletes the data files no version newer than `retention` references any more (those a
+    /// compaction replaced, and those of a commit that lost a race), and returns how many.
+    pub async fn vacuum(&mut self, retention: chrono::Duration) -> Result<usize, LakeError> {
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        self.table.update_state().await.map_err(table_error)?;
+        let (table, metrics) = self
+            .table
+            .clone()
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+            .await
+            .map_err(table_error)?;
+        self.table = table;
+        Ok(metrics.files_deleted.len())
     }
 
     /// Writes the rows waiting as data files (none when no row waits); returns their actions.
@@ -720,6 +813,40 @@ fn is_conflict(error: &DeltaTableError) -> bool {
     }
 }
 
+/// What a compaction did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// Days rewritten.
+    pub days: usize,
+    /// Files replaced.
+    pub files_removed: usize,
+    /// Files written instead.
+    pub files_added: usize,
+    /// Rows rewritten.
+    pub rows: u64,
+    /// The table version of the compaction, when there was anything to compact.
+    pub version: Option<u64>,
+}
+
+/// How data files are written: zstd, level 3.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
+        .build()
+}
+
+/// Days since 1970-01-01, as Arrow's `Date32`.
+fn date32(day: NaiveDate) -> i32 {
+    (day - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days() as i32
+}
+
+/// A reader of one data file.
+#[allow(deprecated)]
+fn object_reader(store: deltalake::logstore::ObjectStoreRef, location: deltalake::Path) -> ParquetObjectReader {
+    #[allow(deprecated)]
+    ParquetObjectReader::new(store, location)
+}
+
 /// The rows as a record batch of `schema`.
 fn record_batch(schema: &SchemaRef, rows: &[&Value]) -> Result<RecordBatch, String> {
     let mut decoder = deltalake::arrow::json::ReaderBuilder::new(schema.clone())
@@ -735,9 +862,8 @@ async fn read_ids(
     store: deltalake::logstore::ObjectStoreRef,
     location: deltalake::Path,
 ) -> Result<Vec<String>, String> {
-    #[allow(deprecated)]
-    let reader = ParquetObjectReader::new(store, location);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| e.to_string())?;
+    let builder =
+        ParquetRecordBatchStreamBuilder::new(object_reader(store, location)).await.map_err(|e| e.to_string())?;
     let column = builder
         .parquet_schema()
         .columns()

@@ -98,6 +98,14 @@ fn has_anomalies(doc: &RawDocument) -> bool {
     doc.get_array(super::document::field::ANOMALIES).is_ok_and(|a| a.into_iter().next().is_some())
 }
 
+/// The error of a table maintenance asked of a collection.
+fn not_a_table() -> anyhow::Error {
+    crate::error::UsageError(
+        "compact and vacuum maintain a Delta table: set ARCHIVE_SINK=delta and ARCHIVE_TABLE_URI".to_owned(),
+    )
+    .into()
+}
+
 /// Why the archive cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -154,6 +162,24 @@ impl Archiver {
             lake.lock().await.commit(None).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Rewrites the small files of the archive's days into one per day (see
+    /// [`delta::DeltaArchive::compact`]); for a Delta table only.
+    pub async fn compact(
+        &self,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+    ) -> anyhow::Result<delta::Compaction> {
+        let lake = self.lake.as_ref().ok_or_else(not_a_table)?;
+        Ok(lake.lock().await.compact(from, to).await?)
+    }
+
+    /// Deletes the files of the archive no version references any more, older than
+    /// `retention` (see [`delta::DeltaArchive::vacuum`]); for a Delta table only.
+    pub async fn vacuum(&self, retention: chrono::Duration) -> anyhow::Result<usize> {
+        let lake = self.lake.as_ref().ok_or_else(not_a_table)?;
+        Ok(lake.lock().await.vacuum(retention).await?)
     }
 
     /// The keeper of `watch`'s position when the archive keeps it in the same commits as the
