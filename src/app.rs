@@ -103,18 +103,17 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 pub async fn run(cli: Cli, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
-    // The Delta table is written by `batch` and `watch` in this version; the commands that read
-    // the archive back come with the next steps.
+    // The Delta table is written by `batch` and `watch` and read by `verify` in this version;
+    // `purge` comes with the next step.
     if config.archive.sink == ArchiveSink::Delta {
         let unsupported = match &cli.command {
-            Command::Verify(_) => Some("verify"),
             Command::Purge(_) => Some("purge"),
             _ => None,
         };
         if let Some(command) = unsupported {
             eprintln!(
                 "error: ARCHIVE_SINK=delta: `archiver {command}` does not work with a Delta table in this version \
-                 (`batch` and `watch` do); use ARCHIVE_SINK=mongodb for it"
+                 (`batch`, `watch`, `verify` do); use ARCHIVE_SINK=mongodb for it"
             );
             return ExitCode::from(USAGE);
         }

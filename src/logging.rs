@@ -30,7 +30,7 @@ pub fn init(settings: &LogSettings, file_prefix: &str) -> (LogGuard, Option<Stri
     // The Delta Lake libraries narrate each table read at INFO, and log at ERROR a table that
     // does not exist yet (which archiver then creates): their failures reach archiver's own
     // errors, so they are heard from only when RUST_LOG asks.
-    let quiet = ",buoyant_kernel=off,buoyant_kernel_engine=warn,deltalake_core=warn";
+    let quiet = ",buoyant_kernel=off,buoyant_kernel_engine=warn,deltalake_core=error";
     let filter = || {
         EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new(format!("{}{quiet}", settings.level)))

@@ -137,7 +137,7 @@ async fn batches_racing_on_one_table_write_each_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_table_of_other_columns_is_refused_and_verify_says_it_does_not_read_tables_yet() {
+async fn a_table_of_other_columns_is_refused_and_purge_says_it_does_not_work_on_tables_yet() {
     let (t, refs) = TestEnv::seeded("lake_layout").await;
     seed(&t, &refs).await;
     let table = t.dir.path().join("lake/orders");
@@ -152,7 +152,7 @@ async fn a_table_of_other_columns_is_refused_and_verify_says_it_does_not_read_ta
     assert!(stderr.contains("columns differ"), "{stderr}");
     assert_eq!(read_back(&table)["rows"], 20, "the table is left as it was");
 
-    let out = t.archiver(&["verify", "--date-from", "2026-03-01"]).envs(lake).output().unwrap();
+    let out = t.archiver(&["purge", "--older-than", "2026-03-03", "--dry-run"]).envs(lake).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not work with a Delta table"));
     let out = t.archiver(&args).env("ARCHIVE_SINK", "delta").output().unwrap();
@@ -252,5 +252,45 @@ async fn compact_while_watch_writes_and_vacuum_leave_every_row_once_in_fewer_fil
     // On the collection, neither applies.
     let out = t.archiver(&["compact"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_compares_the_table_with_the_source_and_repair_fills_it() {
+    let (t, refs) = TestEnv::seeded("lake_verify").await;
+    let delivered = seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
+    let range = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    assert!(t.archiver(&[&["batch"][..], &range].concat()).envs(lake).output().unwrap().status.success());
+    let verify = |extra: &[&str]| {
+        let out = t.archiver(&[&["verify", "--json"][..], &range, extra].concat()).envs(lake).output().unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), report)
+    };
+    let (code, report) = verify(&[]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!((report["source_delivered"].as_u64(), report["archived"].as_u64()), (Some(20), Some(20)), "{report}");
+
+    // One more delivered order in the range, not archived; one archived order cancelled since.
+    let mut late = order(&refs, 30, "livrée");
+    late.insert("date_commande", DateTime::parse_rfc3339_str("2026-03-02T09:00:00Z").unwrap());
+    t.orders().insert_one(&late).await.unwrap();
+    let cancelled = delivered[7].get_object_id("_id").unwrap();
+    t.orders()
+        .update_one(mongodb::bson::doc! { "_id": cancelled }, mongodb::bson::doc! { "$set": { "status": "annulée" } })
+        .await
+        .unwrap();
+    let (code, report) = verify(&[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(report["missing"], serde_json::json!([late.get_object_id("_id").unwrap().to_hex()]), "{report}");
+    assert_eq!(report["orphaned"], serde_json::json!([cancelled.to_hex()]), "{report}");
+
+    let (_, report) = verify(&["--repair"]);
+    assert_eq!(report["repaired"], 1, "{report}");
+    assert_eq!(report["missing"], serde_json::json!([]), "{report}");
+    assert_eq!(read_back(&table)["rows"], 21);
     t.cleanup().await;
 }

@@ -7,7 +7,7 @@
 //! most one chunk of ids, far below the 16 MB limit of a command. Ids are compared as MongoDB
 //! compares them ([`equality_key`]): an order archived under `NumberLong(1)` is the order `1`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -21,9 +21,9 @@ use crate::config::Config;
 use crate::db;
 use crate::db::RetryPolicy;
 use crate::pipeline::document::{field, ArchiveSource};
-use crate::pipeline::order_id::{equality_key, present_among};
+use crate::pipeline::order_id::{equality_key, id_text, present_among};
 use crate::pipeline::scan::{delivered_in_range, DateRange};
-use crate::pipeline::sink::Archiver;
+use crate::pipeline::sink::{ArchivedRow, Archiver};
 
 /// One day of the report.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -72,14 +72,6 @@ pub struct VerifyReport {
 /// Ids per query (`$in`), on both sides and in the repair.
 const CHUNK: usize = 1000;
 
-fn id_text(id: &Bson) -> String {
-    match id {
-        Bson::ObjectId(oid) => oid.to_hex(),
-        Bson::String(s) => s.clone(),
-        other => other.clone().into_relaxed_extjson().to_string(),
-    }
-}
-
 fn day_of(doc: &Document, field: &str) -> String {
     doc.get_datetime(field)
         .ok()
@@ -122,6 +114,10 @@ pub async fn run(
         dbs = db::connect(config, &policy) => dbs?,
         _ = shutdown.cancelled() => anyhow::bail!("interrupted before connecting"),
     };
+    let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch).await?;
+    if let Some(rows) = archiver.table_rows_in(range.from, range.to).await? {
+        return verify_table(config, &dbs, &archiver, range, repair, rows).await;
+    }
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
     let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
     let date_field = config.orders.fields.date_commande.clone();
@@ -181,7 +177,6 @@ pub async fn run(
 
     let mut repaired = 0;
     if repair && !missing_ids.is_empty() {
-        let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
         let mut still_missing = Vec::new();
         // Chunk by chunk: one `$in` of every missing id would pass the 16 MB command limit
         // (around 800,000 ObjectIds).
@@ -201,6 +196,94 @@ pub async fn run(
         consistent: missing.is_empty() && orphaned.is_empty(),
         source_delivered,
         archived: archived_total,
+        purged,
+        missing,
+        orphaned,
+        repaired,
+        days: days.into_values().collect(),
+    })
+}
+
+/// [`run`] on an archive kept as a table, whose rows of the range are read at once (three
+/// columns): the delivered orders of the range are compared with them by id, and so are they
+/// with the delivered orders. An archived order whose source order is no longer delivered, or
+/// whose order date moved out of the range, is an orphan (unless purged).
+async fn verify_table(
+    config: &Config,
+    dbs: &db::Databases,
+    archiver: &Archiver,
+    range: DateRange,
+    repair: bool,
+    rows: Vec<ArchivedRow>,
+) -> anyhow::Result<VerifyReport> {
+    if config.coordination.partitions > 1 {
+        return Err(crate::error::UsageError(
+            "verify of a Delta table covers every partition: run it without --partitions".to_owned(),
+        )
+        .into());
+    }
+    let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
+    let date_field = config.orders.fields.date_commande.clone();
+    let mut days: BTreeMap<String, DayReport> = BTreeMap::new();
+    let held: HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    let (mut source_delivered, mut delivered_ids, mut missing_ids) = (0u64, HashSet::new(), Vec::new());
+    let mut cursor = orders
+        .find(delivered_in_range(config, range))
+        .projection(doc! { "_id": 1, date_field.clone(): 1 })
+        .await
+        .context("reading the delivered orders")?;
+    while let Some(order) = cursor.try_next().await.context("reading the delivered orders")? {
+        let id = order.get("_id").cloned().unwrap_or(Bson::Null);
+        let text = id_text(&id);
+        let day = day_of(&order, &date_field);
+        source_delivered += 1;
+        let entry = days.entry(day.clone()).or_insert_with(|| DayReport { day, ..Default::default() });
+        entry.source += 1;
+        if !held.contains(text.as_str()) {
+            entry.missing += 1;
+            missing_ids.push(id);
+        }
+        delivered_ids.insert(text);
+    }
+    let (mut orphaned, mut purged) = (Vec::new(), 0u64);
+    for row in &rows {
+        let entry =
+            days.entry(row.day.clone()).or_insert_with(|| DayReport { day: row.day.clone(), ..Default::default() });
+        entry.archive += 1;
+        if delivered_ids.contains(&row.id) {
+            continue;
+        }
+        if row.purged {
+            entry.purged += 1;
+            purged += 1;
+        } else {
+            entry.orphaned += 1;
+            orphaned.push(row.id.clone());
+        }
+    }
+    let mut repaired = 0;
+    if repair && !missing_ids.is_empty() {
+        for ids in missing_ids.chunks(CHUNK) {
+            repaired += archiver.archive_missing_ids(ids).await.context("repairing")?.inserted;
+        }
+        archiver.finish().await.context("committing the repair")?;
+        let now_held: HashSet<String> = archiver
+            .table_rows_in(range.from, range.to)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        missing_ids.retain(|id| !now_held.contains(&id_text(id)));
+        tracing::info!(repaired, still_missing = missing_ids.len(), "missing orders archived (--repair)");
+    }
+    let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
+    Ok(VerifyReport {
+        date_from: range.from,
+        date_to: range.to,
+        consistent: missing.is_empty() && orphaned.is_empty(),
+        source_delivered,
+        archived: rows.len() as u64,
         purged,
         missing,
         orphaned,

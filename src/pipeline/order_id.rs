@@ -141,6 +141,16 @@ fn push_number(key: &mut String, text: &str) {
     let _ = write!(key, "{trimmed}e{exponent}");
 }
 
+/// The order id as text, for people and for the `_id` column of a Delta table: an ObjectId's
+/// hex digits, a string as it is, anything else as its relaxed Extended JSON.
+pub fn id_text(id: &Bson) -> String {
+    match id {
+        Bson::ObjectId(oid) => oid.to_hex(),
+        Bson::String(s) => s.clone(),
+        other => other.clone().into_relaxed_extjson().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

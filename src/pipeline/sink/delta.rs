@@ -42,6 +42,7 @@ use super::WriteOutcome;
 use crate::checkpoint::{Checkpoint, CheckpointKeeper, KeeperFuture, StoreError};
 use crate::config::Config;
 use crate::pipeline::document::{field, item_field};
+use crate::pipeline::order_id::id_text;
 
 /// The layout of the table's columns this version writes. A table recorded with another one is
 /// refused: its columns are not what this version reads and writes.
@@ -377,6 +378,62 @@ impl DeltaArchive {
             uri: self.uri.clone(),
             reason: format!("other writers committed first {COMMIT_ATTEMPTS} times in a row; run again"),
         })
+    }
+
+    /// The rows whose `date_commande` is in `[from, to)`: their order id (as the `_id` column
+    /// holds it), the UTC day of `date_commande`, and whether `purge` marked them purged. Read
+    /// from the table's latest committed version, three columns of each file.
+    pub async fn rows_in(
+        &mut self,
+        from: chrono::DateTime<Utc>,
+        to: Option<chrono::DateTime<Utc>>,
+    ) -> Result<Vec<ArchivedRow>, LakeError> {
+        use deltalake::arrow::array::TimestampMicrosecondArray;
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
+        self.table.update_state().await.map_err(table_error)?;
+        let (from_us, to_us) = (from.timestamp_micros(), to.map(|t| t.timestamp_micros()));
+        let store = self.table.object_store();
+        let mut rows = Vec::new();
+        for (path, _) in self.files().await? {
+            let builder = ParquetRecordBatchStreamBuilder::new(object_reader(
+                store.clone(),
+                deltalake::Path::from(path.as_str()),
+            ))
+            .await
+            .map_err(|e| data_error(e.to_string()))?;
+            let wanted = [field::ID, field::DATE_COMMANDE, field::PURGED_AT];
+            let leaves: Vec<usize> = wanted
+                .iter()
+                .map(|name| builder.parquet_schema().columns().iter().position(|c| c.name() == *name))
+                .collect::<Option<_>>()
+                .ok_or_else(|| data_error(format!("{path}: a column is missing")))?;
+            let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
+            let mut batches = builder.with_projection(mask).build().map_err(|e| data_error(e.to_string()))?;
+            while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
+                let column =
+                    |name: &str| batch.column_by_name(name).ok_or_else(|| data_error(format!("{path}: no {name}")));
+                let ids = column(field::ID)?.as_any().downcast_ref::<StringArray>().cloned();
+                let dates = column(field::DATE_COMMANDE)?.as_any().downcast_ref::<TimestampMicrosecondArray>().cloned();
+                let purged = column(field::PURGED_AT)?.as_any().downcast_ref::<TimestampMicrosecondArray>().cloned();
+                let (Some(ids), Some(dates), Some(purged)) = (ids, dates, purged) else {
+                    return Err(data_error(format!("{path}: unexpected column types")));
+                };
+                for i in 0..batch.num_rows() {
+                    let date = dates.is_valid(i).then(|| dates.value(i));
+                    let in_range = date.is_some_and(|d| d >= from_us && to_us.is_none_or(|to| d < to));
+                    if !in_range {
+                        continue;
+                    }
+                    let day = date
+                        .and_then(chrono::DateTime::from_timestamp_micros)
+                        .map_or_else(|| "unknown".to_owned(), |d| d.date_naive().to_string());
+                    rows.push(ArchivedRow { id: ids.value(i).to_owned(), day, purged: purged.is_valid(i) });
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// Rewrites the files of each day (between `from` and `to`, inclusive, when given) that
@@ -813,6 +870,17 @@ fn is_conflict(error: &DeltaTableError) -> bool {
     }
 }
 
+/// A row of the table, as `verify` compares it with the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedRow {
+    /// The `_id` column: the order id as text ([`id_text`](crate::pipeline::order_id::id_text)).
+    pub id: String,
+    /// The UTC day of `date_commande`.
+    pub day: String,
+    /// Whether `purge` deleted the order from the source after verifying this row.
+    pub purged: bool,
+}
+
 /// What a compaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Compaction {
@@ -886,16 +954,6 @@ async fn read_ids(
         ids.extend((0..strings.len()).filter(|i| strings.is_valid(*i)).map(|i| strings.value(i).to_owned()));
     }
     Ok(ids)
-}
-
-/// The order id as a string: an ObjectId's hex digits, a string as it is, anything else as
-/// its relaxed Extended JSON.
-pub fn id_text(id: &Bson) -> String {
-    match id {
-        Bson::ObjectId(oid) => oid.to_hex(),
-        Bson::String(s) => s.clone(),
-        other => other.clone().into_relaxed_extjson().to_string(),
-    }
 }
 
 /// A reference field as text: a string as it is, null as null, anything else as relaxed

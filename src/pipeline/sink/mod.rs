@@ -7,6 +7,8 @@
 
 pub mod delta;
 
+pub use delta::ArchivedRow;
+
 use std::collections::HashSet;
 
 use futures_util::TryStreamExt;
@@ -162,6 +164,17 @@ impl Archiver {
             lake.lock().await.commit(None).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The archived rows of a date range, read from a Delta table (`None` for the collection,
+    /// which `verify` queries itself).
+    pub async fn table_rows_in(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> anyhow::Result<Option<Vec<delta::ArchivedRow>>> {
+        let Some(lake) = &self.lake else { return Ok(None) };
+        Ok(Some(lake.lock().await.rows_in(from, to).await?))
     }
 
     /// Rewrites the small files of the archive's days into one per day (see
