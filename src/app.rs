@@ -13,7 +13,7 @@ use crate::cli::{Cli, Command};
 use crate::commands::health::Verdict;
 use crate::commands::watch::{self, StartPosition, WatchError, WatchOptions};
 use crate::commands::{batch, health, purge, simulate, verify};
-use crate::config::{ArchiveSink, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::db::{cause_in_one_line, ConnectError};
 use crate::error::UsageError;
 use crate::pipeline::scan::DateRange;
@@ -103,21 +103,6 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 pub async fn run(cli: Cli, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
-    // The Delta table is written by `batch` and `watch` and read by `verify` in this version;
-    // `purge` comes with the next step.
-    if config.archive.sink == ArchiveSink::Delta {
-        let unsupported = match &cli.command {
-            Command::Purge(_) => Some("purge"),
-            _ => None,
-        };
-        if let Some(command) = unsupported {
-            eprintln!(
-                "error: ARCHIVE_SINK=delta: `archiver {command}` does not work with a Delta table in this version \
-                 (`batch`, `watch`, `verify` do); use ARCHIVE_SINK=mongodb for it"
-            );
-            return ExitCode::from(USAGE);
-        }
-    }
     match cli.command {
         Command::Watch(args) => {
             let start = match args.start_at.as_deref().map(StartPosition::parse).transpose() {

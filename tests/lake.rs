@@ -137,7 +137,7 @@ async fn batches_racing_on_one_table_write_each_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_table_of_other_columns_is_refused_and_purge_says_it_does_not_work_on_tables_yet() {
+async fn a_table_of_other_columns_is_refused() {
     let (t, refs) = TestEnv::seeded("lake_layout").await;
     seed(&t, &refs).await;
     let table = t.dir.path().join("lake/orders");
@@ -152,9 +152,6 @@ async fn a_table_of_other_columns_is_refused_and_purge_says_it_does_not_work_on_
     assert!(stderr.contains("columns differ"), "{stderr}");
     assert_eq!(read_back(&table)["rows"], 20, "the table is left as it was");
 
-    let out = t.archiver(&["purge", "--older-than", "2026-03-03", "--dry-run"]).envs(lake).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not work with a Delta table"));
     let out = t.archiver(&args).env("ARCHIVE_SINK", "delta").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "no table named");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ARCHIVE_TABLE_URI"));
@@ -292,5 +289,49 @@ async fn verify_compares_the_table_with_the_source_and_repair_fills_it() {
     assert_eq!(report["repaired"], 1, "{report}");
     assert_eq!(report["missing"], serde_json::json!([]), "{report}");
     assert_eq!(read_back(&table)["rows"], 21);
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_deletes_only_orders_whose_row_in_the_table_has_their_digest() {
+    let (t, refs) = TestEnv::seeded("lake_purge").await;
+    let delivered = seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let uri = format!("file://{}", table.display());
+    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
+    let range = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+    assert!(t.archiver(&[&["batch"][..], &range].concat()).envs(lake).output().unwrap().status.success());
+    // Changed since archived: its row's digest is another order's now.
+    let changed = delivered[4].get_object_id("_id").unwrap();
+    t.orders()
+        .update_one(mongodb::bson::doc! { "_id": changed }, mongodb::bson::doc! { "$set": { "montant_total": 99.0 } })
+        .await
+        .unwrap();
+    // Delivered in the range, never archived.
+    let mut late = order(&refs, 40, "livrée");
+    late.insert("date_commande", DateTime::parse_rfc3339_str("2026-03-02T09:00:00Z").unwrap());
+    t.orders().insert_one(&late).await.unwrap();
+
+    let out =
+        t.archiver(&["purge", "--older-than", "2026-03-03", "--date-from", "2026-03-01"]).envs(lake).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(6), "some kept: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<Document> = futures_util::TryStreamExt::try_collect(
+        t.orders().find(mongodb::bson::doc! { "status": "livrée" }).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut left: Vec<ObjectId> = left.iter().map(|o| o.get_object_id("_id").unwrap()).collect();
+    left.sort();
+    let mut expected = vec![changed, late.get_object_id("_id").unwrap()];
+    expected.sort();
+    assert_eq!(left, expected, "only the changed and the unarchived orders stay: {stdout}");
+    assert_eq!(read_back(&table)["rows"], 20, "the table keeps every row");
+
+    // verify counts the purged rows as purged, not orphaned.
+    let out = t.archiver(&[&["verify", "--json"][..], &range].concat()).envs(lake).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["purged"], 19, "{report}");
+    assert_eq!(report["orphaned"], serde_json::json!([]), "{report}");
     t.cleanup().await;
 }

@@ -146,7 +146,14 @@ pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken)
         &config.archive.collection,
         mongodb::options::CollectionOptions::builder().read_concern(mongodb::options::ReadConcern::majority()).build(),
     );
-    let archiver = Archiver::new(config, &dbs, ArchiveSource::Batch);
+    let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch).await?;
+    if args.rearchive && archiver.is_table() {
+        bail!(UsageError(
+            "--rearchive replaces archive copies, which a Delta table does not do: purge without it, and \
+             archive changed orders again with verify --repair after they are purged or restored"
+                .to_owned()
+        ));
+    }
     let filter = delivered_in_range(config, range);
     let started = Instant::now();
     tracing::info!(older_than = %range.to.unwrap_or(range.from), date_from = ?args.date_from, dry_run = args.dry_run,
@@ -183,6 +190,7 @@ pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken)
         // orphan whatever instant a crash comes at: a mark whose order still exists is harmless.
         let ids: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
         let now = mongodb::bson::DateTime::now();
+        archiver.mark_purged_in_table(&ids).await.context("recording the purged orders in the table")?;
         archive
             .update_many(doc! { "_id": { "$in": &ids } }, doc! { "$set": { field::PURGED_AT: now } })
             .await
@@ -225,7 +233,14 @@ async fn verify_chunk(
     summary: &mut PurgeSummary,
 ) -> anyhow::Result<Vec<Document>> {
     let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
-    let archived = archived_copies(archive, &ids).await?;
+    // A table's rows are compared by digest, read from its latest committed version.
+    let archived = match archiver.table_digests_of(&chunk, &config.orders.fields.date_livraison).await? {
+        Some(digests) => digests
+            .into_iter()
+            .map(|(key, digest)| (key, doc! { field::SOURCE_DIGEST: digest.map_or(Bson::Null, Bson::String) }))
+            .collect(),
+        None => archived_copies(archive, &ids).await?,
+    };
     let mut eligible = Vec::with_capacity(chunk.len());
     let mut changed = Vec::new();
     for order in chunk {

@@ -70,6 +70,9 @@ const DAYS_KEPT: usize = 8;
 /// what each version stands for. Readers and vacuum leave `_`-prefixed directories alone.
 const POSITIONS_DIR: &str = "_archiver/positions";
 
+/// Where `purge` records the orders it deleted from the source after verifying their rows.
+const PURGED_DIR: &str = "_archiver/purged";
+
 /// Why the table cannot be written.
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -394,6 +397,7 @@ impl DeltaArchive {
         let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
         self.table.update_state().await.map_err(table_error)?;
         let (from_us, to_us) = (from.timestamp_micros(), to.map(|t| t.timestamp_micros()));
+        let purged_ids = self.purged_ids().await?;
         let store = self.table.object_store();
         let mut rows = Vec::new();
         for (path, _) in self.files().await? {
@@ -429,11 +433,106 @@ impl DeltaArchive {
                     let day = date
                         .and_then(chrono::DateTime::from_timestamp_micros)
                         .map_or_else(|| "unknown".to_owned(), |d| d.date_naive().to_string());
-                    rows.push(ArchivedRow { id: ids.value(i).to_owned(), day, purged: purged.is_valid(i) });
+                    let id = ids.value(i).to_owned();
+                    let purged = purged.is_valid(i) || purged_ids.contains(&id);
+                    rows.push(ArchivedRow { id, day, purged });
                 }
             }
         }
         Ok(rows)
+    }
+
+    /// The `source_digest` of the rows of these orders, by order id text, read from the latest
+    /// committed version: `wanted` gives each id with the day its row is in (its UTC day of
+    /// delivery), or `None` when unknown (then every day's files are read). An order absent from
+    /// the result has no row.
+    pub async fn digests_of(
+        &mut self,
+        wanted: &[(String, Option<NaiveDate>)],
+    ) -> Result<HashMap<String, Option<String>>, LakeError> {
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
+        self.table.update_state().await.map_err(table_error)?;
+        let ids: HashSet<&str> = wanted.iter().map(|(id, _)| id.as_str()).collect();
+        let days: Option<HashSet<NaiveDate>> = wanted.iter().map(|(_, day)| *day).collect();
+        let store = self.table.object_store();
+        let mut digests = HashMap::new();
+        for (path, day) in self.files().await? {
+            if days.as_ref().is_some_and(|days| !days.contains(&day)) {
+                continue;
+            }
+            let builder = ParquetRecordBatchStreamBuilder::new(object_reader(
+                store.clone(),
+                deltalake::Path::from(path.as_str()),
+            ))
+            .await
+            .map_err(|e| data_error(e.to_string()))?;
+            let leaves: Vec<usize> = [field::ID, field::SOURCE_DIGEST]
+                .iter()
+                .map(|name| builder.parquet_schema().columns().iter().position(|c| c.name() == *name))
+                .collect::<Option<_>>()
+                .ok_or_else(|| data_error(format!("{path}: a column is missing")))?;
+            let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
+            let mut batches = builder.with_projection(mask).build().map_err(|e| data_error(e.to_string()))?;
+            while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
+                let strings = |name: &str| {
+                    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+                };
+                let (Some(row_ids), Some(row_digests)) = (strings(field::ID), strings(field::SOURCE_DIGEST)) else {
+                    return Err(data_error(format!("{path}: unexpected column types")));
+                };
+                for i in 0..batch.num_rows() {
+                    if ids.contains(row_ids.value(i)) {
+                        let digest = row_digests.is_valid(i).then(|| row_digests.value(i).to_owned());
+                        digests.insert(row_ids.value(i).to_owned(), digest);
+                    }
+                }
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Records that `purge` deleted these orders from the source, after verifying their rows:
+    /// appended as a file of ids under `_archiver/purged/` (rows are not rewritten), which
+    /// `verify` reads so as not to count them as orphans.
+    pub async fn mark_purged(&mut self, ids: &[String]) -> Result<(), LakeError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{PURGED_DIR}/{}-{}.json", Utc::now().format("%Y%m%dT%H%M%S%.9f"), std::process::id());
+        let location = deltalake::Path::from(name);
+        let body = serde_json::to_vec(ids).expect("ids serialize");
+        self.table.object_store().put(&location, body.into()).await.map_err(|e| LakeError::Data {
+            uri: self.uri.clone(),
+            reason: format!("recording purged orders in {location}: {e}"),
+        })?;
+        Ok(())
+    }
+
+    /// The ids `purge` recorded ([`DeltaArchive::mark_purged`]).
+    async fn purged_ids(&self) -> Result<HashSet<String>, LakeError> {
+        let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
+        let store = self.table.object_store();
+        let listed: Vec<deltalake::ObjectMeta> = store
+            .list(Some(&deltalake::Path::from(PURGED_DIR)))
+            .try_collect()
+            .await
+            .map_err(|e| data_error(format!("listing the purged orders: {e}")))?;
+        let mut ids = HashSet::new();
+        for meta in listed {
+            let bytes = store
+                .get(&meta.location)
+                .await
+                .map_err(|e| data_error(format!("reading {}: {e}", meta.location)))?
+                .bytes()
+                .await
+                .map_err(|e| data_error(format!("reading {}: {e}", meta.location)))?;
+            let listed: Vec<String> =
+                serde_json::from_slice(&bytes).map_err(|e| data_error(format!("{}: {e}", meta.location)))?;
+            ids.extend(listed);
+        }
+        Ok(ids)
     }
 
     /// Rewrites the files of each day (between `from` and `to`, inclusive, when given) that

@@ -177,6 +177,51 @@ impl Archiver {
         Ok(Some(lake.lock().await.rows_in(from, to).await?))
     }
 
+    /// The `source_digest` of the table rows of these orders, by [`equality_key`] of their ids
+    /// (an order without a row is absent), read from the latest committed version; `None` for
+    /// the collection, which `purge` reads itself.
+    pub async fn table_digests_of(
+        &self,
+        orders: &[Document],
+        delivered_on: &str,
+    ) -> anyhow::Result<Option<std::collections::HashMap<String, Option<String>>>> {
+        let Some(lake) = &self.lake else { return Ok(None) };
+        let wanted: Vec<(String, Option<chrono::NaiveDate>)> = orders
+            .iter()
+            .map(|order| {
+                let id = order.get("_id").cloned().unwrap_or(Bson::Null);
+                let day = order.get_datetime(delivered_on).ok().map(|d| d.to_chrono().date_naive());
+                (crate::pipeline::order_id::id_text(&id), day)
+            })
+            .collect();
+        let digests = lake.lock().await.digests_of(&wanted).await?;
+        Ok(Some(
+            orders
+                .iter()
+                .filter_map(|order| {
+                    let id = order.get("_id")?;
+                    let digest = digests.get(&crate::pipeline::order_id::id_text(id))?;
+                    Some((equality_key(id), digest.clone()))
+                })
+                .collect(),
+        ))
+    }
+
+    /// Whether the archive keeps its rows in a table (a Delta table), which replaces nothing.
+    pub fn is_table(&self) -> bool {
+        self.lake.is_some()
+    }
+
+    /// Records that `purge` deleted these orders from the source (a Delta table only; the
+    /// collection marks its documents itself).
+    pub async fn mark_purged_in_table(&self, ids: &[Bson]) -> anyhow::Result<()> {
+        if let Some(lake) = &self.lake {
+            let texts: Vec<String> = ids.iter().map(crate::pipeline::order_id::id_text).collect();
+            lake.lock().await.mark_purged(&texts).await?;
+        }
+        Ok(())
+    }
+
     /// Rewrites the small files of the archive's days into one per day (see
     /// [`delta::DeltaArchive::compact`]); for a Delta table only.
     pub async fn compact(
