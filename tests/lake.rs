@@ -186,6 +186,15 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(25), Some(25)), "{log}");
     let sources: Vec<&Value> = read["by_id"].as_object().unwrap().values().collect();
     assert_eq!(sources.len(), 25);
+
+    // health reports the table, and the position watch keeps in it.
+    let out = t.archiver(&["health"]).envs(lake).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(report["archive"]["sink"], "delta", "{report}");
+    assert!(report["archive"]["files"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(report["resume_token"]["status"], "ok", "{report}");
+    assert_eq!(report["resume_token"]["store"], "table", "{report}");
     t.cleanup().await;
 }
 

@@ -9,10 +9,11 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::MongoCheckpoints;
 use crate::checkpoint::{Checkpoint, CheckpointFile, StoreError};
-use crate::config::{CheckpointStoreKind, Config, Probe};
+use crate::config::{ArchiveSink, CheckpointStoreKind, Config, Probe};
 use crate::coordination::{self, Lease};
 use crate::db;
 use crate::db::oplog::{read_window, OplogError};
+use crate::pipeline::sink::Archiver;
 use crate::redact::scrub;
 
 /// What the one-shot check found.
@@ -47,7 +48,11 @@ pub async fn run(config: &Config) -> (Value, Verdict) {
         }
     };
     let mut position = None;
-    let token = token_report(config, dbs.as_ref(), &mut healthy, &mut position).await;
+    let (archive, token) = match (&dbs, config.archive.sink) {
+        // The archive is a table, which keeps watch's position too.
+        (Some(dbs), ArchiveSink::Delta) => table_report(config, dbs, &mut healthy, &mut position).await,
+        _ => (archive, token_report(config, dbs.as_ref(), &mut healthy, &mut position).await),
+    };
     let oplog = match &dbs {
         Some(dbs) => oplog_report(config, &dbs.source_client, position).await,
         None => json!({ "status": "error", "error": "the source is unreachable" }),
@@ -123,6 +128,50 @@ async fn archive_report(config: &Config, archive: &mongodb::Database, healthy: &
         "present": names.contains(&config.archive.collection),
         "dead_letters": dead_letters,
     })
+}
+
+/// The archive table and the position `watch` keeps in it.
+async fn table_report(
+    config: &Config,
+    dbs: &db::Databases,
+    healthy: &mut bool,
+    position: &mut Option<DateTime<Utc>>,
+) -> (Value, Value) {
+    let uri = config.lake.table_uri.clone().unwrap_or_default();
+    let stream = coordination::stream_name(config);
+    let archiver = match Archiver::open_existing_table(config, dbs).await {
+        Ok(Some(archiver)) => archiver,
+        Ok(None) => {
+            let table = json!({ "status": "missing", "sink": "delta", "table": uri,
+                "note": "batch and watch create the table when they first write" });
+            let token = json!({ "status": "missing", "store": "table", "stream": stream,
+                "note": "watch starts from now (or --catch-up) when it has no position" });
+            return (table, token);
+        }
+        Err(e) => {
+            *healthy = false;
+            let error = json!({ "status": "error", "sink": "delta", "table": uri, "error": scrub(&e.to_string()) });
+            return (error.clone(), error);
+        }
+    };
+    let table = match archiver.table_summary().await {
+        Ok(Some((version, files))) => {
+            json!({ "status": "ok", "sink": "delta", "table": uri, "version": version, "files": files })
+        }
+        Ok(None) => json!({ "status": "ok", "sink": "delta", "table": uri }),
+        Err(e) => {
+            *healthy = false;
+            json!({ "status": "error", "sink": "delta", "table": uri, "error": scrub(&e.to_string()) })
+        }
+    };
+    let loaded = match archiver.checkpoint_keeper(config).await {
+        Some(keeper) => keeper.load().await,
+        None => Ok(None),
+    };
+    let mut token = checkpoint_report(loaded, healthy, position);
+    token["store"] = Value::from("table");
+    token["stream"] = Value::from(stream);
+    (table, token)
 }
 
 /// The checkpoint `watch` resumes from: the same store and the same stream name (with the

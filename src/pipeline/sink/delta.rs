@@ -139,6 +139,20 @@ impl DeltaArchive {
     /// Opens the table at `uri`, creating it when there is none; refuses a table of another
     /// layout.
     pub async fn open(config: &Config, uri: &str, app_id: &str) -> Result<DeltaArchive, LakeError> {
+        Self::open_or_create(config, uri, app_id, true).await.map(|table| table.expect("created when missing"))
+    }
+
+    /// Opens the table at `uri`; `None` when there is none (nothing is created).
+    pub async fn open_existing(config: &Config, uri: &str, app_id: &str) -> Result<Option<DeltaArchive>, LakeError> {
+        Self::open_or_create(config, uri, app_id, false).await
+    }
+
+    async fn open_or_create(
+        config: &Config,
+        uri: &str,
+        app_id: &str,
+        create_missing: bool,
+    ) -> Result<Option<DeltaArchive>, LakeError> {
         let table_error = |source| LakeError::Table { uri: uri.to_owned(), source };
         let url = deltalake::ensure_table_uri(uri).map_err(table_error)?;
         let reference_fields = [
@@ -149,6 +163,7 @@ impl DeltaArchive {
         let schema = Arc::new(arrow_schema(&reference_fields));
         let table = match deltalake::open_table(url.clone()).await {
             Ok(table) => table,
+            Err(DeltaTableError::NotATable(_)) if !create_missing => return Ok(None),
             Err(DeltaTableError::NotATable(_)) => match create(url.as_str(), &schema).await {
                 Ok(table) => table,
                 // Another writer created it first: open theirs.
@@ -171,7 +186,12 @@ impl DeltaArchive {
             app_id: app_id.to_owned(),
         };
         archive.check_layout()?;
-        Ok(archive)
+        Ok(Some(archive))
+    }
+
+    /// The table's version and how many data files it references.
+    pub async fn summary(&self) -> Result<(Option<u64>, usize), LakeError> {
+        Ok((self.table.version(), self.files().await?.len()))
     }
 
     /// The table's location.

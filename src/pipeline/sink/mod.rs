@@ -157,6 +157,33 @@ impl Archiver {
         Ok(archiver)
     }
 
+    /// The archiver of an existing Delta table, for reading it (nothing is created); `None`
+    /// when the table does not exist yet, or the archive is the collection.
+    pub async fn open_existing_table(config: &Config, dbs: &Databases) -> Result<Option<Self>, OpenError> {
+        if config.archive.sink != ArchiveSink::Delta {
+            return Ok(None);
+        }
+        let uri = config.lake.table_uri.as_deref().unwrap_or_default();
+        let app_id = crate::coordination::stream_name(config);
+        match delta::DeltaArchive::open_existing(config, uri, &app_id).await {
+            Ok(Some(table)) => {
+                let mut archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
+                archiver.lake = Some(std::sync::Arc::new(tokio::sync::Mutex::new(table)));
+                Ok(Some(archiver))
+            }
+            Ok(None) => Ok(None),
+            Err(e @ delta::LakeError::Layout { .. }) => Err(OpenError::Misconfigured(e.to_string())),
+            Err(e) => Err(OpenError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The table's version and number of data files (a Delta table's; `None` for the
+    /// collection).
+    pub async fn table_summary(&self) -> anyhow::Result<Option<(Option<u64>, usize)>> {
+        let Some(lake) = &self.lake else { return Ok(None) };
+        Ok(Some(lake.lock().await.summary().await?))
+    }
+
     /// Commits what the store still holds for a later write (the Delta table's waiting rows);
     /// nothing to do for the collection.
     pub async fn finish(&self) -> Result<(), Error> {
