@@ -10,8 +10,17 @@ import sys
 from deltalake import DeltaTable
 
 
+def storage_options(uri):
+    """For an s3:// table, the standard AWS variables archiver read (an S3-compatible server's
+    endpoint included)."""
+    if not uri.startswith("s3"):
+        return None
+    keys = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP"]
+    return {key: os.environ[key] for key in keys if key in os.environ}
+
+
 def main(uri):
-    table = DeltaTable(uri)
+    table = DeltaTable(uri, storage_options=storage_options(uri))
     data = table.to_pyarrow_table()
     ids = data.column("_id").to_pylist()
     rows = {}

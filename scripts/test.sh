@@ -12,8 +12,13 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # is installed in every case.
 scripts/secantusd.sh install
 # The Delta Lake tests read archiver's tables back with the Python `deltalake` package, in a
-# virtual environment created once per machine (~/.cache/archiver/lake-venv).
+# virtual environment created once per machine (~/.cache/archiver/lake-venv), and write tables
+# on object storage through a local S3-compatible server, s3s-fs (pinned: later versions need
+# a newer Rust), installed once per machine in ~/.cargo/bin (about 2 minutes).
 scripts/lake-venv.sh >/dev/null
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi
 if [ -z "${MONGODB_TEST_URI:-}" ]; then
   SECANTUS_TEST_DIR="$(mktemp -d "${TMPDIR:-/tmp}/archiver-test.XXXXXX")"
   export SECANTUS_TEST_DIR

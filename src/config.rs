@@ -667,11 +667,13 @@ impl Config {
                 None | Some("") => {
                     return fail("ARCHIVE_SINK=delta needs ARCHIVE_TABLE_URI (lake.table_uri)".to_owned())
                 }
-                Some(uri) if uri.contains("://") && !uri.starts_with("file://") => {
+                Some(uri)
+                    if uri.contains("://") && !["file://", "s3://", "s3a://"].iter().any(|s| uri.starts_with(s)) =>
+                {
                     return fail(format!(
-                    "ARCHIVE_TABLE_URI: only file:// tables (or a local path) are supported by this version, got {}",
-                    uri.split("://").next().unwrap_or_default()
-                ))
+                        "ARCHIVE_TABLE_URI: {}:// tables are not supported by this build (file://, a path, or s3://)",
+                        uri.split("://").next().unwrap_or_default()
+                    ))
                 }
                 Some(_) => {}
             }

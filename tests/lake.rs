@@ -13,11 +13,26 @@ use serde_json::Value;
 
 /// Reads the table at `table` with the Python `deltalake` package (scripts/lake-read.py).
 fn read_back(table: &Path) -> Value {
+    read_back_at(table.to_str().unwrap(), &[])
+}
+
+/// [`read_back_at`], `None` while there is no table to read.
+fn try_read_back_at(uri: &str, env: &[(&str, String)]) -> Option<Value> {
+    std::panic::catch_unwind(|| read_back_at(uri, env)).ok()
+}
+
+/// Reads the table at `uri` (a path, or s3:// with the server's variables in `env`).
+fn read_back_at(uri: &str, env: &[(&str, String)]) -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = Command::new("bash").arg(root.join("scripts/lake-venv.sh")).output().expect("run scripts/lake-venv.sh");
     assert!(venv.status.success(), "the Python reader cannot be set up: {}", String::from_utf8_lossy(&venv.stderr));
     let python = String::from_utf8_lossy(&venv.stdout).trim().to_owned();
-    let out = Command::new(python).arg(root.join("scripts/lake-read.py")).arg(table).output().expect("run the reader");
+    let out = Command::new(python)
+        .arg(root.join("scripts/lake-read.py"))
+        .arg(uri)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run the reader");
     assert!(out.status.success(), "the Python reader failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("the reader prints JSON")
 }
@@ -342,5 +357,73 @@ async fn purge_deletes_only_orders_whose_row_in_the_table_has_their_digest() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["purged"], 19, "{report}");
     assert_eq!(report["orphaned"], serde_json::json!([]), "{report}");
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_s3_batches_run_twice_or_racing_and_a_killed_watch_leave_one_row_per_order() {
+    let (t, refs) = TestEnv::seeded("lake_s3").await;
+    seed(&t, &refs).await;
+    let s3 = common::s3::S3Server::start("archive");
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("ARCHIVE_SINK", "delta".to_owned()));
+    let at = |uri: &str| {
+        let mut env = env.clone();
+        env.push(("ARCHIVE_TABLE_URI", uri.to_owned()));
+        env
+    };
+    let range = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+
+    // batch, then again: one row per order.
+    let once = at("s3://archive/once");
+    for expected in ["20 newly archived", "0 newly archived, 20 already archived"] {
+        let out = t
+            .archiver(&[&["batch"][..], &range].concat())
+            .envs(once.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(expected), "{stdout}");
+    }
+    let read = read_back_at("s3://archive/once", &env);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(20), Some(20)), "{read}");
+
+    // Three at once, from before the table exists: the store's conditional writes decide.
+    let raced = at("s3://archive/raced");
+    let mut runs: Vec<_> = (0..3)
+        .map(|_| {
+            t.archiver(&[&["batch", "--chunk-size", "3"][..], &range].concat())
+                .envs(raced.iter().map(|(k, v)| (*k, v.as_str())))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for run in &mut runs {
+        assert!(run.wait().unwrap().success());
+    }
+    let read = read_back_at("s3://archive/raced", &env);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(20), Some(20)), "{read}");
+
+    // watch, killed, restarted: resumes from the table's last commit.
+    let mut streamed = at("s3://archive/streamed");
+    streamed.push(("LAKE_COMMIT_SECS", "1".to_owned()));
+    let vars: Vec<(&str, &str)> = streamed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let rows = |n: u64| {
+        let env = env.clone();
+        async move { try_read_back_at("s3://archive/streamed", &env).is_some_and(|read| read["rows"].as_u64() == Some(n)) }
+    };
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    t.deliver(&refs, 100..105).await;
+    common::eventually(30, "5 rows on S3", || rows(5)).await;
+    t.deliver(&refs, 105..110).await;
+    watch.kill().await;
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    t.deliver(&refs, 110..115).await;
+    common::eventually(30, "15 rows on S3", || rows(15)).await;
+    let log = watch.stop_ok().await;
+    assert!(!log.contains("archiver-test-secret"), "no secret printed:\n{log}");
+    let read = read_back_at("s3://archive/streamed", &env);
+    assert_eq!(read["distinct_ids"].as_u64(), Some(15), "{read}");
     t.cleanup().await;
 }

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+#[allow(dead_code)]
+pub mod s3;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
