@@ -25,6 +25,10 @@
 //! 8. **scaling**: `archiver batch` (defaults) once per size of `BENCH_SCALING_ORDERS`, each on
 //!    its own freshly seeded database (`BENCH_DB` + `_scale`, dropped afterwards; seeding is not
 //!    timed): throughput, the process's own CPU per order and its peak RSS.
+//! 9. **lake**: `archiver batch` into a Delta table on the local disk (`ARCHIVE_SINK=delta`, a
+//!    fresh table each run) against `archiver batch` into the archive collection, in the same
+//!    run: throughput, bytes on disk per order against the collection's BSON bytes per order,
+//!    the process's peak RSS.
 //!
 //! Each throughput also shows the CPU it cost per order, on the client side (the bench and the
 //! `archiver` processes) and on the server: on a 2-core machine this tells what saturates. The
@@ -40,7 +44,7 @@
 //! `BENCH_LATENCY_WAITS_MS` [none] extra `BATCH_MAX_WAIT_MS` values for the latency case,
 //! `BENCH_NAIVE_ORDERS` [BENCH_ORDERS / 10], `BENCH_STAGE_ORDERS` [10000] orders of the
 //! enrichment-stage profile, `BENCH_SCALING_ORDERS` [10000,100000,1000000] history sizes of the
-//! scaling case, `BENCH_CASES` [batch,stages,sweep,naive,watch,latency,scaling], `BENCH_DB`
+//! scaling case, `BENCH_CASES` [batch,stages,sweep,naive,watch,latency,scaling,lake], `BENCH_DB`
 //! [bench], `BENCH_ARCHIVER` [target/release/archiver], `BENCH_OUT` [target/bench/results.json],
 //! `BENCH_SERVER_PID` [none]: the server's pid, to report its CPU time per order.
 
@@ -169,7 +173,7 @@ impl Settings {
             scaling_orders: env_list("BENCH_SCALING_ORDERS", &[10_000, 100_000, 1_000_000])?,
             cases: env_list(
                 "BENCH_CASES",
-                &["batch", "stages", "sweep", "naive", "watch", "latency", "scaling"].map(String::from),
+                &["batch", "stages", "sweep", "naive", "watch", "latency", "scaling", "lake"].map(String::from),
             )?,
             server_pid: env_or("BENCH_SERVER_PID", 0).map(|pid| Some(pid).filter(|&p| p != 0))?,
             archiver: env_or("BENCH_ARCHIVER", target.join("release/archiver"))?,
@@ -1042,6 +1046,44 @@ async fn case_scaling(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
 }
 
 /// The mean size in bytes of the documents of `collection` matching `filter`, read raw.
+/// Case 9: `batch` into a Delta table against `batch` into the collection (see the module's
+/// comment).
+async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let runs = b.settings.runs;
+    let collection = timed("batch into the collection", runs, |_| b.run_batch("batch-collection", &[], &[])).await?;
+    let bson_per_order = mean_raw_size(&b.archive, doc! {}).await?;
+    let tables = tempfile::tempdir()?;
+    let table = |index: usize| tables.path().join(format!("orders-{index}"));
+    let lake = timed("batch into a Delta table", runs, |index| {
+        let env = [("ARCHIVE_SINK", "delta".to_owned()), ("ARCHIVE_TABLE_URI", table(index).display().to_string())];
+        async move {
+            let command = ["batch", "--date-from", BATCH_FROM];
+            b.measure_batch(b.delivered, "batch-delta", &command, &env).await
+        }
+    })
+    .await?;
+    let disk_per_order = directory_bytes(&table(0))? as f64 / b.delivered.max(1) as f64;
+    let section = format!("9. lake: {} delivered orders into a Delta table on the local disk", b.delivered);
+    let into_collection = report.throughput(&section, "archiver batch into the archive collection", &collection);
+    let into_table = report.throughput(&section, "archiver batch into a Delta table (ARCHIVE_SINK=delta)", &lake);
+    report.row(&section, "archiver peak RSS, batch into the table", "MB", summarize(&lake, BatchRun::peak_rss_mb));
+    report.row(&section, "table bytes on disk per order (data and log)", "bytes", Summary::of(vec![disk_per_order]));
+    report.row(&section, "archive collection BSON bytes per order", "bytes", Summary::of(vec![bson_per_order]));
+    report.ratio("batch into a Delta table / batch into the collection", into_table, into_collection);
+    report.ratio("table bytes per order / collection BSON bytes per order", disk_per_order, bson_per_order);
+    Ok(())
+}
+
+/// Bytes of the files under `dir`.
+fn directory_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        total += if entry.file_type()?.is_dir() { directory_bytes(&entry.path())? } else { entry.metadata()?.len() };
+    }
+    Ok(total)
+}
+
 async fn mean_raw_size(collection: &Collection<Document>, filter: Document) -> anyhow::Result<f64> {
     let (count, bytes) = collection
         .clone_with_type::<RawDocumentBuf>()
@@ -1110,6 +1152,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     if s.wants("scaling") {
         case_scaling(&bench, &mut report).await?;
+    }
+    if s.wants("lake") {
+        case_lake(&bench, &mut report).await?;
     }
     targets(&mut report, &figures);
     describe_machine(&mut report, "end");
