@@ -139,7 +139,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
             }
         }
         Command::Batch(args) => {
-            let outcome = batch::run(&config, &args, shutdown).await;
+            let outcome = batch::run(&config, &batch_options(&args), shutdown).await;
             if let (Some(path), false) = (&config.batch.metrics_file, args.dry_run) {
                 record_batch_run(&config, path, &outcome);
             }
@@ -197,12 +197,12 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
             Ok(()) => ExitCode::from(OK),
             Err(e) => report_failure("vacuum", &e),
         },
-        Command::Purge(args) => match purge::run(&config, &args, shutdown).await {
+        Command::Purge(args) => match purge::run(&config, &purge_options(&args), shutdown).await {
             Ok(summary) if summary.skipped_any() => ExitCode::from(KEPT),
             Ok(_) => ExitCode::from(OK),
             Err(e) => report_failure("purge", &e),
         },
-        Command::Simulate(args) => match simulate::run(&config, &args, shutdown).await {
+        Command::Simulate(args) => match simulate::run(&config, &simulate_options(&args), shutdown).await {
             Ok(_) => ExitCode::from(OK),
             Err(e) => report_failure("simulate", &e),
         },
@@ -215,6 +215,45 @@ fn report_failure(command: &str, error: &anyhow::Error) -> ExitCode {
     tracing::error!(command, error = %message, "failed");
     eprintln!("error: {message}");
     ExitCode::from(for_error(error))
+}
+
+/// The options of `batch`, from its command line.
+fn batch_options(args: &crate::cli::BatchArgs) -> batch::BatchOptions {
+    batch::BatchOptions {
+        date_from: args.date_from.clone(),
+        date_to: args.date_to.clone(),
+        dry_run: args.dry_run,
+        export_samples: args.export_samples.clone(),
+        sample_size: args.sample_size,
+    }
+}
+
+/// The options of `purge`, from its command line.
+fn purge_options(args: &crate::cli::PurgeArgs) -> purge::PurgeOptions {
+    purge::PurgeOptions {
+        older_than: args.older_than.clone(),
+        date_from: args.date_from.clone(),
+        dry_run: args.dry_run,
+        batch_size: args.batch_size,
+        max_per_sec: args.max_per_sec,
+        backup: args.backup.clone(),
+        rearchive: args.rearchive,
+    }
+}
+
+/// The options of `simulate`, from its command line.
+fn simulate_options(args: &crate::cli::SimulateArgs) -> simulate::SimulateOptions {
+    simulate::SimulateOptions {
+        count: args.count,
+        seed: args.seed,
+        p_delivered: args.p_delivered,
+        days: args.days,
+        end_date: args.end_date,
+        drop: args.drop,
+        live: args.live,
+        rate: args.rate,
+        duration: args.duration,
+    }
 }
 
 /// A maintenance of the archive table.

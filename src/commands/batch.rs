@@ -17,13 +17,27 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::BatchArgs;
 use crate::config::{Config, WritePath};
 use crate::db::{self, RetryPolicy};
 use crate::error::UsageError;
 use crate::pipeline::document::ArchiveSource;
 use crate::pipeline::scan::{archive_matching, delivered_in_range, DateRange};
 use crate::pipeline::sink::{ensure_indexes, Archiver, WriteOutcome};
+
+/// What `archiver batch` is asked to do (from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    /// First order date (inclusive), in any form [`DateRange::parse`] reads.
+    pub date_from: String,
+    /// End of the range (exclusive).
+    pub date_to: Option<String>,
+    /// Show what would be archived, write nothing.
+    pub dry_run: bool,
+    /// Write enriched samples to this file as well.
+    pub export_samples: Option<std::path::PathBuf>,
+    /// How many samples the dry run or the export shows.
+    pub sample_size: usize,
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BatchSummary {
@@ -38,7 +52,7 @@ pub struct BatchSummary {
 }
 
 /// Runs `archiver batch`.
-pub async fn run(config: &Config, args: &BatchArgs, shutdown: CancellationToken) -> anyhow::Result<BatchSummary> {
+pub async fn run(config: &Config, args: &BatchOptions, shutdown: CancellationToken) -> anyhow::Result<BatchSummary> {
     let range = DateRange::parse(&args.date_from, args.date_to.as_deref(), Utc::now())?;
     let write_path = config.batch.write_path;
     if write_path == WritePath::Server && config.archive.sink == crate::config::ArchiveSink::Delta {

@@ -28,7 +28,6 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::PurgeArgs;
 use crate::config::Config;
 use crate::db::{self, RetryPolicy};
 use crate::error::UsageError;
@@ -77,7 +76,26 @@ impl PurgeSummary {
 
 /// The bounds of the purge: `--older-than` (a span before now or a date), after `--date-from`.
 /// The bound may not be in the future: an order not yet placed is never purged.
-pub fn purge_range(args: &PurgeArgs, now: DateTime<Utc>) -> Result<DateRange, UsageError> {
+/// What `archiver purge` is asked to do (from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct PurgeOptions {
+    /// Delete orders placed before this: a span before now (90d, 24h) or a date.
+    pub older_than: String,
+    /// Only orders placed on or after this date.
+    pub date_from: Option<String>,
+    /// Report what would be deleted and kept, delete nothing.
+    pub dry_run: bool,
+    /// Orders verified and deleted at a time.
+    pub batch_size: usize,
+    /// Most deletions per second (0: no limit).
+    pub max_per_sec: u64,
+    /// Append each deleted order to this file first.
+    pub backup: Option<PathBuf>,
+    /// Archive changed orders again before deleting them.
+    pub rearchive: bool,
+}
+
+pub fn purge_range(args: &PurgeOptions, now: DateTime<Utc>) -> Result<DateRange, UsageError> {
     let to = parse_date(&args.older_than, now)?;
     if to > now {
         return Err(UsageError(format!(
@@ -126,7 +144,7 @@ pub fn archived_as_is(config: &Config, order: &Document, archived: &Document) ->
 }
 
 /// Runs `archiver purge`.
-pub async fn run(config: &Config, args: &PurgeArgs, shutdown: CancellationToken) -> anyhow::Result<PurgeSummary> {
+pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationToken) -> anyhow::Result<PurgeSummary> {
     let range = purge_range(args, Utc::now())?;
     if !(1..=MAX_BATCH_SIZE).contains(&args.batch_size) {
         // Each delete carries its orders in full: a 16 MB command holds a few thousand.
@@ -229,7 +247,7 @@ async fn verify_chunk(
     archive: &Collection<Document>,
     archiver: &Archiver,
     chunk: Vec<Document>,
-    args: &PurgeArgs,
+    args: &PurgeOptions,
     summary: &mut PurgeSummary,
 ) -> anyhow::Result<Vec<Document>> {
     let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
@@ -427,8 +445,8 @@ impl Pace {
 mod tests {
     use super::*;
 
-    fn args(older_than: &str, date_from: Option<&str>) -> PurgeArgs {
-        PurgeArgs {
+    fn args(older_than: &str, date_from: Option<&str>) -> PurgeOptions {
+        PurgeOptions {
             older_than: older_than.to_owned(),
             date_from: date_from.map(str::to_owned),
             dry_run: false,

@@ -27,15 +27,53 @@ use anyhow::bail;
 use chrono::{NaiveDate, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::SimulateArgs;
 use crate::config::Config;
 use crate::db::RetryPolicy;
 use crate::db::{self};
 use crate::error::UsageError;
 
+/// What `archiver simulate` is asked to do (from the command line; defaults as there).
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    /// Orders to seed.
+    pub count: u64,
+    /// Seed of the generator (random when unset).
+    pub seed: Option<u64>,
+    /// Share of the seeded orders that are delivered.
+    pub p_delivered: f64,
+    /// Days the seeded orders span, ending at `end_date`.
+    pub days: u32,
+    /// The end of the seeded span (default: the start of today).
+    pub end_date: Option<chrono::NaiveDate>,
+    /// Drop the collections first.
+    pub drop: bool,
+    /// Keep delivering orders live afterwards.
+    pub live: bool,
+    /// Live orders per second.
+    pub rate: f64,
+    /// How long to deliver live (until stopped when unset).
+    pub duration: Option<u64>,
+}
+
+impl Default for SimulateOptions {
+    fn default() -> Self {
+        SimulateOptions {
+            count: 1000,
+            seed: None,
+            p_delivered: 0.4,
+            days: 30,
+            end_date: None,
+            drop: false,
+            live: false,
+            rate: 10.0,
+            duration: None,
+        }
+    }
+}
+
 /// The validated arguments, turned into options. No side effects: called before connecting.
 fn options_from_args(
-    args: &SimulateArgs,
+    args: &SimulateOptions,
     today: NaiveDate,
     seed: u64,
 ) -> Result<(SeedOptions, Option<LiveOptions>), UsageError> {
@@ -63,7 +101,7 @@ fn options_from_args(
 }
 
 /// Runs `archiver simulate`: validates, seeds, then in live mode keeps moving orders.
-pub async fn run(config: &Config, args: &SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(config: &Config, args: &SimulateOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let chosen_seed = args.seed.unwrap_or_else(rand::random);
     let (seed_options, live_options) = options_from_args(args, Utc::now().date_naive(), chosen_seed)?;
     if args.seed.is_none() {
@@ -227,27 +265,23 @@ mod tests {
 
     #[test]
     fn invalid_arguments_are_usage_errors() {
-        use clap::Parser;
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["archiver", "simulate"];
-            argv.extend_from_slice(extra);
-            match crate::cli::Cli::parse_from(argv).command {
-                crate::cli::Command::Simulate(args) => args,
-                _ => unreachable!(),
-            }
-        };
         let today = NaiveDate::from_ymd_opt(2026, 3, 10).unwrap();
+        let with = |change: fn(&mut SimulateOptions)| {
+            let mut options = SimulateOptions::default();
+            change(&mut options);
+            options
+        };
         for bad in [
-            &["--p-delivered", "1.5"][..],
-            &["--p-delivered=-0.1"],
-            &["--rate", "0"],
-            &["--rate=-2"],
-            &["--p-delivered", "NaN"],
-            &["--days", "0"],
+            with(|o| o.p_delivered = 1.5),
+            with(|o| o.p_delivered = -0.1),
+            with(|o| o.rate = 0.0),
+            with(|o| o.rate = -2.0),
+            with(|o| o.p_delivered = f64::NAN),
+            with(|o| o.days = 0),
         ] {
-            assert!(options_from_args(&parse(bad), today, 1).is_err(), "{bad:?}");
+            assert!(options_from_args(&bad, today, 1).is_err(), "{bad:?}");
         }
-        let (options, live) = options_from_args(&parse(&[]), today, 1).unwrap();
+        let (options, live) = options_from_args(&SimulateOptions::default(), today, 1).unwrap();
         // The default range ends at the start of today: no order lies in the future.
         assert_eq!(options.span.end.to_rfc3339(), "2026-03-10T00:00:00+00:00");
         assert!(live.is_none());
