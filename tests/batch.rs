@@ -259,3 +259,40 @@ async fn each_run_leaves_its_outcome_in_the_metrics_file_and_a_failure_keeps_the
     assert!(value("archiver_batch_last_run_timestamp_seconds").unwrap() >= success);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_typo_in_the_database_or_the_delivered_status_is_said_plainly_and_creates_nothing() {
+    let t = TestEnv::new("typos").await;
+    seed_range(&t).await;
+    let args = ["batch", "--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+
+    // MONGODB_DB with a typo: exit 2, the collection's absence said, nothing created there.
+    let typo_db = format!("{}_typo", t.db_name);
+    let out = t.archiver(&args).env("MONGODB_DB", &typo_db).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the orders collection Commandes does not exist in database {typo_db}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("databases with one"), "{stderr}");
+    let databases = t.client.list_database_names().await.unwrap();
+    assert!(!databases.contains(&typo_db), "nothing created in {typo_db}");
+
+    // DELIVERED_STATUS without its accent: exit 2, the statuses present named.
+    let out = t.archiver(&args).env("DELIVERED_STATUS", "livree").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no order in Commandes has the status \"livree\""), "{stderr}");
+    assert!(stderr.contains("\"livrée\""), "the statuses present: {stderr}");
+    assert_eq!(t.archive_len().await, 0);
+
+    // health says the same, and is unhealthy.
+    for (var, value) in [("MONGODB_DB", typo_db.as_str()), ("DELIVERED_STATUS", "livree")] {
+        let out = t.archiver(&["health"]).env(var, value).output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{report}");
+        assert!(report["source"]["error"].as_str().is_some_and(|e| e.contains(value)), "{report}");
+    }
+    t.cleanup().await;
+}

@@ -196,6 +196,7 @@ async fn credentials_refused_by_the_server_are_not_printed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_env_file_is_reported_without_its_content() {
     let t = TestEnv::new("redact_env").await;
+    t.db.create_collection("Commandes").await.unwrap();
     std::fs::write(
         t.dir.path().join(".env"),
         "LOG_LEVEL=info\nMONGODB_URI mongodb://u:EnvFilePw8812@127.0.0.1:1/\nOTHER=1\n",
@@ -234,6 +235,7 @@ async fn a_value_the_configuration_parser_panics_on_is_a_clear_error_without_the
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_strings_can_come_from_files_that_are_never_printed() {
     let t = TestEnv::new("uri_file").await;
+    t.db.create_collection("Commandes").await.unwrap();
     let run = |vars: &[(&str, &std::path::Path)], keep_uri: bool| {
         let mut cmd = t.archiver(BATCH);
         if !keep_uri {

@@ -173,6 +173,7 @@ async fn a_standby_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_settings_are_applied_and_validated_at_start() {
     let t = TestEnv::new("connsettings").await;
+    t.db.create_collection("Commandes").await.unwrap();
     let ok = t
         .archiver(&["health"])
         .env("MONGODB_APP_NAME", "archiver-test")
@@ -293,6 +294,7 @@ async fn a_catch_up_killed_midway_is_continued_by_the_next_start_not_begun_again
 #[tokio::test(flavor = "multi_thread")]
 async fn log_files_are_kept_for_the_retention_period_and_not_at_all_under_the_journal() {
     let (t, _refs) = TestEnv::seeded("log_retention").await;
+    t.db.create_collection("Commandes").await.unwrap();
     let logs = t.dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     // Five old daily files, created in order a day apart as far as the appender can tell (it

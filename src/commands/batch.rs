@@ -21,7 +21,7 @@ use crate::config::{Config, WritePath};
 use crate::db::{self, RetryPolicy};
 use crate::error::UsageError;
 use crate::pipeline::document::ArchiveSource;
-use crate::pipeline::scan::{archive_matching, delivered_in_range, DateRange};
+use crate::pipeline::scan::{archive_matching, delivered_in_range, source_mismatch, DateRange};
 use crate::pipeline::sink::{ensure_indexes, Archiver, WriteOutcome};
 
 /// What `archiver batch` is asked to do (from the command line).
@@ -76,6 +76,11 @@ pub async fn run(config: &Config, args: &BatchOptions, shutdown: CancellationTok
         dbs = db::connect(config, &policy) => dbs?,
         _ = shutdown.cancelled() => bail!("interrupted before connecting"),
     };
+    // A typo in MONGODB_DB or DELIVERED_STATUS would archive nothing and exit 0: say so, and
+    // create nothing in a database that has no orders.
+    if let Some(mismatch) = source_mismatch(config, &dbs).await.context("checking the orders collection")? {
+        return Err(UsageError(mismatch.to_string()).into());
+    }
     let filter = delivered_in_range(config, range);
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
     let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch)

@@ -36,7 +36,16 @@ pub async fn run(config: &Config) -> (Value, Verdict) {
     let mut misconfigured = false;
     let (source, archive, dbs) = match db::connect(&quick, &db::RetryPolicy::bounded(&quick.retry)).await {
         Ok(dbs) => {
-            let source = source_report(config, &dbs.source, &mut healthy).await;
+            let mut source = source_report(config, &dbs.source, &mut healthy).await;
+            match crate::pipeline::scan::source_mismatch(config, &dbs).await {
+                Ok(Some(mismatch)) => {
+                    healthy = false;
+                    source["status"] = Value::from("error");
+                    source["error"] = Value::from(mismatch.to_string());
+                }
+                Ok(None) => {}
+                Err(e) => source["warning"] = Value::from(scrub(&e.to_string())),
+            }
             let archive = archive_report(config, &dbs.archive, &mut healthy).await;
             (source, archive, Some(dbs))
         }

@@ -85,6 +85,133 @@ impl DateRange {
 }
 
 /// The query of the delivered orders of a range.
+/// Why no order could ever be selected with this configuration, whatever the range: a typo in
+/// the database or collection name, or in the delivered status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceMismatch {
+    /// The orders collection is not in the source database.
+    #[error(
+        "the orders collection {collection} does not exist in database {database}{}",
+        elsewhere(.databases_with_it)
+    )]
+    NoOrdersCollection {
+        /// `MONGODB_DB`.
+        database: String,
+        /// `ORDERS_COLLECTION`.
+        collection: String,
+        /// The databases that have a collection of that name.
+        databases_with_it: Vec<String>,
+    },
+    /// No order has the delivered status, while orders with a status much like it, or with a
+    /// whole lifecycle of others, exist.
+    #[error(
+        "no order in {collection} has the status {status:?} (DELIVERED_STATUS); the statuses present are: {}",
+        present.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    NoSuchStatus {
+        /// `ORDERS_COLLECTION`.
+        collection: String,
+        /// `DELIVERED_STATUS`.
+        status: String,
+        /// The statuses found (at most [`STATUSES_SHOWN`]).
+        present: Vec<String>,
+    },
+}
+
+/// Whether `found` is `wanted` but for accents, case, or at most two edits.
+fn looks_like(found: &str, wanted: &str) -> bool {
+    let fold = |s: &str| -> Vec<char> {
+        s.chars()
+            .flat_map(char::to_lowercase)
+            .map(|c| match c {
+                'à' | 'â' | 'ä' => 'a',
+                'é' | 'è' | 'ê' | 'ë' => 'e',
+                'î' | 'ï' => 'i',
+                'ô' | 'ö' => 'o',
+                'ù' | 'û' | 'ü' => 'u',
+                'ç' => 'c',
+                other => other,
+            })
+            .collect()
+    };
+    let (a, b) = (fold(found), fold(wanted));
+    // Levenshtein distance, one row at a time.
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()] <= 2
+}
+
+/// Most databases and statuses a [`SourceMismatch`] names.
+const STATUSES_SHOWN: usize = 10;
+
+fn elsewhere(databases: &[String]) -> String {
+    match databases {
+        [] => " (nor in any other database of the deployment): check MONGODB_DB and ORDERS_COLLECTION".to_owned(),
+        _ => format!(" (check MONGODB_DB): databases with one: {}", databases.join(", ")),
+    }
+}
+
+/// Checks that the configuration can select orders at all: the orders collection exists in the
+/// source database, and the delivered status is one of the statuses present (when there are
+/// orders). Reads only: nothing is created. `Ok(None)` when all is well.
+pub async fn source_mismatch(config: &Config, dbs: &Databases) -> mongodb::error::Result<Option<SourceMismatch>> {
+    let collection = &config.orders.collection;
+    let names = dbs.source.list_collection_names().await?;
+    if !names.contains(collection) {
+        let mut databases_with_it = Vec::new();
+        // Another database holding the collection is the likely intent; a user who may not
+        // list databases gets the message without it.
+        if let Ok(databases) = dbs.source_client.list_database_names().await {
+            for database in databases.iter().filter(|d| !["admin", "local", "config"].contains(&d.as_str())) {
+                let db = dbs.source_client.database(database);
+                if db.list_collection_names().await.is_ok_and(|names| names.contains(collection)) {
+                    databases_with_it.push(database.clone());
+                }
+                if databases_with_it.len() == STATUSES_SHOWN {
+                    break;
+                }
+            }
+        }
+        return Ok(Some(SourceMismatch::NoOrdersCollection {
+            database: dbs.source.name().to_owned(),
+            collection: collection.clone(),
+            databases_with_it,
+        }));
+    }
+    // `distinct` on the status field (which the status index serves) lists what is there.
+    let orders: Collection<Document> = dbs.source.collection(collection);
+    let statuses = orders.distinct(&config.orders.fields.status, doc! {}).await?;
+    let wanted = Bson::String(config.orders.delivered_status.clone());
+    if statuses.is_empty() || statuses.contains(&wanted) {
+        return Ok(None);
+    }
+    // A platform whose orders are not delivered yet is not a typo: a status that is the
+    // configured one but for accents, case or two letters is; so is a whole lifecycle (three
+    // statuses or more) without the configured one.
+    let near = statuses.iter().filter_map(Bson::as_str).any(|s| looks_like(s, &config.orders.delivered_status));
+    if !near && statuses.len() < 3 {
+        return Ok(None);
+    }
+    let present = statuses
+        .iter()
+        .take(STATUSES_SHOWN)
+        .map(|s| s.as_str().map_or_else(|| s.clone().into_relaxed_extjson().to_string(), str::to_owned))
+        .collect();
+    Ok(Some(SourceMismatch::NoSuchStatus {
+        collection: collection.clone(),
+        status: config.orders.delivered_status.clone(),
+        present,
+    }))
+}
+
 pub fn delivered_in_range(config: &Config, range: DateRange) -> Document {
     let f = &config.orders.fields;
     let mut dates = doc! { "$gte": mongodb::bson::DateTime::from_chrono(range.from) };
@@ -261,6 +388,15 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_much_like_the_configured_one_is_a_typo() {
+        assert!(looks_like("livrée", "livree"));
+        assert!(looks_like("livrée", "Livrée"));
+        assert!(looks_like("livrée", "livre"));
+        assert!(!looks_like("en_attente", "livrée"));
+        assert!(!looks_like("annulée", "livrée"));
+    }
+
     use super::*;
 
     fn now() -> DateTime<Utc> {

@@ -308,6 +308,11 @@ async fn lead(
             WatchError::Checkpoint(StoreError::Table { uri: config.lake.table_uri.clone().unwrap_or_default(), reason })
         }
     })?;
+    // A typo in MONGODB_DB or DELIVERED_STATUS archives nothing: said at start. Watching goes
+    // on (the collection may be created, or the status appear, later).
+    if let Ok(Some(mismatch)) = crate::pipeline::scan::source_mismatch(config, dbs).await {
+        tracing::error!(problem = %mismatch, "as configured, no delivery can be archived; watching anyway");
+    }
     // An archive that commits the position with its data keeps it: one source of truth.
     if let Some(keeper) = archiver.checkpoint_keeper(config).await {
         store = Store::Table(keeper);
