@@ -60,6 +60,24 @@ async fn seed(t: &TestEnv, refs: &Refs) -> Vec<Document> {
     orders.into_iter().filter(|o| o.get_str("status") == Ok("livrée")).collect()
 }
 
+/// A seeded database (see [`seed`]) archived once by `batch` into a table of its own: the test
+/// environment, its references, the delivered orders, the table's directory and the variables
+/// that name it.
+async fn archived_into_a_table(
+    name: &str,
+) -> (TestEnv, Refs, Vec<Document>, std::path::PathBuf, [(&'static str, String); 2]) {
+    let (t, refs) = TestEnv::seeded(name).await;
+    let delivered = seed(&t, &refs).await;
+    let table = t.dir.path().join("lake/orders");
+    let lake = [("ARCHIVE_SINK", "delta".to_owned()), ("ARCHIVE_TABLE_URI", format!("file://{}", table.display()))];
+    let out = t.archiver(&[&["batch"][..], &RANGE].concat()).envs(lake.clone()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (t, refs, delivered, table, lake)
+}
+
+/// The range `seed` delivers in.
+const RANGE: [&str; 4] = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_writes_one_typed_row_per_order_however_often_it_runs() {
     let (t, refs) = TestEnv::seeded("lake_batch").await;
@@ -278,15 +296,9 @@ async fn compact_while_watch_writes_and_vacuum_leave_every_row_once_in_fewer_fil
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_compares_the_table_with_the_source_and_repair_fills_it() {
-    let (t, refs) = TestEnv::seeded("lake_verify").await;
-    let delivered = seed(&t, &refs).await;
-    let table = t.dir.path().join("lake/orders");
-    let uri = format!("file://{}", table.display());
-    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
-    let range = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
-    assert!(t.archiver(&[&["batch"][..], &range].concat()).envs(lake).output().unwrap().status.success());
+    let (t, refs, delivered, table, lake) = archived_into_a_table("lake_verify").await;
     let verify = |extra: &[&str]| {
-        let out = t.archiver(&[&["verify", "--json"][..], &range, extra].concat()).envs(lake).output().unwrap();
+        let out = t.archiver(&[&["verify", "--json"][..], &RANGE, extra].concat()).envs(lake.clone()).output().unwrap();
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
         (out.status.code(), report)
@@ -318,13 +330,7 @@ async fn verify_compares_the_table_with_the_source_and_repair_fills_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_deletes_only_orders_whose_row_in_the_table_has_their_digest() {
-    let (t, refs) = TestEnv::seeded("lake_purge").await;
-    let delivered = seed(&t, &refs).await;
-    let table = t.dir.path().join("lake/orders");
-    let uri = format!("file://{}", table.display());
-    let lake = [("ARCHIVE_SINK", "delta"), ("ARCHIVE_TABLE_URI", uri.as_str())];
-    let range = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
-    assert!(t.archiver(&[&["batch"][..], &range].concat()).envs(lake).output().unwrap().status.success());
+    let (t, refs, delivered, table, lake) = archived_into_a_table("lake_purge").await;
     // Changed since archived: its row's digest is another order's now.
     let changed = delivered[4].get_object_id("_id").unwrap();
     t.orders()
@@ -336,8 +342,11 @@ async fn purge_deletes_only_orders_whose_row_in_the_table_has_their_digest() {
     late.insert("date_commande", DateTime::parse_rfc3339_str("2026-03-02T09:00:00Z").unwrap());
     t.orders().insert_one(&late).await.unwrap();
 
-    let out =
-        t.archiver(&["purge", "--older-than", "2026-03-03", "--date-from", "2026-03-01"]).envs(lake).output().unwrap();
+    let out = t
+        .archiver(&["purge", "--older-than", "2026-03-03", "--date-from", "2026-03-01"])
+        .envs(lake.clone())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(6), "some kept: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     let left: Vec<Document> = futures_util::TryStreamExt::try_collect(
@@ -353,7 +362,7 @@ async fn purge_deletes_only_orders_whose_row_in_the_table_has_their_digest() {
     assert_eq!(read_back(&table)["rows"], 20, "the table keeps every row");
 
     // verify counts the purged rows as purged, not orphaned.
-    let out = t.archiver(&[&["verify", "--json"][..], &range].concat()).envs(lake).output().unwrap();
+    let out = t.archiver(&[&["verify", "--json"][..], &RANGE].concat()).envs(lake.clone()).output().unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["purged"], 19, "{report}");
     assert_eq!(report["orphaned"], serde_json::json!([]), "{report}");

@@ -421,20 +421,9 @@ impl DeltaArchive {
         let store = self.table.object_store();
         let mut rows = Vec::new();
         for (path, _) in self.files().await? {
-            let builder = ParquetRecordBatchStreamBuilder::new(object_reader(
-                store.clone(),
-                deltalake::Path::from(path.as_str()),
-            ))
-            .await
-            .map_err(|e| data_error(e.to_string()))?;
-            let wanted = [field::ID, field::DATE_COMMANDE, field::PURGED_AT];
-            let leaves: Vec<usize> = wanted
-                .iter()
-                .map(|name| builder.parquet_schema().columns().iter().position(|c| c.name() == *name))
-                .collect::<Option<_>>()
-                .ok_or_else(|| data_error(format!("{path}: a column is missing")))?;
-            let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
-            let mut batches = builder.with_projection(mask).build().map_err(|e| data_error(e.to_string()))?;
+            let mut batches = projected(store.clone(), &path, &[field::ID, field::DATE_COMMANDE, field::PURGED_AT])
+                .await
+                .map_err(data_error)?;
             while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
                 let column =
                     |name: &str| batch.column_by_name(name).ok_or_else(|| data_error(format!("{path}: no {name}")));
@@ -482,19 +471,8 @@ impl DeltaArchive {
             if days.as_ref().is_some_and(|days| !days.contains(&day)) {
                 continue;
             }
-            let builder = ParquetRecordBatchStreamBuilder::new(object_reader(
-                store.clone(),
-                deltalake::Path::from(path.as_str()),
-            ))
-            .await
-            .map_err(|e| data_error(e.to_string()))?;
-            let leaves: Vec<usize> = [field::ID, field::SOURCE_DIGEST]
-                .iter()
-                .map(|name| builder.parquet_schema().columns().iter().position(|c| c.name() == *name))
-                .collect::<Option<_>>()
-                .ok_or_else(|| data_error(format!("{path}: a column is missing")))?;
-            let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
-            let mut batches = builder.with_projection(mask).build().map_err(|e| data_error(e.to_string()))?;
+            let mut batches =
+                projected(store.clone(), &path, &[field::ID, field::SOURCE_DIGEST]).await.map_err(data_error)?;
             while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
                 let strings = |name: &str| {
                     batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
@@ -1042,6 +1020,25 @@ fn record_batch(schema: &SchemaRef, rows: &[&Value]) -> Result<RecordBatch, Stri
         .map_err(|e| e.to_string())?;
     decoder.serialize(rows).map_err(|e| e.to_string())?;
     decoder.flush().map_err(|e| e.to_string())?.ok_or_else(|| "no rows".to_owned())
+}
+
+/// The batches of `columns` (top-level, of a single leaf each) of the data file at `path`.
+#[allow(deprecated)]
+async fn projected(
+    store: deltalake::logstore::ObjectStoreRef,
+    path: &str,
+    columns: &[&str],
+) -> Result<deltalake::parquet::arrow::async_reader::ParquetRecordBatchStream<ParquetObjectReader>, String> {
+    let builder = ParquetRecordBatchStreamBuilder::new(object_reader(store, deltalake::Path::from(path)))
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let leaves: Vec<usize> = columns
+        .iter()
+        .map(|name| builder.parquet_schema().columns().iter().position(|c| c.name() == *name))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("{path}: a column is missing"))?;
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
+    builder.with_projection(mask).build().map_err(|e| format!("{path}: {e}"))
 }
 
 /// The `_id` column of one data file.
