@@ -1,6 +1,6 @@
 """Reads a Delta table written by archiver with the `deltalake` Python package (an
 implementation independent of archiver's) and prints what the tests check, as JSON: the table
-version, the row count, the distinct order ids, each column's Arrow type, the partition columns,
+version, the data files it references, the row count, the distinct order ids, each column's Arrow type, the partition columns,
 and the rows by order id (the scalar columns, and the reference names)."""
 
 import json
@@ -37,6 +37,7 @@ def main(uri):
         }
     print(json.dumps({
         "version": table.version(),
+        "files": len(table.file_uris()),
         "rows": data.num_rows,
         "distinct_ids": len(set(ids)),
         "types": {field.name: str(field.type) for field in data.schema},

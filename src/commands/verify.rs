@@ -69,6 +69,40 @@ pub struct VerifyReport {
     pub days: Vec<DayReport>,
 }
 
+/// What a reconciliation counted, whichever the archive.
+struct Counts {
+    source_delivered: u64,
+    archived: u64,
+    purged: u64,
+    repaired: u64,
+}
+
+impl VerifyReport {
+    /// The report of a reconciliation of `range`: the counts, the ids still missing (after any
+    /// repair), the orphans, and the days.
+    fn of(
+        range: DateRange,
+        counts: Counts,
+        missing_ids: &[Bson],
+        orphaned: Vec<String>,
+        days: BTreeMap<String, DayReport>,
+    ) -> VerifyReport {
+        let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
+        VerifyReport {
+            date_from: range.from,
+            date_to: range.to,
+            consistent: missing.is_empty() && orphaned.is_empty(),
+            source_delivered: counts.source_delivered,
+            archived: counts.archived,
+            purged: counts.purged,
+            missing,
+            orphaned,
+            repaired: counts.repaired,
+            days: days.into_values().collect(),
+        }
+    }
+}
+
 /// Ids per query (`$in`), on both sides and in the repair.
 const CHUNK: usize = 1000;
 
@@ -189,19 +223,8 @@ pub async fn run(
         tracing::info!(repaired, still_missing = still_missing.len(), "missing orders archived (--repair)");
         missing_ids = still_missing;
     }
-    let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
-    Ok(VerifyReport {
-        date_from: range.from,
-        date_to: range.to,
-        consistent: missing.is_empty() && orphaned.is_empty(),
-        source_delivered,
-        archived: archived_total,
-        purged,
-        missing,
-        orphaned,
-        repaired,
-        days: days.into_values().collect(),
-    })
+    let counts = Counts { source_delivered, archived: archived_total, purged, repaired };
+    Ok(VerifyReport::of(range, counts, &missing_ids, orphaned, days))
 }
 
 /// [`run`] on an archive kept as a table, whose rows of the range are read at once (three
@@ -277,19 +300,8 @@ async fn verify_table(
         missing_ids.retain(|id| !now_held.contains(&id_text(id)));
         tracing::info!(repaired, still_missing = missing_ids.len(), "missing orders archived (--repair)");
     }
-    let missing: Vec<String> = missing_ids.iter().map(id_text).collect();
-    Ok(VerifyReport {
-        date_from: range.from,
-        date_to: range.to,
-        consistent: missing.is_empty() && orphaned.is_empty(),
-        source_delivered,
-        archived: rows.len() as u64,
-        purged,
-        missing,
-        orphaned,
-        repaired,
-        days: days.into_values().collect(),
-    })
+    let counts = Counts { source_delivered, archived: rows.len() as u64, purged, repaired };
+    Ok(VerifyReport::of(range, counts, &missing_ids, orphaned, days))
 }
 
 /// The human-readable report.
