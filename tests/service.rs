@@ -267,8 +267,15 @@ async fn a_catch_up_killed_midway_is_continued_by_the_next_start_not_begun_again
     }
     let catch_up = t.watch().env("BATCH_CHUNK_SIZE", "200").env("BATCH_CONCURRENCY", "1").args(["--catch-up"]);
     let mut watch = catch_up.until("starting from now").await;
-    eventually(120, "the catch-up under way", || async { t.archive_len().await >= 4000 }).await;
+    // Killed once it has saved some progress (once a second), whatever the machine's pace.
+    let saved_progress = || std::fs::read_to_string(t.token_file()).is_ok_and(|s| s.contains("\"after\": {"));
+    eventually(120, "the catch-up under way, its progress saved", || async {
+        t.archive_len().await >= 4000 && saved_progress()
+    })
+    .await;
     watch.kill().await;
+    // A write the server had already received when the process died still lands.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = t.archive_len().await;
     assert!(before < 20_000, "killed midway ({before} archived)");
 
@@ -282,8 +289,9 @@ async fn a_catch_up_killed_midway_is_continued_by_the_next_start_not_begun_again
         let value = filled.split(&format!(" {name}=")).nth(1).unwrap_or_else(|| panic!("{filled}"));
         value.split_whitespace().next().unwrap().parse().unwrap()
     };
-    // Only what was done after the last saved progress (a second at most) is read again.
-    assert!(field("already_archived") < 5000, "{filled} ({before} archived before the kill)");
+    // Only what was done after the last saved progress (a second at most) is read again, not
+    // everything done before the kill.
+    assert!(field("already_archived") < before, "{filled} ({before} archived before the kill)");
     assert_eq!(field("newly_archived") + before, 20_000, "{filled}");
     // And a later start has nothing left to continue.
     let mut watch = t.watch().until("change stream open").await;
