@@ -35,9 +35,11 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures_util::TryStreamExt;
-use mongodb::bson::{Bson, Document, RawDocumentBuf};
-use serde_json::{json, Map, Value};
+use mongodb::bson::{Bson, RawBsonRef, RawDocument, RawDocumentBuf};
 
+mod columns;
+
+use self::columns::Columns;
 use super::WriteOutcome;
 use crate::checkpoint::{Checkpoint, CheckpointKeeper, KeeperFuture, StoreError};
 use crate::config::Config;
@@ -63,6 +65,10 @@ const COMMIT_ATTEMPTS: usize = 20;
 
 /// Days whose ids are kept in memory between commits.
 const DAYS_KEPT: usize = 8;
+
+/// Days of rows waiting past which they are committed: each day has a data file open, which
+/// holds a row group and an upload part in memory.
+const OPEN_DAYS: usize = 8;
 
 /// Where the positions committed with the data are kept, per writer (application id), by the
 /// version of the writer's application transaction. A Delta checkpoint keeps the transaction
@@ -103,13 +109,19 @@ pub enum LakeError {
     },
 }
 
-/// A row waiting for the next commit.
+/// A row waiting for the next commit: already encoded in a data file being written, known here
+/// by its order id and day.
 #[derive(Debug)]
 struct PendingRow {
     id: String,
     day: NaiveDate,
-    row: Value,
-    bytes: usize,
+}
+
+/// An archive document, with its order id (as text) and its day.
+struct NewRow {
+    id: String,
+    day: NaiveDate,
+    document: RawDocumentBuf,
 }
 
 /// The archive as a Delta table: rows are buffered, then committed.
@@ -121,7 +133,18 @@ pub struct DeltaArchive {
     reference_fields: [Vec<String>; 3],
     pending: Vec<PendingRow>,
     pending_ids: HashSet<String>,
-    pending_bytes: usize,
+    /// Encodes the rows waiting into Parquet as they come, streaming the data files to the
+    /// store: what waits in memory is at most a row group and an upload part per day.
+    /// (The writer is `Send` only; it is reached only through `&mut self`.)
+    writer: Option<sync_wrapper::SyncWrapper<RecordBatchWriter>>,
+    /// Parquet bytes the writer holds (its last count).
+    writer_buffered: usize,
+    /// The data files of the rows waiting, once finished, until a commit references them.
+    staged: Vec<deltalake::kernel::Add>,
+    /// Why rows appended since the last commit were lost (a data file could not be written):
+    /// no later commit may then carry a position, which would cover them. `watch` stops, and
+    /// starts again from the table's last commit.
+    lost: Option<String>,
     /// The ids in the table, for the days read so far, as of the table's loaded version.
     ids_by_day: HashMap<NaiveDate, HashSet<String>>,
     /// The data files already read into `ids_by_day`, with their day.
@@ -129,7 +152,7 @@ pub struct DeltaArchive {
     /// Whether a commit is made as soon as the rows waiting reach the commit size (`batch`);
     /// `watch` commits through its checkpoints instead, with the position they cover.
     auto_commit: bool,
-    /// Buffered row bytes (as JSON) past which rows are committed.
+    /// Parquet bytes of rows waiting past which they are committed.
     commit_bytes: usize,
     /// The application transaction this writer's commits carry, and its last version.
     app_id: String,
@@ -178,7 +201,10 @@ impl DeltaArchive {
             reference_fields,
             pending: Vec::new(),
             pending_ids: HashSet::new(),
-            pending_bytes: 0,
+            writer: None,
+            writer_buffered: 0,
+            staged: Vec::new(),
+            lost: None,
             ids_by_day: HashMap::new(),
             files_read: HashMap::new(),
             auto_commit: true,
@@ -235,14 +261,20 @@ impl DeltaArchive {
     /// the table (or already waiting); commits when the rows waiting reach the commit size.
     pub async fn append(&mut self, docs: Vec<RawDocumentBuf>) -> Result<WriteOutcome, LakeError> {
         let mut rows = Vec::with_capacity(docs.len());
-        for raw in docs {
-            let document = Document::try_from(raw.as_ref())
-                .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: format!("an archive document: {e}") })?;
-            rows.push(self.row(&document));
+        for document in docs {
+            let id = match document.get(field::ID) {
+                Ok(Some(id)) => id_text(&Bson::try_from(id.to_raw_bson()).map_err(|e| LakeError::Data {
+                    uri: self.uri.clone(),
+                    reason: format!("an archive document's _id: {e}"),
+                })?),
+                _ => "null".to_owned(),
+            };
+            rows.push(NewRow { id, day: delivery_day(&document), document });
         }
         let days: HashSet<NaiveDate> = rows.iter().map(|r| r.day).collect();
         self.read_ids_of(&days).await?;
         let mut outcome = WriteOutcome::default();
+        let mut columns = Columns::new(self.schema.clone(), self.reference_fields.clone());
         for row in rows {
             let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&row.id));
             if present || self.pending_ids.contains(&row.id) {
@@ -250,22 +282,73 @@ impl DeltaArchive {
                 continue;
             }
             outcome.inserted += 1;
-            if row.row[field::ANOMALIES].as_array().is_some_and(|a| !a.is_empty()) {
+            if matches!(row.document.get(field::ANOMALIES), Ok(Some(RawBsonRef::Array(a))) if !a.is_empty()) {
                 outcome.anomalies += 1;
             }
-            self.pending_bytes += row.bytes;
+            columns.push(&row.document, &row.id, row.day).map_err(|reason| LakeError::Data {
+                uri: self.uri.clone(),
+                reason: format!("an archive document: {reason}"),
+            })?;
             self.pending_ids.insert(row.id.clone());
-            self.pending.push(row);
+            self.pending.push(PendingRow { id: row.id, day: row.day });
         }
-        if self.auto_commit && self.pending_bytes >= self.commit_bytes {
+        if !columns.is_empty() {
+            let batch = columns.finish().map_err(|reason| LakeError::Data { uri: self.uri.clone(), reason })?;
+            self.encode(batch).await?;
+        }
+        if self.auto_commit && self.commit_due() {
             self.commit(None).await?;
         }
         Ok(outcome)
     }
 
-    /// Whether the rows waiting reached the commit size.
+    /// Encodes rows into the data files being written.
+    async fn encode(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        if self.writer.is_none() {
+            let writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(table_error)?
+                .with_writer_properties(writer_properties());
+            self.writer = Some(sync_wrapper::SyncWrapper::new(writer));
+        }
+        let writer = self.writer.as_mut().expect("a writer was just made").get_mut();
+        if let Err(e) = writer.write(batch).await {
+            // What the writer holds is lost with it: the rows waiting are in no data file.
+            self.discard_pending(&e.to_string());
+            return Err(table_error(e));
+        }
+        self.writer_buffered = writer.buffer_len();
+        Ok(())
+    }
+
+    /// Forgets the rows waiting and their files (which no commit references; a vacuum removes
+    /// them) after a failure that leaves them incomplete, and refuses every later commit.
+    fn discard_pending(&mut self, reason: &str) {
+        if let Some(writer) = self.writer.take() {
+            writer.into_inner().reset();
+        }
+        self.pending.clear();
+        self.pending_ids.clear();
+        self.staged.clear();
+        self.writer_buffered = 0;
+        self.lost.get_or_insert_with(|| reason.to_owned());
+    }
+
+    /// Whether the rows waiting reached the commit size, or span more days than files are kept
+    /// open for.
     pub fn commit_due(&self) -> bool {
-        self.pending_bytes >= self.commit_bytes
+        let buffered = self.writer_buffered;
+        let staged: i64 = self.staged.iter().map(|add| add.size).sum();
+        buffered + staged.max(0) as usize >= self.commit_bytes || self.open_days() > OPEN_DAYS
+    }
+
+    /// The days of the rows waiting.
+    fn open_days(&self) -> usize {
+        let mut days: Vec<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
+        days.sort_unstable();
+        days.dedup();
+        days.len()
     }
 
     /// The position committed last by this writer: the one of its latest application
@@ -336,8 +419,21 @@ impl DeltaArchive {
         }
         let uri = self.uri.clone();
         let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        if let Some(reason) = &self.lost {
+            return Err(LakeError::Data {
+                uri: self.uri.clone(),
+                reason: format!(
+                    "rows not committed yet were lost when a data file could not be written ({reason}); \
+                     nothing more is committed by this process, which must start again from the table's last commit"
+                ),
+            });
+        }
+        if let Err(e) = self.finish_files().await {
+            self.discard_pending(&e.to_string());
+            return Err(e);
+        }
         for _ in 0..COMMIT_ATTEMPTS {
-            let adds = self.write_pending().await?;
+            let adds: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
             let snapshot = self.table.snapshot().map_err(table_error)?.clone();
             let version = snapshot
                 .transaction_version(self.table.log_store().as_ref(), &self.app_id)
@@ -374,7 +470,7 @@ impl DeltaArchive {
                         self.ids_by_day.entry(row.day).or_default().insert(row.id);
                     }
                     self.pending_ids.clear();
-                    self.pending_bytes = 0;
+                    self.staged.clear();
                     self.table.state = Some(finalized.snapshot());
                     self.remember_files_read().await?;
                     return Ok(Some(version));
@@ -387,9 +483,17 @@ impl DeltaArchive {
                     let days: HashSet<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
                     self.read_ids_of(&days).await?;
                     let ids_by_day = &self.ids_by_day;
+                    let before = self.pending.len();
                     self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
+                    if self.pending.len() < before {
+                        // Its rows and ours overlap: write ours again without them. The files
+                        // written first are referenced by no commit; a vacuum removes them.
+                        if let Err(e) = self.rewrite_staged().await {
+                            self.discard_pending(&e.to_string());
+                            return Err(e);
+                        }
+                    }
                     self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
-                    self.pending_bytes = self.pending.iter().map(|r| r.bytes).sum();
                     if self.pending.is_empty() && position.is_none() {
                         return Ok(None);
                     }
@@ -570,10 +674,7 @@ impl DeltaArchive {
                 let mut batches = builder.build().map_err(|e| data_error(e.to_string()))?;
                 while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
                     report.rows += batch.num_rows() as u64;
-                    let days = deltalake::arrow::array::Date32Array::from(vec![date32(day); batch.num_rows()]);
-                    let mut columns = batch.columns().to_vec();
-                    columns.push(Arc::new(days));
-                    let batch = RecordBatch::try_new(self.schema.clone(), columns)
+                    let batch = with_day(&self.schema, batch, day)
                         .map_err(|e| data_error(format!("the rows of {}: {e}", view.path())))?;
                     writer.write(batch).await.map_err(table_error)?;
                 }
@@ -625,22 +726,56 @@ impl DeltaArchive {
         Ok(metrics.files_deleted.len())
     }
 
-    /// Writes the rows waiting as data files (none when no row waits); returns their actions.
-    async fn write_pending(&mut self) -> Result<Vec<Action>, LakeError> {
-        if self.pending.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Finishes the data files of the rows waiting, which the next commit references.
+    async fn finish_files(&mut self) -> Result<(), LakeError> {
+        let Some(writer) = self.writer.as_mut() else { return Ok(()) };
+        self.writer_buffered = 0;
+        let adds =
+            writer.get_mut().flush().await.map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
+        self.staged.extend(adds);
+        Ok(())
+    }
+
+    /// Writes the staged files again with only the rows still waiting (those another writer
+    /// committed meanwhile left out).
+    async fn rewrite_staged(&mut self) -> Result<(), LakeError> {
         let uri = self.uri.clone();
-        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
-        let rows: Vec<&Value> = self.pending.iter().map(|r| &r.row).collect();
-        let batch = record_batch(&self.schema, &rows).map_err(|reason| LakeError::Data { uri: uri.clone(), reason })?;
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
-            .build();
-        let mut writer =
-            RecordBatchWriter::for_table(&self.table).map_err(table_error)?.with_writer_properties(properties);
-        writer.write(batch).await.map_err(table_error)?;
-        Ok(writer.flush().await.map_err(table_error)?.into_iter().map(Action::Add).collect())
+        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
+        let waiting: HashSet<&str> = self.pending.iter().map(|r| r.id.as_str()).collect();
+        let store = self.table.object_store();
+        let mut batches = Vec::new();
+        for add in std::mem::take(&mut self.staged) {
+            let day = add
+                .partition_values
+                .get(DELIVERY_DATE)
+                .cloned()
+                .flatten()
+                .and_then(|day| day.parse::<NaiveDate>().ok())
+                .ok_or_else(|| data_error(format!("{}: no delivery day", add.path)))?;
+            let location = deltalake::Path::parse(&add.path).map_err(|e| data_error(format!("{}: {e}", add.path)))?;
+            let builder = ParquetRecordBatchStreamBuilder::new(object_reader(store.clone(), location))
+                .await
+                .map_err(|e| data_error(format!("{}: {e}", add.path)))?;
+            let mut stream = builder.build().map_err(|e| data_error(format!("{}: {e}", add.path)))?;
+            while let Some(batch) = stream.try_next().await.map_err(|e| data_error(format!("{}: {e}", add.path)))? {
+                let ids = batch
+                    .column_by_name(field::ID)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| data_error(format!("{}: no _id column", add.path)))?;
+                let keep: deltalake::arrow::array::BooleanArray =
+                    (0..ids.len()).map(|i| Some(ids.is_valid(i) && waiting.contains(ids.value(i)))).collect();
+                let kept = deltalake::arrow::compute::filter_record_batch(&batch, &keep)
+                    .map_err(|e| data_error(e.to_string()))?;
+                if kept.num_rows() > 0 {
+                    batches.push(with_day(&self.schema, kept, day).map_err(&data_error)?);
+                }
+            }
+        }
+        drop(waiting);
+        for batch in batches {
+            self.encode(batch).await?;
+        }
+        self.finish_files().await
     }
 
     /// Marks every file of the loaded version whose day is known as read: after our own
@@ -697,74 +832,6 @@ impl DeltaArchive {
             self.files_read.insert(path, day);
         }
         Ok(())
-    }
-
-    /// The row of an archive document, typed: a value that does not fit its column is null
-    /// there (the document column keeps it).
-    fn row(&self, document: &Document) -> PendingRow {
-        let text = |key: &str| match document.get(key) {
-            Some(Bson::String(s)) => Value::from(s.as_str()),
-            _ => Value::Null,
-        };
-        let time = |key: &str| match document.get(key) {
-            Some(Bson::DateTime(t)) => Value::from(t.timestamp_millis().saturating_mul(1000)),
-            _ => Value::Null,
-        };
-        let reference = |key: &str, fields: &[String]| match document.get(key) {
-            Some(Bson::Document(reference)) => {
-                let mut out = Map::new();
-                for name in fields {
-                    out.insert(name.clone(), reference.get(name).map_or(Value::Null, as_text));
-                }
-                Value::Object(out)
-            }
-            _ => Value::Null,
-        };
-        let items: Vec<Value> = match document.get(field::ITEMS) {
-            Some(Bson::Array(items)) => items
-                .iter()
-                .map(|item| match item {
-                    Bson::Document(item) => json!({
-                        item_field::MENU_ID: item.get(item_field::MENU_ID).map_or(Value::Null, as_text),
-                        item_field::NOM: match item.get(item_field::NOM) { Some(Bson::String(s)) => Value::from(s.as_str()), _ => Value::Null },
-                        item_field::PRIX: item.get(item_field::PRIX).map_or(Value::Null, as_double),
-                        item_field::QUANTITE: item.get(item_field::QUANTITE).map_or(Value::Null, as_integer),
-                        item_field::SOUS_TOTAL: item.get(item_field::SOUS_TOTAL).map_or(Value::Null, as_double),
-                    }),
-                    _ => Value::Null,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let anomalies: Vec<Value> = match document.get(field::ANOMALIES) {
-            Some(Bson::Array(names)) => names.iter().filter_map(|n| n.as_str().map(Value::from)).collect(),
-            _ => Vec::new(),
-        };
-        let day = delivery_day(document);
-        let id = document.get(field::ID).map_or_else(|| "null".to_owned(), id_text);
-        let whole = Bson::Document(document.clone()).into_canonical_extjson().to_string();
-        let [client, livreur, restaurant] = &self.reference_fields;
-        let row = json!({
-            field::ID: id,
-            field::NUMERO_COMMANDE: text(field::NUMERO_COMMANDE),
-            field::STATUS: text(field::STATUS),
-            field::DATE_COMMANDE: time(field::DATE_COMMANDE),
-            field::DATE_LIVRAISON: time(field::DATE_LIVRAISON),
-            field::MONTANT_TOTAL: document.get(field::MONTANT_TOTAL).map_or(Value::Null, as_double),
-            field::CLIENT: reference(field::CLIENT, client),
-            field::LIVREUR: reference(field::LIVREUR, livreur),
-            field::RESTAURANT: reference(field::RESTAURANT, restaurant),
-            field::ITEMS: items,
-            field::ARCHIVED_AT: time(field::ARCHIVED_AT),
-            field::ARCHIVE_SOURCE: text(field::ARCHIVE_SOURCE),
-            field::ANOMALIES: anomalies,
-            field::SOURCE_DIGEST: text(field::SOURCE_DIGEST),
-            field::PURGED_AT: time(field::PURGED_AT),
-            DOCUMENT: whole,
-            DELIVERY_DATE: day.format("%Y-%m-%d").to_string(),
-        });
-        let bytes = row.to_string().len();
-        PendingRow { id, day, row, bytes }
     }
 }
 
@@ -993,11 +1060,25 @@ pub struct Compaction {
     pub version: Option<u64>,
 }
 
-/// How data files are written: zstd, level 3.
+/// How data files are written: zstd, level 3, in row groups of at most 8 MB, so that a file
+/// being written holds little in memory.
 fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
         .build()
+}
+
+/// The largest row group of a data file, encoded.
+const ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// The rows of a data file (which holds no partition column) with their day, as rows of the
+/// table's `schema`.
+fn with_day(schema: &SchemaRef, batch: RecordBatch, day: NaiveDate) -> Result<RecordBatch, String> {
+    let days = deltalake::arrow::array::Date32Array::from(vec![date32(day); batch.num_rows()]);
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(days));
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())
 }
 
 /// Days since 1970-01-01, as Arrow's `Date32`.
@@ -1010,16 +1091,6 @@ fn date32(day: NaiveDate) -> i32 {
 fn object_reader(store: deltalake::logstore::ObjectStoreRef, location: deltalake::Path) -> ParquetObjectReader {
     #[allow(deprecated)]
     ParquetObjectReader::new(store, location)
-}
-
-/// The rows as a record batch of `schema`.
-fn record_batch(schema: &SchemaRef, rows: &[&Value]) -> Result<RecordBatch, String> {
-    let mut decoder = deltalake::arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(rows.len().max(1))
-        .build_decoder()
-        .map_err(|e| e.to_string())?;
-    decoder.serialize(rows).map_err(|e| e.to_string())?;
-    decoder.flush().map_err(|e| e.to_string())?.ok_or_else(|| "no rows".to_owned())
 }
 
 /// The batches of `columns` (top-level, of a single leaf each) of the data file at `path`.
@@ -1072,44 +1143,10 @@ async fn read_ids(
     Ok(ids)
 }
 
-/// A reference field as text: a string as it is, null as null, anything else as relaxed
-/// Extended JSON.
-fn as_text(value: &Bson) -> Value {
-    match value {
-        Bson::String(s) => Value::from(s.as_str()),
-        Bson::Null => Value::Null,
-        Bson::ObjectId(oid) => Value::from(oid.to_hex()),
-        other => Value::from(other.clone().into_relaxed_extjson().to_string()),
-    }
-}
-
-/// A number as a double; anything else null.
-fn as_double(value: &Bson) -> Value {
-    match value {
-        Bson::Double(d) if d.is_finite() => Value::from(*d),
-        Bson::Int32(n) => Value::from(f64::from(*n)),
-        Bson::Int64(n) => Value::from(*n as f64),
-        Bson::Decimal128(d) => {
-            d.to_string().parse::<f64>().ok().filter(|d| d.is_finite()).map_or(Value::Null, Value::from)
-        }
-        _ => Value::Null,
-    }
-}
-
-/// A whole number as a 64-bit integer; anything else (fractions included) null.
-fn as_integer(value: &Bson) -> Value {
-    match value {
-        Bson::Int32(n) => Value::from(i64::from(*n)),
-        Bson::Int64(n) => Value::from(*n),
-        Bson::Double(d) if d.fract() == 0.0 && d.abs() < 9.0e15 => Value::from(*d as i64),
-        _ => Value::Null,
-    }
-}
-
 /// The UTC day of delivery: of `date_livraison`, else of `archived_at`, else today.
-fn delivery_day(document: &Document) -> NaiveDate {
+fn delivery_day(document: &RawDocument) -> NaiveDate {
     let date = |key: &str| match document.get(key) {
-        Some(Bson::DateTime(t)) => Some(t.to_chrono()),
+        Ok(Some(RawBsonRef::DateTime(t))) => Some(t.to_chrono()),
         _ => None,
     };
     date(field::DATE_LIVRAISON).or_else(|| date(field::ARCHIVED_AT)).unwrap_or_else(Utc::now).date_naive()
@@ -1182,11 +1219,13 @@ mod tests {
             config.lookups.restaurant.fields.clone(),
         ];
         assert_eq!(arrow_schema(&fields).fields().len(), 17);
-        assert_eq!(as_double(&Bson::String("trente".into())), Value::Null);
-        assert_eq!(as_double(&Bson::Int64(7)), Value::from(7.0));
-        assert_eq!(as_integer(&Bson::Double(2.5)), Value::Null);
-        assert_eq!(as_integer(&Bson::Double(2.0)), Value::from(2));
+        use columns::{as_double, as_integer, as_text};
+        assert_eq!(as_double(RawBsonRef::String("trente")), None);
+        assert_eq!(as_double(RawBsonRef::Int64(7)), Some(7.0));
+        assert_eq!(as_integer(RawBsonRef::Double(2.5)), None);
+        assert_eq!(as_integer(RawBsonRef::Double(2.0)), Some(2));
         assert_eq!(id_text(&Bson::Int32(7)), "7");
-        assert_eq!(as_text(&Bson::Document(doc! { "ville": "Lyon" })), Value::from("{\"ville\":\"Lyon\"}"));
+        let address = RawDocumentBuf::from_document(&doc! { "ville": "Lyon" }).unwrap();
+        assert_eq!(as_text(RawBsonRef::Document(&address)).as_deref(), Some("{\"ville\":\"Lyon\"}"));
     }
 }
