@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::StoreError;
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ConfigCommand};
+use crate::commands::config as config_check;
 use crate::commands::health::Verdict;
 use crate::commands::watch::{self, StartPosition, WatchError, WatchOptions};
 use crate::commands::{batch, health, purge, simulate, verify};
@@ -100,7 +101,8 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 }
 
 /// Runs the command of `cli`; stops its work cleanly on the first SIGINT/SIGTERM.
-pub async fn run(cli: Cli, config: Config) -> ExitCode {
+/// `named` tells, for `config show`, which named variable or flag set each key it holds.
+pub async fn run(cli: Cli, config: Config, named: std::collections::BTreeMap<String, String>) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(handle_signals(shutdown.clone()));
     match cli.command {
@@ -202,6 +204,22 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
             Ok(_) => ExitCode::from(OK),
             Err(e) => report_failure("purge", &e),
         },
+        Command::Config(ConfigCommand::Show) => {
+            let file = Config::file_read(cli.global.config.as_deref()).ok().flatten();
+            let environment: Vec<(String, String)> = std::env::vars().collect();
+            let settings = crate::config::sources::settings(&config, file, &named, &environment);
+            print!("{}", crate::config::sources::render(&settings));
+            ExitCode::from(OK)
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let checks = config_check::run(&config).await;
+            print!("{}", config_check::render(&checks));
+            ExitCode::from(if config_check::failed(&checks) { FAILURE } else { OK })
+        }
+        Command::Config(ConfigCommand::Reference) => {
+            print!("{}", crate::config::reference::markdown());
+            ExitCode::from(OK)
+        }
         Command::Simulate(args) => match simulate::run(&config, &simulate_options(&args), shutdown).await {
             Ok(_) => ExitCode::from(OK),
             Err(e) => report_failure("simulate", &e),

@@ -159,6 +159,26 @@ pub enum Command {
     /// Delta table (ARCHIVE_SINK=delta): delete the data files no longer referenced (replaced by
     /// a compaction, or left by a commit that lost a race) once older than the retention.
     Vacuum(VacuumArgs),
+    /// Check the configuration and the deployment it points at, show the values in effect, or
+    /// print the reference of every setting.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `archiver config`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and the deployment it points at, reading only: the source, the
+    /// orders collection and status, the privileges for change streams and the references, the
+    /// checkpoint, the oplog window, the archive's indexes or table. One line per check (ok, warn,
+    /// FAIL). Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 configuration
+    /// error.
+    Check,
+    /// Print the configuration in effect, every layer applied, each value with where it comes
+    /// from (default, the file, an ARCHIVER_* or named variable, a flag); passwords masked.
+    Show,
+    /// Print the reference of every setting (key, variables, type, default, meaning) as Markdown.
+    Reference,
 }
 
 const PURGE_HELP: &str = "Examples:
@@ -429,72 +449,133 @@ impl Cli {
             Some(path) => Some(read_secret_file("ARCHIVE_URI_FILE", path)?),
             None => g.archive_uri.clone(),
         };
-        o.set("mongodb.uri", uri);
-        o.set("mongodb.database", g.database.clone());
-        o.set("orders.collection", g.orders_collection.clone());
-        o.set("orders.delivered_status", g.delivered_status.clone());
-        o.set("archive.uri", archive_uri);
-        o.set("archive.database", g.archive_db.clone());
-        o.set("archive.collection", g.archive_collection.clone());
-        o.set("archive.errors_collection", g.archive_errors_collection.clone());
-        o.set("lookups.client.collection", g.client_collection.clone());
-        o.set("lookups.livreur.collection", g.livreur_collection.clone());
-        o.set("lookups.restaurant.collection", g.restaurants_collection.clone());
-        o.set("lookups.menu.collection", g.menu_collection.clone());
-        o.set("retry.max_attempts", g.retry_max_attempts);
-        o.set("retry.max_delay_ms", g.retry_max_delay_ms);
-        o.set("retry.max_elapsed_ms", g.retry_max_elapsed_ms);
-        o.set("log.dir", g.log_dir.clone());
-        o.set("log.retention_days", g.log_retention_days);
-        o.set("archive.sink", g.archive_sink);
-        o.set("lake.table_uri", g.archive_table_uri.clone());
-        o.set("lake.file_mb", g.lake_file_mb);
-        o.set("lake.commit_secs", g.lake_commit_secs);
-        o.set("log.format", g.log_format);
-        o.set("log.level", g.log_level.clone());
-        o.set("enrich.mode", g.enrich_mode);
-        o.set("enrich.reference_cache_entries", g.reference_cache_entries);
-        o.set("coordination.partitions", g.partitions);
-        o.set("coordination.partition", g.partition);
+        o.named("MONGODB_URI", uri);
+        o.named("MONGODB_DB", g.database.clone());
+        o.named("ORDERS_COLLECTION", g.orders_collection.clone());
+        o.named("DELIVERED_STATUS", g.delivered_status.clone());
+        o.named("ARCHIVE_URI", archive_uri);
+        o.named("ARCHIVE_DB", g.archive_db.clone());
+        o.named("ARCHIVE_COLLECTION", g.archive_collection.clone());
+        o.named("ARCHIVE_ERRORS_COLLECTION", g.archive_errors_collection.clone());
+        o.named("CLIENT_COLLECTION", g.client_collection.clone());
+        o.named("LIVREUR_COLLECTION", g.livreur_collection.clone());
+        o.named("RESTAURANTS_COLLECTION", g.restaurants_collection.clone());
+        o.named("MENU_COLLECTION", g.menu_collection.clone());
+        o.named("RETRY_MAX_ATTEMPTS", g.retry_max_attempts);
+        o.named("RETRY_MAX_DELAY_MS", g.retry_max_delay_ms);
+        o.named("RETRY_MAX_ELAPSED_MS", g.retry_max_elapsed_ms);
+        o.named("LOG_DIR", g.log_dir.clone());
+        o.named("LOG_RETENTION_DAYS", g.log_retention_days);
+        o.named("ARCHIVE_SINK", g.archive_sink);
+        o.named("ARCHIVE_TABLE_URI", g.archive_table_uri.clone());
+        o.named("LAKE_FILE_MB", g.lake_file_mb);
+        o.named("LAKE_COMMIT_SECS", g.lake_commit_secs);
+        o.named("LOG_FORMAT", g.log_format);
+        o.named("LOG_LEVEL", g.log_level.clone());
+        o.named("ENRICH_MODE", g.enrich_mode);
+        o.named("REFERENCE_CACHE_ENTRIES", g.reference_cache_entries);
+        o.named("PARTITIONS", g.partitions);
+        o.named("PARTITION", g.partition);
         match &self.command {
             Command::Watch(w) => {
-                o.set("watch.batch_size", w.batch_size);
-                o.set("watch.batch_max_wait_ms", w.batch_max_wait_ms);
-                o.set("watch.batch_max_bytes", w.batch_max_bytes);
-                o.set("watch.resume_token_file", w.resume_token_file.clone());
-                o.set("watch.http_addr", w.http_addr.clone());
-                o.set("watch.stream_timeout_ms", w.stream_timeout_ms);
-                o.set("watch.write_timeout_ms", w.write_timeout_ms);
-                o.set("watch.liveness_timeout_ms", w.liveness_timeout_ms);
-                o.set("watch.oplog_headroom_warn_secs", w.oplog_headroom_warn_secs);
-                o.set("coordination.checkpoint_store", w.checkpoint_store);
-                o.set("coordination.stream_name", w.stream_name.clone());
-                o.set("coordination.instance_id", w.instance_id.clone());
-                o.set("coordination.lease_ttl_ms", w.lease_ttl_ms);
-                o.set("coordination.lease_renew_ms", w.lease_renew_ms);
+                o.named("BATCH_SIZE", w.batch_size);
+                o.named("BATCH_MAX_WAIT_MS", w.batch_max_wait_ms);
+                o.named("BATCH_MAX_BYTES", w.batch_max_bytes);
+                o.named("RESUME_TOKEN_FILE", w.resume_token_file.clone());
+                o.named("HTTP_ADDR", w.http_addr.clone());
+                o.named("STREAM_TIMEOUT_MS", w.stream_timeout_ms);
+                o.named("WRITE_TIMEOUT_MS", w.write_timeout_ms);
+                o.named("LIVENESS_TIMEOUT_MS", w.liveness_timeout_ms);
+                o.named("OPLOG_HEADROOM_WARN_SECS", w.oplog_headroom_warn_secs);
+                o.named("CHECKPOINT_STORE", w.checkpoint_store);
+                o.named("STREAM_NAME", w.stream_name.clone());
+                o.named("INSTANCE_ID", w.instance_id.clone());
+                o.named("LEASE_TTL_MS", w.lease_ttl_ms);
+                o.named("LEASE_RENEW_MS", w.lease_renew_ms);
             }
             Command::Batch(b) => {
-                o.set("batch.write_path", b.write_path);
-                o.set("batch.chunk_size", b.chunk_size);
-                o.set("batch.concurrency", b.concurrency);
-                o.set("batch.create_indexes", b.skip_indexes.then_some(false));
-                o.set("batch.metrics_file", b.metrics_file.clone());
+                o.named("BATCH_WRITE_PATH", b.write_path);
+                o.named("BATCH_CHUNK_SIZE", b.chunk_size);
+                o.named("BATCH_CONCURRENCY", b.concurrency);
+                o.named("SKIP_INDEXES", b.skip_indexes.then_some(false));
+                o.named("BATCH_METRICS_FILE", b.metrics_file.clone());
             }
             Command::Health(h) => {
-                o.set("watch.resume_token_file", h.resume_token_file.clone());
-                o.set("coordination.checkpoint_store", h.checkpoint_store);
-                o.set("coordination.stream_name", h.stream_name.clone());
-                o.set("watch.oplog_headroom_warn_secs", h.oplog_headroom_warn_secs);
-                o.set("watch.http_addr", h.http_addr.clone());
+                o.named("RESUME_TOKEN_FILE", h.resume_token_file.clone());
+                o.named("CHECKPOINT_STORE", h.checkpoint_store);
+                o.named("STREAM_NAME", h.stream_name.clone());
+                o.named("OPLOG_HEADROOM_WARN_SECS", h.oplog_headroom_warn_secs);
+                o.named("HTTP_ADDR", h.http_addr.clone());
             }
             Command::Simulate(_)
             | Command::Verify(_)
             | Command::Purge(_)
             | Command::Compact(_)
             | Command::Vacuum(_) => {}
+            Command::Config(_) => {
+                // What the service would read: the variables of `watch` and `batch` too, parsed
+                // by their own definitions.
+                for args in [&["archiver", "watch"][..], &["archiver", "batch", "--date-from", "today"]] {
+                    let other = Cli::try_parse_from(args).map_err(|e| {
+                        ConfigError(
+                            e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned(),
+                        )
+                    })?;
+                    merge_missing(&mut o.0, other.overrides()?.0);
+                }
+            }
         }
         Ok(o)
     }
+}
+
+/// Adds to `into` what `from` sets and `into` does not.
+fn merge_missing(
+    into: &mut serde_json::Map<String, serde_json::Value>,
+    from: serde_json::Map<String, serde_json::Value>,
+) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(serde_json::Value::Object(inner)), serde_json::Value::Object(more)) => merge_missing(inner, more),
+            (Some(_), _) => {}
+            (None, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// For each configuration key set by a named variable or a flag in `matches` (parsed from
+/// [`Cli`]), which one: `MONGODB_DB`, or `flag --db`.
+pub fn named_sources(matches: &clap::ArgMatches) -> std::collections::BTreeMap<String, String> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let mut sources = std::collections::BTreeMap::new();
+    let mut command = Cli::command();
+    command.build();
+    let mut level = Some((matches, &command));
+    while let Some((found, definition)) = level {
+        for arg in definition.get_arguments() {
+            let Some(variable) = arg.get_env().and_then(|v| v.to_str()) else { continue };
+            let Some(key) = crate::config::key_of_variable(variable) else { continue };
+            let source = match found.value_source(arg.get_id().as_str()) {
+                Some(ValueSource::CommandLine) => format!("flag --{}", arg.get_long().unwrap_or_default()),
+                Some(ValueSource::EnvVariable) => variable.to_owned(),
+                _ => continue,
+            };
+            sources.insert(key.to_owned(), source);
+        }
+        level = found.subcommand().and_then(|(name, sub)| definition.find_subcommand(name).map(|def| (sub, def)));
+    }
+    // `config` reads the variables of the other commands too (see `Cli::overrides`).
+    if matches.subcommand_name() == Some("config") {
+        for (variable, key) in crate::config::NAMED_VARIABLES {
+            if std::env::var_os(variable).is_some() && !sources.contains_key(*key) {
+                sources.insert((*key).to_owned(), (*variable).to_owned());
+            }
+        }
+    }
+    sources
 }
 
 /// The connection string in the file `path` named by `var`, without its final line break. The
@@ -520,5 +601,27 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Every variable of a flag sets a key of the configuration (and so is in its reference),
+    /// but for the configuration file's own.
+    #[test]
+    fn every_variable_of_a_flag_is_a_named_variable() {
+        fn variables(command: &clap::Command, out: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                out.extend(arg.get_env().and_then(|v| v.to_str()).map(str::to_owned));
+            }
+            for sub in command.get_subcommands() {
+                variables(sub, out);
+            }
+        }
+        let mut found = Vec::new();
+        variables(&Cli::command(), &mut found);
+        for variable in found.iter().filter(|v| *v != "ARCHIVER_CONFIG") {
+            assert!(crate::config::key_of_variable(variable).is_some(), "{variable} is not in NAMED_VARIABLES");
+        }
+        for (variable, _) in crate::config::NAMED_VARIABLES {
+            assert!(found.iter().any(|v| v == variable), "{variable} is no flag's variable");
+        }
     }
 }

@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use archiver::app::{self, FAILURE, USAGE};
-use archiver::cli::Cli;
+use archiver::cli::{Cli, Command, ConfigCommand};
 use archiver::config::Config;
 use archiver::logging;
 
@@ -18,7 +18,13 @@ fn main() -> ExitCode {
             eprintln!("warning: {}", dotenv_warning(&e));
         }
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The reference is the same whatever the configuration, which may not even load.
+    if let Command::Config(ConfigCommand::Reference) = cli.command {
+        print!("{}", archiver::config::reference::markdown());
+        return ExitCode::SUCCESS;
+    }
     let config = match cli.overrides().and_then(|overrides| Config::load(cli.global.config.as_deref(), overrides)) {
         Ok(config) => config,
         Err(e) => {
@@ -37,7 +43,8 @@ fn main() -> ExitCode {
             return ExitCode::from(FAILURE);
         }
     };
-    runtime.block_on(app::run(cli, config))
+    let named = archiver::cli::named_sources(&matches);
+    runtime.block_on(app::run(cli, config, named))
 }
 
 /// Describes a `.env` problem without its content: dotenvy's own message quotes the malformed

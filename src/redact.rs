@@ -183,7 +183,7 @@ pub fn redact_uri(uri: &str) -> String {
 /// A connection string, which may carry a password: its `Debug` and `Display` show it redacted
 /// ([`redact_uri`]), so a configuration printed whole (a `{:?}` in a log, a panic message) never
 /// shows the password. Only [`SecretUri::expose`] gives the text, for the driver.
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct SecretUri(String);
 

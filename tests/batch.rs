@@ -293,6 +293,12 @@ async fn a_typo_in_the_database_or_the_delivered_status_is_said_plainly_and_crea
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(out.status.code(), Some(1), "{report}");
         assert!(report["source"]["error"].as_str().is_some_and(|e| e.contains(value)), "{report}");
+
+        // And config check fails on it, on the orders line.
+        let out = t.archiver(&["config", "check"]).env(var, value).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.lines().any(|l| l.starts_with("FAIL") && l.contains("orders") && l.contains(value)), "{stdout}");
     }
     t.cleanup().await;
 }

@@ -2,6 +2,7 @@
 //! and never another command.
 
 pub mod batch;
+pub mod config;
 pub mod health;
 pub mod purge;
 pub mod simulate;

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::redact::{has_unencoded_user_info, redact_invalid_uri, SecretUri};
 
+pub mod reference;
+pub mod sources;
+
 /// Largest number of partitions (the partition key has 256 values).
 pub const MAX_PARTITIONS: u32 = 256;
 
@@ -17,7 +20,7 @@ pub const MAX_PARTITIONS: u32 = 256;
 pub const DEFAULT_CONFIG_FILE: &str = "config/archiver.toml";
 
 /// Everything `archiver` needs to know, after all layers are merged.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The source deployment.
@@ -47,7 +50,7 @@ pub struct Config {
 }
 
 /// Which store the archive is.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ArchiveSink {
     /// A MongoDB collection (`ARCHIVE_COLLECTION`).
@@ -58,7 +61,7 @@ pub enum ArchiveSink {
 }
 
 /// The Delta Lake table of the archive.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LakeSettings {
     /// The table's location (`ARCHIVE_TABLE_URI`): `file:///var/lib/archiver/orders`, or a path.
@@ -76,7 +79,7 @@ impl Default for LakeSettings {
 }
 
 /// How orders are joined with their references.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EnrichMode {
     /// Batched `_id $in` reads of the references, joined by `archiver` (same documents).
@@ -87,7 +90,7 @@ pub enum EnrichMode {
 }
 
 /// Enrichment settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EnrichSettings {
     /// `join` or `lookup` (`ENRICH_MODE`). The server path of `batch` ($merge) always uses the
@@ -106,7 +109,7 @@ impl Default for EnrichSettings {
 }
 
 /// Where `watch` keeps its checkpoint.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckpointStoreKind {
     /// The local resume token file (one process).
@@ -118,7 +121,7 @@ pub enum CheckpointStoreKind {
 }
 
 /// Coordination of several `archiver` processes through MongoDB.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinationSettings {
     /// `file` or `mongodb` (`CHECKPOINT_STORE`).
@@ -161,7 +164,7 @@ impl Default for CoordinationSettings {
 
 /// Driver settings that may also be given outside the URI (`MONGODB_*` variables); when set
 /// they override the URI's own options, for both the source and the archive.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionSettings {
     /// Name shown in the server's logs and `currentOp` (`MONGODB_APP_NAME`).
@@ -211,7 +214,7 @@ pub const CONNECTION_ENV: &[(&str, &str)] = &[
 ];
 
 /// The source deployment.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MongoSettings {
     /// Connection string (`MONGODB_URI`). Never displayed unredacted.
@@ -221,7 +224,7 @@ pub struct MongoSettings {
 }
 
 /// Where archive documents go.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ArchiveSettings {
     /// Another deployment for the archive (`ARCHIVE_URI`); the source one when unset.
@@ -237,7 +240,7 @@ pub struct ArchiveSettings {
 }
 
 /// The orders collection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct OrderSettings {
     /// Collection name (`ORDERS_COLLECTION`).
@@ -249,7 +252,7 @@ pub struct OrderSettings {
 }
 
 /// Names of the order fields in the source; the archive always uses the names of schema.md.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct OrderFields {
     /// Order status.
@@ -271,7 +274,7 @@ pub struct OrderFields {
 }
 
 /// One `$lookup` of a referenced document.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LookupDef {
     /// The referenced collection.
@@ -283,7 +286,7 @@ pub struct LookupDef {
 }
 
 /// The menu lookup, joined per item.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MenuLookup {
     /// The menu collection.
@@ -295,7 +298,7 @@ pub struct MenuLookup {
 }
 
 /// The reference collections.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Lookups {
     /// Customer.
@@ -309,7 +312,7 @@ pub struct Lookups {
 }
 
 /// `archiver watch` settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct WatchSettings {
     /// Most events enriched and written together (`BATCH_SIZE`).
@@ -344,7 +347,7 @@ pub struct WatchSettings {
 }
 
 /// How `batch` writes the archive.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, schemars::JsonSchema, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WritePath {
     /// Stream the enriched documents to `archiver` and bulk-write them (works across clusters).
@@ -354,7 +357,7 @@ pub enum WritePath {
 }
 
 /// `archiver batch` settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchSettings {
     /// Orders per chunk.
@@ -363,7 +366,7 @@ pub struct BatchSettings {
     pub concurrency: usize,
     /// Default write path.
     pub write_path: WritePath,
-    /// Whether to create the indexes `archiver` relies on.
+    /// Whether to create the indexes `archiver` relies on (`SKIP_INDEXES=true` sets it to false).
     pub create_indexes: bool,
     /// A Prometheus text file where each run records its outcome and the last success, for
     /// node_exporter's textfile collector (`BATCH_METRICS_FILE`); unset: none.
@@ -371,7 +374,7 @@ pub struct BatchSettings {
 }
 
 /// Retries of transient errors: exponential backoff with jitter, bounded.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySettings {
     /// Attempts after the first failure before giving up (`RETRY_MAX_ATTEMPTS`).
@@ -386,7 +389,7 @@ pub struct RetrySettings {
 }
 
 /// Console and file logging.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     /// Directory of the daily log files (`LOG_DIR`); empty disables file logging. Unset: `logs`,
@@ -403,7 +406,7 @@ pub struct LogSettings {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, schemars::JsonSchema, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -526,12 +529,78 @@ impl Default for LogSettings {
 #[error("configuration error: {0}")]
 pub struct ConfigError(pub String);
 
+/// The named environment variables (each also a flag of the same meaning) and the configuration
+/// key each sets, in the top layer. The `MONGODB_*` connection variables of [`CONNECTION_ENV`]
+/// are read from the environment by the loader itself.
+pub const NAMED_VARIABLES: &[(&str, &str)] = &[
+    ("MONGODB_URI", "mongodb.uri"),
+    ("MONGODB_URI_FILE", "mongodb.uri"),
+    ("MONGODB_DB", "mongodb.database"),
+    ("ORDERS_COLLECTION", "orders.collection"),
+    ("DELIVERED_STATUS", "orders.delivered_status"),
+    ("ARCHIVE_URI", "archive.uri"),
+    ("ARCHIVE_URI_FILE", "archive.uri"),
+    ("ARCHIVE_DB", "archive.database"),
+    ("ARCHIVE_COLLECTION", "archive.collection"),
+    ("ARCHIVE_ERRORS_COLLECTION", "archive.errors_collection"),
+    ("ARCHIVE_SINK", "archive.sink"),
+    ("ARCHIVE_TABLE_URI", "lake.table_uri"),
+    ("LAKE_FILE_MB", "lake.file_mb"),
+    ("LAKE_COMMIT_SECS", "lake.commit_secs"),
+    ("CLIENT_COLLECTION", "lookups.client.collection"),
+    ("LIVREUR_COLLECTION", "lookups.livreur.collection"),
+    ("RESTAURANTS_COLLECTION", "lookups.restaurant.collection"),
+    ("MENU_COLLECTION", "lookups.menu.collection"),
+    ("RETRY_MAX_ATTEMPTS", "retry.max_attempts"),
+    ("RETRY_MAX_DELAY_MS", "retry.max_delay_ms"),
+    ("RETRY_MAX_ELAPSED_MS", "retry.max_elapsed_ms"),
+    ("LOG_DIR", "log.dir"),
+    ("LOG_RETENTION_DAYS", "log.retention_days"),
+    ("LOG_FORMAT", "log.format"),
+    ("LOG_LEVEL", "log.level"),
+    ("ENRICH_MODE", "enrich.mode"),
+    ("REFERENCE_CACHE_ENTRIES", "enrich.reference_cache_entries"),
+    ("PARTITIONS", "coordination.partitions"),
+    ("PARTITION", "coordination.partition"),
+    ("BATCH_SIZE", "watch.batch_size"),
+    ("BATCH_MAX_WAIT_MS", "watch.batch_max_wait_ms"),
+    ("BATCH_MAX_BYTES", "watch.batch_max_bytes"),
+    ("RESUME_TOKEN_FILE", "watch.resume_token_file"),
+    ("HTTP_ADDR", "watch.http_addr"),
+    ("STREAM_TIMEOUT_MS", "watch.stream_timeout_ms"),
+    ("WRITE_TIMEOUT_MS", "watch.write_timeout_ms"),
+    ("LIVENESS_TIMEOUT_MS", "watch.liveness_timeout_ms"),
+    ("OPLOG_HEADROOM_WARN_SECS", "watch.oplog_headroom_warn_secs"),
+    ("CHECKPOINT_STORE", "coordination.checkpoint_store"),
+    ("STREAM_NAME", "coordination.stream_name"),
+    ("INSTANCE_ID", "coordination.instance_id"),
+    ("LEASE_TTL_MS", "coordination.lease_ttl_ms"),
+    ("LEASE_RENEW_MS", "coordination.lease_renew_ms"),
+    ("BATCH_WRITE_PATH", "batch.write_path"),
+    ("BATCH_CHUNK_SIZE", "batch.chunk_size"),
+    ("BATCH_CONCURRENCY", "batch.concurrency"),
+    ("SKIP_INDEXES", "batch.create_indexes"),
+    ("BATCH_METRICS_FILE", "batch.metrics_file"),
+];
+
+/// The configuration key a named variable sets.
+pub fn key_of_variable(variable: &str) -> Option<&'static str> {
+    NAMED_VARIABLES.iter().find(|(v, _)| *v == variable).map(|(_, key)| *key)
+}
+
 /// Values given on the command line or by the named environment variables, the top layer.
 /// `None` leaves the lower layers' value.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Overrides(pub serde_json::Map<String, serde_json::Value>);
 
 impl Overrides {
+    /// Sets the key of the named variable `variable` (see [`NAMED_VARIABLES`]) when `value` is
+    /// given.
+    pub fn named<T: Serialize>(&mut self, variable: &str, value: Option<T>) {
+        let key = key_of_variable(variable).unwrap_or_else(|| panic!("{variable} is not in NAMED_VARIABLES"));
+        self.set(key, value);
+    }
+
     /// Sets `path` (dotted, e.g. `watch.batch_size`) when `value` is given.
     pub fn set<T: Serialize>(&mut self, path: &str, value: Option<T>) {
         let Some(value) = value else { return };
@@ -591,15 +660,8 @@ impl Config {
     /// read when present.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match file {
-            Some(path) if !path.is_file() => {
-                return Err(ConfigError(format!("the configuration file {} does not exist", path.display())))
-            }
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
-            }
-            None => {}
+        if let Some(path) = Self::file_read(file)? {
+            figment = figment.merge(Toml::file_exact(path));
         }
         // figment's parser of environment values panics on some malformed escapes (a `\`
         // before a multi-byte character): a bad value must be a clear error, not a crash.
@@ -625,6 +687,18 @@ impl Config {
         })??;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration file read: `file` (which must exist), else the default one when present.
+    pub fn file_read(file: Option<&Path>) -> Result<Option<&Path>, ConfigError> {
+        match file {
+            Some(path) if !path.is_file() => {
+                Err(ConfigError(format!("the configuration file {} does not exist", path.display())))
+            }
+            Some(path) => Ok(Some(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => Ok(Some(Path::new(DEFAULT_CONFIG_FILE))),
+            None => Ok(None),
+        }
     }
 
     /// Checks what serde cannot.

@@ -29,6 +29,8 @@ pub struct Injector {
     injected: AtomicU32,
     /// The oplog's size and cap to answer `$collStats` on `local.oplog.rs` with, if any.
     oplog_fill: std::sync::Mutex<Option<(i64, i64)>>,
+    /// Whether every change stream is refused, as to a user without the `changeStream` action.
+    deny_streams: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -42,6 +44,7 @@ impl Injector {
             openings: AtomicU32::new(0),
             injected: AtomicU32::new(0),
             oplog_fill: std::sync::Mutex::new(None),
+            deny_streams: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         let accepting = injector.clone();
@@ -92,6 +95,13 @@ impl Injector {
                 doc! { "ns": "local.oplog.rs", "storageStats": { "size": used, "maxSize": max, "capped": true } };
             doc! { "ok": 1.0, "cursor": { "id": 0_i64, "ns": "local.oplog.rs", "firstBatch": [stats] } }
         })
+    }
+
+    /// Refuses every change stream from now on (`Unauthorized`), as MongoDB does for a user
+    /// without the `changeStream` action.
+    #[allow(dead_code)]
+    pub fn deny_change_streams(&self) {
+        self.deny_streams.store(true, Ordering::SeqCst);
     }
 
     /// How many commands were failed so far.
@@ -175,6 +185,15 @@ async fn requests(
             .then(|| RawDocument::from_bytes(&message[21..]).ok())
             .flatten();
         let request_id = i32::from_le_bytes(message[4..8].try_into().unwrap());
+        let opens_a_stream = body.is_some_and(|body| {
+            body.get_array("pipeline").ok().and_then(|p| p.into_iter().next()).and_then(Result::ok).is_some_and(
+                |first| first.as_document().is_some_and(|stage| stage.get("$changeStream").ok().flatten().is_some()),
+            )
+        });
+        if opens_a_stream && injector.deny_streams.load(Ordering::SeqCst) {
+            client_write.lock().await.write_all(&answer(request_id, &unauthorized())).await?;
+            continue;
+        }
         if body.is_some_and(|body| injector.should_fail(body)) {
             client_write.lock().await.write_all(&answer(request_id, &too_large())).await?;
             continue;
@@ -195,6 +214,11 @@ fn too_large() -> mongodb::bson::Document {
         "code": 10334,
         "codeName": "BSONObjectTooLarge",
     }
+}
+
+/// The server's answer to a command the user has no privilege to run.
+fn unauthorized() -> mongodb::bson::Document {
+    doc! { "ok": 0.0, "errmsg": "not authorized to execute command aggregate", "code": 13, "codeName": "Unauthorized" }
 }
 
 /// An `OP_MSG` reply to the request `response_to`, holding `reply`.

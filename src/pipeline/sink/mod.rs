@@ -678,24 +678,29 @@ impl Archiver {
     }
 }
 
-/// Creates the indexes the queries rely on. A failure (no privilege, duplicate order numbers in
-/// existing data) is logged and the run goes on: indexes speed things up, they are not needed
-/// for correctness.
-pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
+/// The indexes the queries rely on, with their collections: on the orders, and on the archive
+/// collection (none for a Delta table).
+pub fn wanted_indexes(config: &Config, dbs: &Databases) -> Vec<(Collection<Document>, IndexModel)> {
     let f = &config.orders.fields;
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
     let archive: Collection<Document> = dbs.archive.collection(&config.archive.collection);
     let unique = IndexOptions::builder().unique(true).build();
-    let wanted = [
-        (&orders, IndexModel::builder().keys(doc! { f.numero_commande.clone(): 1 }).options(unique).build()),
-        (&orders, IndexModel::builder().keys(doc! { f.status.clone(): 1, f.date_commande.clone(): 1 }).build()),
-        (&orders, IndexModel::builder().keys(doc! { f.date_commande.clone(): 1 }).build()),
-        (&archive, IndexModel::builder().keys(doc! { "date_commande": 1 }).build()),
+    let mut wanted = vec![
+        (orders.clone(), IndexModel::builder().keys(doc! { f.numero_commande.clone(): 1 }).options(unique).build()),
+        (orders.clone(), IndexModel::builder().keys(doc! { f.status.clone(): 1, f.date_commande.clone(): 1 }).build()),
+        (orders, IndexModel::builder().keys(doc! { f.date_commande.clone(): 1 }).build()),
     ];
-    for (collection, model) in wanted {
-        if collection.name() == archive.name() && config.archive.sink == ArchiveSink::Delta {
-            continue;
-        }
+    if config.archive.sink == ArchiveSink::Mongodb {
+        wanted.push((archive, IndexModel::builder().keys(doc! { "date_commande": 1 }).build()));
+    }
+    wanted
+}
+
+/// Creates the indexes the queries rely on. A failure (no privilege, duplicate order numbers in
+/// existing data) is logged and the run goes on: indexes speed things up, they are not needed
+/// for correctness.
+pub async fn ensure_indexes(config: &Config, dbs: &Databases) {
+    for (collection, model) in wanted_indexes(config, dbs) {
         let keys = model.keys.clone();
         match collection.create_index(model).await {
             Ok(_) => tracing::info!(collection = collection.name(), keys = %keys, "index present"),
