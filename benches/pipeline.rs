@@ -1063,6 +1063,12 @@ async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     })
     .await?;
     let disk_per_order = directory_bytes(&table(0))? as f64 / b.delivered.max(1) as f64;
+    // `compact` rewrites each day once for the years it is kept (zstd 9, larger pages); vacuum
+    // with no retention then deletes the files it replaced.
+    let env = [("ARCHIVE_SINK", "delta".to_owned()), ("ARCHIVE_TABLE_URI", table(0).display().to_string())];
+    b.archiver.run_measured("compact", &["compact"], &env).await?;
+    b.archiver.run_measured("vacuum", &["vacuum", "--retention-days", "0"], &env).await?;
+    let compacted_per_order = directory_bytes(&table(0))? as f64 / b.delivered.max(1) as f64;
     let section = format!("9. lake: {} delivered orders into a Delta table on the local disk", b.delivered);
     let into_collection = report.throughput(&section, "archiver batch into the archive collection", &collection);
     let into_table = report.throughput(&section, "archiver batch into a Delta table (ARCHIVE_SINK=delta)", &lake);
@@ -1070,7 +1076,9 @@ async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     report.row(&section, "table bytes on disk per order (data and log)", "bytes", Summary::of(vec![disk_per_order]));
     report.row(&section, "archive collection BSON bytes per order", "bytes", Summary::of(vec![bson_per_order]));
     report.ratio("batch into a Delta table / batch into the collection", into_table, into_collection);
+    report.row(&section, "table bytes on disk per order, compacted", "bytes", Summary::of(vec![compacted_per_order]));
     report.ratio("table bytes per order / collection BSON bytes per order", disk_per_order, bson_per_order);
+    report.ratio("compacted table bytes per order / collection BSON bytes per order", compacted_per_order, bson_per_order);
     Ok(())
 }
 
