@@ -1078,7 +1078,11 @@ async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     report.ratio("batch into a Delta table / batch into the collection", into_table, into_collection);
     report.row(&section, "table bytes on disk per order, compacted", "bytes", Summary::of(vec![compacted_per_order]));
     report.ratio("table bytes per order / collection BSON bytes per order", disk_per_order, bson_per_order);
-    report.ratio("compacted table bytes per order / collection BSON bytes per order", compacted_per_order, bson_per_order);
+    report.ratio(
+        "compacted table bytes per order / collection BSON bytes per order",
+        compacted_per_order,
+        bson_per_order,
+    );
     Ok(())
 }
 

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -241,6 +243,44 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     assert!(report["archive"]["files"].as_u64().unwrap() >= 1, "{report}");
     assert_eq!(report["resume_token"]["status"], "ok", "{report}");
     assert_eq!(report["resume_token"]["store"], "table", "{report}");
+    t.cleanup().await;
+}
+
+/// A data file that cannot be written loses the rows waiting with the writer: watch commits no
+/// position past them, stops (exit 1), and its next start archives them from the table's last
+/// commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_file_that_cannot_be_written_stops_watch_and_its_restart_loses_nothing() {
+    let (t, refs, table, lake) = watching_a_table("lake_unwritable").await;
+    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    t.deliver(&refs, 0..5).await;
+    common::eventually(30, "5 rows committed", || committed(&table, 5)).await;
+
+    // The day's directory becomes a file (root ignores permissions): its next data file cannot
+    // be created.
+    let day = std::fs::read_dir(&table)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("delivery_date="))
+        .expect("the day's directory");
+    let moved = table.join("moved-away");
+    std::fs::rename(&day, &moved).unwrap();
+    std::fs::write(&day, "not a directory").unwrap();
+    t.deliver(&refs, 5..10).await;
+    let status = watch.wait(Duration::from_secs(90)).await;
+    assert_eq!(status.code(), Some(1), "{}", watch.stderr());
+    assert!(watch.stderr().contains("were lost"), "{}", watch.stderr());
+
+    // The directory back, the next start archives the five from the table's last commit.
+    std::fs::remove_file(&day).unwrap();
+    std::fs::rename(&moved, &day).unwrap();
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    common::eventually(30, "10 rows committed", || committed(&table, 10)).await;
+    let log = watch.stop_ok().await;
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(10), Some(10)), "{log}");
     t.cleanup().await;
 }
 

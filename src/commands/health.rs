@@ -173,7 +173,7 @@ async fn table_report(
             json!({ "status": "error", "sink": "delta", "table": uri, "error": scrub(&e.to_string()) })
         }
     };
-    let loaded = match archiver.checkpoint_keeper(config).await {
+    let loaded = match archiver.checkpoint_keeper(config, &tokio_util::sync::CancellationToken::new()).await {
         Some(keeper) => keeper.load().await,
         None => Ok(None),
     };

@@ -314,7 +314,9 @@ async fn lead(
         tracing::error!(problem = %mismatch, "as configured, no delivery can be archived; watching anyway");
     }
     // An archive that commits the position with its data keeps it: one source of truth.
-    if let Some(keeper) = archiver.checkpoint_keeper(config).await {
+    // Rows lost before their commit (a data file that cannot be written) end this leadership:
+    // the next one replays from the table's last commit.
+    if let Some(keeper) = archiver.checkpoint_keeper(config, stop).await {
         store = Store::Table(keeper);
     }
     // A database outage while taking over is ridden out like any other (shared store only: a

@@ -272,10 +272,11 @@ impl Archiver {
     pub async fn checkpoint_keeper(
         &self,
         config: &Config,
+        on_loss: &tokio_util::sync::CancellationToken,
     ) -> Option<std::sync::Arc<dyn crate::checkpoint::CheckpointKeeper>> {
         let lake = self.lake.clone()?;
         let every = std::time::Duration::from_secs(config.lake.commit_secs);
-        Some(std::sync::Arc::new(delta::DeltaCheckpoints::new(lake, every).await))
+        Some(std::sync::Arc::new(delta::DeltaCheckpoints::new(lake, every, on_loss.clone()).await))
     }
 
     /// An archiver for `source` documents.

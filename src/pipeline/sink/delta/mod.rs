@@ -313,7 +313,7 @@ impl DeltaArchive {
             self.writer = Some(sync_wrapper::SyncWrapper::new(writer));
         }
         let writer = self.writer.as_mut().expect("a writer was just made").get_mut();
-        if let Err(e) = writer.write(batch).await {
+        if let Err(e) = contained(writer.write(batch)).await {
             // What the writer holds is lost with it: the rows waiting are in no data file.
             self.discard_pending(&e.to_string());
             return Err(table_error(e));
@@ -730,8 +730,9 @@ impl DeltaArchive {
     async fn finish_files(&mut self) -> Result<(), LakeError> {
         let Some(writer) = self.writer.as_mut() else { return Ok(()) };
         self.writer_buffered = 0;
-        let adds =
-            writer.get_mut().flush().await.map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
+        let adds = contained(writer.get_mut().flush())
+            .await
+            .map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
         self.staged.extend(adds);
         Ok(())
     }
@@ -888,7 +889,14 @@ impl KeeperState {
 
 impl DeltaCheckpoints {
     /// The position keeper of `archive`, whose commits it makes from now on.
-    pub async fn new(archive: Arc<tokio::sync::Mutex<DeltaArchive>>, commit_every: std::time::Duration) -> Self {
+    /// `on_loss` is cancelled when rows waiting are lost before their commit (a data file could
+    /// not be written): what runs must then stop, and start again from the table's last commit;
+    /// no later commit of this keeper succeeds.
+    pub async fn new(
+        archive: Arc<tokio::sync::Mutex<DeltaArchive>>,
+        commit_every: std::time::Duration,
+        on_loss: tokio_util::sync::CancellationToken,
+    ) -> Self {
         let uri = {
             let mut table = archive.lock().await;
             table.auto_commit = false;
@@ -908,6 +916,11 @@ impl DeltaCheckpoints {
                 let Some(keeper) = timer.upgrade() else { return };
                 if keeper.due_by_time().await {
                     if let Err(e) = keeper.commit(None).await {
+                        if keeper.archive.lock().await.lost.is_some() {
+                            tracing::error!(error = %e, "rows were lost before their commit: stopping, to start again from the table's last commit");
+                            on_loss.cancel();
+                            return;
+                        }
                         tracing::warn!(error = %e, "cannot commit to the Delta table; trying again at the next save");
                     }
                 }
@@ -1093,6 +1106,21 @@ fn unique_columns(
 
 /// The largest row group of a data file, encoded.
 const ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// Runs a step of delta-rs's writer, its panics made errors: on some failed uploads its cleanup
+/// panics (object_store's `BufWriter` refuses an abort once its shutdown began), which must not
+/// take the task holding the table down, nor leave the failure unsaid.
+async fn contained<T>(
+    step: impl std::future::Future<Output = Result<T, DeltaTableError>>,
+) -> Result<T, DeltaTableError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(step).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            Err(DeltaTableError::Generic("the Parquet writer failed while cleaning up a failed upload".to_owned()))
+        }
+    }
+}
 
 /// The rows of a data file (which holds no partition column) with their day, as rows of the
 /// table's `schema`.
