@@ -68,7 +68,7 @@ const DAYS_KEPT: usize = 8;
 
 /// Days of rows waiting past which they are committed: each day has a data file open, which
 /// holds a row group and an upload part in memory.
-const OPEN_DAYS: usize = 8;
+const OPEN_DAYS: usize = 4;
 
 /// Where the positions committed with the data are kept, per writer (application id), by the
 /// version of the writer's application transaction. A Delta checkpoint keeps the transaction
@@ -1073,7 +1073,7 @@ pub struct Compaction {
     pub version: Option<u64>,
 }
 
-/// How data files are written as rows come: zstd, level 3, in row groups of at most 8 MB, so
+/// How data files are written as rows come: zstd, level 3, in row groups of at most 2 MB, so
 /// that a file being written holds little in memory; no dictionary for the columns whose values
 /// are all different (it would only be built and dropped).
 fn writer_properties() -> WriterProperties {
@@ -1105,7 +1105,7 @@ fn unique_columns(
 }
 
 /// The largest row group of a data file, encoded.
-const ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
+const ROW_GROUP_BYTES: usize = 2 * 1024 * 1024;
 
 /// Runs a step of delta-rs's writer, its panics made errors: on some failed uploads its cleanup
 /// panics (object_store's `BufWriter` refuses an abort once its shutdown began), which must not
