@@ -116,7 +116,18 @@ impl TestEnv {
         let state = self.token_file().parent().unwrap().to_path_buf();
         let moved = state.with_file_name("state.moved");
         std::fs::rename(&state, &moved).unwrap();
-        std::fs::write(&state, "not a directory").unwrap();
+        // A save under way may make the directory again in between (seen under load): it is
+        // removed, with the newer token it may hold (the moved, older one is then resumed
+        // from: a replay, which is idempotent), until the plain file takes its place.
+        loop {
+            match std::fs::write(&state, "not a directory") {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+                    let _ = std::fs::remove_dir_all(&state);
+                }
+                Err(e) => panic!("blocking the token saves: {e}"),
+            }
+        }
         moved
     }
 
