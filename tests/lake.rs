@@ -246,6 +246,26 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     t.cleanup().await;
 }
 
+/// `watch --catch-up` (and a gap-fill, which runs the same fill) archives the orders delivered
+/// before it started into the table it watches for, never into the archive collection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_archives_into_the_table_and_its_position_is_the_tables() {
+    let (t, refs, table, lake) = watching_a_table("lake_catch_up").await;
+    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Delivered before any watch ran.
+    t.deliver(&refs, 0..12).await;
+    let mut watch = t.watch().args(["--catch-up"]).envs(&vars).until("change stream open").await;
+    common::eventually(30, "12 rows committed", || committed(&table, 12)).await;
+    t.deliver(&refs, 12..15).await;
+    common::eventually(30, "15 rows committed", || committed(&table, 15)).await;
+    let log = watch.stop_ok().await;
+    assert_eq!(t.archive_len().await, 0, "the catch-up wrote into the archive collection: {log}");
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(15), Some(15)), "{log}");
+    assert!(!t.token_file().exists(), "the position is in the table, not in a token file: {log}");
+    t.cleanup().await;
+}
+
 /// A data file that cannot be written loses the rows waiting with the writer: watch commits no
 /// position past them, stops (exit 1), and its next start archives them from the table's last
 /// commit.

@@ -137,6 +137,21 @@ fn unit(path: &[String]) -> String {
     }
 }
 
+/// The adapters of the archive's port, under `pipeline::sink`.
+const ADAPTERS: &[&str] = &["delta", "mongo"];
+
+/// Whether code of `text` (outside comments and unit tests) names the external crate `name`.
+fn mentions_crate(text: &str, name: &str) -> bool {
+    let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or_default();
+    text.lines().map(|line| line.split("//").next().unwrap_or_default()).any(|code| {
+        code.match_indices(name).any(|(at, _)| {
+            let before = code[..at].chars().next_back();
+            let after = &code[at + name.len()..];
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') && after.starts_with("::")
+        })
+    })
+}
+
 #[test]
 fn layers_are_used_downwards_only_and_no_module_imports_in_a_cycle() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -155,6 +170,13 @@ fn layers_are_used_downwards_only_and_no_module_imports_in_a_cycle() {
         }
         let text = std::fs::read_to_string(file).unwrap();
         let from_layer = layer_of(top);
+        let in_delta_adapter = module.len() > 2 && module[..3] == ["pipeline", "sink", "delta"];
+        if !in_delta_adapter && mentions_crate(&text, "deltalake") {
+            violations.push(format!(
+                "{}: deltalake (the Delta table's crate used outside its adapter, pipeline::sink::delta)",
+                file.strip_prefix(&src).unwrap().display()
+            ));
+        }
         for path in crate_paths(&text, &module) {
             let target_top = &path[0];
             let to_layer = layer_of(target_top);
@@ -171,6 +193,13 @@ fn layers_are_used_downwards_only_and_no_module_imports_in_a_cycle() {
             // a command knows nothing of flags or clap.
             if top == "commands" && target_top == "cli" {
                 violations.push(format!("{shown} (a command uses the command-line layer)"));
+            }
+            // The archive's store is chosen once, behind its port: only the sink knows its
+            // adapters (the collection, the Delta table).
+            let sink = ["pipeline", "sink"];
+            let names_an_adapter = path.len() > 2 && path[..2] == sink && ADAPTERS.contains(&path[2].as_str());
+            if names_an_adapter && module[..module.len().min(2)] != sink {
+                violations.push(format!("{shown} (an archive store's adapter used outside the sink: use its port)"));
             }
             // The longest known module the path names.
             let target = (1..=path.len())
@@ -213,6 +242,15 @@ fn layers_are_used_downwards_only_and_no_module_imports_in_a_cycle() {
     }
     violations.extend(cycles.into_iter().map(|c| format!("an import cycle: {c}")));
     assert!(violations.is_empty(), "the module layering is broken:\n  {}", violations.join("\n  "));
+}
+
+#[test]
+fn the_checker_sees_an_external_crate_named_in_code_only() {
+    assert!(mentions_crate("use deltalake::DeltaTable;", "deltalake"));
+    assert!(mentions_crate("let t = deltalake::open_table(url);", "deltalake"));
+    assert!(!mentions_crate("// deltalake::open_table is called by the adapter", "deltalake"));
+    assert!(!mentions_crate("use crate::pipeline::sink::delta;", "deltalake"));
+    assert!(!mentions_crate("let my_deltalake::x;", "deltalake"));
 }
 
 #[test]

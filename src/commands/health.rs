@@ -163,7 +163,7 @@ async fn table_report(
             return (error.clone(), error);
         }
     };
-    let table = match archiver.table_summary().await {
+    let mut table = match archiver.table_summary().await {
         Ok(Some((version, files))) => {
             json!({ "status": "ok", "sink": "delta", "table": uri, "version": version, "files": files })
         }
@@ -173,6 +173,12 @@ async fn table_report(
             json!({ "status": "error", "sink": "delta", "table": uri, "error": scrub(&e.to_string()) })
         }
     };
+    // The dead letters, in the table beside it: an unreadable one is said, not fatal.
+    table["dead_letters_in"] = Value::from(archiver.dead_letter_location());
+    match archiver.dead_letter_count().await {
+        Ok(count) => table["dead_letters"] = Value::from(count),
+        Err(e) => table["dead_letters_error"] = Value::from(scrub(&e.to_string())),
+    }
     let loaded = match archiver.checkpoint_keeper(config, &tokio_util::sync::CancellationToken::new()).await {
         Some(keeper) => keeper.load().await,
         None => Ok(None),

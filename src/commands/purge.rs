@@ -158,19 +158,13 @@ pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationTok
     // The orders are read and deleted on the primary: what is verified is what is deleted.
     let source = db::on_primary(&dbs.source);
     let orders: Collection<Document> = source.collection(&config.orders.collection);
-    // The archive copy that decides a delete is read at majority from the primary: a copy that a
-    // failover could still roll back must never justify deleting its order.
-    let archive: Collection<Document> = db::on_primary(&dbs.archive).collection_with_options(
-        &config.archive.collection,
-        mongodb::options::CollectionOptions::builder().read_concern(mongodb::options::ReadConcern::majority()).build(),
-    );
     let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch).await?;
-    if args.rearchive && archiver.is_table() {
-        bail!(UsageError(
-            "--rearchive replaces archive copies, which a Delta table does not do: purge without it, and \
-             archive changed orders again with verify --repair after they are purged or restored"
-                .to_owned()
-        ));
+    if args.rearchive && !archiver.replaces_copies() {
+        bail!(UsageError(format!(
+            "--rearchive replaces archive copies, which {} does not do: purge without it, and archive \
+             changed orders again with verify --repair after they are purged or restored",
+            archiver.store_description()
+        )));
     }
     let filter = delivered_in_range(config, range);
     let started = Instant::now();
@@ -192,7 +186,7 @@ pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationTok
         }
         let chunk = chunk.map_err(|e| e.1).context("reading the orders to purge")?;
         progress.add(chunk.len() as u64);
-        let mut eligible = verify_chunk(config, &archive, &archiver, chunk, args, &mut summary).await?;
+        let mut eligible = verify_chunk(config, &archiver, chunk, args, &mut summary).await?;
         summary.eligible += eligible.len() as u64;
         if args.dry_run || eligible.is_empty() {
             continue;
@@ -207,12 +201,7 @@ pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationTok
         // The archive copies are marked first, so that `verify` tells a purged order from an
         // orphan whatever instant a crash comes at: a mark whose order still exists is harmless.
         let ids: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
-        let now = mongodb::bson::DateTime::now();
-        archiver.mark_purged_in_table(&ids).await.context("recording the purged orders in the table")?;
-        archive
-            .update_many(doc! { "_id": { "$in": &ids } }, doc! { "$set": { field::PURGED_AT: now } })
-            .await
-            .context("marking the archive copies as purged")?;
+        archiver.mark_purged(&ids).await.context("marking the archive copies as purged")?;
         let deleted = delete_unchanged(&orders, &eligible).await.context("deleting archived orders")?;
         summary.purged += deleted;
         if deleted < eligible.len() as u64 {
@@ -220,10 +209,7 @@ pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationTok
             let still = crate::pipeline::order_id::present_among(&orders, &ids, doc! {}).await?;
             eligible.retain(|d| d.get("_id").is_some_and(|id| still.contains(&equality_key(id))));
             let kept: Vec<Bson> = eligible.iter().filter_map(|d| d.get("_id").cloned()).collect();
-            archive
-                .update_many(doc! { "_id": { "$in": kept } }, doc! { "$unset": { field::PURGED_AT: "" } })
-                .await
-                .context("unmarking the archive copies of kept orders")?;
+            archiver.unmark_purged(&kept).await.context("unmarking the archive copies of kept orders")?;
             for order in &eligible {
                 tracing::warn!(order_id = %id_text(order), "order changed during the purge; kept");
                 note(&mut summary.changed_ids, order);
@@ -244,21 +230,13 @@ pub async fn run(config: &Config, args: &PurgeOptions, shutdown: CancellationTok
 /// changed orders get a fresh archive copy first and become eligible.
 async fn verify_chunk(
     config: &Config,
-    archive: &Collection<Document>,
     archiver: &Archiver,
     chunk: Vec<Document>,
     args: &PurgeOptions,
     summary: &mut PurgeSummary,
 ) -> anyhow::Result<Vec<Document>> {
-    let ids: Vec<Bson> = chunk.iter().map(|d| d.get("_id").cloned().unwrap_or(Bson::Null)).collect();
-    // A table's rows are compared by digest, read from its latest committed version.
-    let archived = match archiver.table_digests_of(&chunk, &config.orders.fields.date_livraison).await? {
-        Some(digests) => digests
-            .into_iter()
-            .map(|(key, digest)| (key, doc! { field::SOURCE_DIGEST: digest.map_or(Bson::Null, Bson::String) }))
-            .collect(),
-        None => archived_copies(archive, &ids).await?,
-    };
+    let delivered_on = &config.orders.fields.date_livraison;
+    let archived = archiver.copies_of(&chunk, delivered_on).await.context("reading the archive")?;
     let mut eligible = Vec::with_capacity(chunk.len());
     let mut changed = Vec::new();
     for order in chunk {
@@ -283,7 +261,7 @@ async fn verify_chunk(
         // Deleted only where the archive now holds a copy of exactly the order to delete: a copy
         // the replace left as it was (the order no longer counts as delivered there, or vanished
         // meanwhile) keeps its order in the source.
-        let copies = archived_copies(archive, &ids).await?;
+        let copies = archiver.copies_of(&changed, delivered_on).await.context("reading the archive")?;
         for order in changed {
             let key = order.get("_id").map(equality_key).unwrap_or_default();
             let digest = copies.get(&key).and_then(|copy| copy.get_str(field::SOURCE_DIGEST).ok());
@@ -307,16 +285,6 @@ async fn verify_chunk(
         summary.skipped_changed += changed.len() as u64;
     }
     Ok(eligible)
-}
-
-/// The archive copies of these orders, by [`equality_key`] of their ids.
-async fn archived_copies(
-    archive: &Collection<Document>,
-    ids: &[Bson],
-) -> anyhow::Result<std::collections::HashMap<String, Document>> {
-    let archived: Vec<Document> =
-        archive.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await.context("reading the archive")?;
-    Ok(archived.into_iter().filter_map(|d| Some((equality_key(d.get("_id")?), d))).collect())
 }
 
 /// Deletes the orders of `verified` that are still exactly as verified; returns how many.

@@ -149,7 +149,7 @@ pub async fn run(
         _ = shutdown.cancelled() => anyhow::bail!("interrupted before connecting"),
     };
     let archiver = Archiver::open(config, &dbs, ArchiveSource::Batch).await?;
-    if let Some(rows) = archiver.table_rows_in(range.from, range.to).await? {
+    if let Some(rows) = archiver.rows_in(range.from, range.to).await? {
         return verify_table(config, &dbs, &archiver, range, repair, rows).await;
     }
     let orders: Collection<Document> = dbs.source.collection(&config.orders.collection);
@@ -290,13 +290,8 @@ async fn verify_table(
             repaired += archiver.archive_missing_ids(ids).await.context("repairing")?.inserted;
         }
         archiver.finish().await.context("committing the repair")?;
-        let now_held: HashSet<String> = archiver
-            .table_rows_in(range.from, range.to)
-            .await?
-            .unwrap_or_default()
-            .into_iter()
-            .map(|row| row.id)
-            .collect();
+        let now_held: HashSet<String> =
+            archiver.rows_in(range.from, range.to).await?.unwrap_or_default().into_iter().map(|row| row.id).collect();
         missing_ids.retain(|id| !now_held.contains(&id_text(id)));
         tracing::info!(repaired, still_missing = missing_ids.len(), "missing orders archived (--repair)");
     }

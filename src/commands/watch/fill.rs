@@ -70,6 +70,7 @@ pub(super) async fn fill(
     config: &Config,
     dbs: &Databases,
     state: &mut StreamState,
+    watching: &Archiver,
     mut progress: FillProgress,
     shutdown: &CancellationToken,
 ) -> Result<(), WatchError> {
@@ -111,7 +112,8 @@ pub(super) async fn fill(
     state.telemetry.work_done();
     state.telemetry.fill_progressed(0);
     let started = Instant::now();
-    let archiver = Archiver::new(config, dbs, ArchiveSource::Batch);
+    // Into the store `watch` writes to, whatever it is: a table's rows commit with the position.
+    let archiver = Archiver::sharing_store(config, dbs, ArchiveSource::Batch, watching);
     let mut total = WriteOutcome::default();
     let mut last_save = Instant::now();
     loop {

@@ -372,10 +372,10 @@ async fn lead(
     let unfinished = state.checkpoint.as_ref().and_then(|c| c.fill.clone());
     let caught_up = unfinished.as_ref().is_some_and(|f| f.kind == CATCH_UP);
     if let Some(progress) = unfinished {
-        fill(config, dbs, &mut state, progress, stop).await?;
+        fill(config, dbs, &mut state, &archiver, progress, stop).await?;
     }
     if options.catch_up && !caught_up && !stop.is_cancelled() {
-        fill(config, dbs, &mut state, new_fill(CATCH_UP, None), stop).await?;
+        fill(config, dbs, &mut state, &archiver, new_fill(CATCH_UP, None), stop).await?;
     }
     if stop.is_cancelled() {
         flush_store(&mut state).await?;
@@ -431,7 +431,7 @@ async fn lead(
             };
             let since = checkpoint.last_event_wall_time.unwrap_or(checkpoint.saved_at)
                 - chrono::Duration::seconds(config.watch.gap_fill_margin_secs.min(i64::MAX as u64) as i64);
-            fill(config, dbs, &mut state, new_fill(GAP_FILL, Some(since)), stop).await?;
+            fill(config, dbs, &mut state, &archiver, new_fill(GAP_FILL, Some(since)), stop).await?;
             if stop.is_cancelled() {
                 // The fill was interrupted; the next start fills again from the same position.
                 return Ok(());
@@ -517,8 +517,8 @@ async fn read_past_large_event(
     }
     let mut outcome = db::bounded(archiver.archive_ids(&delivered, &times), what, limit, stop).await.map_err(failed)?;
     for (position, reason) in &read.unreadable {
-        tracing::error!(position = %position, error = %reason,
-            "a change names no readable order id; recorded in the dead-letter collection");
+        tracing::error!(position = %position, error = %reason, dead_letters = %archiver.dead_letter_location(),
+            "a change names no readable order id; dead-lettered");
         db::bounded(archiver.dead_letter_event(position, reason), what, limit, stop).await.map_err(failed)?;
         outcome.dead_lettered += 1;
     }

@@ -120,8 +120,8 @@ pub(super) async fn write_batch(
             let (mut outcome, slices) = archive_within(archiver, &ids, &times, state, shutdown).await?;
             // A delivery whose order cannot be named is recorded, never passed over in silence.
             for (position, reason) in &unreadable {
-                tracing::error!(position = %position, error = %reason,
-                    "a delivery event names no readable order id; recorded in the dead-letter collection");
+                tracing::error!(position = %position, error = %reason, dead_letters = %archiver.dead_letter_location(),
+                    "a delivery event names no readable order id; dead-lettered");
                 archiver.dead_letter_event(position, reason).await?;
                 outcome.dead_lettered += 1;
             }

@@ -1,35 +1,38 @@
-//! Idempotent writes to the archive. Every archive document is keyed on its order's `_id` and
-//! inserted only if absent, so replaying an event or re-running a date range never makes a second
-//! document. Orders the archive refuses go to a dead-letter collection, never silently away.
+//! The archive's port and the last stage of the pipeline. [`ArchiveStore`] is what a store of
+//! archive documents must do: write a batch idempotently (one document per order, whatever is
+//! replayed), record dead letters, read copies back for `verify` and `purge`, and keep `watch`'s
+//! position or leave it to a checkpoint store. One adapter per store, chosen once at start by
+//! [`Archiver::open`]: [`mongo`] (a collection, the default) and [`delta`] (a Delta Lake table).
+//! [`Archiver`] enriches orders and writes them through the port; the commands and the rest of
+//! the pipeline never know which store it is.
 //!
-//! The archive is a MongoDB collection, or a Delta Lake table ([`delta`]), chosen once at start
-//! by [`Archiver::open`]: the callers write through the same [`Archiver`] either way.
+//! Orders a store refuses go to its dead letters, never silently away.
 
 pub mod delta;
+pub mod mongo;
 
 pub use delta::ArchivedRow;
+pub use mongo::MAX_DOCUMENT_BYTES;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf};
-use mongodb::error::{Error, ErrorKind};
-use mongodb::options::{IndexOptions, UpdateOptions};
+use mongodb::error::Error;
+use mongodb::options::IndexOptions;
 use mongodb::Collection;
 use mongodb::IndexModel;
 
 use super::document::{vanished_order_document, ArchiveSource};
 use super::join::Joiner;
 use super::lookup::{self, enrichment_stages};
-use super::order_id::{equality_key, present_among};
+use super::order_id::equality_key;
+use crate::checkpoint::CheckpointKeeper;
 use crate::config::{ArchiveSink, Config, EnrichMode};
-use crate::db::{error_code, is_archive_refusal, is_transient, Databases, DUPLICATE_KEY};
-
-/// The largest document MongoDB stores (`maxBsonObjectSize`).
-pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
-
-/// The server's code for a document over [`MAX_DOCUMENT_BYTES`].
-const BSON_OBJECT_TOO_LARGE: i32 = 10334;
+use crate::db::{error_code, is_archive_refusal, is_transient, Databases};
 
 /// When each order's delivery event happened, keyed by [`equality_key`]; recorded with dead
 /// letters. Empty for the batch path, which has no events.
@@ -54,7 +57,7 @@ pub struct WriteOutcome {
     pub already_archived: u64,
     /// Documents written with a non-empty `anomalies`.
     pub anomalies: u64,
-    /// Orders recorded in the dead-letter collection instead.
+    /// Orders recorded in the dead letters instead.
     pub dead_lettered: u64,
     /// Of those, orders whose archive document exceeds the archive's document size limit.
     pub too_large: u64,
@@ -70,22 +73,148 @@ impl std::ops::AddAssign for WriteOutcome {
     }
 }
 
-/// An order the archive refused on its own account.
+/// An order a store refused on its own account.
 #[derive(Debug)]
-struct Refusal {
-    id: Bson,
-    code: Option<i32>,
-    /// The server's explanation, scrubbed of credentials.
-    reason: String,
+pub struct Refusal {
+    /// The order's id.
+    pub id: Bson,
+    /// The store's error code, when it has one.
+    pub code: Option<i32>,
+    /// The store's explanation, scrubbed of credentials.
+    pub reason: String,
     /// The error it came with, returned when the refusal turns out not to be the order's.
-    error: Error,
+    pub error: Error,
     /// The size of its archive document, when that is why it was refused.
-    size: Option<usize>,
+    pub size: Option<usize>,
 }
 
-impl Refusal {
-    fn into_error(self) -> Error {
-        self.error
+/// A dead letter: an order the archive could not take, or a delivery event whose order id cannot
+/// be read, with why. Stores keep one per order (or event) and count the attempts, or keep one
+/// row per attempt.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The order's id; `None` for an event whose order id cannot be read.
+    pub order_id: Option<Bson>,
+    /// The change event's position, for an event dead-lettered as such.
+    pub event_position: Option<String>,
+    /// Why, scrubbed of credentials.
+    pub reason: String,
+    /// The error code, when the refusal came with one.
+    pub code: Option<i32>,
+    /// The archive document's size, when that is why it was refused.
+    pub size: Option<usize>,
+    /// When the delivery event happened (`watch` only).
+    pub event_time: Option<mongodb::bson::DateTime>,
+    /// Which command met it.
+    pub source: ArchiveSource,
+}
+
+/// What a store returns: a boxed future, so that stores can be chosen at run time.
+pub type StoreFuture<'a, T, E = Error> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'a>>;
+
+/// What a store of archive documents does: the archive's port. The write errors are the
+/// driver's type, since the archiver classifies them (transient, the store's own refusal, an
+/// order's fault); an adapter wraps its own in [`crate::db::StoreFailure`].
+pub trait ArchiveStore: std::fmt::Debug + Send + Sync {
+    /// Where the documents go, for logs and reports (no credentials).
+    fn describe(&self) -> String;
+
+    /// Writes archive documents idempotently: one per order, an order already archived left as
+    /// it is (counted in `already_archived`). A document the store refuses on its own account
+    /// goes to `refused`, the others are written; an error of the whole write is returned.
+    fn write<'a>(&'a self, docs: Vec<RawDocumentBuf>, refused: &'a mut Vec<Refusal>) -> StoreFuture<'a, WriteOutcome>;
+
+    /// The [`equality_key`]s of the ids among `ids` known to be archived, so that they are not
+    /// enriched in vain; a store may know none (its writes leave them out anyway).
+    fn archived_among<'a>(&'a self, ids: &'a [Bson]) -> StoreFuture<'a, HashSet<String>>;
+
+    /// Whether [`ArchiveStore::replace`] can replace an archive copy (`purge --rearchive`).
+    fn replaces_copies(&self) -> bool {
+        false
+    }
+
+    /// Replaces the archive copy of an order with `document` (written when absent).
+    fn replace(&self, document: RawDocumentBuf) -> StoreFuture<'_, ()> {
+        drop(document);
+        Box::pin(async { Err(Error::custom("this archive never replaces an archive copy")) })
+    }
+
+    /// Where the dead letters go, for logs and reports.
+    fn dead_letter_location(&self) -> String;
+
+    /// Records a dead letter (or another attempt of one).
+    fn record_dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> StoreFuture<'a, ()>;
+
+    /// Makes what was written durable and visible to readers (a table's rows committed).
+    fn finish(&self) -> StoreFuture<'_, ()>;
+
+    /// The archive copies of these orders, by [`equality_key`] of their ids, read from what is
+    /// durable (a collection's majority-committed documents, a table's committed version): at
+    /// least their `source_digest`, and for a collection the whole copy. `delivered_on` names
+    /// the orders' delivery date field (a table is partitioned by it). An order without a copy
+    /// is absent.
+    fn copies_of<'a>(
+        &'a self,
+        orders: &'a [Document],
+        delivered_on: &'a str,
+    ) -> StoreFuture<'a, HashMap<String, Document>, anyhow::Error>;
+
+    /// Records that `purge` is deleting these orders from the source, so that `verify` tells
+    /// their copies from orphans.
+    fn mark_purged<'a>(&'a self, ids: &'a [Bson]) -> StoreFuture<'a, (), anyhow::Error>;
+
+    /// Undoes [`ArchiveStore::mark_purged`] for orders `purge` kept after all (a store whose
+    /// marks only count for orders gone from the source needs nothing).
+    fn unmark_purged<'a>(&'a self, ids: &'a [Bson]) -> StoreFuture<'a, (), anyhow::Error> {
+        let _ = ids;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// How many dead letters the store holds (orders and events), for `health`.
+    fn dead_letter_count(&self) -> StoreFuture<'_, u64, anyhow::Error>;
+
+    /// The archived rows of a date range, when the store is read whole for `verify` (a table);
+    /// `None` when `verify` compares in the database, chunk by chunk (a collection).
+    fn rows_in(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StoreFuture<'_, Option<Vec<ArchivedRow>>, anyhow::Error> {
+        let _ = (from, to);
+        Box::pin(async { Ok(None) })
+    }
+
+    /// The keeper of `watch`'s position when the store keeps it in the same commits as the data
+    /// (a table, committing at least every `commit_every`; `on_loss` is cancelled when rows
+    /// waiting for a commit are lost); `None` when the position lives in a checkpoint store.
+    fn checkpoint_keeper(
+        &self,
+        commit_every: std::time::Duration,
+        on_loss: tokio_util::sync::CancellationToken,
+    ) -> StoreFuture<'_, Option<Arc<dyn CheckpointKeeper>>, std::convert::Infallible> {
+        let _ = (commit_every, on_loss);
+        Box::pin(async { Ok(None) })
+    }
+
+    /// The store's version and number of data files, when it is a table.
+    fn summary(&self) -> StoreFuture<'_, Option<(Option<u64>, usize)>, anyhow::Error> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Rewrites the small files of the days between `from` and `to` into one per day (a table).
+    fn compact(
+        &self,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+    ) -> StoreFuture<'_, delta::Compaction, anyhow::Error> {
+        let _ = (from, to);
+        Box::pin(async { Err(not_a_table()) })
+    }
+
+    /// Deletes the files no version references any more, older than `retention` (a table).
+    fn vacuum(&self, retention: chrono::Duration) -> StoreFuture<'_, usize, anyhow::Error> {
+        let _ = retention;
+        Box::pin(async { Err(not_a_table()) })
     }
 }
 
@@ -120,19 +249,17 @@ pub enum OpenError {
     Unavailable(String),
 }
 
-/// Enriches orders and writes them to the archive.
+/// Enriches orders and writes them to the archive, through its store.
 #[derive(Debug, Clone)]
 pub struct Archiver {
     orders: Collection<Document>,
-    archive: Collection<RawDocumentBuf>,
-    dead_letters: Collection<Document>,
     stages: Vec<Document>,
     /// The client-side join, when configured and possible for this configuration.
     joiner: Option<Joiner>,
     source: ArchiveSource,
     delivered_status: String,
-    /// The Delta table, when the archive is one: documents go there instead of `archive`.
-    lake: Option<std::sync::Arc<tokio::sync::Mutex<delta::DeltaArchive>>>,
+    /// Where the archive documents go.
+    store: Arc<dyn ArchiveStore>,
 }
 
 impl Archiver {
@@ -141,18 +268,14 @@ impl Archiver {
     pub async fn open(config: &Config, dbs: &Databases, source: ArchiveSource) -> Result<Self, OpenError> {
         let mut archiver = Archiver::new(config, dbs, source);
         if config.archive.sink == ArchiveSink::Delta {
-            let uri = config.lake.table_uri.as_deref().unwrap_or_default();
             // `watch` keeps its position per stream; `batch` runs need none.
             let app_id = match source {
                 ArchiveSource::Watch => crate::coordination::stream_name(config),
                 _ => format!("archiver-{}", source.as_str()),
             };
-            let table = delta::DeltaArchive::open(config, uri, &app_id).await.map_err(|e| match e {
-                delta::LakeError::Layout { .. } => OpenError::Misconfigured(e.to_string()),
-                other => OpenError::Unavailable(other.to_string()),
-            })?;
-            tracing::info!(table = %table.uri(), "archiving to a Delta table");
-            archiver.lake = Some(std::sync::Arc::new(tokio::sync::Mutex::new(table)));
+            let store = delta::TableStore::open(config, &app_id, true).await?.expect("created when missing");
+            tracing::info!(table = %store.describe(), "archiving to a Delta table");
+            archiver.store = Arc::new(store);
         }
         Ok(archiver)
     }
@@ -163,90 +286,70 @@ impl Archiver {
         if config.archive.sink != ArchiveSink::Delta {
             return Ok(None);
         }
-        let uri = config.lake.table_uri.as_deref().unwrap_or_default();
         let app_id = crate::coordination::stream_name(config);
-        match delta::DeltaArchive::open_existing(config, uri, &app_id).await {
-            Ok(Some(table)) => {
-                let mut archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
-                archiver.lake = Some(std::sync::Arc::new(tokio::sync::Mutex::new(table)));
-                Ok(Some(archiver))
-            }
-            Ok(None) => Ok(None),
-            Err(e @ delta::LakeError::Layout { .. }) => Err(OpenError::Misconfigured(e.to_string())),
-            Err(e) => Err(OpenError::Unavailable(e.to_string())),
-        }
+        let Some(store) = delta::TableStore::open(config, &app_id, false).await? else { return Ok(None) };
+        let mut archiver = Archiver::new(config, dbs, ArchiveSource::Watch);
+        archiver.store = Arc::new(store);
+        Ok(Some(archiver))
     }
 
-    /// The table's version and number of data files (a Delta table's; `None` for the
-    /// collection).
+    /// Where the archive documents go, for reports.
+    pub fn store_description(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The store's version and number of data files, when it is a table.
     pub async fn table_summary(&self) -> anyhow::Result<Option<(Option<u64>, usize)>> {
-        let Some(lake) = &self.lake else { return Ok(None) };
-        Ok(Some(lake.lock().await.summary().await?))
+        self.store.summary().await
     }
 
-    /// Commits what the store still holds for a later write (the Delta table's waiting rows);
-    /// nothing to do for the collection.
+    /// Makes what was written durable and visible (a table's waiting rows committed).
     pub async fn finish(&self) -> Result<(), Error> {
-        if let Some(lake) = &self.lake {
-            lake.lock().await.commit(None).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()))?;
-        }
-        Ok(())
+        self.store.finish().await
     }
 
-    /// The archived rows of a date range, read from a Delta table (`None` for the collection,
-    /// which `verify` queries itself).
-    pub async fn table_rows_in(
+    /// The archived rows of a date range, when the store is read whole for `verify` (see
+    /// [`ArchiveStore::rows_in`]).
+    pub async fn rows_in(
         &self,
         from: chrono::DateTime<chrono::Utc>,
         to: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> anyhow::Result<Option<Vec<delta::ArchivedRow>>> {
-        let Some(lake) = &self.lake else { return Ok(None) };
-        Ok(Some(lake.lock().await.rows_in(from, to).await?))
+    ) -> anyhow::Result<Option<Vec<ArchivedRow>>> {
+        self.store.rows_in(from, to).await
     }
 
-    /// The `source_digest` of the table rows of these orders, by [`equality_key`] of their ids
-    /// (an order without a row is absent), read from the latest committed version; `None` for
-    /// the collection, which `purge` reads itself.
-    pub async fn table_digests_of(
+    /// The archive copies of these orders (see [`ArchiveStore::copies_of`]).
+    pub async fn copies_of(
         &self,
         orders: &[Document],
         delivered_on: &str,
-    ) -> anyhow::Result<Option<std::collections::HashMap<String, Option<String>>>> {
-        let Some(lake) = &self.lake else { return Ok(None) };
-        let wanted: Vec<(String, Option<chrono::NaiveDate>)> = orders
-            .iter()
-            .map(|order| {
-                let id = order.get("_id").cloned().unwrap_or(Bson::Null);
-                let day = order.get_datetime(delivered_on).ok().map(|d| d.to_chrono().date_naive());
-                (crate::pipeline::order_id::id_text(&id), day)
-            })
-            .collect();
-        let digests = lake.lock().await.digests_of(&wanted).await?;
-        Ok(Some(
-            orders
-                .iter()
-                .filter_map(|order| {
-                    let id = order.get("_id")?;
-                    let digest = digests.get(&crate::pipeline::order_id::id_text(id))?;
-                    Some((equality_key(id), digest.clone()))
-                })
-                .collect(),
-        ))
+    ) -> anyhow::Result<HashMap<String, Document>> {
+        self.store.copies_of(orders, delivered_on).await
     }
 
-    /// Whether the archive keeps its rows in a table (a Delta table), which replaces nothing.
-    pub fn is_table(&self) -> bool {
-        self.lake.is_some()
+    /// Whether archive copies can be replaced (`purge --rearchive`).
+    pub fn replaces_copies(&self) -> bool {
+        self.store.replaces_copies()
     }
 
-    /// Records that `purge` deleted these orders from the source (a Delta table only; the
-    /// collection marks its documents itself).
-    pub async fn mark_purged_in_table(&self, ids: &[Bson]) -> anyhow::Result<()> {
-        if let Some(lake) = &self.lake {
-            let texts: Vec<String> = ids.iter().map(crate::pipeline::order_id::id_text).collect();
-            lake.lock().await.mark_purged(&texts).await?;
-        }
-        Ok(())
+    /// Records that `purge` is deleting these orders from the source.
+    pub async fn mark_purged(&self, ids: &[Bson]) -> anyhow::Result<()> {
+        self.store.mark_purged(ids).await
+    }
+
+    /// Undoes [`Archiver::mark_purged`] for orders kept after all.
+    pub async fn unmark_purged(&self, ids: &[Bson]) -> anyhow::Result<()> {
+        self.store.unmark_purged(ids).await
+    }
+
+    /// Where the dead letters go.
+    pub fn dead_letter_location(&self) -> String {
+        self.store.dead_letter_location()
+    }
+
+    /// How many dead letters the store holds.
+    pub async fn dead_letter_count(&self) -> anyhow::Result<u64> {
+        self.store.dead_letter_count().await
     }
 
     /// Rewrites the small files of the archive's days into one per day (see
@@ -256,15 +359,13 @@ impl Archiver {
         from: Option<chrono::NaiveDate>,
         to: Option<chrono::NaiveDate>,
     ) -> anyhow::Result<delta::Compaction> {
-        let lake = self.lake.as_ref().ok_or_else(not_a_table)?;
-        Ok(lake.lock().await.compact(from, to).await?)
+        self.store.compact(from, to).await
     }
 
     /// Deletes the files of the archive no version references any more, older than
     /// `retention` (see [`delta::DeltaArchive::vacuum`]); for a Delta table only.
     pub async fn vacuum(&self, retention: chrono::Duration) -> anyhow::Result<usize> {
-        let lake = self.lake.as_ref().ok_or_else(not_a_table)?;
-        Ok(lake.lock().await.vacuum(retention).await?)
+        self.store.vacuum(retention).await
     }
 
     /// The keeper of `watch`'s position when the archive keeps it in the same commits as the
@@ -273,13 +374,15 @@ impl Archiver {
         &self,
         config: &Config,
         on_loss: &tokio_util::sync::CancellationToken,
-    ) -> Option<std::sync::Arc<dyn crate::checkpoint::CheckpointKeeper>> {
-        let lake = self.lake.clone()?;
+    ) -> Option<Arc<dyn CheckpointKeeper>> {
         let every = std::time::Duration::from_secs(config.lake.commit_secs);
-        Some(std::sync::Arc::new(delta::DeltaCheckpoints::new(lake, every, on_loss.clone()).await))
+        match self.store.checkpoint_keeper(every, on_loss.clone()).await {
+            Ok(keeper) => keeper,
+            Err(never) => match never {},
+        }
     }
 
-    /// An archiver for `source` documents.
+    /// An archiver for `source` documents, into the archive collection.
     pub fn new(config: &Config, dbs: &Databases, source: ArchiveSource) -> Self {
         // Enrichment reads from the primary whatever the URI's read preference: a secondary that
         // lags behind the change stream would make a just-delivered order look vanished or stale,
@@ -287,8 +390,6 @@ impl Archiver {
         let primary = crate::db::on_primary(&dbs.source);
         Archiver {
             orders: primary.collection(&config.orders.collection),
-            archive: dbs.archive.collection(&config.archive.collection),
-            dead_letters: dbs.archive.collection(&config.archive.errors_collection),
             stages: enrichment_stages(config, source),
             joiner: match config.enrich.mode {
                 EnrichMode::Join => Joiner::new(config, &primary, source),
@@ -296,8 +397,14 @@ impl Archiver {
             },
             source,
             delivered_status: config.orders.delivered_status.clone(),
-            lake: None,
+            store: Arc::new(mongo::CollectionStore::new(config, dbs)),
         }
+    }
+
+    /// An archiver for `source` documents writing to the same store as `other` (a fill within
+    /// `watch` writes where `watch` writes, and commits with its position).
+    pub fn sharing_store(config: &Config, dbs: &Databases, source: ArchiveSource, other: &Archiver) -> Self {
+        Archiver { store: other.store.clone(), ..Archiver::new(config, dbs, source) }
     }
 
     /// The same archiver, keeping up to `capacity` references it has read for the orders that
@@ -358,7 +465,7 @@ impl Archiver {
         refused: &mut Vec<Refusal>,
     ) -> Result<WriteOutcome, Error> {
         let written = match self.enrich(ids).await {
-            Ok(docs) => self.write_collecting(docs, refused).await,
+            Ok(docs) => self.store.write(docs, refused).await,
             Err(e) => Err(e),
         };
         match written {
@@ -400,12 +507,22 @@ impl Archiver {
             tracing::error!(orders = total, code = ?first.code, error = %first.reason,
                 "the archive refused every order of the batch with the same error: not the orders' \
                  fault, nothing dead-lettered; stopping");
-            return Err(first.into_error());
+            return Err(first.error);
         }
         for refusal in &refused {
             tracing::error!(order_id = %refusal.id, code = ?refusal.code, error = %refusal.reason,
-                size_bytes = refusal.size, "cannot archive an order; recorded in the dead-letter collection");
-            self.record_dead_letter(refusal, times).await?;
+                size_bytes = refusal.size, dead_letters = %self.store.dead_letter_location(),
+                "cannot archive an order; dead-lettered");
+            let letter = DeadLetter {
+                order_id: Some(refusal.id.clone()),
+                event_position: None,
+                reason: refusal.reason.clone(),
+                code: refusal.code,
+                size: refusal.size,
+                event_time: times.get(&equality_key(&refusal.id)).copied(),
+                source: self.source,
+            };
+            self.store.record_dead_letter(&letter).await?;
             outcome.dead_lettered += 1;
             outcome.too_large += u64::from(refusal.size.is_some());
         }
@@ -436,7 +553,7 @@ impl Archiver {
             return self.archive_ids(&ids, times).await;
         };
         let mut refused = Vec::new();
-        match self.write_collecting(docs, &mut refused).await {
+        match self.store.write(docs, &mut refused).await {
             Ok(outcome) => self.settle(outcome, refused, ids.len(), times).await,
             Err(e) if may_be_an_orders_fault(&e) => self.archive_ids(&ids, times).await,
             Err(e) => Err(e),
@@ -453,7 +570,7 @@ impl Archiver {
     /// Like [`Archiver::archive_ids`], but first leaves out the orders already archived, so
     /// that nothing is enriched in vain.
     pub async fn archive_missing_ids(&self, ids: &[Bson]) -> Result<WriteOutcome, Error> {
-        let archived = self.archived_among(ids).await?;
+        let archived = self.store.archived_among(ids).await?;
         let missing: Vec<Bson> = ids.iter().filter(|id| !archived.contains(&equality_key(id))).cloned().collect();
         let mut outcome = self.archive_ids(&missing, &EventTimes::new()).await?;
         outcome.already_archived += (ids.len() - missing.len()) as u64;
@@ -467,7 +584,6 @@ impl Archiver {
     pub async fn rearchive(&self, ids: &[Bson]) -> Result<u64, Error> {
         let mut written = 0;
         for document in self.enrich(ids).await? {
-            let id = id_of(&document);
             // An order gone from the source (a concurrent purge took it) or no longer delivered
             // keeps the copy it has: a placeholder or an undelivered order must never replace it.
             let vanished =
@@ -482,7 +598,7 @@ impl Archiver {
             if vanished || !delivered {
                 continue;
             }
-            self.archive.replace_one(doc! { "_id": id }, document).upsert(true).await?;
+            self.store.replace(document).await?;
             written += 1;
         }
         Ok(written)
@@ -540,142 +656,23 @@ impl Archiver {
     pub async fn write(&self, docs: Vec<RawDocumentBuf>, times: &EventTimes) -> Result<WriteOutcome, Error> {
         let total = docs.len();
         let mut refused = Vec::new();
-        let outcome = self.write_collecting(docs, &mut refused).await?;
+        let outcome = self.store.write(docs, &mut refused).await?;
         self.settle(outcome, refused, total, times).await
     }
 
-    /// Inserts `docs` unordered. A duplicate key on `_id` means "already archived"; any other
-    /// per-document refusal (validation, a duplicate on another unique index, a bad value) is
-    /// collected in `refused`; a transient per-document error (a shard's failover) fails the
-    /// whole call so that it is retried.
-    async fn write_collecting(
-        &self,
-        docs: Vec<RawDocumentBuf>,
-        refused: &mut Vec<Refusal>,
-    ) -> Result<WriteOutcome, Error> {
-        if let Some(lake) = &self.lake {
-            // A table has no per-document limit nor validator: it takes every row, or fails whole.
-            return lake.lock().await.append(docs).await.map_err(|e| crate::db::StoreFailure::error(e.to_string()));
-        }
-        // A document past the server's limit would fail the whole insert (the driver refuses to
-        // send it): it is refused here, with its size, and the others are written.
-        let (docs, oversized): (Vec<_>, Vec<_>) =
-            docs.into_iter().partition(|d| d.as_bytes().len() <= MAX_DOCUMENT_BYTES);
-        for document in &oversized {
-            let bytes = document.as_bytes().len();
-            refused.push(Refusal {
-                id: id_of(document),
-                code: Some(BSON_OBJECT_TOO_LARGE),
-                reason: format!(
-                    "its archive document is {bytes} bytes, over the archive's limit of {MAX_DOCUMENT_BYTES} bytes \
-                     (16 MiB)"
-                ),
-                error: Error::custom(format!("archive document of {bytes} bytes")),
-                size: Some(bytes),
-            });
-        }
-        if docs.is_empty() {
-            return Ok(WriteOutcome::default());
-        }
-        let flagged: Vec<bool> = docs.iter().map(|d| has_anomalies(d)).collect();
-        let ids: Vec<Bson> = docs.iter().map(|d| id_of(d)).collect();
-        let error = match self.archive.insert_many(docs).ordered(false).await {
-            Ok(_) => {
-                let anomalies = flagged.iter().filter(|f| **f).count() as u64;
-                return Ok(WriteOutcome { inserted: ids.len() as u64, anomalies, ..Default::default() });
-            }
-            Err(e) => e,
-        };
-        let ErrorKind::InsertMany(failure) = error.kind.as_ref() else { return Err(error) };
-        if failure.write_concern_error.is_some() || is_transient(&error) || is_archive_refusal(&error) {
-            return Err(error);
-        }
-        let write_errors = failure.write_errors.clone().unwrap_or_default();
-        let duplicates: Vec<Bson> =
-            write_errors.iter().filter(|w| w.code == DUPLICATE_KEY).filter_map(|w| ids.get(w.index).cloned()).collect();
-        let archived = self.archived_among(&duplicates).await?;
-        let mut outcome = WriteOutcome::default();
-        let mut failed = vec![false; ids.len()];
-        for w in &write_errors {
-            let Some(id) = ids.get(w.index) else { continue };
-            failed[w.index] = true;
-            if w.code == DUPLICATE_KEY && archived.contains(&equality_key(id)) {
-                outcome.already_archived += 1;
-                continue;
-            }
-            refused.push(Refusal {
-                id: id.clone(),
-                code: Some(w.code),
-                reason: crate::redact::scrub(&w.message),
-                error: error.clone(),
-                size: None,
-            });
-        }
-        let written = || failed.iter().zip(&flagged).filter(|(failed, _)| !**failed);
-        outcome.inserted = written().count() as u64;
-        outcome.anomalies = written().filter(|(_, flagged)| **flagged).count() as u64;
-        Ok(outcome)
-    }
-
-    /// The ids among `ids` already in the archive (none known for a Delta table, which leaves
-    /// out what it holds when rows are added).
-    async fn archived_among(&self, ids: &[Bson]) -> Result<HashSet<String>, Error> {
-        if self.lake.is_some() {
-            return Ok(HashSet::new());
-        }
-        present_among(&self.archive.clone_with_type(), ids, doc! {}).await
-    }
-
-    /// Records (or updates) the dead letter of a delivery event whose order id cannot be read,
-    /// keyed by the event's position (`event:<resume token data>`).
+    /// Records (or counts another attempt of) the dead letter of a delivery event whose order id
+    /// cannot be read, keyed by the event's position.
     pub async fn dead_letter_event(&self, position: &str, reason: &str) -> Result<(), Error> {
-        let now = mongodb::bson::DateTime::now();
-        self.dead_letters
-            .update_one(
-                doc! { "_id": format!("event:{position}") },
-                doc! {
-                    "$set": {
-                        "order_id": Bson::Null,
-                        "event_position": position,
-                        "reason": crate::redact::scrub(reason),
-                        "error_code": Bson::Null,
-                        "source": self.source.as_str(),
-                        "last_attempt_at": now,
-                    },
-                    "$setOnInsert": { "first_attempt_at": now },
-                    "$inc": { "attempts": 1 },
-                },
-            )
-            .upsert(true)
-            .await
-            .map(|_| ())
-    }
-
-    /// Records (or updates) the dead letter of one order.
-    async fn record_dead_letter(&self, refusal: &Refusal, times: &EventTimes) -> Result<(), Error> {
-        let (id, reason, code) = (&refusal.id, &refusal.reason, refusal.code);
-        let now = mongodb::bson::DateTime::now();
-        let event_time = times.get(&equality_key(id)).map_or(Bson::Null, |t| Bson::DateTime(*t));
-        let size = refusal.size.map_or(Bson::Null, |bytes| Bson::Int64(bytes as i64));
-        self.dead_letters
-            .update_one(
-                doc! { "_id": id },
-                doc! {
-                    "$set": {
-                        "order_id": id,
-                        "reason": reason,
-                        "error_code": code.map(Bson::Int32).unwrap_or(Bson::Null),
-                        "source": self.source.as_str(),
-                        "last_attempt_at": now,
-                        "size_bytes": size,
-                    },
-                    "$setOnInsert": { "first_attempt_at": now, "event_time": event_time },
-                    "$inc": { "attempts": 1 },
-                },
-            )
-            .with_options(UpdateOptions::builder().upsert(true).build())
-            .await
-            .map(|_| ())
+        let letter = DeadLetter {
+            order_id: None,
+            event_position: Some(position.to_owned()),
+            reason: crate::redact::scrub(reason),
+            code: None,
+            size: None,
+            event_time: None,
+            source: self.source,
+        };
+        self.store.record_dead_letter(&letter).await
     }
 }
 

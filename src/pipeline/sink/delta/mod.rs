@@ -11,7 +11,8 @@
 //! removed by a vacuum.
 //!
 //! The table's layout (its columns) is fixed by [`LAYOUT_VERSION`], recorded in the table's
-//! properties: a table of another layout is refused, never altered.
+//! properties: a table of another layout is refused, never altered. Dead letters go to a second
+//! table beside it ([`errors`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -38,9 +39,11 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, RawBsonRef, RawDocument, RawDocumentBuf};
 
 mod columns;
+pub mod errors;
 
 use self::columns::Columns;
-use super::WriteOutcome;
+use self::errors::ErrorsTable;
+use super::{ArchiveStore, DeadLetter, OpenError, Refusal, StoreFuture, WriteOutcome};
 use crate::checkpoint::{Checkpoint, CheckpointKeeper, KeeperFuture, StoreError};
 use crate::config::Config;
 use crate::pipeline::document::{field, item_field};
@@ -75,6 +78,26 @@ const OPEN_DAYS: usize = 4;
 /// versions when old log entries (and their commit metadata) are cleaned up; these files keep
 /// what each version stands for. Readers and vacuum leave `_`-prefixed directories alone.
 const POSITIONS_DIR: &str = "_archiver/positions";
+
+/// The low bits of an application transaction version name the writer process that made it
+/// (a random tag drawn at open); the high bits count the commits. Two writers of one stream
+/// racing for the same commit so write their positions under different versions: neither can
+/// overwrite the position of the version the other commits (two tags alike, one chance in a
+/// million, would bring that race back).
+const WRITER_BITS: u32 = 20;
+
+/// The version of the next commit after `current` (the table's last one for the application),
+/// for a writer tagged `writer_tag`: always greater, whoever wrote `current` and whether it was
+/// written with tags or not (a table written before tags counts 1, 2, 3…).
+fn next_txn_version(current: Option<i64>, writer_tag: i64) -> i64 {
+    let commits = current.unwrap_or(0) >> WRITER_BITS;
+    ((commits + 1) << WRITER_BITS) | writer_tag
+}
+
+/// Where the position a commit of `app_id` at `txn_version` covers is kept.
+fn position_location(app_id: &str, txn_version: i64) -> deltalake::Path {
+    deltalake::Path::from(format!("{POSITIONS_DIR}/{app_id}/{txn_version:020}.json"))
+}
 
 /// Where `purge` records the orders it deleted from the source after verifying their rows.
 const PURGED_DIR: &str = "_archiver/purged";
@@ -156,6 +179,8 @@ pub struct DeltaArchive {
     commit_bytes: usize,
     /// The application transaction this writer's commits carry, and its last version.
     app_id: String,
+    /// This writer's tag in the versions of its application transaction ([`WRITER_BITS`]).
+    writer_tag: i64,
 }
 
 impl DeltaArchive {
@@ -210,6 +235,7 @@ impl DeltaArchive {
             auto_commit: true,
             commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
             app_id: app_id.to_owned(),
+            writer_tag: rand::random_range(1..(1_i64 << WRITER_BITS)),
         };
         archive.check_layout()?;
         Ok(Some(archive))
@@ -439,14 +465,14 @@ impl DeltaArchive {
                 .transaction_version(self.table.log_store().as_ref(), &self.app_id)
                 .await
                 .map_err(table_error)?;
-            let txn_version = version.unwrap_or(0) + 1;
+            let txn_version = next_txn_version(version, self.writer_tag);
             let properties = CommitProperties::default()
                 .with_application_transaction(Transaction::new(&self.app_id, txn_version))
                 .with_max_retries(0);
             if let Some(position) = position {
                 // Written before the commit that makes it current: a position is never read
                 // for a version whose rows are not committed.
-                let location = deltalake::Path::from(format!("{POSITIONS_DIR}/{}/{txn_version:020}.json", self.app_id));
+                let location = position_location(&self.app_id, txn_version);
                 self.table.object_store().put(&location, position.to_owned().into_bytes().into()).await.map_err(
                     |e| LakeError::Data {
                         uri: self.uri.clone(),
@@ -981,6 +1007,137 @@ impl CheckpointKeeper for DeltaCheckpoints {
     }
 }
 
+/// The Delta Lake adapter of the archive's port: the table, and its dead letters in the table
+/// beside it ([`errors`]).
+#[derive(Debug)]
+pub struct TableStore {
+    archive: Arc<tokio::sync::Mutex<DeltaArchive>>,
+    errors: tokio::sync::Mutex<ErrorsTable>,
+    uri: String,
+}
+
+impl TableStore {
+    /// The table of the configuration (`lake.table_uri`), writing as `app_id`: opened, or
+    /// created when there is none and `create_missing` (`None` when there is none and it is not
+    /// to be created). A table of another layout is a configuration error.
+    pub async fn open(config: &Config, app_id: &str, create_missing: bool) -> Result<Option<Self>, OpenError> {
+        let uri = config.lake.table_uri.as_deref().unwrap_or_default();
+        let opened = DeltaArchive::open_or_create(config, uri, app_id, create_missing).await.map_err(|e| match e {
+            LakeError::Layout { .. } => OpenError::Misconfigured(e.to_string()),
+            other => OpenError::Unavailable(other.to_string()),
+        })?;
+        Ok(opened.map(|archive| TableStore {
+            archive: Arc::new(tokio::sync::Mutex::new(archive)),
+            errors: tokio::sync::Mutex::new(ErrorsTable::beside(uri)),
+            uri: uri.to_owned(),
+        }))
+    }
+}
+
+/// A table's error as one the archiver classifies: the store's own failure, never an order's.
+fn store_failure(error: LakeError) -> mongodb::error::Error {
+    crate::db::StoreFailure::error(error.to_string())
+}
+
+impl ArchiveStore for TableStore {
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn write<'a>(&'a self, docs: Vec<RawDocumentBuf>, _refused: &'a mut Vec<Refusal>) -> StoreFuture<'a, WriteOutcome> {
+        // A table has no per-document limit nor validator: it takes every row, or fails whole.
+        Box::pin(async move { self.archive.lock().await.append(docs).await.map_err(store_failure) })
+    }
+
+    fn archived_among<'a>(&'a self, _ids: &'a [Bson]) -> StoreFuture<'a, HashSet<String>> {
+        // Rows already in the table are left out when they are appended.
+        Box::pin(async { Ok(HashSet::new()) })
+    }
+
+    fn dead_letter_location(&self) -> String {
+        errors::errors_uri(&self.uri)
+    }
+
+    fn record_dead_letter<'a>(&'a self, letter: &'a DeadLetter) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.errors.lock().await.record(letter).await.map_err(store_failure) })
+    }
+
+    fn finish(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.archive.lock().await.commit(None).await.map(drop).map_err(store_failure) })
+    }
+
+    fn copies_of<'a>(
+        &'a self,
+        orders: &'a [mongodb::bson::Document],
+        delivered_on: &'a str,
+    ) -> StoreFuture<'a, HashMap<String, mongodb::bson::Document>, anyhow::Error> {
+        Box::pin(async move {
+            let wanted: Vec<(String, Option<NaiveDate>)> = orders
+                .iter()
+                .map(|order| {
+                    let id = order.get("_id").cloned().unwrap_or(Bson::Null);
+                    let day = order.get_datetime(delivered_on).ok().map(|d| d.to_chrono().date_naive());
+                    (id_text(&id), day)
+                })
+                .collect();
+            let digests = self.archive.lock().await.digests_of(&wanted).await?;
+            Ok(orders
+                .iter()
+                .filter_map(|order| {
+                    let id = order.get("_id")?;
+                    let digest = digests.get(&id_text(id))?;
+                    let copy = mongodb::bson::doc! {
+                        field::SOURCE_DIGEST: digest.clone().map_or(Bson::Null, Bson::String),
+                    };
+                    Some((crate::pipeline::order_id::equality_key(id), copy))
+                })
+                .collect())
+        })
+    }
+
+    fn mark_purged<'a>(&'a self, ids: &'a [Bson]) -> StoreFuture<'a, (), anyhow::Error> {
+        Box::pin(async move {
+            let texts: Vec<String> = ids.iter().map(id_text).collect();
+            Ok(self.archive.lock().await.mark_purged(&texts).await?)
+        })
+    }
+
+    fn dead_letter_count(&self) -> StoreFuture<'_, u64, anyhow::Error> {
+        Box::pin(async move { Ok(self.errors.lock().await.count().await?) })
+    }
+
+    fn rows_in(
+        &self,
+        from: chrono::DateTime<Utc>,
+        to: Option<chrono::DateTime<Utc>>,
+    ) -> StoreFuture<'_, Option<Vec<ArchivedRow>>, anyhow::Error> {
+        Box::pin(async move { Ok(Some(self.archive.lock().await.rows_in(from, to).await?)) })
+    }
+
+    fn checkpoint_keeper(
+        &self,
+        commit_every: std::time::Duration,
+        on_loss: tokio_util::sync::CancellationToken,
+    ) -> StoreFuture<'_, Option<Arc<dyn CheckpointKeeper>>, std::convert::Infallible> {
+        Box::pin(async move {
+            let keeper = DeltaCheckpoints::new(self.archive.clone(), commit_every, on_loss).await;
+            Ok(Some(Arc::new(keeper) as Arc<dyn CheckpointKeeper>))
+        })
+    }
+
+    fn summary(&self) -> StoreFuture<'_, Option<(Option<u64>, usize)>, anyhow::Error> {
+        Box::pin(async move { Ok(Some(self.archive.lock().await.summary().await?)) })
+    }
+
+    fn compact(&self, from: Option<NaiveDate>, to: Option<NaiveDate>) -> StoreFuture<'_, Compaction, anyhow::Error> {
+        Box::pin(async move { Ok(self.archive.lock().await.compact(from, to).await?) })
+    }
+
+    fn vacuum(&self, retention: chrono::Duration) -> StoreFuture<'_, usize, anyhow::Error> {
+        Box::pin(async move { Ok(self.archive.lock().await.vacuum(retention).await?) })
+    }
+}
+
 /// The Arrow schema of the table for these reference fields (customer, courier, restaurant).
 pub fn arrow_schema(reference_fields: &[Vec<String>; 3]) -> Schema {
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
@@ -1234,7 +1391,7 @@ mod tests {
         assert_eq!(first.append(docs(0..20)).await.unwrap().inserted, 20);
         assert_eq!(second.append(docs(10..30)).await.unwrap().inserted, 20, "the second has not seen the first's rows");
         assert_eq!(first.commit(None).await.unwrap(), Some(1));
-        assert_eq!(second.commit(None).await.unwrap(), Some(2), "committed after the first, on the next version");
+        assert_eq!(second.commit(None).await.unwrap(), Some(2), "committed after the first, on the next table version");
 
         let mut reader = DeltaArchive::open(&config, &uri, "reader").await.unwrap();
         let outcome = reader.append(docs(0..30)).await.unwrap();
@@ -1246,7 +1403,53 @@ mod tests {
         assert_eq!(rows, 30, "no row twice");
         let log_store = reader.table.log_store();
         let version = reader.table.snapshot().unwrap().transaction_version(log_store.as_ref(), "second").await;
-        assert_eq!(version.unwrap(), Some(1), "the commit carries its writer's application transaction");
+        assert_eq!(
+            version.unwrap(),
+            Some(next_txn_version(None, second.writer_tag)),
+            "the commit carries its writer's application transaction"
+        );
+    }
+
+    /// Two `watch` processes of one stream on one table (no lease): the one that commits second
+    /// first tries the version the first one commits. Each committed version keeps the position
+    /// of the writer that committed it, so that a restart never resumes from a position whose
+    /// rows the table does not hold.
+    #[tokio::test]
+    async fn writers_of_one_stream_racing_never_overwrite_a_committed_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..20).map(|_| ObjectId::new()).collect();
+        let docs = |range: std::ops::Range<usize>| range.map(|i| archive_document(ids[i], 1)).collect();
+        let mut first = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        let mut second = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        first.append(docs(0..10)).await.unwrap();
+        second.append(docs(10..20)).await.unwrap();
+        first.commit(Some("first's position")).await.unwrap();
+        let log_store = first.table.log_store();
+        let committed_first = first.table.snapshot().unwrap().transaction_version(log_store.as_ref(), "watch").await;
+        let committed_first = committed_first.unwrap().unwrap();
+        // The second still sees the table before the first's commit.
+        second.commit(Some("second's position")).await.unwrap();
+
+        let position_of = |version: i64| {
+            let store = second.table.object_store();
+            async move {
+                let read = store.get(&position_location("watch", version)).await.unwrap();
+                String::from_utf8(read.bytes().await.unwrap().to_vec()).unwrap()
+            }
+        };
+        assert_eq!(position_of(committed_first).await, "first's position", "the second overwrote it");
+        let reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("second's position"));
+    }
+
+    #[test]
+    fn versions_of_an_application_transaction_increase_whoever_wrote_the_last() {
+        let tag = (1 << WRITER_BITS) - 1;
+        assert_eq!(next_txn_version(None, 5), (1 << WRITER_BITS) | 5);
+        assert!(next_txn_version(Some(57), 1) > 57, "a table written before tags");
+        assert!(next_txn_version(Some(next_txn_version(None, tag)), 1) > next_txn_version(None, tag));
     }
 
     #[tokio::test]
