@@ -1046,7 +1046,16 @@ impl ArchiveStore for TableStore {
 
     fn write<'a>(&'a self, docs: Vec<RawDocumentBuf>, _refused: &'a mut Vec<Refusal>) -> StoreFuture<'a, WriteOutcome> {
         // A table has no per-document limit nor validator: it takes every row, or fails whole.
-        Box::pin(async move { self.archive.lock().await.append(docs).await.map_err(store_failure) })
+        // Encoding is the costliest step of a table's write: it runs as a task of its own, so
+        // that the caller's other chunks are read and joined meanwhile, on another core.
+        let archive = self.archive.clone();
+        Box::pin(async move {
+            let appended = tokio::spawn(async move { archive.lock().await.append(docs).await });
+            match appended.await {
+                Ok(appended) => appended.map_err(store_failure),
+                Err(e) => Err(crate::db::StoreFailure::error(format!("writing rows to the table failed: {e}"))),
+            }
+        })
     }
 
     fn archived_among<'a>(&'a self, _ids: &'a [Bson]) -> StoreFuture<'a, HashSet<String>> {
