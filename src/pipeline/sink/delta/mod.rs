@@ -140,11 +140,57 @@ struct PendingRow {
     day: NaiveDate,
 }
 
-/// An archive document, with its order id (as text) and its day.
-struct NewRow {
+/// A row turned into columns, known by its order id (as text) and its day.
+#[derive(Debug)]
+struct PreparedRow {
     id: String,
     day: NaiveDate,
-    document: RawDocumentBuf,
+    anomalies: bool,
+}
+
+/// Archive documents turned into the table's columns ([`RowPreparer::prepare`]), to be
+/// appended ([`DeltaArchive::append_prepared`]).
+#[derive(Debug)]
+pub struct PreparedRows {
+    rows: Vec<PreparedRow>,
+    /// Their columns (`None` for no rows).
+    batch: Option<RecordBatch>,
+}
+
+/// Turns archive documents into the columns of one table: the costliest part of an append
+/// (reading the BSON, writing the `document` column's Extended JSON), which needs nothing of
+/// the table's state, so that the rows of several chunks are prepared at once, on every core,
+/// while the table's writer encodes those before them.
+#[derive(Debug, Clone)]
+pub struct RowPreparer {
+    uri: String,
+    schema: SchemaRef,
+    reference_fields: [Vec<String>; 3],
+}
+
+impl RowPreparer {
+    /// The rows of `docs`, in their order. Fails whole (no row of them is then appended) when a
+    /// document cannot be turned into a row.
+    pub fn prepare(&self, docs: Vec<RawDocumentBuf>) -> Result<PreparedRows, LakeError> {
+        let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
+        let mut rows = Vec::with_capacity(docs.len());
+        let mut columns = Columns::new(self.schema.clone(), self.reference_fields.clone());
+        for document in docs {
+            let id = match document.get(field::ID) {
+                Ok(Some(id)) => id_text(
+                    &Bson::try_from(id.to_raw_bson())
+                        .map_err(|e| data_error(format!("an archive document's _id: {e}")))?,
+                ),
+                _ => "null".to_owned(),
+            };
+            let day = delivery_day(&document);
+            let anomalies = matches!(document.get(field::ANOMALIES), Ok(Some(RawBsonRef::Array(a))) if !a.is_empty());
+            columns.push(&document, &id, day).map_err(|reason| data_error(format!("an archive document: {reason}")))?;
+            rows.push(PreparedRow { id, day, anomalies });
+        }
+        let batch = if columns.is_empty() { None } else { Some(columns.finish().map_err(data_error)?) };
+        Ok(PreparedRows { rows, batch })
+    }
 }
 
 /// The archive as a Delta table: rows are buffered, then committed.
@@ -286,40 +332,50 @@ impl DeltaArchive {
     /// Adds archive documents to the rows of the next commit, leaving out the orders already in
     /// the table (or already waiting); commits when the rows waiting reach the commit size.
     pub async fn append(&mut self, docs: Vec<RawDocumentBuf>) -> Result<WriteOutcome, LakeError> {
-        let mut rows = Vec::with_capacity(docs.len());
-        for document in docs {
-            let id = match document.get(field::ID) {
-                Ok(Some(id)) => id_text(&Bson::try_from(id.to_raw_bson()).map_err(|e| LakeError::Data {
-                    uri: self.uri.clone(),
-                    reason: format!("an archive document's _id: {e}"),
-                })?),
-                _ => "null".to_owned(),
-            };
-            rows.push(NewRow { id, day: delivery_day(&document), document });
+        let rows = self.preparer().prepare(docs)?;
+        self.append_prepared(rows).await
+    }
+
+    /// What turns archive documents into this table's columns, away from the table (see
+    /// [`RowPreparer`]).
+    pub fn preparer(&self) -> RowPreparer {
+        RowPreparer {
+            uri: self.uri.clone(),
+            schema: self.schema.clone(),
+            reference_fields: self.reference_fields.clone(),
         }
+    }
+
+    /// [`DeltaArchive::append`] of rows already turned into columns: the orders already in the
+    /// table, already waiting, or twice among the rows, are left out of the rows encoded.
+    pub async fn append_prepared(&mut self, prepared: PreparedRows) -> Result<WriteOutcome, LakeError> {
+        let PreparedRows { rows, batch } = prepared;
+        let Some(batch) = batch else { return Ok(WriteOutcome::default()) };
         let days: HashSet<NaiveDate> = rows.iter().map(|r| r.day).collect();
         self.read_ids_of(&days).await?;
         let mut outcome = WriteOutcome::default();
-        let mut columns = Columns::new(self.schema.clone(), self.reference_fields.clone());
+        let mut keep = Vec::with_capacity(rows.len());
         for row in rows {
             let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&row.id));
             if present || self.pending_ids.contains(&row.id) {
                 outcome.already_archived += 1;
+                keep.push(false);
                 continue;
             }
             outcome.inserted += 1;
-            if matches!(row.document.get(field::ANOMALIES), Ok(Some(RawBsonRef::Array(a))) if !a.is_empty()) {
-                outcome.anomalies += 1;
-            }
-            columns.push(&row.document, &row.id, row.day).map_err(|reason| LakeError::Data {
-                uri: self.uri.clone(),
-                reason: format!("an archive document: {reason}"),
-            })?;
+            outcome.anomalies += u64::from(row.anomalies);
+            keep.push(true);
             self.pending_ids.insert(row.id.clone());
             self.pending.push(PendingRow { id: row.id, day: row.day });
         }
-        if !columns.is_empty() {
-            let batch = columns.finish().map_err(|reason| LakeError::Data { uri: self.uri.clone(), reason })?;
+        let batch = if keep.iter().all(|k| *k) {
+            batch
+        } else {
+            let keep = deltalake::arrow::array::BooleanArray::from(keep);
+            deltalake::arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: e.to_string() })?
+        };
+        if batch.num_rows() > 0 {
             self.encode(batch).await?;
         }
         if self.auto_commit && self.commit_due() {
@@ -1012,6 +1068,7 @@ impl CheckpointKeeper for DeltaCheckpoints {
 #[derive(Debug)]
 pub struct TableStore {
     archive: Arc<tokio::sync::Mutex<DeltaArchive>>,
+    preparer: RowPreparer,
     errors: tokio::sync::Mutex<ErrorsTable>,
     uri: String,
 }
@@ -1027,6 +1084,7 @@ impl TableStore {
             other => OpenError::Unavailable(other.to_string()),
         })?;
         Ok(opened.map(|archive| TableStore {
+            preparer: archive.preparer(),
             archive: Arc::new(tokio::sync::Mutex::new(archive)),
             errors: tokio::sync::Mutex::new(ErrorsTable::beside(uri)),
             uri: uri.to_owned(),
@@ -1046,11 +1104,16 @@ impl ArchiveStore for TableStore {
 
     fn write<'a>(&'a self, docs: Vec<RawDocumentBuf>, _refused: &'a mut Vec<Refusal>) -> StoreFuture<'a, WriteOutcome> {
         // A table has no per-document limit nor validator: it takes every row, or fails whole.
-        // Encoding is the costliest step of a table's write: it runs as a task of its own, so
-        // that the caller's other chunks are read and joined meanwhile, on another core.
-        let archive = self.archive.clone();
+        // A write runs as a task of its own, so that the caller's other chunks are read and
+        // joined meanwhile, on another core; its rows are turned into columns before it waits
+        // for the table, so that several chunks are prepared at once while the table's writer
+        // encodes those before them.
+        let (archive, preparer) = (self.archive.clone(), self.preparer.clone());
         Box::pin(async move {
-            let appended = tokio::spawn(async move { archive.lock().await.append(docs).await });
+            let appended = tokio::spawn(async move {
+                let rows = preparer.prepare(docs)?;
+                archive.lock().await.append_prepared(rows).await
+            });
             match appended.await {
                 Ok(appended) => appended.map_err(store_failure),
                 Err(e) => Err(crate::db::StoreFailure::error(format!("writing rows to the table failed: {e}"))),
@@ -1459,6 +1522,32 @@ mod tests {
         assert_eq!(next_txn_version(None, 5), (1 << WRITER_BITS) | 5);
         assert!(next_txn_version(Some(57), 1) > 57, "a table written before tags");
         assert!(next_txn_version(Some(next_txn_version(None, tag)), 1) > next_txn_version(None, tag));
+    }
+
+    /// Rows prepared before the table is read: those already in the table, already waiting, or
+    /// twice among the documents, are left out of what is encoded.
+    #[tokio::test]
+    async fn an_order_twice_in_one_append_or_already_committed_makes_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
+        let mut table = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        let first = table.append(vec![archive_document(ids[0], 1), archive_document(ids[0], 1)]).await.unwrap();
+        assert_eq!((first.inserted, first.already_archived, first.anomalies), (1, 1, 1));
+        table.commit(None).await.unwrap();
+        let docs = vec![archive_document(ids[1], 2), archive_document(ids[0], 1), archive_document(ids[2], 1)];
+        let second = table.append(docs).await.unwrap();
+        assert_eq!((second.inserted, second.already_archived), (2, 1));
+        table.commit(None).await.unwrap();
+        let mut rows = Vec::new();
+        for (path, _) in table.files().await.unwrap() {
+            rows.extend(read_ids(table.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap());
+        }
+        rows.sort();
+        let mut expected: Vec<String> = ids[..3].iter().map(|id| id.to_hex()).collect();
+        expected.sort();
+        assert_eq!(rows, expected);
     }
 
     #[tokio::test]
