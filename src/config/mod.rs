@@ -529,6 +529,12 @@ impl Default for LogSettings {
 #[error("configuration error: {0}")]
 pub struct ConfigError(pub String);
 
+/// The table locations this build writes: the local disk, S3 (and S3-compatible stores), Google
+/// Cloud Storage and Azure (delta-rs's `s3`, `gcs` and `azure` features; only the first two are
+/// tested here).
+const TABLE_SCHEMES: &[&str] =
+    &["file://", "s3://", "s3a://", "gs://", "az://", "adl://", "azure://", "abfs://", "abfss://"];
+
 /// The named environment variables (each also a flag of the same meaning) and the configuration
 /// key each sets, in the top layer. The `MONGODB_*` connection variables of [`CONNECTION_ENV`]
 /// are read from the environment by the loader itself.
@@ -741,11 +747,10 @@ impl Config {
                 None | Some("") => {
                     return fail("ARCHIVE_SINK=delta needs ARCHIVE_TABLE_URI (lake.table_uri)".to_owned())
                 }
-                Some(uri)
-                    if uri.contains("://") && !["file://", "s3://", "s3a://"].iter().any(|s| uri.starts_with(s)) =>
-                {
+                Some(uri) if uri.contains("://") && !TABLE_SCHEMES.iter().any(|s| uri.starts_with(s)) => {
                     return fail(format!(
-                        "ARCHIVE_TABLE_URI: {}:// tables are not supported by this build (file://, a path, or s3://)",
+                        "ARCHIVE_TABLE_URI: {}:// tables are not supported by this build (a path, file://, s3://, \
+                         gs://, or az://, abfss:// and the other Azure schemes)",
                         uri.split("://").next().unwrap_or_default()
                     ))
                 }
@@ -886,6 +891,23 @@ mod tests {
         assert!(error.contains("gap_fill_margin_secs"), "{error}");
         config.watch.gap_fill_margin_secs = MAX_GAP_FILL_MARGIN_SECS;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_table_on_the_stores_of_this_build_is_accepted_and_another_refused() {
+        let mut config = Config::default();
+        config.archive.sink = ArchiveSink::Delta;
+        for uri in
+            ["/var/lib/archiver/orders", "file:///var/lib/archiver/orders", "s3://lake/orders", "gs://lake/orders"]
+                .into_iter()
+                .chain(["az://lake/orders", "abfss://lake@account.dfs.core.windows.net/orders"])
+        {
+            config.lake.table_uri = Some(uri.to_owned());
+            config.validate().unwrap_or_else(|e| panic!("{uri}: {e}"));
+        }
+        config.lake.table_uri = Some("hdfs://namenode/orders".to_owned());
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("hdfs:// tables are not supported by this build"), "{error}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ const OTHER_VARIABLES: &[(&str, &str)] = &[
     ("NOTIFY_SOCKET, WATCHDOG_USEC", "Set by systemd (`Type=notify`, `WatchdogSec=`): `watch` reports readiness and pings the watchdog."),
     ("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN", "Credentials of an `s3://` table (else the instance's role); never printed."),
     ("AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP", "Region and endpoint of an `s3://` table; an S3-compatible store (MinIO) by its endpoint, plain HTTP only with `AWS_ALLOW_HTTP=true`."),
+    ("GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT, GOOGLE_SERVICE_ACCOUNT_KEY", "Credentials of a `gs://` table (else the instance's); never printed. Untested."),
+    ("AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TENANT_ID", "Account and credentials of an `az://` or `abfss://` table (else the managed identity); never printed. Untested."),
 ];
 
 /// Every key of the configuration, in the order of its tables.
