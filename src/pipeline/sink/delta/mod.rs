@@ -66,12 +66,22 @@ pub const DOCUMENT: &str = "document";
 /// Attempts of one commit when other writers keep committing first.
 const COMMIT_ATTEMPTS: usize = 20;
 
-/// Days whose ids are kept in memory between commits.
-const DAYS_KEPT: usize = 8;
+/// Order ids of the table kept in memory between commits, at most (some 60 bytes each): past
+/// it, the earliest days are forgotten, and read again if an order of theirs comes back. Orders
+/// read in an order unrelated to their days (a catch-up in `_id` order) touch every day at each
+/// chunk: a bound by days, rather than by ids, read every day's files again and again.
+const IDS_KEPT: usize = 1_000_000;
 
-/// Days of rows waiting past which they are committed: each day has a data file open, which
-/// holds a row group and an upload part in memory.
+/// Rows waiting are committed once their open data files may hold more than this many days'
+/// worth of memory: a day's file holds at most its row group being encoded and an upload part
+/// ([`OPEN_DAY_BYTES`]), and never more than what was encoded into it. Rows of many days, a
+/// few each (orders read in an order unrelated to their days), hold little each: they wait
+/// until their bytes reach that bound, which keeps their files from being tiny.
 const OPEN_DAYS: usize = 4;
+
+/// What a day's open data file holds at most: a row group and an upload part (object_store's
+/// multipart minimum, 5 MB).
+const OPEN_DAY_BYTES: usize = ROW_GROUP_BYTES + 5 * 1024 * 1024;
 
 /// Where the positions committed with the data are kept, per writer (application id), by the
 /// version of the writer's application transaction. A Delta checkpoint keeps the transaction
@@ -202,6 +212,8 @@ pub struct DeltaArchive {
     reference_fields: [Vec<String>; 3],
     pending: Vec<PendingRow>,
     pending_ids: HashSet<String>,
+    /// The days of the rows waiting.
+    pending_days: HashSet<NaiveDate>,
     /// Encodes the rows waiting into Parquet as they come, streaming the data files to the
     /// store: what waits in memory is at most a row group and an upload part per day.
     /// (The writer is `Send` only; it is reached only through `&mut self`.)
@@ -272,6 +284,7 @@ impl DeltaArchive {
             reference_fields,
             pending: Vec::new(),
             pending_ids: HashSet::new(),
+            pending_days: HashSet::new(),
             writer: None,
             writer_buffered: 0,
             staged: Vec::new(),
@@ -366,6 +379,7 @@ impl DeltaArchive {
             outcome.anomalies += u64::from(row.anomalies);
             keep.push(true);
             self.pending_ids.insert(row.id.clone());
+            self.pending_days.insert(row.day);
             self.pending.push(PendingRow { id: row.id, day: row.day });
         }
         let batch = if keep.iter().all(|k| *k) {
@@ -412,6 +426,7 @@ impl DeltaArchive {
         }
         self.pending.clear();
         self.pending_ids.clear();
+        self.pending_days.clear();
         self.staged.clear();
         self.writer_buffered = 0;
         self.lost.get_or_insert_with(|| reason.to_owned());
@@ -420,17 +435,11 @@ impl DeltaArchive {
     /// Whether the rows waiting reached the commit size, or span more days than files are kept
     /// open for.
     pub fn commit_due(&self) -> bool {
-        let buffered = self.writer_buffered;
         let staged: i64 = self.staged.iter().map(|add| add.size).sum();
-        buffered + staged.max(0) as usize >= self.commit_bytes || self.open_days() > OPEN_DAYS
-    }
-
-    /// The days of the rows waiting.
-    fn open_days(&self) -> usize {
-        let mut days: Vec<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
-        days.sort_unstable();
-        days.dedup();
-        days.len()
+        let waiting = self.writer_buffered + staged.max(0) as usize;
+        // `writer_buffered` counts every byte encoded since the last commit, held or uploaded.
+        let held = self.writer_buffered.min(self.pending_days.len() * OPEN_DAY_BYTES);
+        waiting >= self.commit_bytes || held > OPEN_DAYS * OPEN_DAY_BYTES
     }
 
     /// The position committed last by this writer: the one of its latest application
@@ -552,6 +561,7 @@ impl DeltaArchive {
                         self.ids_by_day.entry(row.day).or_default().insert(row.id);
                     }
                     self.pending_ids.clear();
+                    self.pending_days.clear();
                     self.staged.clear();
                     self.table.state = Some(finalized.snapshot());
                     self.remember_files_read().await?;
@@ -576,6 +586,7 @@ impl DeltaArchive {
                         }
                     }
                     self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
+                    self.pending_days = self.pending.iter().map(|r| r.day).collect();
                     if self.pending.is_empty() && position.is_none() {
                         return Ok(None);
                     }
@@ -869,14 +880,19 @@ impl DeltaArchive {
                 self.files_read.insert(path, day);
             }
         }
-        // A long run touches a new day every day: only the latest days' ids stay in memory; an
-        // older day is read again if an order of it comes back.
-        if self.ids_by_day.len() > DAYS_KEPT {
+        // A long run touches a new day every day: only the latest days' ids stay in memory, up
+        // to IDS_KEPT; an earlier day is read again if an order of it comes back.
+        let mut kept: usize = self.ids_by_day.values().map(HashSet::len).sum();
+        if kept > IDS_KEPT {
             let mut days: Vec<NaiveDate> = self.ids_by_day.keys().copied().collect();
             days.sort_unstable();
-            let oldest_kept = days[days.len() - DAYS_KEPT];
-            self.ids_by_day.retain(|day, _| *day >= oldest_kept);
-            self.files_read.retain(|_, day| *day >= oldest_kept);
+            for day in &days[..days.len() - 1] {
+                if kept <= IDS_KEPT {
+                    break;
+                }
+                kept -= self.ids_by_day.remove(day).map_or(0, |ids| ids.len());
+                self.files_read.retain(|_, read| read != day);
+            }
         }
         Ok(())
     }
@@ -1548,6 +1564,24 @@ mod tests {
         let mut expected: Vec<String> = ids[..3].iter().map(|id| id.to_hex()).collect();
         expected.sort();
         assert_eq!(rows, expected);
+    }
+
+    /// Orders read in an order unrelated to their days (a catch-up in `_id` order): each chunk
+    /// has a few rows of every day. They used to commit at every chunk, in files of a few rows
+    /// (33 on average for a million orders over 31 days, and 1,900 orders/s); their open files
+    /// hold little, so they now wait for one commit.
+    #[tokio::test]
+    async fn rows_of_many_days_a_few_each_wait_for_one_commit_not_one_per_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut table = DeltaArchive::open(&Config::default(), &uri, "batch").await.unwrap();
+        for _ in 0..10 {
+            let docs = (1..=31).map(|day| archive_document(ObjectId::new(), day)).collect();
+            assert_eq!(table.append(docs).await.unwrap().inserted, 31);
+        }
+        assert_eq!(table.table.version(), Some(0), "created, nothing committed yet");
+        assert_eq!(table.commit(None).await.unwrap(), Some(1));
+        assert_eq!(table.files().await.unwrap().len(), 31, "one file per day");
     }
 
     #[tokio::test]
