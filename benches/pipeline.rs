@@ -66,8 +66,10 @@ use serde::Serialize;
 use archiver::commands::watch::delivered_filter;
 use archiver::config::Config;
 use archiver::pipeline::document::ArchiveSource;
+use archiver::pipeline::join::Joiner;
 use archiver::pipeline::lookup::{enrichment_stages, finish, ORDER_AS_STORED};
 use archiver::pipeline::scan::{delivered_in_range, DateRange};
+use archiver::pipeline::sink::delta::DeltaArchive;
 
 use support::load::{self, delivery, undelivery, Updater};
 use support::process::{Archiver, CpuMeter, CpuTimes, Resources, WatchProcess};
@@ -458,6 +460,73 @@ impl Bench {
         target.drop().await?;
         eprintln!("    L0e: the copy had the archive's {} secondary index(es)", indexes.len());
         fastest.context("no L0 settings")
+    }
+
+    /// Case 9's read limit: the delivered orders read and joined as `batch` reads and joins them
+    /// (chunks of `batch.chunk_size`, `batch.concurrency` at once, the reference cache), and
+    /// written nowhere.
+    async fn run_read_and_join(&self) -> anyhow::Result<Run> {
+        let config = &self.config;
+        let joiner = Joiner::new(config, &self.database, ArchiveSource::Batch)
+            .context("the benchmark's configuration joins on the client")?
+            .with_cache(config.enrich.reference_cache_entries);
+        let source = self.orders.clone_with_type::<RawDocumentBuf>();
+        let chunk_size = config.batch.chunk_size;
+        let joined = std::sync::atomic::AtomicU64::new(0);
+        let run = self
+            .measure(self.delivered, async {
+                source
+                    .find(self.delivered_filter.clone())
+                    .batch_size(chunk_size.min(100_000) as u32)
+                    .await?
+                    .try_chunks(chunk_size)
+                    .map_err(|e| e.1)
+                    .map_ok(|chunk| {
+                        let (joiner, joined) = (&joiner, &joined);
+                        async move {
+                            let docs = joiner.enrich(&chunk).await?.context("an order the join cannot do")?;
+                            joined.fetch_add(docs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            anyhow::Ok(())
+                        }
+                    })
+                    .map_err(anyhow::Error::from)
+                    .try_buffer_unordered(config.batch.concurrency.max(1))
+                    .try_collect::<()>()
+                    .await
+            })
+            .await?;
+        let joined = joined.into_inner();
+        if joined != self.delivered {
+            bail!("the read-and-join reference joined {joined} orders, expected {}", self.delivered);
+        }
+        Ok(run)
+    }
+
+    /// Case 9's sink limit for a Delta table: the finished archive documents, as the last batch
+    /// run left them in the collection, read and appended to a new table at `table` (Parquet
+    /// encoding, the upload, the commit), with no enrichment: the table's L0e.
+    async fn run_delta_limit(&self, table: &std::path::Path) -> anyhow::Result<Run> {
+        let mut config = self.config.clone();
+        config.archive.sink = archiver::config::ArchiveSink::Delta;
+        let uri = table.display().to_string();
+        let source = self.archive.clone_with_type::<RawDocumentBuf>();
+        let chunk_size = config.batch.chunk_size;
+        let mut appended = 0;
+        let run = self
+            .measure(self.delivered, async {
+                let mut lake = DeltaArchive::open(&config, &uri, "archiver-bench").await?;
+                let mut chunks = source.find(doc! {}).batch_size(chunk_size as u32).await?.try_chunks(chunk_size);
+                while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+                    appended += lake.append(chunk).await?.inserted;
+                }
+                lake.commit(None).await?;
+                Ok(())
+            })
+            .await?;
+        if appended != self.delivered {
+            bail!("the Delta sink limit appended {appended} rows, expected {}", self.delivered);
+        }
+        Ok(run)
     }
 
     /// The database the archive is in.
@@ -1054,6 +1123,14 @@ async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let bson_per_order = mean_raw_size(&b.archive, doc! {}).await?;
     let tables = tempfile::tempdir()?;
     let table = |index: usize| tables.path().join(format!("orders-{index}"));
+    // The limits, while the archive collection holds the documents of the last run.
+    let read = timed("read and join, written nowhere", runs, |_| b.run_read_and_join()).await?;
+    let limit_table = |index: usize| tables.path().join(format!("limit-{index}"));
+    let sink_limit = timed("Delta sink limit", runs, |index| {
+        let path = limit_table(index);
+        async move { b.run_delta_limit(&path).await }
+    })
+    .await?;
     let lake = timed("batch into a Delta table", runs, |index| {
         let env = [("ARCHIVE_SINK", "delta".to_owned()), ("ARCHIVE_TABLE_URI", table(index).display().to_string())];
         async move {
@@ -1072,16 +1149,52 @@ async fn case_lake(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let section = format!("9. lake: {} delivered orders into a Delta table on the local disk", b.delivered);
     let into_collection = report.throughput(&section, "archiver batch into the archive collection", &collection);
     let into_table = report.throughput(&section, "archiver batch into a Delta table (ARCHIVE_SINK=delta)", &lake);
+    let read = report.throughput(&section, "the orders read and joined as batch does, written nowhere", &read);
+    let sink_limit = report.throughput(
+        &section,
+        "Delta sink limit: the finished documents read and appended to a table, no enrichment (in-process)",
+        &sink_limit,
+    );
+    report.row(
+        &section,
+        "archiver's own CPU, batch into the table",
+        "µs/order",
+        summarize(&lake, BatchRun::archiver_us_per_order),
+    );
     report.row(&section, "archiver peak RSS, batch into the table", "MB", summarize(&lake, BatchRun::peak_rss_mb));
     report.row(&section, "table bytes on disk per order (data and log)", "bytes", Summary::of(vec![disk_per_order]));
     report.row(&section, "archive collection BSON bytes per order", "bytes", Summary::of(vec![bson_per_order]));
     report.ratio("batch into a Delta table / batch into the collection", into_table, into_collection);
+    report.ratio("batch into a Delta table / read and join, written nowhere", into_table, read);
+    report.ratio("batch into a Delta table / Delta sink limit", into_table, sink_limit);
     report.row(&section, "table bytes on disk per order, compacted", "bytes", Summary::of(vec![compacted_per_order]));
     report.ratio("table bytes per order / collection BSON bytes per order", disk_per_order, bson_per_order);
     report.ratio(
         "compacted table bytes per order / collection BSON bytes per order",
         compacted_per_order,
         bson_per_order,
+    );
+    report.target(
+        "lake: batch into a Delta table / into the collection",
+        into_table / into_collection,
+        Goal::AtLeast,
+        1.5,
+        "×",
+    );
+    report.target("lake: batch into a Delta table / read and join", into_table / read, Goal::AtLeast, 0.8, "×");
+    report.target(
+        "lake: batch into a Delta table / Delta sink limit",
+        into_table / sink_limit,
+        Goal::AtLeast,
+        0.8,
+        "×",
+    );
+    report.target(
+        "lake: table bytes per order / collection BSON bytes per order",
+        disk_per_order / bson_per_order,
+        Goal::AtMost,
+        0.25,
+        "×",
     );
     Ok(())
 }
