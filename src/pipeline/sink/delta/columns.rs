@@ -106,9 +106,11 @@ impl Columns {
         self.rows == 0
     }
 
-    /// Adds the row of `document`, whose order id (as text) is `id` and delivery day `day`.
-    pub(super) fn push(&mut self, document: &RawDocument, id: &str, day: NaiveDate) -> Result<(), String> {
-        let get = |key: &str| document.get(key).ok().flatten();
+    /// Adds the row of `document`: its order id as text, its delivery day, and whether it has
+    /// anomalies. Its fields are found in one pass over it.
+    pub(super) fn push(&mut self, document: &RawDocument) -> Result<Row, String> {
+        let found = find(document, &TOP);
+        let get = |key: &str| TOP.iter().position(|k| *k == key).and_then(|i| found[i]);
         let text = |key: &str| match get(key) {
             Some(RawBsonRef::String(s)) => Some(s),
             _ => None,
@@ -117,7 +119,12 @@ impl Columns {
             Some(RawBsonRef::DateTime(t)) => Some(t.timestamp_millis().saturating_mul(1000)),
             _ => None,
         };
-        self.id.append_value(id);
+        let row = Row {
+            id: id_text(get(field::ID))?,
+            day: delivery_day(get(field::DATE_LIVRAISON), get(field::ARCHIVED_AT)),
+            anomalies: matches!(get(field::ANOMALIES), Some(RawBsonRef::Array(a)) if !a.is_empty()),
+        };
+        self.id.append_value(&row.id);
         self.numero_commande.append_option(text(field::NUMERO_COMMANDE));
         self.status.append_option(text(field::STATUS));
         self.date_commande.append_option(time(field::DATE_COMMANDE));
@@ -128,14 +135,20 @@ impl Columns {
             field::LIVREUR,
             field::RESTAURANT,
         ]) {
-            let found = match get(key) {
-                Some(RawBsonRef::Document(found)) => Some(found),
-                _ => None,
-            };
-            for (builder, name) in reference.fields.iter_mut().zip(names) {
-                builder.append_option(found.and_then(|found| found.get(name).ok().flatten()).and_then(as_text));
+            match get(key) {
+                Some(RawBsonRef::Document(found)) => {
+                    let mut values = vec![None; names.len()];
+                    find_into(found, names, &mut values);
+                    for (builder, value) in reference.fields.iter_mut().zip(values) {
+                        builder.append_option(value.and_then(as_text));
+                    }
+                    reference.valid.push(true);
+                }
+                _ => {
+                    reference.fields.iter_mut().for_each(StringBuilder::append_null);
+                    reference.valid.push(false);
+                }
             }
-            reference.valid.push(found.is_some());
         }
         self.items.push(get(field::ITEMS));
         self.archived_at.append_option(time(field::ARCHIVED_AT));
@@ -151,11 +164,12 @@ impl Columns {
         self.source_digest.append_option(text(field::SOURCE_DIGEST));
         self.purged_at.append_option(time(field::PURGED_AT));
         self.text.clear();
-        canonical_extjson(&mut self.text, RawBsonRef::Document(document)).map_err(|e| format!("{id}: {e}"))?;
+        extjson(&mut self.text, RawBsonRef::Document(document), Mode::Canonical)
+            .map_err(|e| format!("{}: {e}", row.id))?;
         self.document.append_value(std::str::from_utf8(&self.text).map_err(|e| e.to_string())?);
-        self.delivery_date.append_value(date32(day));
+        self.delivery_date.append_value(date32(row.day));
         self.rows += 1;
-        Ok(())
+        Ok(row)
     }
 
     /// The rows added, as a record batch of the table's schema; the builders start empty again.
@@ -210,6 +224,79 @@ fn list_element(data_type: &DataType) -> Result<FieldRef, String> {
     }
 }
 
+/// The top-level fields the columns read: those of an archive document, and the purge mark.
+const TOP: [&str; 15] = [
+    field::ID,
+    field::NUMERO_COMMANDE,
+    field::STATUS,
+    field::DATE_COMMANDE,
+    field::DATE_LIVRAISON,
+    field::MONTANT_TOTAL,
+    field::CLIENT,
+    field::LIVREUR,
+    field::RESTAURANT,
+    field::ITEMS,
+    field::ARCHIVED_AT,
+    field::ARCHIVE_SOURCE,
+    field::ANOMALIES,
+    field::SOURCE_DIGEST,
+    field::PURGED_AT,
+];
+
+/// The fields of an ordered item the columns read.
+const ITEM: [&str; 5] =
+    [item_field::MENU_ID, item_field::NOM, item_field::PRIX, item_field::QUANTITE, item_field::SOUS_TOTAL];
+
+/// The values of `keys` in `document`, in one pass over it (a lookup by key walks the document
+/// from its start, and checks every key it passes): the first of a repeated key, as a lookup
+/// finds it; none past an element that cannot be read.
+fn find<'a, const N: usize>(document: &'a RawDocument, keys: &[&str; N]) -> [Option<RawBsonRef<'a>>; N] {
+    let mut found = [None; N];
+    find_into(document, keys, &mut found);
+    found
+}
+
+/// [`find`] of keys known at run time, into `found` (as long as `keys`).
+fn find_into<'a, K: AsRef<str>>(document: &'a RawDocument, keys: &[K], found: &mut [Option<RawBsonRef<'a>>]) {
+    for element in document {
+        let Ok((key, value)) = element else { break };
+        if let Some(slot) = keys.iter().position(|k| k.as_ref() == key).map(|i| &mut found[i]) {
+            slot.get_or_insert(value);
+        }
+    }
+}
+
+/// What [`Columns::push`] tells of the row it added.
+pub(super) struct Row {
+    /// The order id, as text ([`id_text`](crate::pipeline::order_id::id_text)); `null` for none.
+    pub(super) id: String,
+    /// The UTC day of delivery: of `date_livraison`, else of `archived_at`, else today.
+    pub(super) day: NaiveDate,
+    /// Whether its `anomalies` list is not empty.
+    pub(super) anomalies: bool,
+}
+
+/// An order id as text, the common types without building a `Bson`.
+fn id_text(id: Option<RawBsonRef<'_>>) -> Result<String, String> {
+    match id {
+        None => Ok("null".to_owned()),
+        Some(RawBsonRef::ObjectId(oid)) => Ok(oid.to_hex()),
+        Some(RawBsonRef::String(s)) => Ok(s.to_owned()),
+        Some(other) => owned(other)
+            .map(|id| crate::pipeline::order_id::id_text(&id))
+            .ok_or_else(|| format!("an _id of type {:?} cannot be read", other.element_type())),
+    }
+}
+
+/// The UTC day of delivery: of `date_livraison`, else of `archived_at`, else today.
+pub(super) fn delivery_day(date_livraison: Option<RawBsonRef<'_>>, archived_at: Option<RawBsonRef<'_>>) -> NaiveDate {
+    let date = |value| match value {
+        Some(RawBsonRef::DateTime(t)) => Some(t.to_chrono()),
+        _ => None,
+    };
+    date(date_livraison).or_else(|| date(archived_at)).unwrap_or_else(chrono::Utc::now).date_naive()
+}
+
 impl Items {
     /// Adds the items of one order: an item that is not a document is null; no array, no items.
     fn push(&mut self, items: Option<RawBsonRef<'_>>) {
@@ -219,7 +306,8 @@ impl Items {
                     RawBsonRef::Document(item) => Some(item),
                     _ => None,
                 };
-                let get = |key: &str| item.and_then(|item| item.get(key).ok().flatten());
+                let found = item.map(|item| find(item, &ITEM)).unwrap_or([None; ITEM.len()]);
+                let get = |key: &str| ITEM.iter().position(|k| *k == key).and_then(|i| found[i]);
                 self.menu_id.append_option(get(item_field::MENU_ID).and_then(as_text));
                 self.nom.append_option(match get(item_field::NOM) {
                     Some(RawBsonRef::String(s)) => Some(s),
@@ -270,7 +358,11 @@ pub(super) fn as_text(value: RawBsonRef<'_>) -> Option<Cow<'_, str>> {
         RawBsonRef::String(s) => Some(Cow::Borrowed(s)),
         RawBsonRef::Null => None,
         RawBsonRef::ObjectId(oid) => Some(Cow::Owned(oid.to_hex())),
-        other => owned(other).map(|other| Cow::Owned(other.into_relaxed_extjson().to_string())),
+        other => {
+            let mut out = Vec::new();
+            extjson(&mut out, other, Mode::Relaxed).ok()?;
+            String::from_utf8(out).ok().map(Cow::Owned)
+        }
     }
 }
 
@@ -295,12 +387,22 @@ pub(super) fn as_integer(value: RawBsonRef<'_>) -> Option<i64> {
     }
 }
 
-/// Appends `value` to `out` as canonical Extended JSON, exactly as
-/// `Bson::into_canonical_extjson` writes it, without building the intermediate JSON values: the
-/// common types are written here, the others through `bson`.
-pub(super) fn canonical_extjson(out: &mut Vec<u8>, value: RawBsonRef<'_>) -> Result<(), String> {
+/// The two forms of Extended JSON.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Mode {
+    /// Every value typed (`{"$numberInt":"7"}`): the `document` column.
+    Canonical,
+    /// Numbers as JSON numbers, dates as ISO text where they can be: reference fields.
+    Relaxed,
+}
+
+/// Appends `value` to `out` as Extended JSON, exactly as `Bson::into_canonical_extjson` (or
+/// `into_relaxed_extjson`) writes it, without building the intermediate JSON values: the common
+/// types are written here, the others through `bson`.
+pub(super) fn extjson(out: &mut Vec<u8>, value: RawBsonRef<'_>, mode: Mode) -> Result<(), String> {
     use std::io::Write;
     let json = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).map_err(|e| e.to_string());
+    let canonical = mode == Mode::Canonical;
     match value {
         RawBsonRef::String(s) => json(out, s)?,
         RawBsonRef::Document(document) => {
@@ -312,7 +414,7 @@ pub(super) fn canonical_extjson(out: &mut Vec<u8>, value: RawBsonRef<'_>) -> Res
                 }
                 json(out, key)?;
                 out.push(b':');
-                canonical_extjson(out, value)?;
+                extjson(out, value, mode)?;
             }
             out.push(b'}');
         }
@@ -322,19 +424,21 @@ pub(super) fn canonical_extjson(out: &mut Vec<u8>, value: RawBsonRef<'_>) -> Res
                 if index > 0 {
                     out.push(b',');
                 }
-                canonical_extjson(out, value.map_err(|e| e.to_string())?)?;
+                extjson(out, value.map_err(|e| e.to_string())?, mode)?;
             }
             out.push(b']');
         }
-        RawBsonRef::Int32(n) => write!(out, r#"{{"$numberInt":"{n}"}}"#).map_err(|e| e.to_string())?,
-        RawBsonRef::Int64(n) => write!(out, r#"{{"$numberLong":"{n}"}}"#).map_err(|e| e.to_string())?,
-        RawBsonRef::Double(d) if d.is_normal() && d.fract() != 0.0 => {
+        RawBsonRef::Int32(n) if canonical => write!(out, r#"{{"$numberInt":"{n}"}}"#).map_err(|e| e.to_string())?,
+        RawBsonRef::Int64(n) if canonical => write!(out, r#"{{"$numberLong":"{n}"}}"#).map_err(|e| e.to_string())?,
+        RawBsonRef::Int32(n) => write!(out, "{n}").map_err(|e| e.to_string())?,
+        RawBsonRef::Int64(n) => write!(out, "{n}").map_err(|e| e.to_string())?,
+        RawBsonRef::Double(d) if canonical && d.is_normal() && d.fract() != 0.0 => {
             write!(out, r#"{{"$numberDouble":"{d}"}}"#).map_err(|e| e.to_string())?
         }
-        RawBsonRef::Double(d) if d.is_normal() => {
+        RawBsonRef::Double(d) if canonical && d.is_normal() => {
             write!(out, r#"{{"$numberDouble":"{d}.0"}}"#).map_err(|e| e.to_string())?
         }
-        RawBsonRef::DateTime(t) => {
+        RawBsonRef::DateTime(t) if canonical => {
             write!(out, r#"{{"$date":{{"$numberLong":"{}"}}}}"#, t.timestamp_millis()).map_err(|e| e.to_string())?
         }
         RawBsonRef::ObjectId(oid) => write!(out, r#"{{"$oid":"{}"}}"#, oid.to_hex()).map_err(|e| e.to_string())?,
@@ -343,7 +447,8 @@ pub(super) fn canonical_extjson(out: &mut Vec<u8>, value: RawBsonRef<'_>) -> Res
         other => {
             let value =
                 owned(other).ok_or_else(|| format!("a value of type {:?} cannot be read", other.element_type()))?;
-            serde_json::to_writer(out, &value.into_canonical_extjson()).map_err(|e| e.to_string())?
+            let value = if canonical { value.into_canonical_extjson() } else { value.into_relaxed_extjson() };
+            serde_json::to_writer(out, &value).map_err(|e| e.to_string())?
         }
     }
     Ok(())
@@ -356,23 +461,49 @@ mod tests {
     use mongodb::bson::{doc, oid::ObjectId, Binary, Decimal128, RawDocumentBuf, Regex, Timestamp};
 
     /// Every BSON type, and the doubles whose text is special, nested in documents and arrays.
-    #[test]
-    fn the_document_column_is_exactly_what_bson_writes_as_canonical_extended_json() {
+    fn every_type() -> mongodb::bson::Document {
         let doubles =
             [1.5, 2.0, -0.0, 0.0, 1e300, -3.25e-7, f64::MIN_POSITIVE / 4.0, f64::NAN, f64::INFINITY, -f64::INFINITY];
-        let document = doc! {
+        doc! {
             "_id": ObjectId::new(), "s": "é \"quoted\" \\ \u{1}", "i": 7, "l": 1i64 << 40, "b": true, "n": Bson::Null,
             "d": mongodb::bson::DateTime::from_millis(-62_135_596_800_001),
+            "d2": mongodb::bson::DateTime::from_millis(1_700_000_000_123),
             "doubles": doubles.iter().map(|d| Bson::Double(*d)).collect::<Vec<_>>(),
             "nested": { "a": [1, { "b": [[], {}] }], "dec": Decimal128::from_bytes([1; 16]) },
             "bin": Binary { subtype: BinarySubtype::Generic, bytes: vec![0, 255] },
             "re": Regex { pattern: "^a".into(), options: "i".into() },
             "ts": Timestamp { time: 1, increment: 2 }, "min": Bson::MinKey, "code": Bson::JavaScriptCode("f()".into()),
-        };
+        }
+    }
+
+    #[test]
+    fn the_document_column_is_exactly_what_bson_writes_as_canonical_extended_json() {
+        let document = every_type();
         let raw = RawDocumentBuf::from_document(&document).unwrap();
         let mut out = Vec::new();
-        canonical_extjson(&mut out, RawBsonRef::Document(&raw)).unwrap();
+        extjson(&mut out, RawBsonRef::Document(&raw), Mode::Canonical).unwrap();
         let expected = Bson::Document(document).into_canonical_extjson().to_string();
         assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_reference_field_is_exactly_what_bson_writes_as_relaxed_extended_json() {
+        let document = every_type();
+        let raw = RawDocumentBuf::from_document(&document).unwrap();
+        let expected = Bson::Document(document).into_relaxed_extjson().to_string();
+        assert_eq!(as_text(RawBsonRef::Document(&raw)).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_field_found_in_one_pass_is_the_one_a_lookup_finds() {
+        let mut raw = RawDocumentBuf::new();
+        raw.append("status", "livrée");
+        raw.append("nom", "A");
+        raw.append("status", "annulée");
+        let found = find(&raw, &["nom", "status", "absent"]);
+        assert_eq!(found[1], raw.get("status").unwrap());
+        assert_eq!(found[1], Some(RawBsonRef::String("livrée")));
+        assert_eq!(found[0], Some(RawBsonRef::String("A")));
+        assert_eq!(found[2], None);
     }
 }

@@ -36,7 +36,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures_util::TryStreamExt;
-use mongodb::bson::{Bson, RawBsonRef, RawDocument, RawDocumentBuf};
+use mongodb::bson::{Bson, RawDocumentBuf};
 
 mod columns;
 pub mod errors;
@@ -182,17 +182,8 @@ impl RowPreparer {
         let mut rows = Vec::with_capacity(docs.len());
         let mut columns = Columns::new(self.schema.clone(), self.reference_fields.clone());
         for document in docs {
-            let id = match document.get(field::ID) {
-                Ok(Some(id)) => id_text(
-                    &Bson::try_from(id.to_raw_bson())
-                        .map_err(|e| data_error(format!("an archive document's _id: {e}")))?,
-                ),
-                _ => "null".to_owned(),
-            };
-            let day = delivery_day(&document);
-            let anomalies = matches!(document.get(field::ANOMALIES), Ok(Some(RawBsonRef::Array(a))) if !a.is_empty());
-            columns.push(&document, &id, day).map_err(|reason| data_error(format!("an archive document: {reason}")))?;
-            rows.push(PreparedRow { id, day, anomalies });
+            let row = columns.push(&document).map_err(|reason| data_error(format!("an archive document: {reason}")))?;
+            rows.push(PreparedRow { id: row.id, day: row.day, anomalies: row.anomalies });
         }
         let batch = if columns.is_empty() { None } else { Some(columns.finish().map_err(data_error)?) };
         Ok(PreparedRows { rows, batch })
@@ -1431,19 +1422,10 @@ async fn read_ids(
     Ok(ids)
 }
 
-/// The UTC day of delivery: of `date_livraison`, else of `archived_at`, else today.
-fn delivery_day(document: &RawDocument) -> NaiveDate {
-    let date = |key: &str| match document.get(key) {
-        Ok(Some(RawBsonRef::DateTime(t))) => Some(t.to_chrono()),
-        _ => None,
-    };
-    date(field::DATE_LIVRAISON).or_else(|| date(field::ARCHIVED_AT)).unwrap_or_else(Utc::now).date_naive()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mongodb::bson::{doc, oid::ObjectId};
+    use mongodb::bson::{doc, oid::ObjectId, RawBsonRef};
 
     fn archive_document(id: ObjectId, day: u32) -> RawDocumentBuf {
         let delivered = mongodb::bson::DateTime::parse_rfc3339_str(format!("2026-03-{day:02}T11:30:00Z")).unwrap();
