@@ -36,16 +36,23 @@ fn main() -> ExitCode {
     if let Some(warning) = log_warning {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(FAILURE);
-        }
-    };
+    // The threads for blocking calls (a local table's file operations, among others) are
+    // bounded: tokio's default of 512 let a `watch` into a table grow to dozens of them, each
+    // with its share of the allocator's memory, and its RSS with them.
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(BLOCKING_THREADS).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::from(FAILURE);
+            }
+        };
     let named = archiver::cli::named_sources(&matches);
     runtime.block_on(app::run(cli, config, named))
 }
+
+/// Threads for blocking calls, at most.
+const BLOCKING_THREADS: usize = 8;
 
 /// Describes a `.env` problem without its content: dotenvy's own message quotes the malformed
 /// line, which is typically `MONGODB_URI=…` with a password in it.

@@ -16,7 +16,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures_util::TryStreamExt;
 
-use super::{projected, LakeError, LAYOUT_PROPERTY};
+use super::{projected, text_columns, LakeError, LAYOUT_PROPERTY};
 use crate::pipeline::order_id::id_text;
 use crate::pipeline::sink::DeadLetter;
 
@@ -165,12 +165,8 @@ impl ErrorsTable {
                 .await
                 .map_err(data_error)?;
             while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
-                let strings = |name: &str| {
-                    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-                };
-                let (Some(orders), Some(events)) = (strings(column::ORDER_ID), strings(column::EVENT_POSITION)) else {
-                    return Err(data_error(format!("{path}: unexpected column types")));
-                };
+                let [orders, events] =
+                    text_columns(&batch, [column::ORDER_ID, column::EVENT_POSITION], &path).map_err(data_error)?;
                 for i in 0..batch.num_rows() {
                     keys.insert(match (orders.is_valid(i), events.is_valid(i)) {
                         (true, _) => format!("order:{}", orders.value(i)),

@@ -72,11 +72,13 @@ const COMMIT_ATTEMPTS: usize = 20;
 /// chunk: a bound by days, rather than by ids, read every day's files again and again.
 const IDS_KEPT: usize = 1_000_000;
 
-/// Days of rows waiting past which they are committed: each day has a data file open, which
+/// Days with a data file being written past which those files are finished: each open file
 /// holds a row group, an upload part and its column writers in memory (measured: with all 31
-/// days of a batch open at once, its peak RSS was 219 MB instead of 122). Rows of many days, a
-/// few each (orders read in an order unrelated to their days), so commit at every chunk, in
-/// small files that `compact` rewrites.
+/// days of a batch open at once, its peak RSS was 219 MB instead of 122). Finished files wait,
+/// referenced by nothing, for the commit, which `LAKE_FILE_MB` or time decides. Rows of many
+/// days, a few each (orders read in an order unrelated to their days), so make small files,
+/// which `compact` rewrites, but not a commit each: the table's state in memory grows with its
+/// commits.
 const OPEN_DAYS: usize = 4;
 
 /// Where the positions committed with the data are kept, per writer (application id), by the
@@ -190,6 +192,9 @@ impl RowPreparer {
     }
 }
 
+/// The data files of a table version, each with its day.
+type DataFiles = Arc<Vec<(String, NaiveDate)>>;
+
 /// The archive as a Delta table: rows are buffered, then committed.
 #[derive(Debug)]
 pub struct DeltaArchive {
@@ -199,8 +204,8 @@ pub struct DeltaArchive {
     reference_fields: [Vec<String>; 3],
     pending: Vec<PendingRow>,
     pending_ids: HashSet<String>,
-    /// The days of the rows waiting.
-    pending_days: HashSet<NaiveDate>,
+    /// The days of the data files being written.
+    open_days: HashSet<NaiveDate>,
     /// Encodes the rows waiting into Parquet as they come, streaming the data files to the
     /// store: what waits in memory is at most a row group and an upload part per day.
     /// (The writer is `Send` only; it is reached only through `&mut self`.)
@@ -215,6 +220,9 @@ pub struct DeltaArchive {
     lost: Option<String>,
     /// The ids in the table, for the days read so far, as of the table's loaded version.
     ids_by_day: HashMap<NaiveDate, HashSet<String>>,
+    /// The data files of the table's loaded version, with their day, and that version: listed
+    /// again only when the version changed (an append looks for the files of its days).
+    listed: Option<(Option<u64>, DataFiles)>,
     /// The data files already read into `ids_by_day`, with their day.
     files_read: HashMap<String, NaiveDate>,
     /// Whether a commit is made as soon as the rows waiting reach the commit size (`batch`);
@@ -271,7 +279,8 @@ impl DeltaArchive {
             reference_fields,
             pending: Vec::new(),
             pending_ids: HashSet::new(),
-            pending_days: HashSet::new(),
+            open_days: HashSet::new(),
+            listed: None,
             writer: None,
             writer_buffered: 0,
             staged: Vec::new(),
@@ -288,7 +297,7 @@ impl DeltaArchive {
     }
 
     /// The table's version and how many data files it references.
-    pub async fn summary(&self) -> Result<(Option<u64>, usize), LakeError> {
+    pub async fn summary(&mut self) -> Result<(Option<u64>, usize), LakeError> {
         Ok((self.table.version(), self.files().await?.len()))
     }
 
@@ -366,7 +375,7 @@ impl DeltaArchive {
             outcome.anomalies += u64::from(row.anomalies);
             keep.push(true);
             self.pending_ids.insert(row.id.clone());
-            self.pending_days.insert(row.day);
+            self.open_days.insert(row.day);
             self.pending.push(PendingRow { id: row.id, day: row.day });
         }
         let batch = if keep.iter().all(|k| *k) {
@@ -378,6 +387,9 @@ impl DeltaArchive {
         };
         if batch.num_rows() > 0 {
             self.encode(batch).await?;
+        }
+        if self.open_days.len() > OPEN_DAYS {
+            self.finish_or_discard().await?;
         }
         if self.auto_commit && self.commit_due() {
             self.commit(None).await?;
@@ -413,17 +425,16 @@ impl DeltaArchive {
         }
         self.pending.clear();
         self.pending_ids.clear();
-        self.pending_days.clear();
+        self.open_days.clear();
         self.staged.clear();
         self.writer_buffered = 0;
         self.lost.get_or_insert_with(|| reason.to_owned());
     }
 
-    /// Whether the rows waiting reached the commit size, or span more days than files are kept
-    /// open for.
+    /// Whether the rows waiting reached the commit size.
     pub fn commit_due(&self) -> bool {
         let staged: i64 = self.staged.iter().map(|add| add.size).sum();
-        self.writer_buffered + staged.max(0) as usize >= self.commit_bytes || self.pending_days.len() > OPEN_DAYS
+        self.writer_buffered + staged.max(0) as usize >= self.commit_bytes
     }
 
     /// The position committed last by this writer: the one of its latest application
@@ -503,10 +514,7 @@ impl DeltaArchive {
                 ),
             });
         }
-        if let Err(e) = self.finish_files().await {
-            self.discard_pending(&e.to_string());
-            return Err(e);
-        }
+        self.finish_or_discard().await?;
         for _ in 0..COMMIT_ATTEMPTS {
             let adds: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
             let snapshot = self.table.snapshot().map_err(table_error)?.clone();
@@ -545,7 +553,6 @@ impl DeltaArchive {
                         self.ids_by_day.entry(row.day).or_default().insert(row.id);
                     }
                     self.pending_ids.clear();
-                    self.pending_days.clear();
                     self.staged.clear();
                     self.table.state = Some(finalized.snapshot());
                     self.remember_files_read().await?;
@@ -570,7 +577,6 @@ impl DeltaArchive {
                         }
                     }
                     self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
-                    self.pending_days = self.pending.iter().map(|r| r.day).collect();
                     if self.pending.is_empty() && position.is_none() {
                         return Ok(None);
                     }
@@ -601,8 +607,8 @@ impl DeltaArchive {
         let purged_ids = self.purged_ids().await?;
         let store = self.table.object_store();
         let mut rows = Vec::new();
-        for (path, _) in self.files().await? {
-            let mut batches = projected(store.clone(), &path, &[field::ID, field::DATE_COMMANDE, field::PURGED_AT])
+        for (path, _) in self.files().await?.iter() {
+            let mut batches = projected(store.clone(), path, &[field::ID, field::DATE_COMMANDE, field::PURGED_AT])
                 .await
                 .map_err(data_error)?;
             while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
@@ -648,19 +654,15 @@ impl DeltaArchive {
         let days: Option<HashSet<NaiveDate>> = wanted.iter().map(|(_, day)| *day).collect();
         let store = self.table.object_store();
         let mut digests = HashMap::new();
-        for (path, day) in self.files().await? {
-            if days.as_ref().is_some_and(|days| !days.contains(&day)) {
+        for (path, day) in self.files().await?.iter() {
+            if days.as_ref().is_some_and(|days| !days.contains(day)) {
                 continue;
             }
             let mut batches =
-                projected(store.clone(), &path, &[field::ID, field::SOURCE_DIGEST]).await.map_err(data_error)?;
+                projected(store.clone(), path, &[field::ID, field::SOURCE_DIGEST]).await.map_err(data_error)?;
             while let Some(batch) = batches.try_next().await.map_err(|e| data_error(e.to_string()))? {
-                let strings = |name: &str| {
-                    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-                };
-                let (Some(row_ids), Some(row_digests)) = (strings(field::ID), strings(field::SOURCE_DIGEST)) else {
-                    return Err(data_error(format!("{path}: unexpected column types")));
-                };
+                let [row_ids, row_digests] =
+                    text_columns(&batch, [field::ID, field::SOURCE_DIGEST], path).map_err(data_error)?;
                 for i in 0..batch.num_rows() {
                     if ids.contains(row_ids.value(i)) {
                         let digest = row_digests.is_valid(i).then(|| row_digests.value(i).to_owned());
@@ -805,13 +807,24 @@ impl DeltaArchive {
 
     /// Finishes the data files of the rows waiting, which the next commit references.
     async fn finish_files(&mut self) -> Result<(), LakeError> {
-        let Some(writer) = self.writer.as_mut() else { return Ok(()) };
+        let Some(writer) = self.writer.take() else { return Ok(()) };
         self.writer_buffered = 0;
-        let adds = contained(writer.get_mut().flush())
-            .await
-            .map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
+        self.open_days.clear();
+        let mut writer = writer.into_inner();
+        let adds =
+            contained(writer.flush()).await.map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
         self.staged.extend(adds);
         Ok(())
+    }
+
+    /// [`DeltaArchive::finish_files`]; on a failure, the rows waiting are lost
+    /// ([`DeltaArchive::discard_pending`]).
+    async fn finish_or_discard(&mut self) -> Result<(), LakeError> {
+        let finished = self.finish_files().await;
+        if let Err(e) = &finished {
+            self.discard_pending(&e.to_string());
+        }
+        finished
     }
 
     /// Writes the staged files again with only the rows still waiting (those another writer
@@ -859,9 +872,9 @@ impl DeltaArchive {
     /// Marks every file of the loaded version whose day is known as read: after our own
     /// commit, its new files hold exactly the rows just committed.
     async fn remember_files_read(&mut self) -> Result<(), LakeError> {
-        for (path, day) in self.files().await? {
-            if self.ids_by_day.contains_key(&day) {
-                self.files_read.insert(path, day);
+        for (path, day) in self.files().await?.iter() {
+            if self.ids_by_day.contains_key(day) {
+                self.files_read.insert(path.clone(), *day);
             }
         }
         // A long run touches a new day every day: only the latest days' ids stay in memory, up
@@ -882,26 +895,36 @@ impl DeltaArchive {
     }
 
     /// The data files of the loaded version, with their day.
-    async fn files(&self) -> Result<Vec<(String, NaiveDate)>, LakeError> {
+    async fn files(&mut self) -> Result<DataFiles, LakeError> {
+        let version = self.table.version();
+        if let Some((listed_at, files)) = &self.listed {
+            if *listed_at == version {
+                return Ok(files.clone());
+            }
+        }
         let table_error = |source| LakeError::Table { uri: self.uri.clone(), source };
         let views: Vec<_> =
             self.table.get_active_add_actions_by_partitions(&[]).try_collect().await.map_err(table_error)?;
-        Ok(views
-            .iter()
-            .filter_map(|view| {
-                let day = view.partition_values_map().get(DELIVERY_DATE).cloned().flatten()?;
-                Some((view.object_store_path().to_string(), day.parse().ok()?))
-            })
-            .collect())
+        let files: DataFiles = Arc::new(
+            views
+                .iter()
+                .filter_map(|view| {
+                    let day = view.partition_values_map().get(DELIVERY_DATE).cloned().flatten()?;
+                    Some((view.object_store_path().to_string(), day.parse().ok()?))
+                })
+                .collect(),
+        );
+        self.listed = Some((version, files.clone()));
+        Ok(files)
     }
 
     /// Reads the ids of the files of `days` not read yet.
     async fn read_ids_of(&mut self, days: &HashSet<NaiveDate>) -> Result<(), LakeError> {
-        let unread: Vec<(String, NaiveDate)> = self
-            .files()
-            .await?
-            .into_iter()
+        let files = self.files().await?;
+        let unread: Vec<(String, NaiveDate)> = files
+            .iter()
             .filter(|(path, day)| days.contains(day) && !self.files_read.contains_key(path))
+            .cloned()
             .collect();
         for day in days {
             self.ids_by_day.entry(*day).or_default();
@@ -1255,11 +1278,28 @@ async fn create(location: &str, schema: &Schema) -> Result<DeltaTable, DeltaTabl
         .with_columns(columns.fields().cloned())
         .with_partition_columns([DELIVERY_DATE])
         .with_configuration_property(deltalake::TableProperty::CheckpointInterval, Some("100"))
+        .with_configuration_property(deltalake::TableProperty::DataSkippingStatsColumns, Some(STATS_COLUMNS.join(",")))
         .with_configuration([(LAYOUT_PROPERTY, Some(LAYOUT_VERSION.to_string()))])
         .with_raise_if_key_not_exists(false)
         .with_comment("delivered orders archived by archiver")
         .await
 }
+
+/// The columns whose minimum and maximum each data file's entry in the log records, for
+/// engines to skip files: those a query filters on. Not the whole document, the references,
+/// the items nor the digest: their bounds (some 1.5 KB a file) would only weigh on the log and
+/// on every reader's, and this writer's, memory, which holds an entry per data file.
+const STATS_COLUMNS: [&str; 9] = [
+    field::ID,
+    field::NUMERO_COMMANDE,
+    field::STATUS,
+    field::DATE_COMMANDE,
+    field::DATE_LIVRAISON,
+    field::MONTANT_TOTAL,
+    field::ARCHIVED_AT,
+    field::ARCHIVE_SOURCE,
+    field::PURGED_AT,
+];
 
 /// Whether a commit failed because another writer committed that version first.
 fn is_conflict(error: &DeltaTableError) -> bool {
@@ -1365,6 +1405,16 @@ fn date32(day: NaiveDate) -> i32 {
     (day - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days() as i32
 }
 
+/// Two text columns of a batch read from the data file `path`.
+fn text_columns(batch: &RecordBatch, names: [&str; 2], path: &str) -> Result<[StringArray; 2], String> {
+    let column =
+        |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+    match names.map(column) {
+        [Some(first), Some(second)] => Ok([first, second]),
+        _ => Err(format!("{path}: unexpected column types")),
+    }
+}
+
 /// A reader of one data file.
 #[allow(deprecated)]
 fn object_reader(store: deltalake::logstore::ObjectStoreRef, location: deltalake::Path) -> ParquetObjectReader {
@@ -1460,7 +1510,7 @@ mod tests {
         let outcome = reader.append(docs(0..30)).await.unwrap();
         assert_eq!((outcome.inserted, outcome.already_archived), (0, 30), "each order once");
         let mut rows = 0;
-        for (path, _) in reader.files().await.unwrap() {
+        for (path, _) in reader.files().await.unwrap().iter() {
             rows += read_ids(reader.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap().len();
         }
         assert_eq!(rows, 30, "no row twice");
@@ -1532,13 +1582,52 @@ mod tests {
         assert_eq!((second.inserted, second.already_archived), (2, 1));
         table.commit(None).await.unwrap();
         let mut rows = Vec::new();
-        for (path, _) in table.files().await.unwrap() {
+        for (path, _) in table.files().await.unwrap().iter() {
             rows.extend(read_ids(table.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap());
         }
         rows.sort();
         let mut expected: Vec<String> = ids[..3].iter().map(|id| id.to_hex()).collect();
         expected.sort();
         assert_eq!(rows, expected);
+    }
+
+    /// Rows of more days than files are kept open for: the files are finished (nothing stays
+    /// open), and committed only when the commit is due, all in one commit.
+    #[tokio::test]
+    async fn rows_of_many_days_finish_their_files_but_wait_for_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut archive = DeltaArchive::open(&Config::default(), &uri, "batch").await.unwrap();
+        let days = 1..=(OPEN_DAYS as u32 + 2);
+        let outcome =
+            archive.append(days.clone().map(|day| archive_document(ObjectId::new(), day)).collect()).await.unwrap();
+        assert_eq!(outcome.inserted, OPEN_DAYS as u64 + 2);
+        assert_eq!(archive.table.version(), Some(0), "no commit yet");
+        assert!(archive.writer.is_none() && archive.open_days.is_empty(), "no file left open");
+        assert_eq!(archive.staged.len(), OPEN_DAYS + 2, "a finished file per day");
+        assert_eq!(archive.commit(None).await.unwrap(), Some(1));
+        assert_eq!(archive.files().await.unwrap().len(), OPEN_DAYS + 2);
+    }
+
+    #[tokio::test]
+    async fn a_data_files_log_entry_bounds_only_the_columns_queries_filter_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut archive = DeltaArchive::open(&Config::default(), &uri, "batch").await.unwrap();
+        archive.append(vec![archive_document(ObjectId::new(), 3), archive_document(ObjectId::new(), 3)]).await.unwrap();
+        assert_eq!(archive.commit(None).await.unwrap(), Some(1));
+        let commit = std::fs::read_to_string(dir.path().join("orders/_delta_log/00000000000000000001.json")).unwrap();
+        let add = commit
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .find_map(|action| action.get("add").cloned())
+            .expect("an add action");
+        let stats: serde_json::Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+        let bounded: HashSet<&str> = stats["maxValues"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(stats["numRecords"], 2);
+        assert!(bounded.contains(field::ID) && bounded.contains(field::DATE_LIVRAISON), "{stats}");
+        assert!(bounded.iter().all(|column| STATS_COLUMNS.contains(column)), "{stats}");
+        assert!(!bounded.contains(DOCUMENT) && !bounded.contains(field::CLIENT), "{stats}");
     }
 
     #[tokio::test]
