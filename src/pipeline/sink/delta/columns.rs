@@ -225,23 +225,15 @@ fn list_element(data_type: &DataType) -> Result<FieldRef, String> {
 }
 
 /// The top-level fields the columns read: those of an archive document, and the purge mark.
-const TOP: [&str; 15] = [
-    field::ID,
-    field::NUMERO_COMMANDE,
-    field::STATUS,
-    field::DATE_COMMANDE,
-    field::DATE_LIVRAISON,
-    field::MONTANT_TOTAL,
-    field::CLIENT,
-    field::LIVREUR,
-    field::RESTAURANT,
-    field::ITEMS,
-    field::ARCHIVED_AT,
-    field::ARCHIVE_SOURCE,
-    field::ANOMALIES,
-    field::SOURCE_DIGEST,
-    field::PURGED_AT,
-];
+const TOP: [&str; field::ALL.len() + 1] = {
+    let mut top = [field::PURGED_AT; field::ALL.len() + 1];
+    let mut i = 0;
+    while i < field::ALL.len() {
+        top[i] = field::ALL[i];
+        i += 1;
+    }
+    top
+};
 
 /// The fields of an ordered item the columns read.
 const ITEM: [&str; 5] =
