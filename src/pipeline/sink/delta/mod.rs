@@ -553,9 +553,9 @@ impl DeltaArchive {
                         self.ids_by_day.entry(row.day).or_default().insert(row.id);
                     }
                     self.pending_ids.clear();
-                    self.staged.clear();
+                    let ours: HashSet<String> = self.staged.drain(..).map(|add| add.path).collect();
                     self.table.state = Some(finalized.snapshot());
-                    self.remember_files_read().await?;
+                    self.remember_files_read(&ours).await?;
                     return Ok(Some(version));
                 }
                 Err(e) if is_conflict(&e) => {
@@ -869,11 +869,12 @@ impl DeltaArchive {
         self.finish_files().await
     }
 
-    /// Marks every file of the loaded version whose day is known as read: after our own
-    /// commit, its new files hold exactly the rows just committed.
-    async fn remember_files_read(&mut self) -> Result<(), LakeError> {
+    /// Marks the files of our own commit as read: they hold exactly the rows just committed.
+    /// Not the other files of the loaded version: after a lost race, those another writer
+    /// committed meanwhile were read only for the days of our rows.
+    async fn remember_files_read(&mut self, ours: &HashSet<String>) -> Result<(), LakeError> {
         for (path, day) in self.files().await?.iter() {
-            if self.ids_by_day.contains_key(day) {
+            if ours.contains(path) {
                 self.files_read.insert(path.clone(), *day);
             }
         }
@@ -1521,6 +1522,28 @@ mod tests {
             Some(next_txn_version(None, second.writer_tag)),
             "the commit carries its writer's application transaction"
         );
+    }
+
+    /// A writer that loses a commit race reads the winner's files of its own rows' days only:
+    /// the winner's files of the other days it knows stay unread, and an order of theirs that
+    /// comes to it later is found there.
+    #[tokio::test]
+    async fn after_a_lost_race_the_winners_files_of_other_days_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let [x, y, z, w] = [(); 4].map(|_| ObjectId::new());
+        let mut first = DeltaArchive::open(&config, &uri, "first").await.unwrap();
+        first.append(vec![archive_document(x, 3)]).await.unwrap();
+        assert_eq!(first.commit(None).await.unwrap(), Some(1));
+        let mut second = DeltaArchive::open(&config, &uri, "second").await.unwrap();
+        second.append(vec![archive_document(y, 3), archive_document(z, 4)]).await.unwrap();
+        assert_eq!(second.commit(None).await.unwrap(), Some(2));
+        first.append(vec![archive_document(w, 4)]).await.unwrap();
+        assert_eq!(first.commit(None).await.unwrap(), Some(3), "after reading the second's rows of day 4");
+        assert_eq!(first.files_read.len(), 3, "its own two files and the second's of day 4: {:?}", first.files_read);
+        let outcome = first.append(vec![archive_document(y, 3)]).await.unwrap();
+        assert_eq!((outcome.inserted, outcome.already_archived), (0, 1), "the second's row of day 3 is found");
     }
 
     /// Two `watch` processes of one stream on one table (no lease): the one that commits second
