@@ -811,8 +811,13 @@ impl DeltaArchive {
         self.writer_buffered = 0;
         self.open_days.clear();
         let mut writer = writer.into_inner();
-        let adds =
-            contained(writer.flush()).await.map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
+        // Until the flush ends, the rows waiting are in no finished file: if this future is
+        // dropped meanwhile (a caller's timeout), they are lost with the writer, and no later
+        // commit may carry a position that covers them.
+        let before = self.lost.replace("a commit was interrupted while its data files were being written".to_owned());
+        let flushed = contained(writer.flush()).await;
+        self.lost = before;
+        let adds = flushed.map_err(|source| LakeError::Table { uri: self.uri.clone(), source })?;
         self.staged.extend(adds);
         Ok(())
     }
@@ -1522,6 +1527,32 @@ mod tests {
             Some(next_txn_version(None, second.writer_tag)),
             "the commit carries its writer's application transaction"
         );
+    }
+
+    /// A commit dropped while its data files are being finished (a caller's timeout) loses the
+    /// rows in them: a later commit carries no position past them, nor counts them committed.
+    #[tokio::test]
+    async fn a_commit_dropped_while_its_files_are_finished_lets_no_later_commit_skip_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut archive = DeltaArchive::open(&Config::default(), &uri, "watch").await.unwrap();
+        archive.append(vec![archive_document(ObjectId::new(), 3), archive_document(ObjectId::new(), 3)]).await.unwrap();
+        let dropped = tokio::time::timeout(std::time::Duration::ZERO, archive.commit(Some("first"))).await;
+        assert!(dropped.is_err(), "the commit waits for the store");
+        match archive.commit(Some("second")).await {
+            Err(refused) => assert!(refused.to_string().contains("interrupted"), "{refused}"),
+            Ok(version) => {
+                let mut rows = 0;
+                for (path, _) in archive.files().await.unwrap().iter() {
+                    rows += read_ids(archive.table.object_store(), deltalake::Path::from(path.as_str()))
+                        .await
+                        .unwrap()
+                        .len();
+                }
+                panic!("committed (version {version:?}) with {rows} rows of 2 and the position past them");
+            }
+        }
+        assert_eq!(archive.last_position().await.unwrap(), None, "no position committed");
     }
 
     /// A writer that loses a commit race reads the winner's files of its own rows' days only:
