@@ -214,6 +214,9 @@ pub struct DeltaArchive {
     writer_buffered: usize,
     /// The data files of the rows waiting, once finished, until a commit references them.
     staged: Vec<deltalake::kernel::Add>,
+    /// Whether a commit is under way: still true at the next one when it was dropped before
+    /// its end.
+    committing: bool,
     /// Why rows appended since the last commit were lost (a data file could not be written):
     /// no later commit may then carry a position, which would cover them. `watch` stops, and
     /// starts again from the table's last commit.
@@ -284,6 +287,7 @@ impl DeltaArchive {
             writer: None,
             writer_buffered: 0,
             staged: Vec::new(),
+            committing: false,
             lost: None,
             ids_by_day: HashMap::new(),
             files_read: HashMap::new(),
@@ -500,6 +504,18 @@ impl DeltaArchive {
     /// transaction and, when given, the position it covers. Returns the table version written
     /// (`None` when there was nothing to commit).
     pub async fn commit(&mut self, position: Option<&str>) -> Result<Option<u64>, LakeError> {
+        if self.committing {
+            // The last commit was dropped before its end (a caller's timeout): the files of the
+            // rows waiting may be gone with it, and no commit may cover those rows.
+            self.lost.get_or_insert_with(|| "a commit was interrupted before its end".to_owned());
+        }
+        self.committing = true;
+        let committed = self.commit_once(position).await;
+        self.committing = false;
+        committed
+    }
+
+    async fn commit_once(&mut self, position: Option<&str>) -> Result<Option<u64>, LakeError> {
         if self.pending.is_empty() && position.is_none() {
             return Ok(None);
         }
@@ -509,7 +525,7 @@ impl DeltaArchive {
             return Err(LakeError::Data {
                 uri: self.uri.clone(),
                 reason: format!(
-                    "rows not committed yet were lost when a data file could not be written ({reason}); \
+                    "rows not committed yet were lost ({reason}); \
                      nothing more is committed by this process, which must start again from the table's last commit"
                 ),
             });
@@ -1553,6 +1569,21 @@ mod tests {
             }
         }
         assert_eq!(archive.last_position().await.unwrap(), None, "no position committed");
+    }
+
+    /// A commit dropped after its files were finished, while it writes to the log: what it left
+    /// is unknown, so no later commit of this writer is made.
+    #[tokio::test]
+    async fn a_commit_dropped_while_it_writes_to_the_log_refuses_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let mut archive = DeltaArchive::open(&Config::default(), &uri, "watch").await.unwrap();
+        archive.append(vec![archive_document(ObjectId::new(), 3)]).await.unwrap();
+        archive.finish_or_discard().await.unwrap();
+        let dropped = tokio::time::timeout(std::time::Duration::ZERO, archive.commit(Some("first"))).await;
+        assert!(dropped.is_err(), "the commit waits for the store");
+        let refused = archive.commit(Some("second")).await.unwrap_err();
+        assert!(refused.to_string().contains("interrupted before its end"), "{refused}");
     }
 
     /// A writer that loses a commit race reads the winner's files of its own rows' days only:
