@@ -1499,6 +1499,15 @@ mod tests {
     use super::*;
     use mongodb::bson::{doc, oid::ObjectId, RawBsonRef};
 
+    /// A new table of the default configuration in a temporary directory (`orders` in it),
+    /// opened by a writer of `app_id`.
+    async fn new_table(app_id: &str) -> (tempfile::TempDir, DeltaArchive) {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let archive = DeltaArchive::open(&Config::default(), &uri, app_id).await.unwrap();
+        (dir, archive)
+    }
+
     fn archive_document(id: ObjectId, day: u32) -> RawDocumentBuf {
         let delivered = mongodb::bson::DateTime::parse_rfc3339_str(format!("2026-03-{day:02}T11:30:00Z")).unwrap();
         let document = doc! {
@@ -1549,9 +1558,7 @@ mod tests {
     /// rows in them: a later commit carries no position past them, nor counts them committed.
     #[tokio::test]
     async fn a_commit_dropped_while_its_files_are_finished_lets_no_later_commit_skip_its_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
-        let mut archive = DeltaArchive::open(&Config::default(), &uri, "watch").await.unwrap();
+        let (_dir, mut archive) = new_table("watch").await;
         archive.append(vec![archive_document(ObjectId::new(), 3), archive_document(ObjectId::new(), 3)]).await.unwrap();
         let dropped = tokio::time::timeout(std::time::Duration::ZERO, archive.commit(Some("first"))).await;
         assert!(dropped.is_err(), "the commit waits for the store");
@@ -1575,9 +1582,7 @@ mod tests {
     /// is unknown, so no later commit of this writer is made.
     #[tokio::test]
     async fn a_commit_dropped_while_it_writes_to_the_log_refuses_the_next_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
-        let mut archive = DeltaArchive::open(&Config::default(), &uri, "watch").await.unwrap();
+        let (_dir, mut archive) = new_table("watch").await;
         archive.append(vec![archive_document(ObjectId::new(), 3)]).await.unwrap();
         archive.finish_or_discard().await.unwrap();
         let dropped = tokio::time::timeout(std::time::Duration::ZERO, archive.commit(Some("first"))).await;
@@ -1680,9 +1685,7 @@ mod tests {
     /// open), and committed only when the commit is due, all in one commit.
     #[tokio::test]
     async fn rows_of_many_days_finish_their_files_but_wait_for_the_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
-        let mut archive = DeltaArchive::open(&Config::default(), &uri, "batch").await.unwrap();
+        let (_dir, mut archive) = new_table("batch").await;
         let days = 1..=(OPEN_DAYS as u32 + 2);
         let outcome =
             archive.append(days.clone().map(|day| archive_document(ObjectId::new(), day)).collect()).await.unwrap();
@@ -1696,9 +1699,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_data_files_log_entry_bounds_only_the_columns_queries_filter_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
-        let mut archive = DeltaArchive::open(&Config::default(), &uri, "batch").await.unwrap();
+        let (dir, mut archive) = new_table("batch").await;
         archive.append(vec![archive_document(ObjectId::new(), 3), archive_document(ObjectId::new(), 3)]).await.unwrap();
         assert_eq!(archive.commit(None).await.unwrap(), Some(1));
         let commit = std::fs::read_to_string(dir.path().join("orders/_delta_log/00000000000000000001.json")).unwrap();
