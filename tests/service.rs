@@ -21,6 +21,11 @@ async fn probes_and_metrics_report_the_stream() {
     broken.insert("client_id", mongodb::bson::oid::ObjectId::new());
     t.orders().insert_many([order(&refs, 1, "livrée"), broken]).await.unwrap();
     t.wait_archived(2).await;
+    // The rows are in the archive before the write is counted: wait for the count.
+    eventually(10, "the archived orders counted", || async {
+        common::unlabelled(&http_get(&addr, "/metrics").1).contains("archiver_orders_archived_total 2")
+    })
+    .await;
     let (code, labelled) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
     // Every series says which stream and partition it is of.

@@ -217,6 +217,9 @@ pub struct DeltaArchive {
     /// Whether a commit is under way: still true at the next one when it was dropped before
     /// its end.
     committing: bool,
+    /// Whether the rows waiting may hold orders of the loaded table version: a lost race
+    /// failed before they were left out ([`DeltaArchive::leave_out_committed`]).
+    unfiltered: bool,
     /// Why rows appended since the last commit were lost (a data file could not be written):
     /// no later commit may then carry a position, which would cover them. `watch` stops, and
     /// starts again from the table's last commit.
@@ -288,6 +291,7 @@ impl DeltaArchive {
             writer_buffered: 0,
             staged: Vec::new(),
             committing: false,
+            unfiltered: false,
             lost: None,
             ids_by_day: HashMap::new(),
             files_read: HashMap::new(),
@@ -531,6 +535,10 @@ impl DeltaArchive {
             });
         }
         self.finish_or_discard().await?;
+        if self.unfiltered {
+            // The last commit lost a race, then failed before it left out the winner's rows.
+            self.leave_out_committed().await?;
+        }
         for _ in 0..COMMIT_ATTEMPTS {
             let adds: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
             let snapshot = self.table.snapshot().map_err(table_error)?.clone();
@@ -579,20 +587,7 @@ impl DeltaArchive {
                     // write again on the new version.
                     tracing::info!(table = %self.uri, error = %e, "another writer committed first; reading its rows and trying again");
                     self.table.update_state().await.map_err(table_error)?;
-                    let days: HashSet<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
-                    self.read_ids_of(&days).await?;
-                    let ids_by_day = &self.ids_by_day;
-                    let before = self.pending.len();
-                    self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
-                    if self.pending.len() < before {
-                        // Its rows and ours overlap: write ours again without them. The files
-                        // written first are referenced by no commit; a vacuum removes them.
-                        if let Err(e) = self.rewrite_staged().await {
-                            self.discard_pending(&e.to_string());
-                            return Err(e);
-                        }
-                    }
-                    self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
+                    self.leave_out_committed().await?;
                     if self.pending.is_empty() && position.is_none() {
                         return Ok(None);
                     }
@@ -846,6 +841,29 @@ impl DeltaArchive {
             self.discard_pending(&e.to_string());
         }
         finished
+    }
+
+    /// Leaves out of the rows waiting those the loaded table version holds (after a lost race,
+    /// the winner's), writing the staged files again without them. Until it ends, the rows
+    /// waiting stay marked unfiltered: a commit first does it again.
+    async fn leave_out_committed(&mut self) -> Result<(), LakeError> {
+        self.unfiltered = true;
+        let days: HashSet<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
+        self.read_ids_of(&days).await?;
+        let ids_by_day = &self.ids_by_day;
+        let before = self.pending.len();
+        self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
+        if self.pending.len() < before {
+            // Their rows and ours overlap: write ours again without them. The files written
+            // first are referenced by no commit; a vacuum removes them.
+            if let Err(e) = self.rewrite_staged().await {
+                self.discard_pending(&e.to_string());
+                return Err(e);
+            }
+        }
+        self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
+        self.unfiltered = false;
+        Ok(())
     }
 
     /// Writes the staged files again with only the rows still waiting (those another writer
@@ -1540,11 +1558,7 @@ mod tests {
         let mut reader = DeltaArchive::open(&config, &uri, "reader").await.unwrap();
         let outcome = reader.append(docs(0..30)).await.unwrap();
         assert_eq!((outcome.inserted, outcome.already_archived), (0, 30), "each order once");
-        let mut rows = 0;
-        for (path, _) in reader.files().await.unwrap().iter() {
-            rows += read_ids(reader.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap().len();
-        }
-        assert_eq!(rows, 30, "no row twice");
+        assert_eq!(rows_of(&mut reader).await, 30, "no row twice");
         let log_store = reader.table.log_store();
         let version = reader.table.snapshot().unwrap().transaction_version(log_store.as_ref(), "second").await;
         assert_eq!(
@@ -1552,6 +1566,37 @@ mod tests {
             Some(next_txn_version(None, second.writer_tag)),
             "the commit carries its writer's application transaction"
         );
+    }
+
+    /// A writer loses a commit race, then cannot read the winner's rows (a store error): its
+    /// next commit reads them first, and leaves them out.
+    #[tokio::test]
+    async fn a_lost_race_whose_winners_rows_could_not_be_read_reads_them_before_the_next_commit() {
+        let (dir, mut first) = new_table("first").await;
+        let uri = first.uri.clone();
+        let mut second = DeltaArchive::open(&Config::default(), &uri, "second").await.unwrap();
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
+        first.append(ids[..3].iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
+        second.append(ids[1..].iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
+        assert_eq!(first.commit(None).await.unwrap(), Some(1));
+        let winners = first.files().await.unwrap();
+        let file = dir.path().join("orders").join(&winners[0].0);
+        let aside = dir.path().join("aside");
+        std::fs::rename(&file, &aside).unwrap();
+        let failed = second.commit(None).await.unwrap_err();
+        assert!(failed.to_string().contains("reading the ids"), "{failed}");
+        std::fs::rename(&aside, &file).unwrap();
+        assert_eq!(second.commit(None).await.unwrap(), Some(2));
+        assert_eq!(rows_of(&mut second).await, 4, "each of the 4 orders once");
+    }
+
+    /// The rows of the loaded table version.
+    async fn rows_of(archive: &mut DeltaArchive) -> usize {
+        let mut rows = 0;
+        for (path, _) in archive.files().await.unwrap().iter() {
+            rows += read_ids(archive.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap().len();
+        }
+        rows
     }
 
     /// A commit dropped while its data files are being finished (a caller's timeout) loses the
@@ -1565,13 +1610,7 @@ mod tests {
         match archive.commit(Some("second")).await {
             Err(refused) => assert!(refused.to_string().contains("interrupted"), "{refused}"),
             Ok(version) => {
-                let mut rows = 0;
-                for (path, _) in archive.files().await.unwrap().iter() {
-                    rows += read_ids(archive.table.object_store(), deltalake::Path::from(path.as_str()))
-                        .await
-                        .unwrap()
-                        .len();
-                }
+                let rows = rows_of(&mut archive).await;
                 panic!("committed (version {version:?}) with {rows} rows of 2 and the position past them");
             }
         }
