@@ -277,8 +277,9 @@ pub struct CompactArgs {
 /// `archiver vacuum`.
 #[derive(Debug, Args)]
 pub struct VacuumArgs {
-    /// Keep unreferenced files younger than this many days (readers of an older version, and a
-    /// commit in progress, may still need them).
+    /// Keep files a compaction replaced for this many days after it (readers of an older
+    /// version may still need them). Files no commit references are kept at least 24 hours
+    /// whatever the retention: they may be a commit in progress.
     #[arg(long, value_name = "DAYS", default_value_t = 7)]
     pub retention_days: u32,
 }

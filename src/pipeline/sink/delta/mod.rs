@@ -81,6 +81,11 @@ const IDS_KEPT: usize = 1_000_000;
 /// commits.
 const OPEN_DAYS: usize = 4;
 
+/// The age under which `vacuum` keeps a data file no commit references, whatever its
+/// retention: a writer may still be about to commit it (`watch` between its commits, or a
+/// `batch` whose rows of many days wait for the commit size).
+const UNREFERENCED_KEPT_HOURS: i64 = 24;
+
 /// Where the positions committed with the data are kept, per writer (application id), by the
 /// version of the writer's application transaction. A Delta checkpoint keeps the transaction
 /// versions when old log entries (and their commit metadata) are cleaned up; these files keep
@@ -797,23 +802,31 @@ impl DeltaArchive {
         Ok(report)
     }
 
-    /// Deletes the data files no version newer than `retention` references any more (those a
-    /// compaction replaced, and those of a commit that lost a race), and returns how many.
+    /// Deletes the data files removed from the table (by a compaction) longer than `retention`
+    /// ago, and those no commit ever referenced (left by a commit that lost a race, or by a
+    /// writer that stopped before its commit) once older than `retention` and than
+    /// [`UNREFERENCED_KEPT_HOURS`]: younger, they may be a commit in progress. Returns how many.
     pub async fn vacuum(&mut self, retention: chrono::Duration) -> Result<usize, LakeError> {
+        use deltalake::operations::vacuum::VacuumMode;
         let uri = self.uri.clone();
         let table_error = |source| LakeError::Table { uri: uri.clone(), source };
         self.table.update_state().await.map_err(table_error)?;
-        let (table, metrics) = self
-            .table
-            .clone()
-            .vacuum()
-            .with_retention_period(retention)
-            .with_enforce_retention_duration(false)
-            .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
-            .await
-            .map_err(table_error)?;
-        self.table = table;
-        Ok(metrics.files_deleted.len())
+        let unreferenced = retention.max(chrono::Duration::hours(UNREFERENCED_KEPT_HOURS));
+        let mut deleted = 0;
+        for (mode, retention) in [(VacuumMode::Lite, retention), (VacuumMode::Full, unreferenced)] {
+            let (table, metrics) = self
+                .table
+                .clone()
+                .vacuum()
+                .with_retention_period(retention)
+                .with_enforce_retention_duration(false)
+                .with_mode(mode)
+                .await
+                .map_err(table_error)?;
+            self.table = table;
+            deleted += metrics.files_deleted.len();
+        }
+        Ok(deleted)
     }
 
     /// Finishes the data files of the rows waiting, which the next commit references.
@@ -1588,6 +1601,18 @@ mod tests {
         std::fs::rename(&aside, &file).unwrap();
         assert_eq!(second.commit(None).await.unwrap(), Some(2));
         assert_eq!(rows_of(&mut second).await, 4, "each of the 4 orders once");
+    }
+
+    /// `vacuum` with no retention while a writer's files wait for their commit: it keeps them.
+    #[tokio::test]
+    async fn vacuum_keeps_the_files_of_a_commit_in_progress_whatever_the_retention() {
+        let (_dir, mut writer) = new_table("watch").await;
+        writer.append(vec![archive_document(ObjectId::new(), 3), archive_document(ObjectId::new(), 4)]).await.unwrap();
+        writer.finish_or_discard().await.unwrap();
+        let mut maintenance = DeltaArchive::open(&Config::default(), &writer.uri, "vacuum").await.unwrap();
+        assert_eq!(maintenance.vacuum(chrono::Duration::zero()).await.unwrap(), 0);
+        assert_eq!(writer.commit(None).await.unwrap(), Some(1));
+        assert_eq!(rows_of(&mut writer).await, 2);
     }
 
     /// The rows of the loaded table version.
