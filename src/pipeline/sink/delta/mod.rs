@@ -377,6 +377,7 @@ impl DeltaArchive {
         self.read_ids_of(&days).await?;
         let mut outcome = WriteOutcome::default();
         let mut keep = Vec::with_capacity(rows.len());
+        let mut kept_days = Vec::with_capacity(rows.len());
         for row in rows {
             let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&row.id));
             if present || self.pending_ids.contains(&row.id) {
@@ -387,8 +388,8 @@ impl DeltaArchive {
             outcome.inserted += 1;
             outcome.anomalies += u64::from(row.anomalies);
             keep.push(true);
+            kept_days.push(row.day);
             self.pending_ids.insert(row.id.clone());
-            self.open_days.insert(row.day);
             self.pending.push(PendingRow { id: row.id, day: row.day });
         }
         let batch = if keep.iter().all(|k| *k) {
@@ -398,16 +399,47 @@ impl DeltaArchive {
             deltalake::arrow::compute::filter_record_batch(&batch, &keep)
                 .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: e.to_string() })?
         };
-        if batch.num_rows() > 0 {
-            self.encode(batch).await?;
-        }
-        if self.open_days.len() > OPEN_DAYS {
-            self.finish_or_discard().await?;
-        }
+        self.encode_by_days(batch, &kept_days).await?;
         if self.auto_commit && self.commit_due() {
             self.commit(None).await?;
         }
         Ok(outcome)
+    }
+
+    /// Encodes rows (of the given days, one per row) into the data files being written, with
+    /// the files of at most [`OPEN_DAYS`] days open at once: before rows of another day, the
+    /// files open are finished. Rows of many days so open a few files at a time, not a file per
+    /// day at once.
+    async fn encode_by_days(&mut self, batch: RecordBatch, days: &[NaiveDate]) -> Result<(), LakeError> {
+        let new: Vec<NaiveDate> = days
+            .iter()
+            .filter(|day| !self.open_days.contains(day))
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if self.open_days.len() + new.len() <= OPEN_DAYS {
+            self.open_days.extend(new);
+            return if batch.num_rows() > 0 { self.encode(batch).await } else { Ok(()) };
+        }
+        // The days open, with as many new ones as fit, then the others by OPEN_DAYS.
+        let room = OPEN_DAYS.saturating_sub(self.open_days.len()).min(new.len());
+        let mut groups = vec![self.open_days.iter().chain(&new[..room]).copied().collect::<HashSet<_>>()];
+        groups.extend(new[room..].chunks(OPEN_DAYS).map(|chunk| chunk.iter().copied().collect()));
+        for (i, group) in groups.into_iter().enumerate() {
+            if i > 0 {
+                self.finish_or_discard().await?;
+            }
+            let mask: deltalake::arrow::array::BooleanArray =
+                days.iter().map(|day| Some(group.contains(day))).collect();
+            let rows = deltalake::arrow::compute::filter_record_batch(&batch, &mask)
+                .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: e.to_string() })?;
+            if rows.num_rows() > 0 {
+                self.open_days.extend(group);
+                self.encode(rows).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Encodes rows into the data files being written.
@@ -521,6 +553,9 @@ impl DeltaArchive {
         self.committing = true;
         let committed = self.commit_once(position).await;
         self.committing = false;
+        if matches!(committed, Ok(Some(_))) {
+            release_freed_memory();
+        }
         committed
     }
 
@@ -910,13 +945,14 @@ impl DeltaArchive {
                 let kept = deltalake::arrow::compute::filter_record_batch(&batch, &keep)
                     .map_err(|e| data_error(e.to_string()))?;
                 if kept.num_rows() > 0 {
-                    batches.push(with_day(&self.schema, kept, day).map_err(&data_error)?);
+                    batches.push((with_day(&self.schema, kept, day).map_err(&data_error)?, day));
                 }
             }
         }
         drop(waiting);
-        for batch in batches {
-            self.encode(batch).await?;
+        for (batch, day) in batches {
+            let days = vec![day; batch.num_rows()];
+            self.encode_by_days(batch, &days).await?;
         }
         self.finish_files().await
     }
@@ -991,6 +1027,19 @@ impl DeltaArchive {
             self.files_read.insert(path, day);
         }
         Ok(())
+    }
+}
+
+/// Hands the memory freed since the last commit (the rows' buffers, the data files' encoders)
+/// back to the system. glibc's allocator keeps freed memory in its arenas, where it stays when
+/// the next allocations do not fit it: `watch` committing every second grew from 85 to 114 MB
+/// in 2 minutes with a live heap of 11 to 15 MB, and went down to 65 MB after one trim.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas to the system;
+    // it touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -1745,20 +1794,25 @@ mod tests {
         assert_eq!(rows, expected);
     }
 
-    /// Rows of more days than files are kept open for: the files are finished (nothing stays
-    /// open), and committed only when the commit is due, all in one commit.
+    /// Rows of more days than files are kept open for: the files of at most OPEN_DAYS days are
+    /// open at once, the others finished, and all are committed only when the commit is due,
+    /// in one commit.
     #[tokio::test]
     async fn rows_of_many_days_finish_their_files_but_wait_for_the_commit() {
         let (_dir, mut archive) = new_table("batch").await;
-        let days = 1..=(OPEN_DAYS as u32 + 2);
-        let outcome =
-            archive.append(days.clone().map(|day| archive_document(ObjectId::new(), day)).collect()).await.unwrap();
-        assert_eq!(outcome.inserted, OPEN_DAYS as u64 + 2);
+        let days = 1..=(3 * OPEN_DAYS as u32 + 1);
+        // Days interleaved, as orders read in `_id` order come.
+        let docs = days.clone().chain(days.clone()).map(|day| archive_document(ObjectId::new(), day)).collect();
+        let outcome = archive.append(docs).await.unwrap();
+        assert_eq!(outcome.inserted, 2 * (3 * OPEN_DAYS as u64 + 1));
         assert_eq!(archive.table.version(), Some(0), "no commit yet");
-        assert!(archive.writer.is_none() && archive.open_days.is_empty(), "no file left open");
-        assert_eq!(archive.staged.len(), OPEN_DAYS + 2, "a finished file per day");
+        assert_eq!(archive.open_days.len(), 1, "the last day's file open: {:?}", archive.open_days);
+        assert_eq!(archive.staged.len(), 3 * OPEN_DAYS, "a finished file per other day");
+        archive.append(vec![archive_document(ObjectId::new(), 20)]).await.unwrap();
+        assert_eq!(archive.open_days.len(), 2, "room for more open days: {:?}", archive.open_days);
         assert_eq!(archive.commit(None).await.unwrap(), Some(1));
-        assert_eq!(archive.files().await.unwrap().len(), OPEN_DAYS + 2);
+        assert_eq!(archive.files().await.unwrap().len(), 3 * OPEN_DAYS + 2);
+        assert_eq!(rows_of(&mut archive).await, 2 * (3 * OPEN_DAYS + 1) + 1);
     }
 
     #[tokio::test]
