@@ -145,12 +145,24 @@ pub enum LakeError {
     },
 }
 
-/// A row waiting for the next commit: already encoded in a data file being written, known here
-/// by its order id and day.
-#[derive(Debug)]
-struct PendingRow {
-    id: String,
-    day: NaiveDate,
+/// An order id as the `_id` column holds it, as the writer keeps it in memory, by the hundreds
+/// of thousands: the 24 lowercase hexadecimal digits of an ObjectId (the id of nearly every
+/// order) in its 12 bytes, any other text as it is. Two ids are the same key exactly when they
+/// are the same text. (A `String` of an ObjectId took about 65 bytes in a set, this 25.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum OrderKey {
+    ObjectId([u8; 12]),
+    Other(Box<str>),
+}
+
+impl OrderKey {
+    fn new(id: &str) -> OrderKey {
+        let lower_hex = id.len() == 24 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        match mongodb::bson::oid::ObjectId::parse_str(id) {
+            Ok(oid) if lower_hex => OrderKey::ObjectId(oid.bytes()),
+            _ => OrderKey::Other(id.into()),
+        }
+    }
 }
 
 /// A row turned into columns, known by its order id (as text) and its day.
@@ -207,8 +219,9 @@ pub struct DeltaArchive {
     table: DeltaTable,
     schema: SchemaRef,
     reference_fields: [Vec<String>; 3],
-    pending: Vec<PendingRow>,
-    pending_ids: HashSet<String>,
+    /// The rows waiting for the next commit (already encoded in a data file being written), by
+    /// order id, with their day.
+    pending: HashMap<OrderKey, NaiveDate>,
     /// The days of the data files being written.
     open_days: HashSet<NaiveDate>,
     /// Encodes the rows waiting into Parquet as they come, streaming the data files to the
@@ -230,7 +243,7 @@ pub struct DeltaArchive {
     /// starts again from the table's last commit.
     lost: Option<String>,
     /// The ids in the table, for the days read so far, as of the table's loaded version.
-    ids_by_day: HashMap<NaiveDate, HashSet<String>>,
+    ids_by_day: HashMap<NaiveDate, HashSet<OrderKey>>,
     /// The data files of the table's loaded version, with their day, and that version: listed
     /// again only when the version changed (an append looks for the files of its days).
     listed: Option<(Option<u64>, DataFiles)>,
@@ -288,8 +301,7 @@ impl DeltaArchive {
             table,
             schema,
             reference_fields,
-            pending: Vec::new(),
-            pending_ids: HashSet::new(),
+            pending: HashMap::new(),
             open_days: HashSet::new(),
             listed: None,
             writer: None,
@@ -379,8 +391,9 @@ impl DeltaArchive {
         let mut keep = Vec::with_capacity(rows.len());
         let mut kept_days = Vec::with_capacity(rows.len());
         for row in rows {
-            let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&row.id));
-            if present || self.pending_ids.contains(&row.id) {
+            let id = OrderKey::new(&row.id);
+            let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&id));
+            if present || self.pending.contains_key(&id) {
                 outcome.already_archived += 1;
                 keep.push(false);
                 continue;
@@ -389,8 +402,7 @@ impl DeltaArchive {
             outcome.anomalies += u64::from(row.anomalies);
             keep.push(true);
             kept_days.push(row.day);
-            self.pending_ids.insert(row.id.clone());
-            self.pending.push(PendingRow { id: row.id, day: row.day });
+            self.pending.insert(id, row.day);
         }
         let batch = if keep.iter().all(|k| *k) {
             batch
@@ -469,7 +481,6 @@ impl DeltaArchive {
             writer.into_inner().reset();
         }
         self.pending.clear();
-        self.pending_ids.clear();
         self.open_days.clear();
         self.staged.clear();
         self.writer_buffered = 0;
@@ -613,10 +624,9 @@ impl DeltaArchive {
             match committed {
                 Ok(finalized) => {
                     let version = finalized.version();
-                    for row in self.pending.drain(..) {
-                        self.ids_by_day.entry(row.day).or_default().insert(row.id);
+                    for (id, day) in self.pending.drain() {
+                        self.ids_by_day.entry(day).or_default().insert(id);
                     }
-                    self.pending_ids.clear();
                     let ours: HashSet<String> = self.staged.drain(..).map(|add| add.path).collect();
                     self.table.state = Some(finalized.snapshot());
                     self.remember_files_read(&ours).await?;
@@ -896,11 +906,11 @@ impl DeltaArchive {
     /// waiting stay marked unfiltered: a commit first does it again.
     async fn leave_out_committed(&mut self) -> Result<(), LakeError> {
         self.unfiltered = true;
-        let days: HashSet<NaiveDate> = self.pending.iter().map(|r| r.day).collect();
+        let days: HashSet<NaiveDate> = self.pending.values().copied().collect();
         self.read_ids_of(&days).await?;
         let ids_by_day = &self.ids_by_day;
         let before = self.pending.len();
-        self.pending.retain(|r| !ids_by_day.get(&r.day).is_some_and(|ids| ids.contains(&r.id)));
+        self.pending.retain(|id, day| !ids_by_day.get(day).is_some_and(|ids| ids.contains(id)));
         if self.pending.len() < before {
             // Their rows and ours overlap: write ours again without them. The files written
             // first are referenced by no commit; a vacuum removes them.
@@ -909,7 +919,6 @@ impl DeltaArchive {
                 return Err(e);
             }
         }
-        self.pending_ids = self.pending.iter().map(|r| r.id.clone()).collect();
         self.unfiltered = false;
         Ok(())
     }
@@ -919,7 +928,6 @@ impl DeltaArchive {
     async fn rewrite_staged(&mut self) -> Result<(), LakeError> {
         let uri = self.uri.clone();
         let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
-        let waiting: HashSet<&str> = self.pending.iter().map(|r| r.id.as_str()).collect();
         let store = self.table.object_store();
         let mut batches = Vec::new();
         for add in std::mem::take(&mut self.staged) {
@@ -940,8 +948,9 @@ impl DeltaArchive {
                     .column_by_name(field::ID)
                     .and_then(|c| c.as_any().downcast_ref::<StringArray>())
                     .ok_or_else(|| data_error(format!("{}: no _id column", add.path)))?;
-                let keep: deltalake::arrow::array::BooleanArray =
-                    (0..ids.len()).map(|i| Some(ids.is_valid(i) && waiting.contains(ids.value(i)))).collect();
+                let keep: deltalake::arrow::array::BooleanArray = (0..ids.len())
+                    .map(|i| Some(ids.is_valid(i) && self.pending.contains_key(&OrderKey::new(ids.value(i)))))
+                    .collect();
                 let kept = deltalake::arrow::compute::filter_record_batch(&batch, &keep)
                     .map_err(|e| data_error(e.to_string()))?;
                 if kept.num_rows() > 0 {
@@ -949,7 +958,6 @@ impl DeltaArchive {
                 }
             }
         }
-        drop(waiting);
         for (batch, day) in batches {
             let days = vec![day; batch.num_rows()];
             self.encode_by_days(batch, &days).await?;
@@ -1023,7 +1031,7 @@ impl DeltaArchive {
             let ids = read_ids(store.clone(), deltalake::Path::from(path.as_str())).await.map_err(|reason| {
                 LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
             })?;
-            self.ids_by_day.entry(day).or_default().extend(ids);
+            self.ids_by_day.entry(day).or_default().extend(ids.iter().map(|id| OrderKey::new(id)));
             self.files_read.insert(path, day);
         }
         Ok(())
@@ -1662,6 +1670,28 @@ mod tests {
         assert_eq!(maintenance.vacuum(chrono::Duration::zero()).await.unwrap(), 0);
         assert_eq!(writer.commit(None).await.unwrap(), Some(1));
         assert_eq!(rows_of(&mut writer).await, 2);
+    }
+
+    /// Ids are kept compactly, and two ids are one key exactly when they are one text.
+    #[test]
+    fn order_keys_are_equal_exactly_when_their_texts_are() {
+        let hex = ObjectId::new().to_hex();
+        let texts = [
+            hex.clone(),
+            hex.to_uppercase(),
+            format!("{hex}0"),
+            hex[..23].to_owned(),
+            "zzzzzzzzzzzzzzzzzzzzzzzz".to_owned(),
+            "CMD-000042".to_owned(),
+            String::new(),
+        ];
+        assert!(matches!(OrderKey::new(&hex), OrderKey::ObjectId(_)));
+        for (i, a) in texts.iter().enumerate() {
+            for (j, b) in texts.iter().enumerate() {
+                assert_eq!(OrderKey::new(a) == OrderKey::new(b), i == j, "{a:?} and {b:?}");
+            }
+        }
+        assert_eq!(std::mem::size_of::<OrderKey>(), 24);
     }
 
     /// The rows of the loaded table version.
