@@ -2,9 +2,10 @@
 //! one typed row of a Delta table (`ARCHIVE_TABLE_URI`), partitioned by its UTC day of delivery,
 //! with the whole document also kept as canonical Extended JSON so that nothing is ever lost.
 //!
-//! One row per order: before rows are committed, the ids already in the table for their days
-//! are read (the `_id` column of those days' files) and rows already there are left out. A
-//! commit is made on exactly the table version those ids were read from (no automatic retry on a
+//! One row per order: before rows are committed, each is looked for in the files of its day
+//! whose `_id` bounds hold its id ([`ids`]: their `_id` column is read, and kept in memory up to
+//! a bound) and rows already there are left out. A commit is made on exactly the table version
+//! those ids were read from (no automatic retry on a
 //! newer one): when another writer committed in between, the commit fails, the new files' ids
 //! are read, and what they hold is left out before trying again. Duplicates are prevented, not
 //! cleaned up later. The files a failed attempt wrote are referenced by no commit and are
@@ -40,9 +41,11 @@ use mongodb::bson::{Bson, RawDocumentBuf};
 
 mod columns;
 pub mod errors;
+mod ids;
 
 use self::columns::Columns;
 use self::errors::ErrorsTable;
+use self::ids::{DataFile, IdCache, Listing, OrderKey, SortedIds};
 use super::{ArchiveStore, DeadLetter, OpenError, Refusal, StoreFuture, WriteOutcome};
 use crate::checkpoint::{Checkpoint, CheckpointKeeper, KeeperFuture, StoreError};
 use crate::config::Config;
@@ -66,11 +69,10 @@ pub const DOCUMENT: &str = "document";
 /// Attempts of one commit when other writers keep committing first.
 const COMMIT_ATTEMPTS: usize = 20;
 
-/// Order ids of the table kept in memory between commits, at most (some 60 bytes each): past
-/// it, the earliest days are forgotten, and read again if an order of theirs comes back. Orders
-/// read in an order unrelated to their days (a catch-up in `_id` order) touch every day at each
-/// chunk: a bound by days, rather than by ids, read every day's files again and again.
-const IDS_KEPT: usize = 1_000_000;
+/// Order ids of the table kept in memory between appends, at most (12 bytes an ObjectId): past
+/// it, the ids of the files used least recently are forgotten, and read again when a file of
+/// theirs may hold an order that comes (see [`ids`]).
+const IDS_KEPT: usize = 2_000_000;
 
 /// Days with a data file being written past which those files are finished: each open file
 /// holds a row group, an upload part and its column writers in memory (measured: with all 31
@@ -145,26 +147,6 @@ pub enum LakeError {
     },
 }
 
-/// An order id as the `_id` column holds it, as the writer keeps it in memory, by the hundreds
-/// of thousands: the 24 lowercase hexadecimal digits of an ObjectId (the id of nearly every
-/// order) in its 12 bytes, any other text as it is. Two ids are the same key exactly when they
-/// are the same text. (A `String` of an ObjectId took about 65 bytes in a set, this 25.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum OrderKey {
-    ObjectId([u8; 12]),
-    Other(Box<str>),
-}
-
-impl OrderKey {
-    fn new(id: &str) -> OrderKey {
-        let lower_hex = id.len() == 24 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        match mongodb::bson::oid::ObjectId::parse_str(id) {
-            Ok(oid) if lower_hex => OrderKey::ObjectId(oid.bytes()),
-            _ => OrderKey::Other(id.into()),
-        }
-    }
-}
-
 /// A row turned into columns, known by its order id (as text) and its day.
 #[derive(Debug)]
 struct PreparedRow {
@@ -209,8 +191,8 @@ impl RowPreparer {
     }
 }
 
-/// The data files of a table version, each with its day.
-type DataFiles = Arc<Vec<(String, NaiveDate)>>;
+/// The data files of a table version, each with its day and the bounds of its ids.
+type DataFiles = Arc<Listing>;
 
 /// The archive as a Delta table: rows are buffered, then committed.
 #[derive(Debug)]
@@ -242,13 +224,13 @@ pub struct DeltaArchive {
     /// no later commit may then carry a position, which would cover them. `watch` stops, and
     /// starts again from the table's last commit.
     lost: Option<String>,
-    /// The ids in the table, for the days read so far, as of the table's loaded version.
-    ids_by_day: HashMap<NaiveDate, HashSet<OrderKey>>,
+    /// The ids of some data files, the latest used.
+    ids: IdCache,
+    /// How many ids `ids` keeps, at most, between appends ([`IDS_KEPT`]).
+    ids_kept: usize,
     /// The data files of the table's loaded version, with their day, and that version: listed
     /// again only when the version changed (an append looks for the files of its days).
     listed: Option<(Option<u64>, DataFiles)>,
-    /// The data files already read into `ids_by_day`, with their day.
-    files_read: HashMap<String, NaiveDate>,
     /// Whether a commit is made as soon as the rows waiting reach the commit size (`batch`);
     /// `watch` commits through its checkpoints instead, with the position they cover.
     auto_commit: bool,
@@ -310,8 +292,8 @@ impl DeltaArchive {
             committing: false,
             unfiltered: false,
             lost: None,
-            ids_by_day: HashMap::new(),
-            files_read: HashMap::new(),
+            ids: IdCache::default(),
+            ids_kept: IDS_KEPT,
             auto_commit: true,
             commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
             app_id: app_id.to_owned(),
@@ -385,14 +367,12 @@ impl DeltaArchive {
     pub async fn append_prepared(&mut self, prepared: PreparedRows) -> Result<WriteOutcome, LakeError> {
         let PreparedRows { rows, batch } = prepared;
         let Some(batch) = batch else { return Ok(WriteOutcome::default()) };
-        let days: HashSet<NaiveDate> = rows.iter().map(|r| r.day).collect();
-        self.read_ids_of(&days).await?;
+        let orders: Vec<(OrderKey, NaiveDate)> = rows.iter().map(|row| (OrderKey::new(&row.id), row.day)).collect();
+        let committed = self.committed_among(&orders).await?;
         let mut outcome = WriteOutcome::default();
         let mut keep = Vec::with_capacity(rows.len());
         let mut kept_days = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id = OrderKey::new(&row.id);
-            let present = self.ids_by_day.get(&row.day).is_some_and(|ids| ids.contains(&id));
+        for ((row, (id, _)), present) in rows.into_iter().zip(orders).zip(committed) {
             if present || self.pending.contains_key(&id) {
                 outcome.already_archived += 1;
                 keep.push(false);
@@ -624,12 +604,8 @@ impl DeltaArchive {
             match committed {
                 Ok(finalized) => {
                     let version = finalized.version();
-                    for (id, day) in self.pending.drain() {
-                        self.ids_by_day.entry(day).or_default().insert(id);
-                    }
-                    let ours: HashSet<String> = self.staged.drain(..).map(|add| add.path).collect();
                     self.table.state = Some(finalized.snapshot());
-                    self.remember_files_read(&ours).await?;
+                    self.remember_committed();
                     return Ok(Some(version));
                 }
                 Err(e) if is_conflict(&e) => {
@@ -668,7 +644,7 @@ impl DeltaArchive {
         let purged_ids = self.purged_ids().await?;
         let store = self.table.object_store();
         let mut rows = Vec::new();
-        for (path, _) in self.files().await?.iter() {
+        for DataFile { path, .. } in &self.files().await?.files {
             let mut batches = projected(store.clone(), path, &[field::ID, field::DATE_COMMANDE, field::PURGED_AT])
                 .await
                 .map_err(data_error)?;
@@ -715,7 +691,7 @@ impl DeltaArchive {
         let days: Option<HashSet<NaiveDate>> = wanted.iter().map(|(_, day)| *day).collect();
         let store = self.table.object_store();
         let mut digests = HashMap::new();
-        for (path, day) in self.files().await?.iter() {
+        for DataFile { path, day, .. } in &self.files().await?.files {
             if days.as_ref().is_some_and(|days| !days.contains(day)) {
                 continue;
             }
@@ -906,11 +882,14 @@ impl DeltaArchive {
     /// waiting stay marked unfiltered: a commit first does it again.
     async fn leave_out_committed(&mut self) -> Result<(), LakeError> {
         self.unfiltered = true;
-        let days: HashSet<NaiveDate> = self.pending.values().copied().collect();
-        self.read_ids_of(&days).await?;
-        let ids_by_day = &self.ids_by_day;
+        let orders: Vec<(OrderKey, NaiveDate)> = self.pending.iter().map(|(id, day)| (id.clone(), *day)).collect();
+        let committed = self.committed_among(&orders).await?;
         let before = self.pending.len();
-        self.pending.retain(|id, day| !ids_by_day.get(day).is_some_and(|ids| ids.contains(id)));
+        for ((id, _), present) in orders.iter().zip(committed) {
+            if present {
+                self.pending.remove(id);
+            }
+        }
         if self.pending.len() < before {
             // Their rows and ours overlap: write ours again without them. The files written
             // first are referenced by no commit; a vacuum removes them.
@@ -965,30 +944,28 @@ impl DeltaArchive {
         self.finish_files().await
     }
 
-    /// Marks the files of our own commit as read: they hold exactly the rows just committed.
-    /// Not the other files of the loaded version: after a lost race, those another writer
-    /// committed meanwhile were read only for the days of our rows.
-    async fn remember_files_read(&mut self, ours: &HashSet<String>) -> Result<(), LakeError> {
-        for (path, day) in self.files().await?.iter() {
-            if ours.contains(path) {
-                self.files_read.insert(path.clone(), *day);
+    /// Keeps the ids of the rows just committed as those of their files (of each day, the
+    /// ids of its rows, for the files of that day this writer committed).
+    fn remember_committed(&mut self) {
+        let mut days: HashMap<NaiveDate, (Vec<String>, Vec<OrderKey>)> = HashMap::new();
+        for add in self.staged.drain(..) {
+            if let Some(day) = add.partition_values.get(DELIVERY_DATE).cloned().flatten().and_then(|d| d.parse().ok()) {
+                days.entry(day).or_default().0.push(add.path);
             }
         }
-        // A long run touches a new day every day: only the latest days' ids stay in memory, up
-        // to IDS_KEPT; an earlier day is read again if an order of it comes back.
-        let mut kept: usize = self.ids_by_day.values().map(HashSet::len).sum();
-        if kept > IDS_KEPT {
-            let mut days: Vec<NaiveDate> = self.ids_by_day.keys().copied().collect();
-            days.sort_unstable();
-            for day in &days[..days.len() - 1] {
-                if kept <= IDS_KEPT {
-                    break;
-                }
-                kept -= self.ids_by_day.remove(day).map_or(0, |ids| ids.len());
-                self.files_read.retain(|_, read| read != day);
+        for (id, day) in self.pending.drain() {
+            days.entry(day).or_default().1.push(id);
+        }
+        for (day, (files, ids)) in days {
+            let day = (!files.is_empty()).then_some(day);
+            // (Rows of a day without a file of that day cannot be: they are in a file of their
+            // day. Were it so, their ids are only not kept, and read from their file.)
+            if let Some(day) = day {
+                self.ids.insert(day, files, SortedIds::new(ids));
+                self.ids.merge_runs(day, self.ids_kept / 4);
             }
         }
-        Ok(())
+        self.ids.shrink_to(self.ids_kept);
     }
 
     /// The data files of the loaded version, with their day.
@@ -1002,39 +979,70 @@ impl DeltaArchive {
         let table_error = |source| LakeError::Table { uri: self.uri.clone(), source };
         let views: Vec<_> =
             self.table.get_active_add_actions_by_partitions(&[]).try_collect().await.map_err(table_error)?;
-        let files: DataFiles = Arc::new(
+        let files: DataFiles = Arc::new(Listing::new(
             views
                 .iter()
                 .filter_map(|view| {
                     let day = view.partition_values_map().get(DELIVERY_DATE).cloned().flatten()?;
-                    Some((view.object_store_path().to_string(), day.parse().ok()?))
+                    Some(DataFile::new(
+                        view.object_store_path().to_string(),
+                        day.parse().ok()?,
+                        view.stats().as_deref(),
+                    ))
                 })
                 .collect(),
-        );
+        ));
+        let paths: HashSet<&str> = files.files.iter().map(|file| file.path.as_str()).collect();
+        self.ids.keep_files(|path| paths.contains(path));
+        drop(paths);
         self.listed = Some((version, files.clone()));
         Ok(files)
     }
 
-    /// Reads the ids of the files of `days` not read yet.
-    async fn read_ids_of(&mut self, days: &HashSet<NaiveDate>) -> Result<(), LakeError> {
-        let files = self.files().await?;
-        let unread: Vec<(String, NaiveDate)> = files
+    /// Which of these orders (each with its day) the loaded table version holds: each is looked
+    /// for in the files of its day whose bounds hold its id, whose ids are read when they are
+    /// not in memory.
+    async fn committed_among(&mut self, orders: &[(OrderKey, NaiveDate)]) -> Result<Vec<bool>, LakeError> {
+        let listing = self.files().await?;
+        let version = self.table.version();
+        let days: HashSet<NaiveDate> = orders.iter().map(|(_, day)| *day).collect();
+        let partial: HashSet<NaiveDate> =
+            days.iter().copied().filter(|day| !self.ids.holds_day(&listing, version, *day)).collect();
+        // The files that may hold orders of days not wholly held, and are not.
+        let texts: Vec<Option<std::borrow::Cow<'_, str>>> =
+            orders.iter().map(|(id, day)| partial.contains(day).then(|| id.text())).collect();
+        let mut unread: Vec<usize> = orders
             .iter()
-            .filter(|(path, day)| days.contains(day) && !self.files_read.contains_key(path))
-            .cloned()
+            .zip(&texts)
+            .filter_map(|((_, day), text)| Some(listing.candidates(*day, text.as_deref()?)))
+            .flatten()
+            .filter(|i| !self.ids.holds(&listing.files[*i].path))
             .collect();
-        for day in days {
-            self.ids_by_day.entry(*day).or_default();
-        }
+        unread.sort_unstable();
+        unread.dedup();
         let store = self.table.object_store();
-        for (path, day) in unread {
+        for i in unread {
+            let DataFile { path, day, .. } = &listing.files[i];
             let ids = read_ids(store.clone(), deltalake::Path::from(path.as_str())).await.map_err(|reason| {
                 LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
             })?;
-            self.ids_by_day.entry(day).or_default().extend(ids.iter().map(|id| OrderKey::new(id)));
-            self.files_read.insert(path, day);
+            self.ids.insert(*day, vec![path.clone()], SortedIds::new(ids));
         }
-        Ok(())
+        for day in &days {
+            self.ids.merge_runs(*day, self.ids_kept / 4);
+        }
+        // Of a day wholly held, its runs hold every id of its files; else, the candidate files,
+        // all held now, hold the order if the table does.
+        let found = orders
+            .iter()
+            .zip(&texts)
+            .map(|((id, day), text)| match text {
+                None => self.ids.day_has(*day, id),
+                Some(text) => listing.candidates(*day, text).any(|i| self.ids.file_has(&listing.files[i].path, id)),
+            })
+            .collect();
+        self.ids.shrink_to(self.ids_kept);
+        Ok(found)
     }
 }
 
@@ -1555,7 +1563,7 @@ async fn projected(
 async fn read_ids(
     store: deltalake::logstore::ObjectStoreRef,
     location: deltalake::Path,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<OrderKey>, String> {
     let builder =
         ParquetRecordBatchStreamBuilder::new(object_reader(store, location)).await.map_err(|e| e.to_string())?;
     let column = builder
@@ -1577,7 +1585,7 @@ async fn read_ids(
         let column = batch.column(0);
         let strings =
             column.as_any().downcast_ref::<StringArray>().ok_or_else(|| "_id is not a string column".to_owned())?;
-        ids.extend((0..strings.len()).filter(|i| strings.is_valid(*i)).map(|i| strings.value(i).to_owned()));
+        ids.extend((0..strings.len()).filter(|i| strings.is_valid(*i)).map(|i| OrderKey::new(strings.value(i))));
     }
     Ok(ids)
 }
@@ -1650,7 +1658,7 @@ mod tests {
         second.append(ids[1..].iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
         assert_eq!(first.commit(None).await.unwrap(), Some(1));
         let winners = first.files().await.unwrap();
-        let file = dir.path().join("orders").join(&winners[0].0);
+        let file = dir.path().join("orders").join(&winners.files[0].path);
         let aside = dir.path().join("aside");
         std::fs::rename(&file, &aside).unwrap();
         let failed = second.commit(None).await.unwrap_err();
@@ -1672,32 +1680,19 @@ mod tests {
         assert_eq!(rows_of(&mut writer).await, 2);
     }
 
-    /// Ids are kept compactly, and two ids are one key exactly when they are one text.
-    #[test]
-    fn order_keys_are_equal_exactly_when_their_texts_are() {
-        let hex = ObjectId::new().to_hex();
-        let texts = [
-            hex.clone(),
-            hex.to_uppercase(),
-            format!("{hex}0"),
-            hex[..23].to_owned(),
-            "zzzzzzzzzzzzzzzzzzzzzzzz".to_owned(),
-            "CMD-000042".to_owned(),
-            String::new(),
-        ];
-        assert!(matches!(OrderKey::new(&hex), OrderKey::ObjectId(_)));
-        for (i, a) in texts.iter().enumerate() {
-            for (j, b) in texts.iter().enumerate() {
-                assert_eq!(OrderKey::new(a) == OrderKey::new(b), i == j, "{a:?} and {b:?}");
-            }
+    impl DeltaArchive {
+        /// The data files of the table at `uri` at `version`.
+        async fn files_at(uri: &str, version: u64) -> DataFiles {
+            let mut archive = DeltaArchive::open(&Config::default(), uri, "reader").await.unwrap();
+            archive.table.load_version(version).await.unwrap();
+            archive.files().await.unwrap()
         }
-        assert_eq!(std::mem::size_of::<OrderKey>(), 24);
     }
 
     /// The rows of the loaded table version.
     async fn rows_of(archive: &mut DeltaArchive) -> usize {
         let mut rows = 0;
-        for (path, _) in archive.files().await.unwrap().iter() {
+        for DataFile { path, .. } in &archive.files().await.unwrap().files {
             rows += read_ids(archive.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap().len();
         }
         rows
@@ -1734,9 +1729,9 @@ mod tests {
         assert!(refused.to_string().contains("interrupted before its end"), "{refused}");
     }
 
-    /// A writer that loses a commit race reads the winner's files of its own rows' days only:
-    /// the winner's files of the other days it knows stay unread, and an order of theirs that
-    /// comes to it later is found there.
+    /// A writer that loses a commit race reads only the winner's files that may hold its rows
+    /// (of their days, with bounds that hold their ids): the others stay unread, and an order of
+    /// theirs that comes to it later is found there.
     #[tokio::test]
     async fn after_a_lost_race_the_winners_files_of_other_days_are_still_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -1751,9 +1746,37 @@ mod tests {
         assert_eq!(second.commit(None).await.unwrap(), Some(2));
         first.append(vec![archive_document(w, 4)]).await.unwrap();
         assert_eq!(first.commit(None).await.unwrap(), Some(3), "after reading the second's rows of day 4");
-        assert_eq!(first.files_read.len(), 3, "its own two files and the second's of day 4: {:?}", first.files_read);
+        let paths = |listing: DataFiles| listing.files.iter().map(|f| f.path.clone()).collect::<HashSet<_>>();
+        let seconds = &paths(second.files().await.unwrap()) - &paths(DeltaArchive::files_at(&uri, 1).await);
+        let held: HashSet<String> = first.ids.files().into_iter().map(str::to_owned).collect();
+        assert_eq!(held.len(), 2, "its own two files: {held:?}");
+        assert!(held.is_disjoint(&seconds), "the second's file of day 4 holds no id after w: not read");
         let outcome = first.append(vec![archive_document(y, 3)]).await.unwrap();
         assert_eq!((outcome.inserted, outcome.already_archived), (0, 1), "the second's row of day 3 is found");
+    }
+
+    /// Past the ids it keeps, a writer forgets those of the files it used least recently: an
+    /// order of theirs that comes back is found by reading them again, and a new order, which
+    /// the bounds of no file hold, reads none.
+    #[tokio::test]
+    async fn ids_forgotten_past_the_bound_are_read_again_when_an_order_of_theirs_comes_back() {
+        let (_dir, mut archive) = new_table("watch").await;
+        archive.ids_kept = 3;
+        let ids: Vec<ObjectId> = (0..6).map(|_| ObjectId::new()).collect();
+        for pair in ids.chunks(2) {
+            archive.append(pair.iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
+            archive.commit(None).await.unwrap();
+            assert!(archive.ids.held() <= 3, "{} ids held", archive.ids.held());
+        }
+        let last = archive.ids.files().into_iter().map(str::to_owned).collect::<HashSet<_>>();
+        assert_eq!(last.len(), 1, "the last commit's file only");
+        let outcome = archive.append(vec![archive_document(ObjectId::new(), 3)]).await.unwrap();
+        assert_eq!(outcome.inserted, 1);
+        assert_eq!(archive.ids.files().into_iter().map(str::to_owned).collect::<HashSet<_>>(), last, "nothing read");
+        let outcome = archive.append(ids.iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
+        assert_eq!((outcome.inserted, outcome.already_archived), (0, 6));
+        archive.commit(None).await.unwrap();
+        assert_eq!(rows_of(&mut archive).await, 7);
     }
 
     /// Two `watch` processes of one stream on one table (no lease): the one that commits second
@@ -1815,8 +1838,9 @@ mod tests {
         assert_eq!((second.inserted, second.already_archived), (2, 1));
         table.commit(None).await.unwrap();
         let mut rows = Vec::new();
-        for (path, _) in table.files().await.unwrap().iter() {
-            rows.extend(read_ids(table.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap());
+        for DataFile { path, .. } in &table.files().await.unwrap().files {
+            let ids = read_ids(table.table.object_store(), deltalake::Path::from(path.as_str())).await.unwrap();
+            rows.extend(ids.iter().map(|id| id.text().into_owned()));
         }
         rows.sort();
         let mut expected: Vec<String> = ids[..3].iter().map(|id| id.to_hex()).collect();
