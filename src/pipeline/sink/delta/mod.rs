@@ -1779,6 +1779,37 @@ mod tests {
         assert_eq!(rows_of(&mut archive).await, 7);
     }
 
+    /// Rows deleted from the table by another tool (a commit removing their file): their orders,
+    /// coming again, are archived again, even after the writer merged their ids with others'.
+    #[tokio::test]
+    async fn an_order_whose_row_another_tool_deleted_is_archived_again() {
+        let (_dir, mut archive) = new_table("watch").await;
+        let ids: Vec<ObjectId> = (0..=ids::RUNS_PER_DAY).map(|_| ObjectId::new()).collect();
+        for id in &ids {
+            archive.append(vec![archive_document(*id, 3)]).await.unwrap();
+            archive.commit(None).await.unwrap();
+        }
+        let mut other = DeltaArchive::open(&Config::default(), &archive.uri, "other").await.unwrap();
+        let views: Vec<_> = other.table.get_active_add_actions_by_partitions(&[]).try_collect().await.unwrap();
+        let mut removed = None;
+        for view in &views {
+            let held = read_ids(other.table.object_store(), view.object_store_path()).await.unwrap();
+            if held.contains(&OrderKey::new(&ids[0].to_hex())) {
+                removed = Some(Action::Remove(view.remove_action(true)));
+            }
+        }
+        let snapshot = other.table.snapshot().unwrap().clone();
+        CommitBuilder::from(CommitProperties::default())
+            .with_actions(vec![removed.expect("the file of the first order")])
+            .build(Some(&snapshot), other.table.log_store(), DeltaOperation::Delete { predicate: None })
+            .await
+            .unwrap();
+        other.table.update_state().await.unwrap();
+        archive.table.update_state().await.unwrap();
+        let outcome = archive.append(ids.iter().map(|id| archive_document(*id, 3)).collect()).await.unwrap();
+        assert_eq!((outcome.inserted, outcome.already_archived), (1, ids.len() as u64 - 1));
+    }
+
     /// Two `watch` processes of one stream on one table (no lease): the one that commits second
     /// first tries the version the first one commits. Each committed version keeps the position
     /// of the writer that committed it, so that a restart never resumes from a position whose
