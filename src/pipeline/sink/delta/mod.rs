@@ -401,14 +401,18 @@ impl DeltaArchive {
             kept_days.push(row.day);
             self.pending.insert(id, row.day);
         }
-        let batch = if keep.iter().all(|k| *k) {
-            batch
+        // The rows kept wait for the next commit from here: if they cannot be encoded, they are
+        // lost, and no commit may cover them.
+        let encoded = if keep.iter().all(|k| *k) {
+            self.encode_by_days(batch, &kept_days).await
         } else {
             let keep = deltalake::arrow::array::BooleanArray::from(keep);
-            deltalake::arrow::compute::filter_record_batch(&batch, &keep)
-                .map_err(|e| LakeError::Data { uri: self.uri.clone(), reason: e.to_string() })?
+            match deltalake::arrow::compute::filter_record_batch(&batch, &keep) {
+                Ok(batch) => self.encode_by_days(batch, &kept_days).await,
+                Err(e) => Err(LakeError::Data { uri: self.uri.clone(), reason: e.to_string() }),
+            }
         };
-        self.encode_by_days(batch, &kept_days).await?;
+        self.discarded_on_failure(encoded)?;
         if self.auto_commit && self.commit_due() {
             self.commit(None).await?;
         }
@@ -463,12 +467,21 @@ impl DeltaArchive {
         // meanwhile (a caller's timeout), they are lost, and no later commit may carry a
         // position that covers them. (On a failure, the rows waiting are lost anyway.)
         let before = self.lost.replace("a commit was interrupted while rows held back were being written".to_owned());
-        let held_back = std::mem::take(&mut self.held_back);
+        let written = self.write_held_back().await;
+        self.lost = match &written {
+            Ok(()) => before,
+            Err(e) => before.or_else(|| Some(e.to_string())),
+        };
+        written
+    }
+
+    async fn write_held_back(&mut self) -> Result<(), LakeError> {
+        let mut held_back = std::mem::take(&mut self.held_back);
         self.held_back_bytes = 0;
         let days: Vec<NaiveDate> = held_back.keys().copied().collect();
-        let mut held_back = held_back;
         for group in days.chunks(OPEN_DAYS) {
-            self.flush_or_discard().await?;
+            let flushed = self.flush_writer().await;
+            self.discarded_on_failure(flushed)?;
             self.open_days = group.iter().copied().collect();
             for day in group {
                 for rows in held_back.remove(day).unwrap_or_default() {
@@ -476,7 +489,6 @@ impl DeltaArchive {
                 }
             }
         }
-        self.lost = before;
         Ok(())
     }
 
@@ -905,16 +917,6 @@ impl DeltaArchive {
         self.flush_writer().await
     }
 
-    /// [`DeltaArchive::flush_writer`]; on a failure, the rows waiting are lost
-    /// ([`DeltaArchive::discard_pending`]).
-    async fn flush_or_discard(&mut self) -> Result<(), LakeError> {
-        let flushed = self.flush_writer().await;
-        if let Err(e) = &flushed {
-            self.discard_pending(&e.to_string());
-        }
-        flushed
-    }
-
     /// Finishes the data files being written (not the rows held back).
     async fn flush_writer(&mut self) -> Result<(), LakeError> {
         let Some(writer) = self.writer.take() else { return Ok(()) };
@@ -936,10 +938,16 @@ impl DeltaArchive {
     /// ([`DeltaArchive::discard_pending`]).
     async fn finish_or_discard(&mut self) -> Result<(), LakeError> {
         let finished = self.finish_files().await;
-        if let Err(e) = &finished {
+        self.discarded_on_failure(finished)
+    }
+
+    /// `result`; when it is a failure, the rows waiting are lost
+    /// ([`DeltaArchive::discard_pending`]).
+    fn discarded_on_failure(&mut self, result: Result<(), LakeError>) -> Result<(), LakeError> {
+        if let Err(e) = &result {
             self.discard_pending(&e.to_string());
         }
-        finished
+        result
     }
 
     /// Leaves out of the rows waiting those the loaded table version holds (after a lost race,
