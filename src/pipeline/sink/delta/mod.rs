@@ -254,6 +254,12 @@ pub struct DeltaArchive {
     app_id: String,
     /// This writer's tag in the versions of its application transaction ([`WRITER_BITS`]).
     writer_tag: i64,
+    /// The position of this application's last commit known to this writer (loaded, or
+    /// committed), and where it is kept: a commit given no position carries it on, so that the
+    /// position of every committed version is the file of that very version.
+    committed_position: Option<(String, deltalake::Path)>,
+    /// Whether this writer removed the positions of versions before its first commit.
+    positions_pruned: bool,
 }
 
 impl DeltaArchive {
@@ -315,6 +321,8 @@ impl DeltaArchive {
             commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
             app_id: app_id.to_owned(),
             writer_tag: rand::random_range(1..(1_i64 << WRITER_BITS)),
+            committed_position: None,
+            positions_pruned: false,
         };
         archive.check_layout()?;
         Ok(Some(archive))
@@ -533,37 +541,96 @@ impl DeltaArchive {
         self.writer_buffered + self.held_back_bytes + staged.max(0) as usize >= self.commit_bytes
     }
 
-    /// The position committed last by this writer: the one of its latest application
-    /// transaction version that carried one.
-    pub async fn last_position(&self) -> Result<Option<String>, LakeError> {
+    /// The position committed last by this writer: the one kept for its latest application
+    /// transaction version. Every commit of a version writes its position first (a commit
+    /// given none carries the last one on), so a position kept for another version is never
+    /// taken: it may be the leftover of a writer stopped between that write and its commit,
+    /// ahead of the rows the table holds. Only a table whose last commit has no position of
+    /// its own (written by an earlier version of `archiver`, or before any position was
+    /// saved) falls back to the latest position of an earlier version.
+    pub async fn last_position(&mut self) -> Result<Option<String>, LakeError> {
         let uri = self.uri.clone();
         let table_error = |source| LakeError::Table { uri: uri.clone(), source };
-        let data_error = |reason: String| LakeError::Data { uri: uri.clone(), reason };
         let snapshot = self.table.snapshot().map_err(table_error)?;
         let Some(version) =
             snapshot.transaction_version(self.table.log_store().as_ref(), &self.app_id).await.map_err(table_error)?
         else {
             return Ok(None);
         };
-        let store = self.table.object_store();
-        let latest = self
-            .positions()
-            .await?
-            .into_iter()
-            .filter_map(|meta| {
-                let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
-                (number <= version).then_some((number, meta.location))
-            })
-            .max_by_key(|(number, _)| *number);
-        let Some((_, location)) = latest else { return Ok(None) };
-        let bytes = store
-            .get(&location)
-            .await
-            .map_err(|e| data_error(format!("reading the position {location}: {e}")))?
-            .bytes()
-            .await
-            .map_err(|e| data_error(format!("reading the position {location}: {e}")))?;
+        let exact = position_location(&self.app_id, version);
+        let found = match self.read_position(&exact).await? {
+            Some(text) => Some((text, exact)),
+            None => {
+                let earlier = self
+                    .positions()
+                    .await?
+                    .into_iter()
+                    .filter_map(|meta| {
+                        let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
+                        (number < version).then_some((number, meta.location))
+                    })
+                    .max_by_key(|(number, _)| *number);
+                match earlier {
+                    Some((_, location)) => self.read_position(&location).await?.map(|text| (text, location)),
+                    None => None,
+                }
+            }
+        };
+        self.committed_position = found.clone();
+        Ok(found.map(|(text, _)| text))
+    }
+
+    /// The position kept at `location`; `None` when there is none.
+    async fn read_position(&self, location: &deltalake::Path) -> Result<Option<String>, LakeError> {
+        let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
+        let read = match self.table.object_store().get(location).await {
+            Ok(read) => read,
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(data_error(format!("reading the position {location}: {e}"))),
+        };
+        let bytes = read.bytes().await.map_err(|e| data_error(format!("reading the position {location}: {e}")))?;
         String::from_utf8(bytes.to_vec()).map(Some).map_err(|e| data_error(format!("the position {location}: {e}")))
+    }
+
+    /// Removes this writer's positions kept for versions before `committed` (now useless: a
+    /// restart reads the position of the last committed version): those of its earlier
+    /// commits, and at its first commit every earlier one, leftovers of stopped writers
+    /// included. A failure leaves files that a later commit removes; it is only logged.
+    async fn prune_positions(&mut self, previous: Option<deltalake::Path>, committed: i64) {
+        use futures_util::StreamExt;
+        let store = self.table.object_store();
+        let obsolete: Vec<deltalake::Path> = if self.positions_pruned {
+            previous.into_iter().collect()
+        } else {
+            match self.positions().await {
+                Ok(listed) => {
+                    self.positions_pruned = true;
+                    listed
+                        .into_iter()
+                        .map(|meta| meta.location)
+                        .filter(|location| {
+                            let number = location.filename().and_then(|name| name.strip_suffix(".json"));
+                            number.and_then(|n| n.parse::<i64>().ok()).is_some_and(|n| n < committed)
+                        })
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(table = %self.uri, error = %e, "cannot list the positions of earlier commits");
+                    return;
+                }
+            }
+        };
+        let locations = futures_util::stream::iter(obsolete.into_iter().map(Ok)).boxed();
+        let mut deleted = store.delete_stream(locations);
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(table = %self.uri, error = %e, "cannot remove the position of an earlier commit");
+                    self.positions_pruned = false;
+                }
+            }
+        }
     }
 
     /// The position files of this writer.
@@ -578,7 +645,8 @@ impl DeltaArchive {
     }
 
     /// Forgets this writer's positions: the next start begins from now.
-    pub async fn forget_positions(&self) -> Result<(), LakeError> {
+    pub async fn forget_positions(&mut self) -> Result<(), LakeError> {
+        self.committed_position = None;
         let data_error = |reason: String| LakeError::Data { uri: self.uri.clone(), reason };
         let store = self.table.object_store();
         for meta in self.positions().await? {
@@ -630,6 +698,9 @@ impl DeltaArchive {
             // The last commit lost a race, then failed before it left out the winner's rows.
             self.leave_out_committed().await?;
         }
+        let given = position.is_some();
+        let carried = self.committed_position.as_ref().map(|(text, _)| text.clone());
+        let position = position.or(carried.as_deref());
         for _ in 0..COMMIT_ATTEMPTS {
             let adds: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
             let snapshot = self.table.snapshot().map_err(table_error)?.clone();
@@ -638,13 +709,13 @@ impl DeltaArchive {
                 .await
                 .map_err(table_error)?;
             let txn_version = next_txn_version(version, self.writer_tag);
+            let location = position_location(&self.app_id, txn_version);
             let properties = CommitProperties::default()
                 .with_application_transaction(Transaction::new(&self.app_id, txn_version))
                 .with_max_retries(0);
             if let Some(position) = position {
                 // Written before the commit that makes it current: a position is never read
                 // for a version whose rows are not committed.
-                let location = position_location(&self.app_id, txn_version);
                 self.table.object_store().put(&location, position.to_owned().into_bytes().into()).await.map_err(
                     |e| LakeError::Data {
                         uri: self.uri.clone(),
@@ -666,6 +737,10 @@ impl DeltaArchive {
                     let version = finalized.version();
                     self.table.state = Some(finalized.snapshot());
                     self.remember_committed();
+                    if let Some(position) = position {
+                        let previous = self.committed_position.replace((position.to_owned(), location));
+                        self.prune_positions(previous.map(|(_, location)| location), txn_version).await;
+                    }
                     return Ok(Some(version));
                 }
                 Err(e) if is_conflict(&e) => {
@@ -674,7 +749,7 @@ impl DeltaArchive {
                     tracing::info!(table = %self.uri, error = %e, "another writer committed first; reading its rows and trying again");
                     self.table.update_state().await.map_err(table_error)?;
                     self.leave_out_committed().await?;
-                    if self.pending.is_empty() && position.is_none() {
+                    if self.pending.is_empty() && !given {
                         return Ok(None);
                     }
                 }
@@ -1903,6 +1978,9 @@ mod tests {
         let docs = |range: std::ops::Range<usize>| range.map(|i| archive_document(ids[i], 1)).collect();
         let mut first = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
         let mut second = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        // (A first commit removes the positions of earlier versions, the first's included, as
+        // the second's is the one a restart reads: left here, to show it was not overwritten.)
+        second.positions_pruned = true;
         first.append(docs(0..10)).await.unwrap();
         second.append(docs(10..20)).await.unwrap();
         first.commit(Some("first's position")).await.unwrap();
@@ -1920,8 +1998,42 @@ mod tests {
             }
         };
         assert_eq!(position_of(committed_first).await, "first's position", "the second overwrote it");
-        let reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        let mut reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
         assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("second's position"));
+    }
+
+    /// A writer killed between writing its position and committing leaves the position of a
+    /// version the table never had. A later writer's commit without a new position (rows a timer
+    /// commits before their position is saved) must not make that leftover the one a restart
+    /// resumes from: it is ahead of the rows the table holds.
+    #[tokio::test]
+    async fn a_position_left_by_a_writer_killed_before_its_commit_is_never_resumed_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..3).map(|_| ObjectId::new()).collect();
+        let mut writer = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        writer.writer_tag = 1;
+        // The dead writer's leftover, for the first commit, with the largest tag.
+        let leftover = position_location("watch", next_txn_version(None, (1 << WRITER_BITS) - 1));
+        writer.table.object_store().put(&leftover, "dead writer's position".as_bytes().to_vec().into()).await.unwrap();
+
+        writer.append(vec![archive_document(ids[0], 1)]).await.unwrap();
+        writer.commit(Some("committed position")).await.unwrap();
+        writer.append(vec![archive_document(ids[1], 1)]).await.unwrap();
+        writer.commit(None).await.unwrap();
+        let mut reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("committed position"));
+
+        // The same after a restart: a writer that loaded the position carries it on.
+        let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(restarted.last_position().await.unwrap().as_deref(), Some("committed position"));
+        restarted.append(vec![archive_document(ids[2], 1)]).await.unwrap();
+        restarted.commit(None).await.unwrap();
+        let mut reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("committed position"));
+        // The positions of earlier versions, the leftover's included, are gone.
+        assert_eq!(reader.positions().await.unwrap().len(), 1);
     }
 
     #[test]
