@@ -123,6 +123,19 @@ fn id_bounds(stats: &str) -> Option<(Box<str>, Box<str>)> {
 pub(super) struct Listing {
     pub(super) files: Vec<DataFile>,
     days: HashMap<NaiveDate, DayFiles>,
+    /// The days all of whose files have bounds, with their least and greatest ids, in the order
+    /// of their least ids, each with the greatest id among it and those before it.
+    spans: Vec<DaySpan>,
+    /// The days with a file without bounds.
+    unbounded_days: Vec<NaiveDate>,
+}
+
+#[derive(Debug)]
+struct DaySpan {
+    day: NaiveDate,
+    least: Box<str>,
+    greatest: Box<str>,
+    reach: Box<str>,
 }
 
 #[derive(Debug, Default)]
@@ -154,7 +167,41 @@ impl Listing {
                 entry.1 = greatest.expect("set just before");
             }
         }
-        Listing { files, days }
+        let mut unbounded_days = Vec::new();
+        let mut spans = Vec::new();
+        for (day, of_day) in &days {
+            match (of_day.unbounded.is_empty(), of_day.bounded.first(), of_day.bounded.last()) {
+                (true, Some(first), Some(last)) => spans.push(DaySpan {
+                    day: *day,
+                    least: bounds(first.0).0.clone(),
+                    greatest: bounds(last.1).1.clone(),
+                    reach: Box::default(),
+                }),
+                _ => unbounded_days.push(*day),
+            }
+        }
+        spans.sort_unstable_by(|a, b| a.least.cmp(&b.least));
+        let mut reach: Option<Box<str>> = None;
+        for span in &mut spans {
+            if reach.as_ref().is_none_or(|r| span.greatest > *r) {
+                reach = Some(span.greatest.clone());
+            }
+            span.reach = reach.clone().expect("set just before");
+        }
+        Listing { files, days, spans, unbounded_days }
+    }
+
+    /// The days that have files that may hold `id`: those with a file without bounds, and
+    /// those whose files' bounds, together, hold it.
+    pub(super) fn days_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = NaiveDate> + 'a {
+        let end = self.spans.partition_point(|span| *span.least <= *id);
+        let bounded = self.spans[..end]
+            .iter()
+            .rev()
+            .take_while(move |span| *span.reach >= *id)
+            .filter(move |span| *span.greatest >= *id)
+            .map(|span| span.day);
+        self.unbounded_days.iter().copied().chain(bounded)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -441,6 +488,43 @@ mod tests {
             assert_eq!(found, expected, "id {id:?}");
         }
         assert_eq!(listing.candidates(day(3), "c").count(), 0, "no file of that day");
+    }
+
+    /// The days looked in for an id are those with a file without bounds, and those the least
+    /// and greatest ids of whose files hold the id: every day with a file that may hold it.
+    #[test]
+    fn the_days_that_may_hold_an_id_are_those_whose_files_bounds_hold_it() {
+        let ranges = [(1, "b", "d"), (1, "f", "g"), (2, "a", "c"), (3, "e", "e"), (4, "h", "k"), (5, "c", "z")];
+        let mut files: Vec<DataFile> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, (d, min, max))| DataFile::new(format!("f{i}"), day(*d), Some(&stats(min, max))))
+            .collect();
+        files.push(DataFile::new("no-stats".into(), day(6), None));
+        files.push(DataFile::new("with-no-stats".into(), day(4), None));
+        let listing = Listing::new(files);
+        let span = |d: u32| {
+            let of_day = ranges.iter().filter(|(day, _, _)| *day == d);
+            let least = of_day.clone().map(|(_, min, _)| *min).min().unwrap();
+            (least, of_day.map(|(_, _, max)| *max).max().unwrap())
+        };
+        for id in ["", "a", "b", "c", "d", "dd", "e", "f", "h", "j", "k", "y", "z", "zz"] {
+            let mut found: Vec<NaiveDate> = listing.days_of(id).collect();
+            found.sort_unstable();
+            let mut expected: Vec<NaiveDate> = [1, 2, 3, 5]
+                .into_iter()
+                .filter(|d| span(*d).0 <= id && id <= span(*d).1)
+                .chain([4, 6])
+                .map(day)
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(found, expected, "id {id:?}");
+            for d in 1..=6 {
+                if listing.candidates(day(d), id).next().is_some() {
+                    assert!(found.contains(&day(d)), "id {id:?}: day {d} has a file that may hold it");
+                }
+            }
+        }
     }
 
     /// The runs used least recently are forgotten first, a run shared by files with all of them.

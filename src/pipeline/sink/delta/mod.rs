@@ -1147,23 +1147,36 @@ impl DeltaArchive {
         Ok(files)
     }
 
-    /// Which of these orders (each with its day) the loaded table version holds: each is looked
-    /// for in the files of its day whose bounds hold its id, whose ids are read when they are
-    /// not in memory.
+    /// Which of these orders (each with its day) the loaded table version holds, whatever the
+    /// day of its row there: an order archived under another day (its `date_livraison` changed
+    /// in the source since, or its row's day was that of its `archived_at`, on another day) is
+    /// in the table all the same. Each is looked for in the files whose bounds hold its id, of
+    /// its day first, whose ids are read when they are not in memory; in the few sets of a
+    /// day's ids when all its files' are in memory.
     async fn committed_among(&mut self, orders: &[(OrderKey, NaiveDate)]) -> Result<Vec<bool>, LakeError> {
         let listing = self.files().await?;
         let version = self.table.version();
-        let days: HashSet<NaiveDate> = orders.iter().map(|(_, day)| *day).collect();
-        let partial: HashSet<NaiveDate> =
-            days.iter().copied().filter(|day| !self.ids.holds_day(&listing, version, *day)).collect();
-        // The files that may hold orders of days not wholly held, and are not.
-        let texts: Vec<Option<std::borrow::Cow<'_, str>>> =
-            orders.iter().map(|(id, day)| partial.contains(day).then(|| id.text())).collect();
-        let mut unread: Vec<usize> = orders
+        let texts: Vec<std::borrow::Cow<'_, str>> = orders.iter().map(|(id, _)| id.text()).collect();
+        // The days each order may be in, its own first.
+        let days_of: Vec<Vec<NaiveDate>> = orders
             .iter()
             .zip(&texts)
-            .filter_map(|((_, day), text)| Some(listing.candidates(*day, text.as_deref()?)))
-            .flatten()
+            .map(|((_, day), text)| {
+                let others = listing.days_of(text).filter(|other| other != day);
+                let own = listing.days_of(text).any(|other| other == *day).then_some(*day);
+                own.into_iter().chain(others).collect()
+            })
+            .collect();
+        let days: HashSet<NaiveDate> = days_of.iter().flatten().copied().collect();
+        let partial: HashSet<NaiveDate> =
+            days.iter().copied().filter(|day| !self.ids.holds_day(&listing, version, *day)).collect();
+        // The files that may hold orders, of days not wholly held, and are not.
+        let mut unread: Vec<usize> = days_of
+            .iter()
+            .zip(&texts)
+            .flat_map(|(days, text)| {
+                days.iter().filter(|day| partial.contains(day)).flat_map(|day| listing.candidates(*day, text))
+            })
             .filter(|i| !self.ids.holds(&listing.files[*i].path))
             .collect();
         unread.sort_unstable();
@@ -1184,9 +1197,12 @@ impl DeltaArchive {
         let found = orders
             .iter()
             .zip(&texts)
-            .map(|((id, day), text)| match text {
-                None => self.ids.day_has(*day, id),
-                Some(text) => listing.candidates(*day, text).any(|i| self.ids.file_has(&listing.files[i].path, id)),
+            .zip(&days_of)
+            .map(|(((id, _), text), days)| {
+                days.iter().any(|day| match partial.contains(day) {
+                    false => self.ids.day_has(*day, id),
+                    true => listing.candidates(*day, text).any(|i| self.ids.file_has(&listing.files[i].path, id)),
+                })
             })
             .collect();
         self.ids.shrink_to(self.ids_kept);
@@ -1762,6 +1778,32 @@ mod tests {
             "archived_at": delivered, "archive_source": "batch", "anomalies": ["livreur_introuvable"],
         };
         RawDocumentBuf::from_document(&document).unwrap()
+    }
+
+    /// An order whose row is in the table under one day is archived whatever its day when it
+    /// comes again (its `date_livraison` changed in the source since, or its row's day was that
+    /// of its `archived_at`, and it is archived again on another day): no second row.
+    #[tokio::test]
+    async fn an_order_archived_under_another_day_gets_no_second_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
+        let mut first = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        assert_eq!(
+            first.append(ids[..3].iter().map(|id| archive_document(*id, 1)).collect()).await.unwrap().inserted,
+            3
+        );
+        first.commit(None).await.unwrap();
+        // The writer that committed them, their ids in memory; then another, reading the files.
+        let again = first.append(vec![archive_document(ids[0], 2)]).await.unwrap();
+        assert_eq!((again.inserted, again.already_archived), (0, 1));
+        let mut second = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        let again = second.append(vec![archive_document(ids[1], 3), archive_document(ids[3], 3)]).await.unwrap();
+        assert_eq!((again.inserted, again.already_archived), (1, 1));
+        second.commit(None).await.unwrap();
+        let mut reader = DeltaArchive::open(&config, &uri, "reader").await.unwrap();
+        assert_eq!(rows_of(&mut reader).await, 4);
     }
 
     /// Two writers on one table, each unaware of the other's rows: the second to commit finds
