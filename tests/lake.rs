@@ -246,6 +246,39 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     t.cleanup().await;
 }
 
+/// A `watch` stopped (SIGTERM) long before its next commit is due commits the rows waiting
+/// with the position that covers them: nothing waits for a commit that never comes, and the
+/// next start resumes after those rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_after_them() {
+    let (t, refs, table, mut lake) = watching_a_table("lake_sigterm").await;
+    lake[2].1 = "3600".to_owned();
+    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let archived = |watch: &common::Watcher| {
+        let log = watch.stderr();
+        log.lines()
+            .filter(|line| line.contains("batch archived"))
+            .filter_map(|line| line.split("inserted=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    t.deliver(&refs, 0..10).await;
+    common::eventually(30, "10 orders archived", || std::future::ready(archived(&watch) == 10)).await;
+    assert_eq!(read_back(&table)["rows"], 0, "committed before LAKE_COMMIT_SECS: {}", watch.stderr());
+    let log = watch.stop_ok().await;
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(10), Some(10)), "{log}");
+
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
+    t.deliver(&refs, 10..13).await;
+    common::eventually(30, "3 more orders archived", || std::future::ready(archived(&watch) == 3)).await;
+    let log = watch.stop_ok().await;
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(13), Some(13)), "{log}");
+    t.cleanup().await;
+}
+
 /// `watch --catch-up` (and a gap-fill, which runs the same fill) archives the orders delivered
 /// before it started into the table it watches for, never into the archive collection.
 #[tokio::test(flavor = "multi_thread")]

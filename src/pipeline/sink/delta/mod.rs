@@ -1806,6 +1806,44 @@ mod tests {
         assert_eq!(rows_of(&mut reader).await, 4);
     }
 
+    /// Rows reaching the commit size (`LAKE_FILE_MB`) are committed without waiting: by the
+    /// append itself for `batch`, by the next position saved for `watch`, whatever the time
+    /// left before a commit is due (`LAKE_COMMIT_SECS`).
+    #[tokio::test]
+    async fn rows_reaching_the_commit_size_are_committed_at_once() {
+        use crate::checkpoint::Checkpoint;
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let docs = |n: usize| (0..n).map(|_| archive_document(ObjectId::new(), 1)).collect::<Vec<_>>();
+        let mut archive = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        archive.append(docs(10)).await.unwrap();
+        assert_eq!(archive.table.version(), Some(0), "below the commit size: nothing committed");
+        archive.commit_bytes = 1;
+        archive.append(docs(10)).await.unwrap();
+        assert_eq!(archive.table.version(), Some(1), "the append reaching the size commits");
+        assert_eq!(rows_of(&mut archive).await, 20);
+
+        let mut watched = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        watched.commit_bytes = 1;
+        let watched = Arc::new(tokio::sync::Mutex::new(watched));
+        let keeper = DeltaCheckpoints::new(
+            watched.clone(),
+            std::time::Duration::from_secs(3600),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        watched.lock().await.append(docs(5)).await.unwrap();
+        assert_eq!(watched.lock().await.table.version(), Some(1), "watch commits only with a position");
+        let token = mongodb::bson::from_bson(Bson::Document(doc! { "_data": "8267A1B2C3000000012B0429" })).unwrap();
+        let checkpoint = Checkpoint::now(token, "livraison.Commandes", None, None);
+        assert!(keeper.save(&checkpoint).await.unwrap(), "the save of a position past rows of the size commits");
+        let mut watched = watched.lock().await;
+        assert_eq!(watched.table.version(), Some(2));
+        assert_eq!(rows_of(&mut watched).await, 25);
+        assert_eq!(watched.last_position().await.unwrap(), Some(checkpoint.to_json()));
+    }
+
     /// Two writers on one table, each unaware of the other's rows: the second to commit finds
     /// its table version taken, reads the first's rows, and commits only the others.
     #[tokio::test]
