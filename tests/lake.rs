@@ -279,6 +279,34 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
     t.cleanup().await;
 }
 
+/// `batch` run over the orders `watch` is archiving at the same time, on the same table: both
+/// write the same orders, each commit racing the other's, and each order has one row.
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_overlapping_watch_on_one_table_leaves_one_row_per_order() {
+    let (t, refs, table, lake) = watching_a_table("lake_batch_and_watch").await;
+    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    t.deliver(&refs, 0..15).await;
+    // `common::order` dates its orders on 2025-11-21.
+    let batch = || {
+        t.archiver(&["batch", "--chunk-size", "2", "--date-from", "2025-11-21", "--date-to", "2025-11-22"])
+            .envs(vars.iter().copied())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = batch();
+    t.deliver(&refs, 15..30).await;
+    let mut second = batch();
+    assert!(first.wait().unwrap().success());
+    assert!(second.wait().unwrap().success());
+    let all_in = || async { table.join("_delta_log").exists() && read_back(&table)["distinct_ids"] == 30 };
+    common::eventually(30, "every order committed", all_in).await;
+    let log = watch.stop_ok().await;
+    let read = read_back(&table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(30), Some(30)), "{log}");
+    t.cleanup().await;
+}
+
 /// `watch --catch-up` (and a gap-fill, which runs the same fill) archives the orders delivered
 /// before it started into the table it watches for, never into the archive collection.
 #[tokio::test(flavor = "multi_thread")]
@@ -541,5 +569,18 @@ async fn on_s3_batches_run_twice_or_racing_and_a_killed_watch_leave_one_row_per_
     assert!(!log.contains("archiver-test-secret"), "no secret printed:\n{log}");
     let read = read_back_at("s3://archive/streamed", &env);
     assert_eq!(read["distinct_ids"].as_u64(), Some(15), "{read}");
+
+    // compact, then vacuum with no retention, on the store: the rows stay, once each.
+    for command in [&["compact"][..], &["vacuum", "--retention-days", "0"]] {
+        let out = t.archiver(command).envs(vars.iter().copied()).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{command:?}: {said}");
+        assert!(!said.contains("archiver-test-secret"), "no secret printed:\n{said}");
+        if command[0] == "compact" {
+            assert!(said.contains(" files into 1"), "watch's commits made into one file: {said}");
+        }
+    }
+    let read = read_back_at("s3://archive/streamed", &env);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(15), Some(15)), "{read}");
     t.cleanup().await;
 }

@@ -2206,6 +2206,62 @@ mod tests {
         assert!(matches!(&refused, LakeError::Layout { reason, .. } if reason.contains("columns differ")), "{refused}");
     }
 
+    /// A table whose layout is newer than this build's is refused with a clear error, and
+    /// left as it is.
+    #[tokio::test]
+    async fn a_table_of_a_newer_layout_is_refused_and_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let fields = [
+            config.lookups.client.fields.clone(),
+            config.lookups.livreur.fields.clone(),
+            config.lookups.restaurant.fields.clone(),
+        ];
+        let columns = StructType::try_from_arrow(&arrow_schema(&fields)).unwrap();
+        let newer = (LAYOUT_VERSION + 1).to_string();
+        let created = deltalake::operations::create::CreateBuilder::new()
+            .with_location(uri.as_str())
+            .with_columns(columns.fields().cloned())
+            .with_partition_columns([DELIVERY_DATE])
+            .with_configuration([(LAYOUT_PROPERTY, Some(newer.clone()))])
+            .with_raise_if_key_not_exists(false)
+            .await
+            .unwrap();
+        let refused = DeltaArchive::open(&config, &uri, "batch").await.unwrap_err();
+        let LakeError::Layout { reason, .. } = &refused else { panic!("{refused}") };
+        assert!(reason.contains(&format!("table layout {newer}")) && reason.contains("upgrade archiver"), "{reason}");
+        let table = deltalake::open_table(deltalake::table::builder::ensure_table_uri(&uri).unwrap()).await.unwrap();
+        assert_eq!((table.version(), created.version()), (Some(0), Some(0)), "the table was changed");
+    }
+
+    /// Once the log entries before a Delta checkpoint are cleaned up (log retention), their
+    /// commit metadata is gone: `watch`'s position, kept by transaction version, still is the
+    /// last one committed.
+    #[tokio::test]
+    async fn the_position_survives_the_clean_up_of_old_log_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        let config = Config::default();
+        let mut writer = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        for position in ["p1", "p2", "p3"] {
+            writer.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+            writer.commit(Some(position)).await.unwrap();
+        }
+        deltalake::checkpoints::create_checkpoint(&writer.table, None).await.unwrap();
+        let log = dir.path().join("orders/_delta_log");
+        for version in 0..3 {
+            std::fs::remove_file(log.join(format!("{version:020}.json"))).unwrap();
+        }
+        let mut reopened = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(reopened.last_position().await.unwrap().as_deref(), Some("p3"));
+        reopened.append(vec![archive_document(ObjectId::new(), 2)]).await.unwrap();
+        reopened.commit(None).await.unwrap();
+        let mut reader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("p3"));
+        assert_eq!(rows_of(&mut reader).await, 4);
+    }
+
     #[test]
     fn values_that_do_not_fit_their_column_are_null_there_and_kept_in_the_document() {
         let config = Config::default();
