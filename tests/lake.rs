@@ -95,6 +95,12 @@ async fn committed(table: &Path, n: u64) -> bool {
     table.join("_delta_log").exists() && read_back(table)["rows"] == n
 }
 
+/// Asserts that the table at `table` holds `n` rows, one per order (`log` said on failure).
+fn assert_one_row_per_order(table: &Path, n: u64, log: &str) {
+    let read = read_back(table);
+    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(n), Some(n)), "{log}");
+}
+
 /// The range `seed` delivers in.
 const RANGE: [&str; 4] = ["--date-from", "2026-03-01", "--date-to", "2026-03-03"];
 
@@ -266,16 +272,14 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
     common::eventually(30, "10 orders archived", || std::future::ready(archived(&watch) == 10)).await;
     assert_eq!(read_back(&table)["rows"], 0, "committed before LAKE_COMMIT_SECS: {}", watch.stderr());
     let log = watch.stop_ok().await;
-    let read = read_back(&table);
-    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(10), Some(10)), "{log}");
+    assert_one_row_per_order(&table, 10, &log);
 
     let mut watch = t.watch().envs(&vars).until("change stream open").await;
     assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
     t.deliver(&refs, 10..13).await;
     common::eventually(30, "3 more orders archived", || std::future::ready(archived(&watch) == 3)).await;
     let log = watch.stop_ok().await;
-    let read = read_back(&table);
-    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(13), Some(13)), "{log}");
+    assert_one_row_per_order(&table, 13, &log);
     t.cleanup().await;
 }
 
@@ -302,8 +306,7 @@ async fn batch_overlapping_watch_on_one_table_leaves_one_row_per_order() {
     let all_in = || async { table.join("_delta_log").exists() && read_back(&table)["distinct_ids"] == 30 };
     common::eventually(30, "every order committed", all_in).await;
     let log = watch.stop_ok().await;
-    let read = read_back(&table);
-    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(30), Some(30)), "{log}");
+    assert_one_row_per_order(&table, 30, &log);
     t.cleanup().await;
 }
 
@@ -360,8 +363,7 @@ async fn a_data_file_that_cannot_be_written_stops_watch_and_its_restart_loses_no
     let mut watch = t.watch().envs(&vars).until("change stream open").await;
     common::eventually(30, "10 rows committed", || committed(&table, 10)).await;
     let log = watch.stop_ok().await;
-    let read = read_back(&table);
-    assert_eq!((read["rows"].as_u64(), read["distinct_ids"].as_u64()), (Some(10), Some(10)), "{log}");
+    assert_one_row_per_order(&table, 10, &log);
     t.cleanup().await;
 }
 

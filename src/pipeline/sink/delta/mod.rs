@@ -1768,6 +1768,13 @@ mod tests {
         (dir, archive)
     }
 
+    /// A directory for a table, and the table's URI in it.
+    fn temp_table() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("file://{}", dir.path().join("orders").display());
+        (dir, uri)
+    }
+
     fn archive_document(id: ObjectId, day: u32) -> RawDocumentBuf {
         let delivered = mongodb::bson::DateTime::parse_rfc3339_str(format!("2026-03-{day:02}T11:30:00Z")).unwrap();
         let document = doc! {
@@ -1785,8 +1792,7 @@ mod tests {
     /// of its `archived_at`, and it is archived again on another day): no second row.
     #[tokio::test]
     async fn an_order_archived_under_another_day_gets_no_second_row() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
+        let (_dir, uri) = temp_table();
         let config = Config::default();
         let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
         let mut first = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
@@ -1812,8 +1818,7 @@ mod tests {
     #[tokio::test]
     async fn rows_reaching_the_commit_size_are_committed_at_once() {
         use crate::checkpoint::Checkpoint;
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
+        let (_dir, uri) = temp_table();
         let config = Config::default();
         let docs = |n: usize| (0..n).map(|_| archive_document(ObjectId::new(), 1)).collect::<Vec<_>>();
         let mut archive = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
@@ -2088,8 +2093,7 @@ mod tests {
     /// resumes from: it is ahead of the rows the table holds.
     #[tokio::test]
     async fn a_position_left_by_a_writer_killed_before_its_commit_is_never_resumed_from() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
+        let (_dir, uri) = temp_table();
         let config = Config::default();
         let ids: Vec<ObjectId> = (0..3).map(|_| ObjectId::new()).collect();
         let mut writer = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
@@ -2210,8 +2214,7 @@ mod tests {
     /// left as it is.
     #[tokio::test]
     async fn a_table_of_a_newer_layout_is_refused_and_left_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
+        let (_dir, uri) = temp_table();
         let config = Config::default();
         let fields = [
             config.lookups.client.fields.clone(),
@@ -2240,8 +2243,7 @@ mod tests {
     /// last one committed.
     #[tokio::test]
     async fn the_position_survives_the_clean_up_of_old_log_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let uri = format!("file://{}", dir.path().join("orders").display());
+        let (dir, uri) = temp_table();
         let config = Config::default();
         let mut writer = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
         for position in ["p1", "p2", "p3"] {
