@@ -271,6 +271,9 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
     t.deliver(&refs, 0..10).await;
     common::eventually(30, "10 orders archived", || std::future::ready(archived(&watch) == 10)).await;
     assert_eq!(read_back(&table)["rows"], 0, "committed before LAKE_COMMIT_SECS: {}", watch.stderr());
+    // The metrics count the rows written to data files, before their commit.
+    let metrics = common::unlabelled(&common::http_get(&common::health_addr(&watch), "/metrics").1);
+    assert!(metrics.lines().any(|line| line == "archiver_orders_archived_total 10"), "{metrics}");
     let log = watch.stop_ok().await;
     assert_one_row_per_order(&table, 10, &log);
 
