@@ -249,19 +249,31 @@ async fn follow_lease(
             lease.release().await;
             return result;
         }
-        match result {
-            Ok(()) | Err(WatchError::Checkpoint(StoreError::Fenced(_)))
-                if lost || matches!(result, Err(WatchError::Checkpoint(StoreError::Fenced(_)))) =>
-            {
-                telemetry.set_role(Role::Standby);
-                telemetry.stream_lost("standby");
-                tracing::warn!(stream = %stream, "leadership lost; stopped writing, back to standby");
+        if back_to_standby(&result, lost) {
+            if let Err(e) = &result {
+                tracing::warn!(stream = %stream, error = %e, "stopped leading on this error");
             }
-            other => {
-                lease.release().await;
-                return other;
-            }
+            telemetry.set_role(Role::Standby);
+            telemetry.stream_lost("standby");
+            tracing::warn!(stream = %stream, "leadership lost; stopped writing, back to standby");
+        } else {
+            lease.release().await;
+            return result;
         }
+    }
+}
+
+/// Whether a leadership that ended with `result` goes back to standby rather than ending the
+/// process: fenced by a newer leader, or the lease lost (`lost`) with nothing wrong but the
+/// outage that lost it. A call to the shared store retried through an outage gives up when
+/// leading ends, with the outage's error: that error is the lost lease's, not a reason to exit.
+fn back_to_standby(result: &Result<(), WatchError>, lost: bool) -> bool {
+    match result {
+        Err(WatchError::Checkpoint(StoreError::Fenced(_))) => true,
+        Ok(()) => lost,
+        Err(WatchError::Checkpoint(error)) => lost && error.is_transient(),
+        Err(WatchError::Database { source, .. }) => lost && db::is_transient(source),
+        Err(_) => false,
     }
 }
 
@@ -673,4 +685,30 @@ async fn run_stream(
     }
     .await;
     (result, progressed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leader whose lease was lost in an outage of the shared store (the chaos soak: the
+    /// server stopped as a standby took over) was reading the checkpoint; that read gave up
+    /// with the outage's error when leading ended. It goes back to standby: it used to exit 1.
+    #[test]
+    fn a_leadership_lost_in_an_outage_goes_back_to_standby_whatever_call_it_ended() {
+        let outage = || Error::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"));
+        let reading =
+            || WatchError::Checkpoint(StoreError::Database { context: "reading the checkpoint", source: outage() });
+        assert!(back_to_standby(&Err(reading()), true));
+        assert!(back_to_standby(&Err(WatchError::Database { context: "reading the stream", source: outage() }), true));
+        assert!(back_to_standby(&Ok(()), true));
+        assert!(back_to_standby(&Err(WatchError::Checkpoint(StoreError::Fenced("s".to_owned()))), false));
+        // Still leading: the error is the process's own, and ends it.
+        assert!(!back_to_standby(&Err(reading()), false));
+        assert!(!back_to_standby(&Ok(()), false));
+        // Lost, but an error no outage explains: it ends the process.
+        assert!(!back_to_standby(&Err(WatchError::Usage("bad".to_owned())), true));
+        let denied = Error::custom("not authorized");
+        assert!(!back_to_standby(&Err(WatchError::Database { context: "reading the stream", source: denied }), true));
+    }
 }
