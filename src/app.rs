@@ -286,8 +286,18 @@ enum Maintenance {
 async fn maintain(config: &Config, maintenance: Maintenance) -> anyhow::Result<()> {
     let policy = crate::db::RetryPolicy::bounded(&config.retry);
     let dbs = crate::db::connect(config, &policy).await?;
-    let archiver =
-        crate::pipeline::sink::Archiver::open(config, &dbs, crate::pipeline::document::ArchiveSource::Batch).await?;
+    let archiver = if config.archive.sink == crate::config::ArchiveSink::Delta {
+        // A table that is not there is a mistyped ARCHIVE_TABLE_URI, not an empty table to make.
+        let opened = crate::pipeline::sink::Archiver::open_existing_table(config, &dbs).await?;
+        opened.ok_or_else(|| {
+            crate::pipeline::sink::OpenError::Misconfigured(format!(
+                "there is no Delta table at ARCHIVE_TABLE_URI={}: nothing to maintain (is the URI right?)",
+                config.lake.table_uri.as_deref().unwrap_or_default()
+            ))
+        })?
+    } else {
+        crate::pipeline::sink::Archiver::open(config, &dbs, crate::pipeline::document::ArchiveSource::Batch).await?
+    };
     match maintenance {
         Maintenance::Compact(from, to) => {
             let done = archiver.compact(from, to).await?;

@@ -431,6 +431,22 @@ async fn compact_while_watch_writes_and_vacuum_leave_every_row_once_in_fewer_fil
     // On the collection, neither applies.
     let out = t.archiver(&["compact"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A table that is not there (a mistyped URI) is refused, and not made.
+    let missing = t.dir.path().join("lake/typo");
+    for command in [&["compact"][..], &["vacuum"]] {
+        let out = t
+            .archiver(command)
+            .envs([
+                ("ARCHIVE_SINK", "delta".to_owned()),
+                ("ARCHIVE_TABLE_URI", format!("file://{}", missing.display())),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains("there is no Delta table"), "{stderr}");
+        assert!(!missing.join("_delta_log").exists(), "{command:?} made a table");
+    }
     t.cleanup().await;
 }
 
