@@ -102,6 +102,10 @@ const UNREFERENCED_KEPT_HOURS: i64 = 24;
 /// what each version stands for. Readers and vacuum leave `_`-prefixed directories alone.
 const POSITIONS_DIR: &str = "_archiver/positions";
 
+/// How many table versions a start reads the position of, while another writer of its stream
+/// keeps committing, before it gives up (an error: `watch` tries again).
+const POSITION_READS: usize = 5;
+
 /// The low bits of an application transaction version name the writer process that made it
 /// (a random tag drawn at open); the high bits count the commits. Two writers of one stream
 /// racing for the same commit so write their positions under different versions: neither can
@@ -549,35 +553,61 @@ impl DeltaArchive {
     /// its own (written by an earlier version of `archiver`, or before any position was
     /// saved) falls back to the latest position of an earlier version.
     pub async fn last_position(&mut self) -> Result<Option<String>, LakeError> {
-        let uri = self.uri.clone();
-        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
-        let snapshot = self.table.snapshot().map_err(table_error)?;
-        let Some(version) =
-            snapshot.transaction_version(self.table.log_store().as_ref(), &self.app_id).await.map_err(table_error)?
-        else {
-            return Ok(None);
-        };
-        let exact = position_location(&self.app_id, version);
-        let found = match self.read_position(&exact).await? {
-            Some(text) => Some((text, exact)),
-            None => {
-                let earlier = self
-                    .positions()
-                    .await?
-                    .into_iter()
-                    .filter_map(|meta| {
-                        let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
-                        (number < version).then_some((number, meta.location))
-                    })
-                    .max_by_key(|(number, _)| *number);
-                match earlier {
-                    Some((_, location)) => self.read_position(&location).await?.map(|text| (text, location)),
-                    None => None,
-                }
+        // Read from the table's latest version: another writer of the stream (a leader that
+        // lost its lease and commits its last rows) may have committed since this one loaded
+        // it, and removed the position of the version loaded. The position of a version is
+        // removed only after a later version is committed: a missing one whose version moved
+        // on is looked for again at the new version.
+        let mut version = self.committed_txn_version().await?;
+        let mut reads = 0;
+        let version = loop {
+            let Some(current) = version else { return Ok(None) };
+            let exact = position_location(&self.app_id, current);
+            if let Some(text) = self.read_position(&exact).await? {
+                self.committed_position = Some((text.clone(), exact));
+                return Ok(Some(text));
             }
+            let now = self.committed_txn_version().await?;
+            if now == version {
+                break current;
+            }
+            reads += 1;
+            if reads >= POSITION_READS {
+                return Err(LakeError::Data {
+                    uri: self.uri.clone(),
+                    reason: format!(
+                        "the position of stream {} moved on {reads} times while it was read:                          another process commits to it; try again",
+                        self.app_id
+                    ),
+                });
+            }
+            version = now;
+        };
+        let earlier = self
+            .positions()
+            .await?
+            .into_iter()
+            .filter_map(|meta| {
+                let number = meta.location.filename()?.strip_suffix(".json")?.parse::<i64>().ok()?;
+                (number < version).then_some((number, meta.location))
+            })
+            .max_by_key(|(number, _)| *number);
+        let found = match earlier {
+            Some((_, location)) => self.read_position(&location).await?.map(|text| (text, location)),
+            None => None,
         };
         self.committed_position = found.clone();
         Ok(found.map(|(text, _)| text))
+    }
+
+    /// This writer's application transaction version in the table's latest version (loaded
+    /// anew).
+    async fn committed_txn_version(&mut self) -> Result<Option<i64>, LakeError> {
+        let uri = self.uri.clone();
+        let table_error = |source| LakeError::Table { uri: uri.clone(), source };
+        self.table.update_state().await.map_err(table_error)?;
+        let snapshot = self.table.snapshot().map_err(table_error)?;
+        snapshot.transaction_version(self.table.log_store().as_ref(), &self.app_id).await.map_err(table_error)
     }
 
     /// The position kept at `location`; `None` when there is none.
@@ -2118,6 +2148,23 @@ mod tests {
         assert_eq!(reader.last_position().await.unwrap().as_deref(), Some("committed position"));
         // The positions of earlier versions, the leftover's included, are gone.
         assert_eq!(reader.positions().await.unwrap().len(), 1);
+    }
+
+    /// A new leader opens the table, then the old one (its lease lost) commits its last rows and
+    /// removes the position of the version the new one loaded: the new one resumes from the
+    /// position committed last, never from nothing.
+    #[tokio::test]
+    async fn a_start_reads_the_position_another_writer_committed_since_it_opened_the_table() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let mut old_leader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        old_leader.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        old_leader.commit(Some("p1")).await.unwrap();
+        let mut new_leader = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        old_leader.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        old_leader.commit(Some("p2")).await.unwrap();
+        assert_eq!(old_leader.positions().await.unwrap().len(), 1, "p1's file is removed");
+        assert_eq!(new_leader.last_position().await.unwrap().as_deref(), Some("p2"));
     }
 
     #[test]
