@@ -107,11 +107,16 @@ const POSITIONS_DIR: &str = "_archiver/positions";
 const POSITION_READS: usize = 5;
 
 /// The low bits of an application transaction version name the writer process that made it
-/// (a random tag drawn at open); the high bits count the commits. Two writers of one stream
-/// racing for the same commit so write their positions under different versions: neither can
-/// overwrite the position of the version the other commits (two tags alike, one chance in a
-/// million, would bring that race back).
+/// (a random tag drawn at open, and again after a failed commit); the high bits count the
+/// commits. Two writers of one stream racing for the same commit so write their positions
+/// under different versions: neither can overwrite the position of the version the other
+/// commits (two tags alike, one chance in a million, would bring that race back).
 const WRITER_BITS: u32 = 20;
+
+/// A writer's tag in its application transaction versions ([`WRITER_BITS`]), drawn at random.
+fn new_writer_tag() -> i64 {
+    rand::random_range(1..(1_i64 << WRITER_BITS))
+}
 
 /// The version of the next commit after `current` (the table's last one for the application),
 /// for a writer tagged `writer_tag`: always greater, whoever wrote `current` and whether it was
@@ -264,6 +269,9 @@ pub struct DeltaArchive {
     committed_position: Option<(String, deltalake::Path)>,
     /// Whether this writer removed the positions of versions before its first commit.
     positions_pruned: bool,
+    /// Whether the last commit failed: it may have landed all the same, so the next one reads
+    /// the table's last version first.
+    unsure: bool,
 }
 
 impl DeltaArchive {
@@ -324,9 +332,10 @@ impl DeltaArchive {
             auto_commit: true,
             commit_bytes: config.lake.file_mb.saturating_mul(1024 * 1024),
             app_id: app_id.to_owned(),
-            writer_tag: rand::random_range(1..(1_i64 << WRITER_BITS)),
+            writer_tag: new_writer_tag(),
             committed_position: None,
             positions_pruned: false,
+            unsure: false,
         };
         archive.check_layout()?;
         Ok(Some(archive))
@@ -702,6 +711,9 @@ impl DeltaArchive {
         self.committing = true;
         let committed = self.commit_once(position).await;
         self.committing = false;
+        if committed.is_err() {
+            self.unsure = true;
+        }
         if matches!(committed, Ok(Some(_))) {
             release_freed_memory();
         }
@@ -724,6 +736,18 @@ impl DeltaArchive {
             });
         }
         self.finish_or_discard().await?;
+        if self.unsure {
+            // The last commit failed, and may have landed all the same (its log entry written, the
+            // reply lost). Were its version taken again, this commit would write its position
+            // over the one of that committed version. Read the table's last version, its
+            // position and its rows first; and take a new tag, so that not even a commit landing
+            // late (after this read) can have its position written over.
+            self.writer_tag = new_writer_tag();
+            self.last_position().await?;
+            self.positions_pruned = false;
+            self.unfiltered = true;
+            self.unsure = false;
+        }
         if self.unfiltered {
             // The last commit lost a race, then failed before it left out the winner's rows.
             self.leave_out_committed().await?;
@@ -1787,6 +1811,7 @@ async fn read_ids(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deltalake::logstore::object_store;
     use mongodb::bson::{doc, oid::ObjectId, RawBsonRef};
 
     /// A new table of the default configuration in a temporary directory (`orders` in it),
@@ -2165,6 +2190,158 @@ mod tests {
         old_leader.commit(Some("p2")).await.unwrap();
         assert_eq!(old_leader.positions().await.unwrap().len(), 1, "p1's file is removed");
         assert_eq!(new_leader.last_position().await.unwrap().as_deref(), Some("p2"));
+    }
+
+    /// A commit whose log entry is written but whose reply is lost (a reset connection, a
+    /// failed read of the version it made) reports an error though it is committed. The next
+    /// commit must not take that version for free again: it would write its newer position over
+    /// the committed one's, and a crash before it lands would resume past rows never committed.
+    #[tokio::test]
+    async fn a_commit_that_landed_but_reported_an_error_keeps_its_position_until_the_next_one_lands() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
+        let ids: Vec<ObjectId> = (0..2).map(|_| ObjectId::new()).collect();
+        archive.append(vec![archive_document(ids[0], 1)]).await.unwrap();
+        store.fail_next(Fault::AfterWrite);
+        archive.commit(Some("p1")).await.expect_err("the reply is lost");
+        archive.append(vec![archive_document(ids[1], 1)]).await.unwrap();
+        // The process dies while it writes the next commit to the log.
+        store.fail_next(Fault::BeforeWrite);
+        archive.commit(Some("p2")).await.expect_err("the log write fails");
+        drop(archive);
+
+        let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(
+            restarted.last_position().await.unwrap().as_deref(),
+            Some("p1"),
+            "the position of the rows committed, not of those lost with the process"
+        );
+        assert_eq!(rows_of(&mut restarted).await, 1);
+
+        // Once the store answers again, the rows waiting are committed once, with their position.
+        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
+        archive.append(vec![archive_document(ids[0], 1)]).await.unwrap();
+        store.fail_next(Fault::AfterWrite);
+        archive.commit(Some("p1")).await.expect_err("the reply is lost");
+        archive.append(vec![archive_document(ids[1], 1)]).await.unwrap();
+        archive.commit(Some("p2")).await.unwrap();
+        let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(restarted.last_position().await.unwrap().as_deref(), Some("p2"));
+        assert_eq!(rows_of(&mut restarted).await, 2, "one row per order");
+    }
+
+    /// What [`FaultyLog`] does to the next log entry written.
+    #[derive(Debug, Clone, Copy)]
+    enum Fault {
+        /// Writes it, then reports a failure.
+        AfterWrite,
+        /// Reports a failure without writing it.
+        BeforeWrite,
+    }
+
+    /// The local file system, failing the next write of a commit's log entry as told.
+    #[derive(Debug, Default)]
+    struct FaultyLog {
+        next: std::sync::Mutex<Option<Fault>>,
+    }
+
+    impl FaultyLog {
+        /// The table at `uri` opened through a new faulty store, and that store.
+        async fn table(config: &Config, uri: &str, app_id: &str) -> (Arc<FaultyLog>, DeltaArchive) {
+            let store = Arc::new(FaultyLog::default());
+            let mut archive = DeltaArchive::open(config, uri, app_id).await.unwrap();
+            let url = deltalake::ensure_table_uri(uri).unwrap();
+            archive.table = deltalake::DeltaTableBuilder::from_url(url.clone())
+                .unwrap()
+                .with_storage_backend(store.clone(), url)
+                .load()
+                .await
+                .unwrap();
+            (store, archive)
+        }
+
+        fn fail_next(&self, fault: Fault) {
+            *self.next.lock().unwrap() = Some(fault);
+        }
+
+        fn local() -> object_store::local::LocalFileSystem {
+            object_store::local::LocalFileSystem::new()
+        }
+    }
+
+    impl std::fmt::Display for FaultyLog {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "FaultyLog")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl deltalake::ObjectStore for FaultyLog {
+        async fn put_opts(
+            &self,
+            location: &deltalake::Path,
+            payload: object_store::PutPayload,
+            options: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let entry = location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json");
+            let fault = if entry { self.next.lock().unwrap().take() } else { None };
+            let failure = || deltalake::ObjectStoreError::Generic { store: "test", source: "connection reset".into() };
+            if let Some(Fault::BeforeWrite) = fault {
+                return Err(failure());
+            }
+            let written = Self::local().put_opts(location, payload, options).await?;
+            match fault {
+                Some(Fault::AfterWrite) => Err(failure()),
+                _ => Ok(written),
+            }
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &deltalake::Path,
+            options: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            Self::local().put_multipart_opts(location, options).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &deltalake::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            Self::local().get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures_util::stream::BoxStream<'static, object_store::Result<deltalake::Path>>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<deltalake::Path>> {
+            Self::local().delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&deltalake::Path>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<deltalake::ObjectMeta>> {
+            Self::local().list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&deltalake::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            Self::local().list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &deltalake::Path,
+            to: &deltalake::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            Self::local().copy_opts(from, to, options).await
+        }
     }
 
     #[test]
