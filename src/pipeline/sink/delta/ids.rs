@@ -255,6 +255,9 @@ pub(super) struct IdCache {
     /// listing changes or runs are forgotten.
     full: std::collections::HashSet<NaiveDate>,
     full_of: Option<Option<u64>>,
+    /// The most ids held at once.
+    #[cfg(test)]
+    peak: usize,
 }
 
 #[derive(Debug)]
@@ -275,6 +278,10 @@ impl IdCache {
             self.by_file.insert(file.clone(), key);
         }
         self.held += ids.len();
+        #[cfg(test)]
+        {
+            self.peak = self.peak.max(self.held);
+        }
         self.by_day.entry(day).or_default().push(key);
         self.runs.insert(key, Run { ids, files, day, used: key });
     }
@@ -415,6 +422,12 @@ impl IdCache {
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {
         self.held
+    }
+
+    /// The most ids held at once.
+    #[cfg(test)]
+    pub(super) fn peak(&self) -> usize {
+        self.peak
     }
 
     /// The files whose ids are held.

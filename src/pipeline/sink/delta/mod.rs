@@ -1224,31 +1224,9 @@ impl DeltaArchive {
         let days: HashSet<NaiveDate> = days_of.iter().flatten().copied().collect();
         let partial: HashSet<NaiveDate> =
             days.iter().copied().filter(|day| !self.ids.holds_day(&listing, version, *day)).collect();
-        // The files that may hold orders, of days not wholly held, and are not.
-        let mut unread: Vec<usize> = days_of
-            .iter()
-            .zip(&texts)
-            .flat_map(|(days, text)| {
-                days.iter().filter(|day| partial.contains(day)).flat_map(|day| listing.candidates(*day, text))
-            })
-            .filter(|i| !self.ids.holds(&listing.files[*i].path))
-            .collect();
-        unread.sort_unstable();
-        unread.dedup();
-        let store = self.table.object_store();
-        for i in unread {
-            let DataFile { path, day, .. } = &listing.files[i];
-            let ids = read_ids(store.clone(), deltalake::Path::from(path.as_str())).await.map_err(|reason| {
-                LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
-            })?;
-            self.ids.insert(*day, vec![path.clone()], SortedIds::new(ids));
-        }
-        for day in &days {
-            self.ids.merge_runs(*day, self.ids_kept / 4);
-        }
-        // Of a day wholly held, its runs hold every id of its files; else, the candidate files,
-        // all held now, hold the order if the table does.
-        let found = orders
+        // First in the ids held: of a day wholly held, its runs hold every id of its files; of
+        // another day, the candidate files held.
+        let mut found: Vec<bool> = orders
             .iter()
             .zip(&texts)
             .zip(&days_of)
@@ -1259,6 +1237,36 @@ impl DeltaArchive {
                 })
             })
             .collect();
+        // Then in the files not held that may hold an order not found yet, read one at a time,
+        // the ids kept trimmed to their bound after each: ids unrelated to the files' order
+        // (every file's bounds hold them) would else read the whole table's ids at once.
+        let mut unread: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (k, (days, text)) in days_of.iter().zip(&texts).enumerate().filter(|(k, _)| !found[*k]) {
+            for i in days.iter().filter(|day| partial.contains(day)).flat_map(|day| listing.candidates(*day, text)) {
+                if !self.ids.holds(&listing.files[i].path) {
+                    unread.entry(i).or_default().push(k);
+                }
+            }
+        }
+        let store = self.table.object_store();
+        for (i, looked_for) in unread {
+            if looked_for.iter().all(|k| found[*k]) {
+                continue;
+            }
+            let DataFile { path, day, .. } = &listing.files[i];
+            let ids = read_ids(store.clone(), deltalake::Path::from(path.as_str())).await.map_err(|reason| {
+                LakeError::Data { uri: self.uri.clone(), reason: format!("reading the ids of {path}: {reason}") }
+            })?;
+            let ids = SortedIds::new(ids);
+            for k in looked_for {
+                found[k] = found[k] || ids.contains(&orders[k].0);
+            }
+            self.ids.insert(*day, vec![path.clone()], ids);
+            self.ids.shrink_to(self.ids_kept);
+        }
+        for day in &days {
+            self.ids.merge_runs(*day, self.ids_kept / 4);
+        }
         self.ids.shrink_to(self.ids_kept);
         Ok(found)
     }
@@ -2072,6 +2080,34 @@ mod tests {
         assert_eq!((outcome.inserted, outcome.already_archived), (0, 6));
         archive.commit(None).await.unwrap();
         assert_eq!(rows_of(&mut archive).await, 7);
+    }
+
+    /// Files whose bounds all hold the orders looked for (ids unrelated to the files' order, such
+    /// as random strings) are read one at a time, the ids kept trimmed to their bound after each:
+    /// what one append reads is bounded by `IDS_KEPT`, not by the size of the table.
+    #[tokio::test]
+    async fn the_ids_read_to_look_for_orders_stay_within_their_bound_whatever_the_table_holds() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let ids: Vec<ObjectId> = (0..40).map(|_| ObjectId::new()).collect();
+        let (committed, new): (Vec<usize>, Vec<usize>) = (0..40).partition(|i| i % 4 != 3);
+        let mut first = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        // Ten files of three rows, each spanning most of the ids.
+        for file in 0..10 {
+            let rows = [file, file + 10, file + 20].map(|k| archive_document(ids[committed[k]], 3));
+            first.append(rows.to_vec()).await.unwrap();
+            first.commit(None).await.unwrap();
+        }
+        assert_eq!(first.files().await.unwrap().len(), 10);
+
+        let mut writer = DeltaArchive::open(&config, &uri, "batch").await.unwrap();
+        writer.ids_kept = 6;
+        let again = new.iter().chain(&committed[12..13]).map(|i| archive_document(ids[*i], 3)).collect();
+        let outcome = writer.append(again).await.unwrap();
+        assert_eq!((outcome.inserted, outcome.already_archived), (new.len() as u64, 1));
+        assert!(writer.ids.peak() <= 6 + 3, "{} ids held at once", writer.ids.peak());
+        writer.commit(None).await.unwrap();
+        assert_eq!(rows_of(&mut writer).await, 40);
     }
 
     /// Rows deleted from the table by another tool (a commit removing their file): their orders,
