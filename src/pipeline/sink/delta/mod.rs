@@ -2524,6 +2524,27 @@ mod tests {
         assert_eq!(rows_of(&mut reader).await, 4);
     }
 
+    /// An order that vanished before it could be enriched gets the row the collection gets: its
+    /// id, flagged `commande_introuvable`, with no digest (no purge deletes against it), under
+    /// the day it was archived; once, however often it comes.
+    #[tokio::test]
+    async fn a_vanished_order_gets_one_flagged_row_of_its_id_under_the_day_it_was_archived() {
+        use crate::pipeline::document::{vanished_order_document, ArchiveSource};
+        let (_dir, mut archive) = new_table("watch").await;
+        let document = vanished_order_document(&Bson::Int32(7), "livrée", ArchiveSource::Watch);
+        let archived_at = document.get_datetime(field::ARCHIVED_AT).unwrap().to_chrono();
+        let first = archive.append(vec![document.clone()]).await.unwrap();
+        assert_eq!((first.inserted, first.anomalies), (1, 1));
+        archive.commit(None).await.unwrap();
+        let again = archive.append(vec![document]).await.unwrap();
+        assert_eq!((again.inserted, again.already_archived), (0, 1));
+        archive.commit(None).await.unwrap();
+        let digests = archive.digests_of(&[("7".to_owned(), None)]).await.unwrap();
+        assert_eq!(digests, HashMap::from([("7".to_owned(), None)]), "one row, with no digest");
+        let days: Vec<NaiveDate> = archive.files().await.unwrap().files.iter().map(|file| file.day).collect();
+        assert_eq!(days, vec![archived_at.date_naive()]);
+    }
+
     #[test]
     fn values_that_do_not_fit_their_column_are_null_there_and_kept_in_the_document() {
         let config = Config::default();
