@@ -272,6 +272,9 @@ pub struct DeltaArchive {
     /// Whether the last commit failed: it may have landed all the same, so the next one reads
     /// the table's last version first.
     unsure: bool,
+    /// The positions this writer wrote for commits that did not land (a lost race, a failure),
+    /// or may not have: removed once a later commit of its lands.
+    abandoned: Vec<deltalake::Path>,
 }
 
 impl DeltaArchive {
@@ -336,6 +339,7 @@ impl DeltaArchive {
             committed_position: None,
             positions_pruned: false,
             unsure: false,
+            abandoned: Vec::new(),
         };
         archive.check_layout()?;
         Ok(Some(archive))
@@ -634,11 +638,15 @@ impl DeltaArchive {
     /// Removes this writer's positions kept for versions before `committed` (now useless: a
     /// restart reads the position of the last committed version): those of its earlier
     /// commits, and at its first commit every earlier one, leftovers of stopped writers
-    /// included. A failure leaves files that a later commit removes; it is only logged.
+    /// included; and those of its commits that did not land. A failure leaves files that a
+    /// later commit removes; it is only logged.
     async fn prune_positions(&mut self, previous: Option<deltalake::Path>, committed: i64) {
         use futures_util::StreamExt;
         let store = self.table.object_store();
-        let obsolete: Vec<deltalake::Path> = if self.positions_pruned {
+        let current = position_location(&self.app_id, committed);
+        let abandoned: Vec<deltalake::Path> =
+            std::mem::take(&mut self.abandoned).into_iter().filter(|location| *location != current).collect();
+        let mut obsolete: Vec<deltalake::Path> = if self.positions_pruned {
             previous.into_iter().collect()
         } else {
             match self.positions().await {
@@ -655,10 +663,11 @@ impl DeltaArchive {
                 }
                 Err(e) => {
                     tracing::warn!(table = %self.uri, error = %e, "cannot list the positions of earlier commits");
-                    return;
+                    previous.into_iter().collect()
                 }
             }
         };
+        obsolete.extend(abandoned);
         let locations = futures_util::stream::iter(obsolete.into_iter().map(Ok)).boxed();
         let mut deleted = store.delete_stream(locations);
         while let Some(result) = deleted.next().await {
@@ -743,14 +752,23 @@ impl DeltaArchive {
             // position and its rows first; and take a new tag, so that not even a commit landing
             // late (after this read) can have its position written over.
             self.writer_tag = new_writer_tag();
-            self.last_position().await?;
+            if position.is_some() || self.committed_position.is_some() {
+                self.last_position().await?;
+            } else {
+                // A writer that keeps no position (`batch`) reads the rows only.
+                self.table.update_state().await.map_err(table_error)?;
+            }
             self.positions_pruned = false;
             self.unfiltered = true;
             self.unsure = false;
         }
         if self.unfiltered {
-            // The last commit lost a race, then failed before it left out the winner's rows.
+            // The last commit lost a race, or failed, before it left out the rows the table
+            // holds now.
             self.leave_out_committed().await?;
+            if self.pending.is_empty() && position.is_none() {
+                return Ok(None);
+            }
         }
         let given = position.is_some();
         let carried = self.committed_position.as_ref().map(|(text, _)| text.clone());
@@ -769,7 +787,9 @@ impl DeltaArchive {
                 .with_max_retries(0);
             if let Some(position) = position {
                 // Written before the commit that makes it current: a position is never read
-                // for a version whose rows are not committed.
+                // for a version whose rows are not committed. Until that commit lands, the file
+                // is one to remove once another has.
+                self.abandoned.push(location.clone());
                 self.table.object_store().put(&location, position.to_owned().into_bytes().into()).await.map_err(
                     |e| LakeError::Data {
                         uri: self.uri.clone(),
@@ -2234,19 +2254,18 @@ mod tests {
     /// the committed one's, and a crash before it lands would resume past rows never committed.
     #[tokio::test]
     async fn a_commit_that_landed_but_reported_an_error_keeps_its_position_until_the_next_one_lands() {
-        let (_dir, uri) = temp_table();
+        let (dir, uri) = temp_table();
         let config = Config::default();
         let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
-        let ids: Vec<ObjectId> = (0..2).map(|_| ObjectId::new()).collect();
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
         archive.append(vec![archive_document(ids[0], 1)]).await.unwrap();
-        store.fail_next(Fault::AfterWrite);
+        store.fail(&[Fault::AfterWrite]);
         archive.commit(Some("p1")).await.expect_err("the reply is lost");
         archive.append(vec![archive_document(ids[1], 1)]).await.unwrap();
         // The process dies while it writes the next commit to the log.
-        store.fail_next(Fault::BeforeWrite);
+        store.fail(&[Fault::BeforeWrite]);
         archive.commit(Some("p2")).await.expect_err("the log write fails");
         drop(archive);
-
         let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
         assert_eq!(
             restarted.last_position().await.unwrap().as_deref(),
@@ -2257,29 +2276,96 @@ mod tests {
 
         // Once the store answers again, the rows waiting are committed once, with their position.
         let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
-        archive.append(vec![archive_document(ids[0], 1)]).await.unwrap();
-        store.fail_next(Fault::AfterWrite);
-        archive.commit(Some("p1")).await.expect_err("the reply is lost");
-        archive.append(vec![archive_document(ids[1], 1)]).await.unwrap();
-        archive.commit(Some("p2")).await.unwrap();
+        archive.append(vec![archive_document(ids[2], 1)]).await.unwrap();
+        store.fail(&[Fault::AfterWrite]);
+        archive.commit(Some("p3")).await.expect_err("the reply is lost");
+        let landed = archive.staged.iter().map(|add| add.path.clone()).collect::<Vec<_>>();
+        archive.append(vec![archive_document(ids[3], 1)]).await.unwrap();
+        archive.commit(Some("p4")).await.unwrap();
         let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
-        assert_eq!(restarted.last_position().await.unwrap().as_deref(), Some("p2"));
-        assert_eq!(rows_of(&mut restarted).await, 2, "one row per order");
+        assert_eq!(restarted.last_position().await.unwrap().as_deref(), Some("p4"));
+        assert_eq!(rows_of(&mut restarted).await, 3, "one row per order");
+        let log: Vec<String> = std::fs::read_dir(dir.path().join("orders/_delta_log"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .collect();
+        let adds =
+            |file: &String| log.iter().flat_map(|entry| entry.lines()).filter(|l| l.contains(file.as_str())).count();
+        assert_eq!(landed.iter().map(adds).collect::<Vec<_>>(), vec![1], "the landed commit's file is added once");
+        assert_eq!(restarted.positions().await.unwrap().len(), 1, "the positions of earlier versions are removed");
     }
 
-    /// What [`FaultyLog`] does to the next log entry written.
+    /// A commit that fails, and lands later, after the next commit of its writer read the table:
+    /// that next commit writes its position under another version, so a crash before it lands
+    /// resumes from the late commit's position, which covers its rows.
+    #[tokio::test]
+    async fn a_commit_landing_late_keeps_its_position() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
+        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        // Its log entry lands once the next commit has written its position; that commit then
+        // loses the race to it, and the process dies while it writes to the log.
+        store.fail(&[Fault::Late, Fault::BeforeWrite]);
+        archive.commit(Some("p1")).await.expect_err("no reply");
+        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        archive.commit(Some("p2")).await.expect_err("the log write fails");
+        let mut restarted = DeltaArchive::open(&config, &uri, "watch").await.unwrap();
+        assert_eq!(rows_of(&mut restarted).await, 1, "the late commit's row");
+        assert_eq!(restarted.last_position().await.unwrap().as_deref(), Some("p1"));
+    }
+
+    /// A writer whose commits fail again and again (the log cannot be written) leaves the
+    /// positions of those attempts; its first commit that lands removes them.
+    #[tokio::test]
+    async fn the_positions_of_commits_that_failed_are_removed_by_the_next_that_lands() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
+        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        for attempt in 0..4 {
+            store.fail(&[Fault::BeforeWrite]);
+            archive.commit(Some(&format!("p{attempt}"))).await.expect_err("the log write fails");
+        }
+        archive.commit(Some("p")).await.unwrap();
+        assert_eq!(archive.positions().await.unwrap().len(), 1);
+        assert_eq!(archive.last_position().await.unwrap().as_deref(), Some("p"));
+    }
+
+    /// A `batch` commit that failed but landed: the next commit finds its rows there, and makes
+    /// no empty version.
+    #[tokio::test]
+    async fn after_a_commit_that_landed_unreported_nothing_left_makes_no_version() {
+        let (_dir, uri) = temp_table();
+        let config = Config::default();
+        let (store, mut archive) = FaultyLog::table(&config, &uri, "batch").await;
+        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        store.fail(&[Fault::AfterWrite]);
+        archive.commit(None).await.expect_err("the reply is lost");
+        assert_eq!(archive.commit(None).await.unwrap(), None);
+        assert_eq!(rows_of(&mut archive).await, 1);
+        assert_eq!(archive.table.version(), Some(1), "the table's creation and the commit that landed");
+    }
+
+    /// What [`FaultyLog`] does to a log entry written (others are written).
     #[derive(Debug, Clone, Copy)]
     enum Fault {
         /// Writes it, then reports a failure.
         AfterWrite,
         /// Reports a failure without writing it.
         BeforeWrite,
+        /// Reports a failure, and writes it after the next position written (a request that
+        /// arrives late).
+        Late,
     }
 
-    /// The local file system, failing the next write of a commit's log entry as told.
+    /// The local file system, doing to the next log entries written what it is told.
     #[derive(Debug, Default)]
     struct FaultyLog {
-        next: std::sync::Mutex<Option<Fault>>,
+        faults: std::sync::Mutex<std::collections::VecDeque<Fault>>,
+        late: std::sync::Mutex<Option<(deltalake::Path, object_store::PutPayload)>>,
     }
 
     impl FaultyLog {
@@ -2297,8 +2383,9 @@ mod tests {
             (store, archive)
         }
 
-        fn fail_next(&self, fault: Fault) {
-            *self.next.lock().unwrap() = Some(fault);
+        /// What to do to the next log entries written, in turn.
+        fn fail(&self, faults: &[Fault]) {
+            *self.faults.lock().unwrap() = faults.iter().copied().collect();
         }
 
         fn local() -> object_store::local::LocalFileSystem {
@@ -2321,12 +2408,23 @@ mod tests {
             options: object_store::PutOptions,
         ) -> object_store::Result<object_store::PutResult> {
             let entry = location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json");
-            let fault = if entry { self.next.lock().unwrap().take() } else { None };
+            let fault = if entry { self.faults.lock().unwrap().pop_front() } else { None };
             let failure = || deltalake::ObjectStoreError::Generic { store: "test", source: "connection reset".into() };
-            if let Some(Fault::BeforeWrite) = fault {
-                return Err(failure());
+            match fault {
+                Some(Fault::BeforeWrite) => return Err(failure()),
+                Some(Fault::Late) => {
+                    *self.late.lock().unwrap() = Some((location.clone(), payload));
+                    return Err(failure());
+                }
+                _ => {}
             }
-            let written = Self::local().put_opts(location, payload, options).await?;
+            let written = Self::local().put_opts(location, payload, options.clone()).await?;
+            if location.as_ref().contains(POSITIONS_DIR) {
+                let late = self.late.lock().unwrap().take();
+                if let Some((entry, payload)) = late {
+                    Self::local().put_opts(&entry, payload, object_store::PutMode::Create.into()).await?;
+                }
+            }
             match fault {
                 Some(Fault::AfterWrite) => Err(failure()),
                 _ => Ok(written),
