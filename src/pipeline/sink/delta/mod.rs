@@ -272,9 +272,6 @@ pub struct DeltaArchive {
     /// Whether the last commit failed: it may have landed all the same, so the next one reads
     /// the table's last version first.
     unsure: bool,
-    /// The positions this writer wrote for commits that did not land (a lost race, a failure),
-    /// or may not have: removed once a later commit of its lands.
-    abandoned: Vec<deltalake::Path>,
 }
 
 impl DeltaArchive {
@@ -339,7 +336,6 @@ impl DeltaArchive {
             committed_position: None,
             positions_pruned: false,
             unsure: false,
-            abandoned: Vec::new(),
         };
         archive.check_layout()?;
         Ok(Some(archive))
@@ -637,16 +633,13 @@ impl DeltaArchive {
 
     /// Removes this writer's positions kept for versions before `committed` (now useless: a
     /// restart reads the position of the last committed version): those of its earlier
-    /// commits, and at its first commit every earlier one, leftovers of stopped writers
-    /// included; and those of its commits that did not land. A failure leaves files that a
-    /// later commit removes; it is only logged.
+    /// commits; and at its first commit, or after a failed one, every earlier one and every
+    /// other of the same count, leftovers of stopped writers and of its failed attempts
+    /// included. A failure leaves files that a later commit removes; it is only logged.
     async fn prune_positions(&mut self, previous: Option<deltalake::Path>, committed: i64) {
         use futures_util::StreamExt;
         let store = self.table.object_store();
-        let current = position_location(&self.app_id, committed);
-        let abandoned: Vec<deltalake::Path> =
-            std::mem::take(&mut self.abandoned).into_iter().filter(|location| *location != current).collect();
-        let mut obsolete: Vec<deltalake::Path> = if self.positions_pruned {
+        let obsolete: Vec<deltalake::Path> = if self.positions_pruned {
             previous.into_iter().collect()
         } else {
             match self.positions().await {
@@ -657,7 +650,11 @@ impl DeltaArchive {
                         .map(|meta| meta.location)
                         .filter(|location| {
                             let number = location.filename().and_then(|name| name.strip_suffix(".json"));
-                            number.and_then(|n| n.parse::<i64>().ok()).is_some_and(|n| n < committed)
+                            // Of the commit's own count, only one version is ever committed:
+                            // the others are of attempts that lost or failed.
+                            number
+                                .and_then(|n| n.parse::<i64>().ok())
+                                .is_some_and(|n| n != committed && (n >> WRITER_BITS) <= (committed >> WRITER_BITS))
                         })
                         .collect()
                 }
@@ -667,7 +664,6 @@ impl DeltaArchive {
                 }
             }
         };
-        obsolete.extend(abandoned);
         let locations = futures_util::stream::iter(obsolete.into_iter().map(Ok)).boxed();
         let mut deleted = store.delete_stream(locations);
         while let Some(result) = deleted.next().await {
@@ -787,9 +783,7 @@ impl DeltaArchive {
                 .with_max_retries(0);
             if let Some(position) = position {
                 // Written before the commit that makes it current: a position is never read
-                // for a version whose rows are not committed. Until that commit lands, the file
-                // is one to remove once another has.
-                self.abandoned.push(location.clone());
+                // for a version whose rows are not committed.
                 self.table.object_store().put(&location, position.to_owned().into_bytes().into()).await.map_err(
                     |e| LakeError::Data {
                         uri: self.uri.clone(),
