@@ -2296,10 +2296,8 @@ mod tests {
     /// resumes from the late commit's position, which covers its rows.
     #[tokio::test]
     async fn a_commit_landing_late_keeps_its_position() {
-        let (_dir, uri) = temp_table();
+        let (_dir, uri, store, mut archive) = FaultyLog::table_with_a_row("watch").await;
         let config = Config::default();
-        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
-        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
         // Its log entry lands once the next commit has written its position; that commit then
         // loses the race to it, and the process dies while it writes to the log.
         store.fail(&[Fault::Late, Fault::BeforeWrite]);
@@ -2315,10 +2313,7 @@ mod tests {
     /// positions of those attempts; its first commit that lands removes them.
     #[tokio::test]
     async fn the_positions_of_commits_that_failed_are_removed_by_the_next_that_lands() {
-        let (_dir, uri) = temp_table();
-        let config = Config::default();
-        let (store, mut archive) = FaultyLog::table(&config, &uri, "watch").await;
-        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        let (_dir, _, store, mut archive) = FaultyLog::table_with_a_row("watch").await;
         for attempt in 0..4 {
             store.fail(&[Fault::BeforeWrite]);
             archive.commit(Some(&format!("p{attempt}"))).await.expect_err("the log write fails");
@@ -2332,10 +2327,7 @@ mod tests {
     /// no empty version.
     #[tokio::test]
     async fn after_a_commit_that_landed_unreported_nothing_left_makes_no_version() {
-        let (_dir, uri) = temp_table();
-        let config = Config::default();
-        let (store, mut archive) = FaultyLog::table(&config, &uri, "batch").await;
-        archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+        let (_dir, _, store, mut archive) = FaultyLog::table_with_a_row("batch").await;
         store.fail(&[Fault::AfterWrite]);
         archive.commit(None).await.expect_err("the reply is lost");
         assert_eq!(archive.commit(None).await.unwrap(), None);
@@ -2375,6 +2367,15 @@ mod tests {
                 .await
                 .unwrap();
             (store, archive)
+        }
+
+        /// A new table, opened by `app_id` through a new faulty store, with a row waiting: its
+        /// directory, its URI, the store and the writer.
+        async fn table_with_a_row(app_id: &str) -> (tempfile::TempDir, String, Arc<FaultyLog>, DeltaArchive) {
+            let (dir, uri) = temp_table();
+            let (store, mut archive) = FaultyLog::table(&Config::default(), &uri, app_id).await;
+            archive.append(vec![archive_document(ObjectId::new(), 1)]).await.unwrap();
+            (dir, uri, store, archive)
         }
 
         /// What to do to the next log entries written, in turn.
