@@ -272,7 +272,25 @@ async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
             .unwrap_or_else(|| panic!("{name}:\n{metrics}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
-    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    // A batch's cache counts are reported just after its documents are written: the metrics are
+    // read once they count the references of `batches` batches (five an order).
+    let metrics_after = |batches: f64| {
+        let addr = addr.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+                let named = value(&metrics, "archiver_reference_cache_hits_total")
+                    + value(&metrics, "archiver_reference_cache_misses_total");
+                if named >= 5.0 * batches {
+                    return metrics;
+                }
+                assert!(std::time::Instant::now() < deadline, "the batch's counts are not reported:\n{metrics}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let metrics = metrics_after(1.0).await;
     // The first order read its customer, courier, restaurant and dishes.
     let misses = value(&metrics, "archiver_reference_cache_misses_total");
     assert!(misses >= 4.0, "{metrics}");
@@ -282,7 +300,7 @@ async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
     // The same references again: all found in the cache.
     t.deliver(&refs, [1]).await;
     t.wait_archived(2).await;
-    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    let metrics = metrics_after(2.0).await;
     assert!(value(&metrics, "archiver_reference_cache_hits_total") >= 4.0, "{metrics}");
     assert_eq!(value(&metrics, "archiver_reference_cache_misses_total"), misses, "{metrics}");
 
@@ -294,7 +312,7 @@ async fn the_reference_cache_reports_its_hits_misses_invalidations_and_size() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     t.deliver(&refs, [2]).await;
     t.wait_archived(3).await;
-    let metrics = common::unlabelled(&common::http_get(&addr, "/metrics").1);
+    let metrics = metrics_after(3.0).await;
     assert!(value(&metrics, "archiver_reference_cache_invalidations_total") >= 1.0, "{metrics}");
     assert_eq!(value(&metrics, "archiver_reference_cache_misses_total"), misses + 1.0, "{metrics}");
     let mut watch = watch;
