@@ -23,7 +23,7 @@ install() {
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq cmake >/dev/null
+    $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq cmake >/dev/null
   fi
   # --ignore-rust-version: it declares rust-version 1.98; it builds and runs on our toolchain.
   cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version --locked --quiet
