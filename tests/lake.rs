@@ -220,9 +220,8 @@ async fn a_table_of_other_columns_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_the_table() {
     let (t, refs, table, lake) = watching_a_table("lake_watch").await;
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let rows = |n: u64| committed(&table, n);
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     t.deliver(&refs, 0..10).await;
     common::eventually(30, "10 rows committed", || rows(10)).await;
     assert!(!t.token_file().exists(), "the position is in the table, not in a token file");
@@ -231,7 +230,7 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
     t.deliver(&refs, 10..15).await;
     watch.kill().await;
     t.deliver(&refs, 15..20).await;
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
     t.deliver(&refs, 20..25).await;
     common::eventually(30, "25 rows committed", || rows(25)).await;
@@ -259,7 +258,6 @@ async fn watch_commits_rows_with_its_position_and_a_killed_watch_resumes_from_th
 async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_after_them() {
     let (t, refs, table, mut lake) = watching_a_table("lake_sigterm").await;
     lake[2].1 = "3600".to_owned();
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let archived = |watch: &common::Watcher| {
         let log = watch.stderr();
         log.lines()
@@ -267,7 +265,7 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
             .filter_map(|line| line.split("inserted=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
             .sum::<u64>()
     };
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     t.deliver(&refs, 0..10).await;
     common::eventually(30, "10 orders archived", || std::future::ready(archived(&watch) == 10)).await;
     assert_eq!(read_back(&table)["rows"], 0, "committed before LAKE_COMMIT_SECS: {}", watch.stderr());
@@ -277,7 +275,7 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
     let log = watch.stop_ok().await;
     assert_one_row_per_order(&table, 10, &log);
 
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     assert!(watch.log_contains("resuming after the saved token"), "{}", watch.stderr());
     t.deliver(&refs, 10..13).await;
     common::eventually(30, "3 more orders archived", || std::future::ready(archived(&watch) == 3)).await;
@@ -291,13 +289,12 @@ async fn a_stopped_watch_commits_the_rows_waiting_and_its_next_start_resumes_aft
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_overlapping_watch_on_one_table_leaves_one_row_per_order() {
     let (t, refs, table, lake) = watching_a_table("lake_batch_and_watch").await;
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     t.deliver(&refs, 0..15).await;
     // `common::order` dates its orders on 2025-11-21.
     let batch = || {
         t.archiver(&["batch", "--chunk-size", "2", "--date-from", "2025-11-21", "--date-to", "2025-11-22"])
-            .envs(vars.iter().copied())
+            .envs(lake.iter().map(|(k, v)| (*k, v)))
             .spawn()
             .unwrap()
     };
@@ -318,10 +315,9 @@ async fn batch_overlapping_watch_on_one_table_leaves_one_row_per_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_catch_up_archives_into_the_table_and_its_position_is_the_tables() {
     let (t, refs, table, lake) = watching_a_table("lake_catch_up").await;
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Delivered before any watch ran.
     t.deliver(&refs, 0..12).await;
-    let mut watch = t.watch().args(["--catch-up"]).envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().args(["--catch-up"]).envs(&lake).until("change stream open").await;
     common::eventually(30, "12 rows committed", || committed(&table, 12)).await;
     t.deliver(&refs, 12..15).await;
     common::eventually(30, "15 rows committed", || committed(&table, 15)).await;
@@ -339,8 +335,7 @@ async fn a_catch_up_archives_into_the_table_and_its_position_is_the_tables() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_data_file_that_cannot_be_written_stops_watch_and_its_restart_loses_nothing() {
     let (t, refs, table, lake) = watching_a_table("lake_unwritable").await;
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     t.deliver(&refs, 0..5).await;
     common::eventually(30, "5 rows committed", || committed(&table, 5)).await;
 
@@ -363,7 +358,7 @@ async fn a_data_file_that_cannot_be_written_stops_watch_and_its_restart_loses_no
     // The directory back, the next start archives the five from the table's last commit.
     std::fs::remove_file(&day).unwrap();
     std::fs::rename(&moved, &day).unwrap();
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     common::eventually(30, "10 rows committed", || committed(&table, 10)).await;
     let log = watch.stop_ok().await;
     assert_one_row_per_order(&table, 10, &log);
@@ -390,9 +385,8 @@ fn parquet_files(table: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn compact_while_watch_writes_and_vacuum_leave_every_row_once_in_fewer_files() {
     let (t, refs, table, lake) = watching_a_table("lake_compact").await;
-    let vars: Vec<(&str, &str)> = lake.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let rows = |n: u64| committed(&table, n);
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&lake).until("change stream open").await;
     // Deliveries in waves, a commit (a file of today's partition) each.
     for wave in 0..4u32 {
         t.deliver(&refs, wave * 5..wave * 5 + 5).await;
@@ -573,17 +567,16 @@ async fn on_s3_batches_run_twice_or_racing_and_a_killed_watch_leave_one_row_per_
     // watch, killed, restarted: resumes from the table's last commit.
     let mut streamed = at("s3://archive/streamed");
     streamed.push(("LAKE_COMMIT_SECS", "1".to_owned()));
-    let vars: Vec<(&str, &str)> = streamed.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let rows = |n: u64| {
         let env = env.clone();
         async move { try_read_back_at("s3://archive/streamed", &env).is_some_and(|read| read["rows"].as_u64() == Some(n)) }
     };
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&streamed).until("change stream open").await;
     t.deliver(&refs, 100..105).await;
     common::eventually(30, "5 rows on S3", || rows(5)).await;
     t.deliver(&refs, 105..110).await;
     watch.kill().await;
-    let mut watch = t.watch().envs(&vars).until("change stream open").await;
+    let mut watch = t.watch().envs(&streamed).until("change stream open").await;
     t.deliver(&refs, 110..115).await;
     common::eventually(30, "15 rows on S3", || rows(15)).await;
     let log = watch.stop_ok().await;
@@ -593,7 +586,7 @@ async fn on_s3_batches_run_twice_or_racing_and_a_killed_watch_leave_one_row_per_
 
     // compact, then vacuum with no retention, on the store: the rows stay, once each.
     for command in [&["compact"][..], &["vacuum", "--retention-days", "0"]] {
-        let out = t.archiver(command).envs(vars.iter().copied()).output().unwrap();
+        let out = t.archiver(command).envs(streamed.iter().map(|(k, v)| (*k, v))).output().unwrap();
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{command:?}: {said}");
         assert!(!said.contains("archiver-test-secret"), "no secret printed:\n{said}");

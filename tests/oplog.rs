@@ -220,7 +220,7 @@ async fn an_oplog_still_filling_up_is_not_low_on_headroom() {
     // A window of at least a second (the newest entry's time has whole seconds).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let vars = [("MONGODB_URI", wire.uri(&t.uri)), ("OPLOG_HEADROOM_WARN_SECS", "3600".to_owned())];
-    let mut watch = t.watch().envs(&vars.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).start().await;
+    let mut watch = t.watch().envs(&vars).start().await;
     t.deliver(&refs, 0..3).await;
     t.wait_archived(3).await;
     eventually(15, "the headroom gauge", || async { gauge(&watch, "archiver_oplog_headroom_seconds").is_some() }).await;

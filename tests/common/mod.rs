@@ -314,8 +314,8 @@ impl WatchRun<'_> {
         self
     }
 
-    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
-        self.vars.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    pub fn envs<K: AsRef<str>, V: AsRef<str>>(mut self, vars: &[(K, V)]) -> Self {
+        self.vars.extend(vars.iter().map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())));
         self
     }
 
