@@ -90,7 +90,6 @@ pub async fn run(config: &Config, args: &BatchOptions, shutdown: CancellationTok
 
     tracing::info!(date_from = %range.from, date_to = ?range.to.map(|t| t.to_rfc3339()),
         write_path = ?write_path, dry_run = args.dry_run, "batch starting");
-    let matched = orders.count_documents(filter.clone()).await.context("counting the delivered orders of the range")?;
 
     if let Some(path) = &args.export_samples {
         let samples = enriched_samples(&orders, &archiver, &filter, args.sample_size).await?;
@@ -98,6 +97,8 @@ pub async fn run(config: &Config, args: &BatchOptions, shutdown: CancellationTok
         tracing::info!(file = %path.display(), samples = samples.len(), "enriched samples exported");
     }
     if args.dry_run {
+        let matched =
+            orders.count_documents(filter.clone()).await.context("counting the delivered orders of the range")?;
         let samples = enriched_samples(&orders, &archiver, &filter, args.sample_size).await?;
         println!("dry run: {matched} delivered orders in the range would be archived; nothing was written.");
         for sample in &samples {
@@ -114,7 +115,9 @@ pub async fn run(config: &Config, args: &BatchOptions, shutdown: CancellationTok
         tracing::info!("index creation skipped (--skip-indexes)");
     }
 
-    let (_, written) =
+    // It counts the range for its progress, and that count is `matched`: the server filters the
+    // range once more for the count, not twice.
+    let (matched, written) =
         archive_matching(config, &dbs, &archiver, &filter, write_path, false, &shutdown, &|_| {}).await?;
     archiver.finish().await.context("committing the last rows")?;
     let summary = BatchSummary { matched, written, duration: started.elapsed(), range: Some(range) };
